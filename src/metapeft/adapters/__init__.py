@@ -1,0 +1,32 @@
+"""PEFT adapters, one module per method, all behind the protocol in ``base.py``.
+
+The registry maps a method name to ``module:Class``; modules import lazily so that importing
+metapeft (and ``metapeft --help``) never pulls in mlx_lm.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from metapeft.errors import UserError
+
+_REGISTRY = {
+    "lora": "metapeft.adapters.lora:LoRA",
+    "dora": "metapeft.adapters.lora:DoRA",
+    "adalora": "metapeft.adapters.adalora:AdaLoRA",
+    "prompt": "metapeft.adapters.prompt:PromptTuning",
+    "prefix": "metapeft.adapters.prefix:PrefixTuning",
+    "ptuning": "metapeft.adapters.ptuning:PTuning",
+}
+METHODS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_adapter_class(method: str):
+    """The Adapter subclass for ``method``; a one-line UserError for an unknown name."""
+    try:
+        target = _REGISTRY[method]
+    except KeyError:
+        raise UserError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}",
+                        field="method") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)

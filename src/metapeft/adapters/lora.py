@@ -1,0 +1,108 @@
+"""LoRA (Hu et al., 2021) and DoRA (Liu et al., 2024), using mlx-lm's own layers.
+
+y = W x + s * B A x with s = alpha / r (or alpha / sqrt(r) with rsLoRA), A kaiming-uniform
+(bound 1/sqrt(fan_in), PyTorch's default that HF peft keeps) and B = 0, so a fresh adapter is a
+no-op. mlx-lm stores A as (in, r) and B as (r, out); we keep that layout, so the saved
+``adapters.safetensors`` + ``adapter_config.json`` load unchanged with
+``mlx_lm.load(model, adapter_path=DIR)``. DoRA adds mlx-lm's learned magnitude ``m``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
+
+from metapeft.adapters.base import Adapter, AdapterConfig, score_candidates, structural_copy
+from metapeft.errors import UserError
+from metapeft.scoring import Batch
+
+ALL_LINEAR = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    num_layers: int = -1  # last N transformer blocks; -1 = all
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise UserError(f"rank must be >= 1, got {self.rank}", field="rank")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}", field="dropout")
+        if not self.target_modules:
+            raise UserError("target_modules is empty", field="target_modules")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+class LoRA(Adapter):
+    method = "lora"
+    Config = LoRAConfig
+
+    def _attach(self) -> None:
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        cfg = self.config
+        self.model = structural_copy(self.base.model)
+        n = len(self.model.layers)
+        self.num_layers = n if cfg.num_layers < 0 else min(cfg.num_layers, n)
+        present = {k for k, _ in self.model.layers[0].named_modules()}
+        missing = [k for k in cfg.target_modules if k not in present]
+        if missing:
+            raise UserError(f"target modules {missing} not found in the model's blocks",
+                            field="target_modules")
+        linear_to_lora_layers(self.model, self.num_layers, self.mlx_lm_parameters(),
+                              use_dora=cfg.use_dora)
+        self.model.freeze()
+        leaves = ["lora_a", "lora_b"] + (["m"] if cfg.use_dora else [])
+        self.model.unfreeze(keys=leaves, strict=False)
+        self.model.train(cfg.dropout > 0)
+        self._template = self.model.trainable_parameters()
+
+    def mlx_lm_parameters(self) -> dict:
+        c = self.config
+        return {"rank": c.rank, "scale": c.scale, "dropout": c.dropout, "keys": list(c.target_modules)}
+
+    def init_params(self, seed: int = 0) -> dict:
+        key = mx.random.key(seed)
+        flat = tree_flatten(self._template)
+        keys = mx.random.split(key, max(len(flat), 1))
+        out = []
+        for i, (path, value) in enumerate(flat):
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf == "lora_a":
+                bound = 1.0 / math.sqrt(value.shape[0])
+                value = mx.random.uniform(-bound, bound, value.shape, key=keys[i])
+            elif leaf == "lora_b":
+                value = mx.zeros(value.shape, value.dtype)
+            out.append((path, value))  # DoRA's m keeps its init, ||W|| per output row
+        return tree_unflatten(out)
+
+    def scores(self, params: dict, batch: Batch) -> mx.array:
+        self.model.update(params)
+        return score_candidates(self.model, batch)
+
+    def mlx_lm_config(self) -> dict:
+        return {"fine_tune_type": "dora" if self.config.use_dora else "lora",
+                "num_layers": self.num_layers, "lora_parameters": self.mlx_lm_parameters()}
+
+
+class DoRA(LoRA):
+    """DoRA is LoRA with ``use_dora=True``; a separate name so ``--method dora`` reads naturally."""
+
+    method = "dora"
+
+    @dataclass
+    class Config(LoRAConfig):
+        use_dora: bool = True

@@ -1,0 +1,155 @@
+"""Rank classification: score every candidate label by its summed token log-probability.
+
+Each label is verbalised ("pin_change" -> "pin change") and tokenised once per task. The score of
+candidate c for an example is sum_t log p(label_c[t] | prompt, label_c[:t]) (T0 / MetaICL rank
+classification), and training minimises the cross-entropy over the candidates' scores, which
+trains the decision directly (label-token NLL would also spend capacity on the label text).
+
+Scoring is two passes and exact (see ``adapters.base.score_candidates``): the prompts run once,
+right-padded; their keys and values are then reused as a KV cache by all C label continuations,
+which run as B*C short sequences with per-sequence RoPE offsets. This costs about what one packed
+"prompt + all labels" sequence would, without shifting the labels' positions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import mlx.core as mx
+import numpy as np
+
+from metapeft.data.tasks import Example
+
+DEFAULT_TEMPLATE = "Input: {text}\nLabel:"
+MAX_PROMPT_TOKENS = 96
+
+
+def verbalise(label: str) -> str:
+    return label.replace("_", " ").strip()
+
+
+class Batch(NamedTuple):
+    """Encoded examples; a NamedTuple so it passes through mx.compile / mx.vmap as a tree."""
+
+    prompt: mx.array  # (B, Lp) int32, right-padded prompts (BOS + template + text)
+    prompt_len: mx.array  # (B,) int32
+    label_tokens: mx.array  # (C, Lm) int32, right-padded candidate label tokens
+    label_len: mx.array  # (C,) int32
+    labels: mx.array  # (B,) int32: index of the gold candidate (-1 if unknown)
+    weights: mx.array  # (B,) float32: per-example loss weight (replay, rating)
+
+    @property
+    def size(self) -> int:
+        return int(self.prompt.shape[0])
+
+    def take(self, idx: np.ndarray) -> "Batch":
+        i = mx.array(np.asarray(idx, np.int32))
+        return Batch(self.prompt[i], self.prompt_len[i], self.label_tokens, self.label_len,
+                     self.labels[i], self.weights[i])
+
+
+class TaskEncoder:
+    """Tokenises a task's prompts and candidate labels once, then builds packed batches."""
+
+    def __init__(self, tokenizer, labels: list[str], template: str = DEFAULT_TEMPLATE,
+                 max_prompt_tokens: int = MAX_PROMPT_TOKENS):
+        self.tokenizer = tokenizer
+        self.labels = list(labels)
+        self.template = template
+        self.max_prompt_tokens = max_prompt_tokens
+        self.label_tokens = [self._label_tokens(verbalise(lab)) for lab in self.labels]
+        lm = max(len(t) for t in self.label_tokens)
+        self._label_arr = np.zeros((len(labels), lm), np.int32)
+        for c, t in enumerate(self.label_tokens):
+            self._label_arr[c, :len(t)] = t
+        self._label_len = np.array([len(t) for t in self.label_tokens], np.int32)
+
+    def _label_tokens(self, text: str) -> list[int]:
+        # Tokenise the label in context (after the template's tail) so that tokenisers which add a
+        # word-boundary marker give the same ids they would inside the sequence.
+        tail = self.template.split("{text}")[-1] or ":"
+        tok = self.tokenizer
+        ctx = tok.encode(tail, add_special_tokens=False)
+        full = tok.encode(tail + " " + text, add_special_tokens=False)
+        ids = full[len(ctx):] if full[:len(ctx)] == ctx else tok.encode(text, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"label {text!r} tokenises to nothing")
+        return list(ids)
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        ids = list(self.tokenizer.encode(self.template.format(text=text)))
+        if len(ids) > self.max_prompt_tokens:  # keep BOS and the tail that ends in "Label:"
+            ids = ids[:1] + ids[-(self.max_prompt_tokens - 1):]
+        return ids
+
+    def encode_buckets(self, examples: list[Example], weights: list[float] | None = None,
+                       max_size: int = 32) -> list[Batch]:
+        """Sort by prompt length and split into chunks of at most ``max_size``, each padded only to
+        its own longest prompt. Attention costs O(L^2) and MLX's CPU softmax is the bottleneck, so
+        trimming padding this way cuts a step's time markedly (see benchmarks/adapt_methods.py)."""
+        if not examples:
+            return []
+        lengths = [len(self.prompt_tokens(e.text)) for e in examples]
+        order = sorted(range(len(examples)), key=lambda i: lengths[i])
+        k = -(-len(order) // max_size)
+        size = -(-len(order) // k)  # balanced chunks
+        out = []
+        for s in range(0, len(order), size):
+            idx = order[s:s + size]
+            w = None if weights is None else [weights[i] for i in idx]
+            out.append(self.encode([examples[i] for i in idx], w))
+        return out
+
+    def encode(self, examples: list[Example], weights: list[float] | None = None,
+               pad_multiple: int = 4) -> Batch:
+        prompts = [self.prompt_tokens(e.text) for e in examples]
+        lp = max(len(p) for p in prompts)
+        lp = -(-lp // pad_multiple) * pad_multiple  # few distinct shapes -> few recompilations
+        tokens = np.zeros((len(prompts), lp), np.int32)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = p
+        index = {lab: i for i, lab in enumerate(self.labels)}
+        labels = np.array([index.get(e.label, -1) for e in examples], np.int32)
+        w = np.ones(len(examples), np.float32) if weights is None else np.asarray(weights, np.float32)
+        return Batch(mx.array(tokens), mx.array(np.array([len(p) for p in prompts], np.int32)),
+                     mx.array(self._label_arr), mx.array(self._label_len), mx.array(labels),
+                     mx.array(w))
+
+
+OBJECTIVES = ("ce", "nll")
+
+
+def classification_loss(scores: mx.array, batch: Batch, normalise: bool = True,
+                        objective: str = "ce") -> mx.array:
+    """Weighted loss over candidate scores (a weighted sum when ``normalise`` is False).
+
+    ``ce``: cross-entropy over the candidates' summed log-probabilities (the default: it trains the
+    ranking decision itself). ``nll``: the gold label's per-token negative log-likelihood
+    (MetaICL-style), which ignores the other candidates.
+    """
+    gold_idx = mx.maximum(batch.labels, 0)[:, None]
+    per_token = scores / batch.label_len.astype(scores.dtype)[None, :]
+    if objective == "nll":
+        gold = mx.take_along_axis(per_token, gold_idx, axis=1)[:, 0]
+    elif objective == "ce_mean":
+        logp = per_token - mx.logsumexp(per_token, axis=-1, keepdims=True)
+        gold = mx.take_along_axis(logp, gold_idx, axis=1)[:, 0]
+    elif objective == "ce_nll":
+        logp = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+        gold = mx.take_along_axis(logp, gold_idx, axis=1)[:, 0] + mx.take_along_axis(per_token, gold_idx, axis=1)[:, 0]
+    else:
+        logp = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+        gold = mx.take_along_axis(logp, gold_idx, axis=1)[:, 0]
+    w = batch.weights * (batch.labels >= 0)
+    total = -(gold * w).sum()
+    return total / mx.maximum(w.sum(), 1e-8) if normalise else total
+
+
+def total_weight(batch: Batch) -> mx.array:
+    return (batch.weights * (batch.labels >= 0)).sum()
+
+
+def accuracy(scores: mx.array, batch: Batch) -> mx.array:
+    valid = batch.labels >= 0
+    hit = (mx.argmax(scores, axis=-1) == batch.labels) & valid
+    return hit.sum() / mx.maximum(valid.sum(), 1)
