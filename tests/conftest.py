@@ -1,0 +1,44 @@
+"""Shared fixtures. The tiny embedded model is built once into the user cache and reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import metapeft  # noqa: F401  (preloads OpenBLAS before mlx)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+CLINC = SHARED / "data" / "clinc150"
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from metapeft.models import load_base_model
+
+    return load_base_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def stories():
+    if not (STORIES / "config.json").exists():
+        pytest.skip(f"real model not available: {STORIES} is absent")
+    from metapeft.models import load_base_model
+
+    return load_base_model(str(STORIES))
+
+
+@pytest.fixture(scope="session")
+def clinc_dir():
+    if not (CLINC / "train.jsonl").exists():
+        pytest.skip(f"CLINC150 not available: {CLINC} is absent")
+    return CLINC
+
+
+@pytest.fixture
+def small_task():
+    """A 3-way 4-shot synthetic task with 4 query examples per class."""
+    from metapeft.data.synthetic import generate_task
+
+    return generate_task(3, family="topic", ways=3, shots=4, query=4)
