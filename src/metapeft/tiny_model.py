@@ -16,11 +16,12 @@ import json
 import os
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-NAME = "tiny-llama-v1"
+NAME = "tiny-llama-v2"
 CONFIG = {
     "model_type": "llama",
     "hidden_size": 64,
@@ -35,8 +36,16 @@ CONFIG = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
-INIT_GAIN = float(os.environ.get("TG", 1.0))
-EMBED_STD = float(os.environ.get("TE", 1.0))
+INIT_GAIN = 1.0
+EMBED_STD = 1.0
+# Build-time pretraining (see ``_pretrain``): a short causal-LM run on plain synthetic sentences.
+PRETRAIN_SEED = 20261123
+PRETRAIN_STEPS = 300
+PRETRAIN_MAX_LEN = 24  # tokens, BOS and EOS included
+PRETRAIN_BATCH = 32
+PRETRAIN_LR = 3e-3
+PRETRAIN_PER_LABEL = 60  # generate_pool rows per label and family
+PRETRAIN_TOPIC_NAMES = True  # also "talking about <topic> : <keywords>" sentences
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 # Words of the default prompt template and common punctuation, so prompts never hit <unk>.
 EXTRA_WORDS = ["input", "label", "text", "answer", ":", ".", ",", "?", "!", "'", "-", "the", "a",
@@ -89,6 +98,81 @@ def _weights(vocab_size: int) -> dict[str, np.ndarray]:
     return out
 
 
+def _corpus() -> list[str]:
+    """Deterministic plain-text pretraining corpus: synthetic sentences of every family, never
+    in the "Input: ... Label: ..." prompt format (that would make the tasks zero-shot solved)."""
+    import random
+
+    from metapeft.data.synthetic import FAMILIES, FILLER, TOPICS, generate_pool
+
+    texts = [e.text for fam in FAMILIES for e in generate_pool(fam, 1000, PRETRAIN_PER_LABEL)]
+    if PRETRAIN_TOPIC_NAMES:  # real LMs know which words go with a topic's name
+        rng = random.Random(f"pretrain:{PRETRAIN_SEED}")
+        heads = (("talking", "about"), ("this", "is", "about"), ("a", "note", "on"), ("some",))
+        for topic in sorted(TOPICS):
+            name = topic.replace("_", " ")
+            for _ in range(PRETRAIN_PER_LABEL // 2):
+                words = [w for c in rng.sample(TOPICS[topic], rng.randint(2, 5))
+                         for w in c.split("_")]
+                words += [rng.choice(FILLER) for _ in range(rng.randint(0, 3))]
+                rng.shuffle(words)
+                texts.append(" ".join([*rng.choice(heads), name, ":", *words]))
+    random.Random(PRETRAIN_SEED).shuffle(texts)
+    return texts
+
+
+def _pretrain(path: Path, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Train every weight of the freshly written random model at ``path`` for a few hundred Adam
+    steps of next-token prediction on ``_corpus()``, so that its features know which words go
+    together (what makes few-shot adaptation generalise). Deterministic; ~15 s on two CPU cores."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    model, tokenizer = load(str(path))
+    eos = tokenizer.eos_token_id
+    # Sequences cut to PRETRAIN_MAX_LEN tokens and padded to a few fixed widths: CPU attention
+    # grows with length, and mx.compile retraces for every new shape.
+    seqs = [(list(tokenizer.encode(t)) + [eos])[:PRETRAIN_MAX_LEN] for t in _corpus()]
+    seqs.sort(key=len)  # batches of similar length waste little padding
+    batches = []
+    for s in range(0, len(seqs) - PRETRAIN_BATCH + 1, PRETRAIN_BATCH):
+        chunk = seqs[s:s + PRETRAIN_BATCH]
+        width = -(-max(len(q) for q in chunk) // 8) * 8
+        ids = np.zeros((len(chunk), width), np.int32)
+        mask = np.zeros((len(chunk), width - 1), np.float32)
+        for r, q in enumerate(chunk):
+            ids[r, :len(q)] = q
+            mask[r, :len(q) - 1] = 1.0
+        batches.append((mx.array(ids), mx.array(mask)))
+    order = np.random.default_rng(PRETRAIN_SEED).permutation(
+        np.resize(np.arange(len(batches)), PRETRAIN_STEPS))
+
+    def loss_fn(model, ids, mask):
+        logits = model(ids[:, :-1])
+        ce = nn.losses.cross_entropy(logits, ids[:, 1:], reduction="none")
+        return (ce * mask).sum() / mask.sum()
+
+    opt = optim.Adam(learning_rate=optim.cosine_decay(PRETRAIN_LR, PRETRAIN_STEPS,
+                                                      PRETRAIN_LR * 0.1))
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, opt.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(ids, mask):
+        loss, grads = value_and_grad(model, ids, mask)
+        opt.update(model, grads)
+        return loss
+
+    for b in order:
+        loss = step(*batches[b])
+        mx.eval(loss, state)
+    trained = dict(tree_flatten(model.parameters()))
+    return {k: np.array(trained[k].astype(mx.float32)) for k in weights}
+
+
 def _tokenizer_json(vocab: list[str]) -> dict:
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
@@ -107,15 +191,20 @@ def _write(dest: Path) -> None:
     vocab = _vocab()
     config = dict(CONFIG, vocab_size=len(vocab))
     (dest / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(_weights(len(vocab)), str(dest / "model.safetensors"), metadata={"format": "mlx"})
+    weights = _weights(len(vocab))
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "mlx"})
     (dest / "tokenizer.json").write_text(json.dumps(_tokenizer_json(vocab)))
     (dest / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True,
         "model_max_length": 512, "clean_up_tokenization_spaces": False,
     }, indent=2))
+    if PRETRAIN_STEPS > 0:  # overwrite the random weights with briefly pretrained ones
+        save_file(_pretrain(dest, weights), str(dest / "model.safetensors"),
+                  metadata={"format": "mlx"})
     (dest / "README.md").write_text(
-        "metapeft's embedded tiny llama: random deterministic weights, word-level tokenizer.\n")
+        "metapeft's embedded tiny llama: deterministic weights, briefly pretrained (causal LM) on\n"
+        "metapeft's synthetic sentences at build time; word-level tokenizer.\n")
 
 
 def ensure_tiny_model(root: Path | None = None) -> Path:

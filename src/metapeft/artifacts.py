@@ -1,0 +1,116 @@
+"""Atomic, pickle-free artifact I/O: safetensors files with their metadata in the header.
+
+Every write goes to a temp file in the destination directory, is fsync'ed, then renamed over the
+target (and the directory fsync'ed), so an interrupted run never leaves a half-written artifact:
+readers see either the previous file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from metapeft.errors import UserError
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix,
+                               dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return _atomic(Path(path), write)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _meta_str(metadata: dict[str, Any] | None) -> dict[str, str]:
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+
+
+def save_safetensors(path: str | Path, arrays: dict, metadata: dict[str, Any] | None = None) -> Path:
+    """Atomically write mlx or numpy ``arrays`` with string ``metadata`` (non-strings as JSON)."""
+    import mlx.core as mx
+
+    arrays = {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in arrays.items()}
+    meta = _meta_str(metadata)
+    return _atomic(Path(path), lambda tmp: mx.save_safetensors(tmp, arrays, metadata=meta))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata of a safetensors file, without loading its tensors."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > 100 * 2**20:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise UserError("file does not exist", path=str(path)) from None
+    except (ValueError, UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError("not a safetensors file (unreadable header)", path=str(path)) from None
+    return dict(header.get("__metadata__") or {})
+
+
+def load_safetensors(path: str | Path) -> tuple[dict, dict[str, str]]:
+    """(arrays, metadata) of a safetensors file; a one-line UserError when it is missing/corrupt."""
+    import mlx.core as mx
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError("file does not exist", path=str(path))
+    read_metadata(path)  # validates the header with a clear message
+    try:
+        arrays, meta = mx.load(str(path), return_metadata=True)
+    except Exception as e:
+        raise UserError(f"could not read safetensors: {e}", path=str(path)) from None
+    return arrays, dict(meta or {})
+
+
+def json_field(meta: dict[str, str], key: str, default: Any = None) -> Any:
+    """Decode a JSON-encoded metadata field, falling back to the raw string."""
+    if key not in meta:
+        return default
+    try:
+        return json.loads(meta[key])
+    except (json.JSONDecodeError, TypeError):
+        return meta[key]

@@ -1,0 +1,97 @@
+"""The CLI end to end in subprocesses: help speed, --json contract, bad input -> one line, exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+EXE = [sys.executable, "-m", "metapeft.cli"]
+
+
+def run(*args, env=None):
+    return subprocess.run(EXE + list(args), capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def test_help_is_fast_and_lazy():
+    best = min(_timed_help() for _ in range(3))
+    assert best < 1.0  # budget 0.5 s on an idle machine; generous here for loaded CI runners
+    out = subprocess.run([sys.executable, "-c", "import metapeft.cli, sys; "
+                          "print('mlx_lm' in sys.modules, 'transformers' in sys.modules, "
+                          "'mlx.core' in sys.modules)"], capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "False", "False"]
+
+
+def _timed_help():
+    t = time.perf_counter()
+    r = run("--help")
+    assert r.returncode == 0 and "adapt" in r.stdout
+    return time.perf_counter() - t
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    from metapeft.data.synthetic import generate_task
+    from metapeft.quickstart import write_task_dir
+
+    return write_task_dir(generate_task(2, family="topic", ways=3, shots=3, query=3),
+                          tmp_path_factory.mktemp("task"))
+
+
+def test_adapt_json_contract(task_dir, tmp_path):
+    r = run("adapt", str(task_dir), "--steps", "2", "--json", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert set(obj) == {"steps_to_target", "final_accuracy", "accuracies", "losses",
+                        "target_reached", "num_support", "num_query", "seconds", "method"}
+    assert len(obj["accuracies"]) == 3 and len(obj["losses"]) == 2
+    assert obj["num_support"] == 9 and obj["num_query"] == 9 and obj["method"] == "lora"
+    assert (tmp_path / "o" / "adapters.safetensors").exists()
+    assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["adapt", "{bad}"], "bad.jsonl:2"),
+    (["adapt", "{task}", "--method", "nope"], "unknown method"),
+    (["adapt", "{task}", "--model", "/no/such/model"], "model path does not exist"),
+    (["adapt", "{task}", "--set", "rank=0"], "rank"),
+    (["adapt", "{task}", "--init", "{bad}"], "not a safetensors"),
+    (["adapt", "{missing}"], "does not exist"),
+])
+def test_bad_input_is_one_line_exit_2(task_dir, tmp_path, args, needle):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": "x"}\n{"text": oops}\n')
+    subs = {"{bad}": str(bad), "{task}": str(task_dir), "{missing}": str(tmp_path / "nope.jsonl")}
+    r = run(*[subs.get(a, a) for a in args], "--shots", "1", "--steps", "1")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_init_from_adapter_and_mismatch(task_dir, tmp_path):
+    assert run("adapt", str(task_dir), "--steps", "1", "--out", str(tmp_path / "a")).returncode == 0
+    ok = run("adapt", str(task_dir), "--steps", "1", "--init", str(tmp_path / "a"), "--json")
+    assert ok.returncode == 0, ok.stderr
+    mismatch = run("adapt", str(task_dir), "--steps", "1", "--init", str(tmp_path / "a"),
+                   "--set", "rank=4")
+    assert mismatch.returncode == 2 and "shape" in mismatch.stderr
+
+
+def test_quickstart_and_export(tmp_path):
+    r = run("quickstart", "--out", str(tmp_path / "q"), "--steps", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert Path(obj["adapter"], "adapters.safetensors").exists()
+    e = run("export", obj["adapter"], "--out", str(tmp_path / "peft"))
+    assert e.returncode == 0, e.stderr
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
+    from safetensors.numpy import load_file
+
+    w = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    a = w["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    assert a.shape == (8, 64)
