@@ -298,3 +298,35 @@ def test_untokenisable_init_text_is_a_user_error(tiny):
     with pytest.raises(UserError) as e:
         get_adapter_class("prompt").attach(tiny, {"init": "text", "init_text": "\n"})
     assert e.value.field == "init_text"
+
+
+@pytest.mark.parametrize("method,cfg", [CASES[0], CASES[3], CASES[7]],
+                         ids=["prompt", "prefix", "ptuning-lstm"])
+def test_real_model_matches_reference(stories, method, cfg):
+    """The same exactness checks on stories260K (5 layers, 8 heads / 4 KV heads, head_dim 8)."""
+    from mlx_lm.models.cache import KVCache
+
+    a = attach(stories, method, cfg)
+    p = a.init_params(0)
+    batch = make_batch(stories, seed=1)
+    scores = a.scores(p, batch)
+    model = stories.model
+    for b in range(batch.size):
+        n = int(batch.prompt_len[b].item())
+        for c in range(batch.label_tokens.shape[0]):
+            m = int(batch.label_len[c].item())
+            toks = mx.concatenate([batch.prompt[b, :n], batch.label_tokens[c, :m]])
+            if method == "prefix":
+                keys, values = a.prefix_kv(p)
+                caches = [KVCache() for _ in range(stories.num_layers)]
+                for l, cache in enumerate(caches):
+                    cache.update_and_fetch(keys[l][None], values[l][None])
+                logits, start = model(toks[None], cache=caches)[0], n - 1
+            else:
+                virtual = p["prompt"] if method == "prompt" else a.virtual_tokens(p)
+                V = virtual.shape[0]
+                emb = mx.concatenate([virtual, model.model.embed_tokens(toks)])
+                logits = model(mx.zeros((1, V + n + m), mx.int32), input_embeddings=emb[None])[0]
+                start = V + n - 1
+            ref = label_logprob(logits, start, batch.label_tokens[c, :m].tolist())
+            assert _rel_close(scores[b, c].item(), ref), (b, c, scores[b, c].item(), ref)

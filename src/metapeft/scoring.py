@@ -151,5 +151,5 @@ def total_weight(batch: Batch) -> mx.array:
 
 def accuracy(scores: mx.array, batch: Batch) -> mx.array:
     valid = batch.labels >= 0
-    hit = (mx.argmax(scores, axis=-1) == batch.labels) & valid
+    hit = mx.logical_and(mx.argmax(scores, axis=-1) == batch.labels, valid)
     return hit.sum() / mx.maximum(valid.sum(), 1)

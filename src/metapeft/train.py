@@ -94,7 +94,7 @@ def evaluate(adapter: Adapter, params: dict, buckets: list[Batch]) -> tuple[floa
     for b in buckets:
         scores = adapter.scores(params, b)
         valid = b.labels >= 0
-        hits.append(((mx.argmax(scores, axis=-1) == b.labels) & valid).sum())
+        hits.append(mx.logical_and(mx.argmax(scores, axis=-1) == b.labels, valid).sum())
         loss.append(classification_loss(scores, b, normalise=False))
         n += b.size
     h, l_ = mx.sum(mx.stack(hits)), mx.sum(mx.stack(loss))

@@ -85,7 +85,10 @@ def score_candidates(model: nn.Module, batch: Batch, *, virtual: mx.array | None
     pos = mx.arange(Lp)
     valid = pos[None, :] < plen[:, None]  # (B, Lp) real prompt tokens
     causal = pos[:, None] >= pos[None, :]
-    m1 = (causal[None] & valid[:, None, :]) | mx.eye(Lp, dtype=mx.bool_)[None]  # pads see self
+    # mx.logical_and/or, not & and |: under mx.vmap the bitwise operators mis-broadcast an
+    # unbatched operand against a batched one (MLX 0.32; see tests/test_meta.py vmap check).
+    m1 = mx.logical_or(mx.logical_and(causal[None], valid[:, None, :]),
+                       mx.eye(Lp, dtype=mx.bool_)[None])  # pads attend to themselves
     inputs, embeddings = prompt, None
     if V:
         emb = model.model.embed_tokens(prompt)
