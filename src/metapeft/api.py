@@ -165,3 +165,173 @@ def adapt(task, *, model: str = "tiny", method: str = "lora", steps: int = 20,
             "task": task.name, "steps": steps, "lr": lr, "final_accuracy": report.final_accuracy,
             "labels": list(task.labels), "template": data.encoder.template})
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# Meta-training
+# --------------------------------------------------------------------------------------------
+
+class MixtureSource:
+    """Episodes from several sources: each draw picks a source uniformly, then an episode."""
+
+    def __init__(self, sources: list, name: str = "mixture"):
+        if not sources:
+            raise UserError("no usable tasks for meta-training", field="data")
+        self.sources, self.name = sources, name
+        self.classes = sorted({c for s in sources for c in getattr(s, "classes", [])})
+
+    def sample(self, seed: int):
+        import random
+
+        src = self.sources[random.Random(seed).randrange(len(self.sources))]
+        return src.sample(seed)
+
+
+class FixedTasks:
+    """A list of ready-made tasks (a directory of task folders, or small feedback groups)."""
+
+    def __init__(self, tasks: list, name: str = "tasks"):
+        self.tasks, self.name = tasks, name
+        self.classes = sorted({lab for t in tasks for lab in t.labels})
+
+    def sample(self, seed: int):
+        import random
+
+        return self.tasks[random.Random(seed).randrange(len(self.tasks))]
+
+
+def synthetic_pool(per_label: int = 40, seed: int = 0) -> list:
+    """Every synthetic family's pool, with ``domain`` = family (the embedded meta-train data)."""
+    from metapeft.data.synthetic import FAMILIES, generate_pool
+
+    return [e for fam in FAMILIES if fam != "topic_long" for e in generate_pool(fam, seed, per_label)]
+
+
+def build_meta_sources(data: str | Path, *, ways: int = 5, shots: int = 5, query: int = 15,
+                       domains=None, exclude_domains=None, labels_from=None, exclude_labels=None,
+                       val_fraction: float = 0.2, task_strategy: str | None = None,
+                       min_samples: int = 20, replay=None, seed: int = 0,
+                       text_field: str = "text", label_field: str = "label"):
+    """(train source, validation source or None, data spec, extraction report or None).
+
+    ``data`` is ``synthetic`` (the embedded families), a labelled pool file (episodes; classes
+    split into meta-train and validation classes, disjoint), a directory of task folders/files,
+    or with ``task_strategy`` a feedback log (project/intent/temporal/mixed groups).
+    """
+    from metapeft.data import extract as ex
+    from metapeft.data.tasks import load_task, read_rows
+
+    spec = {"data": str(data), "ways": ways, "shots": shots, "query": query,
+            "domains": domains, "exclude_domains": exclude_domains,
+            "exclude_labels": exclude_labels, "labels_from": labels_from,
+            "val_fraction": val_fraction, "task_strategy": task_strategy}
+    report = None
+    if task_strategy is not None:
+        rows = ex.read_feedback(data, text_field, label_field)
+        groups, report = ex.extract_tasks(rows, task_strategy, min_samples)
+        if not groups:
+            raise UserError(f"no group has more than {min_samples} rows and 2 labels",
+                            path=str(data), field="min_samples")
+        import random
+
+        order = list(range(len(groups)))
+        random.Random(seed).shuffle(order)
+        n_val = int(round(len(groups) * val_fraction)) if len(groups) > 2 else 0
+        def to_src(g):
+            try:
+                return g.to_source(ways, shots, query, replay)
+            except UserError:  # too small for episodes: a fixed support/query split
+                return FixedTasks([g.split(0.5, seed)], g.name)
+        val = [to_src(groups[i]) for i in order[:n_val]]
+        train = [to_src(groups[i]) for i in order[n_val:]]
+        spec["groups_train"] = [groups[i].name for i in order[n_val:]]
+        spec["groups_val"] = [groups[i].name for i in order[:n_val]]
+        tr, va = MixtureSource(train, "feedback"), (MixtureSource(val, "feedback-val") if val else None)
+    elif str(data) == "synthetic" or Path(data).is_file():
+        if str(data) == "synthetic":
+            pool = synthetic_pool()
+        else:
+            pool = read_rows(data, text_field=text_field, label_field=label_field)
+        pool = ex.filter_pool(pool, domains=domains, exclude_domains=exclude_domains,
+                              labels_from=labels_from, exclude_labels=exclude_labels)
+        labels = sorted({e.label for e in pool})
+        train_labels, val_labels = ex.split_classes(labels, val_fraction, seed)
+        weights = None
+        if replay is not None and any("rating" in e.extra for e in pool):
+            weights = ex.replay_weights(pool, replay)
+        tr = ex.EpisodeSource(pool, train_labels, ways=min(ways, len(train_labels)), shots=shots,
+                              query=query, weights=weights, name=str(data))
+        va = (ex.EpisodeSource(pool, val_labels, ways=min(ways, len(val_labels)), shots=shots,
+                               query=query, name=f"{data} (validation classes)")
+              if val_labels else None)
+        spec["train_classes"], spec["val_classes"] = train_labels, val_labels
+    elif Path(data).is_dir():
+        entries = sorted(p for p in Path(data).iterdir()
+                         if p.is_dir() or p.suffix.lower() in (".jsonl", ".csv"))
+        tasks = [load_task(p, shots=shots if p.is_file() else None, query=query, ways=ways,
+                           seed=seed, text_field=text_field, label_field=label_field)
+                 for p in entries]
+        if len(tasks) < 2:
+            raise UserError("a task directory needs at least 2 tasks", path=str(data))
+        n_val = max(1, int(round(len(tasks) * val_fraction))) if val_fraction > 0 else 0
+        tr = FixedTasks(tasks[n_val:], str(data))
+        va = FixedTasks(tasks[:n_val], f"{data} (validation tasks)") if n_val else None
+        spec["tasks_train"] = [t.name for t in tasks[n_val:]]
+        spec["tasks_val"] = [t.name for t in tasks[:n_val]]
+    else:
+        raise UserError("meta-train data does not exist (a pool file, a task directory, or "
+                        "'synthetic')", path=str(data), field="data")
+    spec["num_train_classes"] = len(getattr(tr, "classes", []))
+    return tr, va, spec, report
+
+
+def meta_train(data: str | Path = "synthetic", *, model: str = "tiny", method: str = "lora",
+               algorithm: str = "reptile", name: str = "default", registry: str | Path | None = None,
+               config: dict | None = None, ways: int = 5, shots: int = 5, query: int = 15,
+               meta_steps: int = 100, meta_batch: int = 4, inner_steps: int = 5,
+               inner_lr: float | None = None, inner_optimizer: str | None = None,
+               outer_lr: float | None = None, seed: int = 0, eval_every: int = 10,
+               eval_episodes: int = 8, val_fraction: float = 0.2, domains=None,
+               exclude_domains=None, labels_from=None, exclude_labels=None,
+               task_strategy: str | None = None, min_samples: int = 20, replay=None,
+               resume: bool = False, vectorise: bool = True, compile: bool = False,
+               checkpoint_every: int = 5, on_step=None, sources=None):
+    """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry."""
+    from metapeft import registry as reg
+    from metapeft.adapters import get_adapter_class
+    from metapeft.artifacts import save_safetensors
+    from metapeft.meta.learner import MetaConfig
+    from metapeft.meta.run import meta_train as run, version_metadata
+    from metapeft.models import load_base_model
+
+    reg.validate_name(name)
+    cfg = MetaConfig(algorithm=algorithm, inner_steps=inner_steps,
+                     inner_lr=inner_lr if inner_lr is not None else DEFAULT_LR.get(method, 1e-3) * 3,
+                     inner_optimizer=inner_optimizer or ("sgd" if algorithm == "maml" else "adam"),
+                     outer_lr=outer_lr if outer_lr is not None else (1.0 if algorithm == "reptile" else 1e-3))
+    cfg.validate()
+    if sources is None:
+        sources = build_meta_sources(data, ways=ways, shots=shots, query=query, domains=domains,
+                                     exclude_domains=exclude_domains, labels_from=labels_from,
+                                     exclude_labels=exclude_labels, val_fraction=val_fraction,
+                                     task_strategy=task_strategy, min_samples=min_samples,
+                                     replay=replay, seed=seed)
+    train_src, val_src, spec, report = sources
+    base = load_base_model(model)
+    adapter = get_adapter_class(method).attach(base, config or {})
+    ckpt = reg.checkpoint_path(name, registry)
+    result = run(adapter, cfg, train_src, val_source=val_src, meta_steps=meta_steps,
+                 meta_batch=meta_batch, seed=seed, eval_every=eval_every,
+                 eval_episodes=eval_episodes, checkpoint=ckpt, checkpoint_every=checkpoint_every,
+                 resume=resume, vectorise=vectorise, compile=compile, spec=spec, on_step=on_step)
+    meta = version_metadata(adapter, cfg, result, spec=spec, meta_steps=meta_steps,
+                            meta_batch=meta_batch, hyper={"ways": ways, "shots": shots,
+                                                          "query": query, "seed": seed})
+    version, path = reg.save_version(name, adapter.flat(result.best_theta), meta, registry)
+    try:
+        Path(ckpt).unlink()  # the run is complete and published
+    except FileNotFoundError:
+        pass
+    result.version, result.path = version, str(path)
+    result.extra.update({"report": report, "spec": spec, "adapter": adapter, "config": cfg})
+    return result

@@ -190,6 +190,212 @@ def export(
         out_console.print(f"wrote [bold]{path}[/bold]")
 
 
+def _csv(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+@app.command("meta-train")
+def meta_train_cmd(
+    data: str = typer.Option("synthetic", help="Pool JSONL/CSV (episodes), a directory of task "
+                                               "folders/files, a feedback log (with "
+                                               "--task-strategy), or 'synthetic'."),
+    model: str = typer.Option("tiny", "--model", "-m", help="mlx-lm model path or HF id."),
+    method: str = typer.Option("lora", help=METHOD_HELP),
+    algorithm: str = typer.Option("reptile", help="reptile, fomaml or maml (second order)."),
+    name: str = typer.Option(..., help="Registry name for the meta-weights."),
+    registry: Optional[Path] = typer.Option(None, help="Registry dir (default $METAPEFT_HOME "
+                                                       "or the user data dir)."),
+    ways: int = typer.Option(5, help="Classes per episode."),
+    shots: int = typer.Option(5, help="Support examples per class."),
+    query: int = typer.Option(15, help="Query examples per class."),
+    meta_steps: int = typer.Option(100, help="Meta-iterations."),
+    meta_batch: int = typer.Option(4, help="Tasks per meta-iteration."),
+    inner_steps: int = typer.Option(5, help="Inner-loop steps per task."),
+    inner_lr: Optional[float] = typer.Option(None, help="Inner learning rate."),
+    inner_optimizer: Optional[str] = typer.Option(None, help="adam or sgd (default: sgd for "
+                                                              "maml, adam otherwise)."),
+    outer_lr: Optional[float] = typer.Option(None, help="Reptile ε (default 1.0, annealed); "
+                                                        "FOMAML/MAML outer Adam lr (1e-3)."),
+    domains: Optional[list[str]] = typer.Option(None, help="Keep only these domains (comma "
+                                                           "list or repeated)."),
+    exclude_domains: Optional[list[str]] = typer.Option(None, help="Drop these domains (keep "
+                                                                   "meta-test classes out)."),
+    labels_from: Optional[Path] = typer.Option(None, help="Keep only labels listed in this file."),
+    exclude_labels: Optional[list[str]] = typer.Option(None, help="Drop these labels."),
+    val_fraction: float = typer.Option(0.2, help="Share of meta-train classes held out for "
+                                                 "validation."),
+    eval_every: int = typer.Option(10, help="Validate every N meta-steps (0: never)."),
+    eval_episodes: int = typer.Option(8, help="Validation episodes."),
+    task_strategy: Optional[str] = typer.Option(None, help="Feedback logs: project, intent, "
+                                                           "temporal or mixed."),
+    min_samples: int = typer.Option(20, help="Feedback groups with this many rows or fewer are "
+                                             "dropped."),
+    replay: bool = typer.Option(True, help="Weight sampling by rating (failed x3, positive x1, "
+                                           "other negative x0.5)."),
+    replay_failed: float = typer.Option(3.0, help="Replay weight of failed rows (rating -1)."),
+    replay_positive: float = typer.Option(1.0, help="Replay weight of positive rows."),
+    replay_negative: float = typer.Option(0.5, help="Replay weight of other negative rows."),
+    replay_stats: bool = typer.Option(False, "--replay-stats", help="Show the replay "
+                                                                    "distribution and exit."),
+    seed: int = typer.Option(0, help="Seed for init and the task stream."),
+    resume: bool = typer.Option(False, help="Continue from this name's checkpoint."),
+    sequential: bool = typer.Option(False, help="Run a meta-batch's tasks one by one instead of "
+                                                "under mx.vmap."),
+    compile_: bool = typer.Option(False, "--compile", help="mx.compile the vectorised step."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON file of adapter options."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Adapter option key=value."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Meta-learn an adapter initialisation across many tasks; publish versioned meta-weights."""
+    with user_errors():
+        from metapeft import api
+        from metapeft.data.extract import ReplayWeights, read_feedback, replay_stats as rstats
+
+        rw = ReplayWeights(failed=replay_failed, positive=replay_positive,
+                           other_negative=replay_negative) if replay else None
+        console = err_console if as_json else out_console
+        if replay_stats:
+            rows = read_feedback(data) if Path(data).is_file() else []
+            stats = rstats(rows, rw or ReplayWeights())
+            if as_json:
+                print(json.dumps(stats))
+            else:
+                from rich.table import Table
+
+                t = Table(title=f"replay distribution of {data} ({stats['examples']} rows)")
+                for c in ("category", "rows", "weight", "sampling share"):
+                    t.add_column(c)
+                for cat in stats["counts"]:
+                    t.add_row(cat, str(stats["counts"][cat]), f"{stats['weights'][cat]:g}",
+                              f"{stats['shares'][cat]:.1%}")
+                out_console.print(t)
+            return
+        options = _parse_sets(set_, config)
+        sources = api.build_meta_sources(
+            data, ways=ways, shots=shots, query=query, domains=_csv(domains),
+            exclude_domains=_csv(exclude_domains),
+            labels_from=str(labels_from) if labels_from else None,
+            exclude_labels=_csv(exclude_labels), val_fraction=val_fraction,
+            task_strategy=task_strategy, min_samples=min_samples, replay=rw, seed=seed)
+        if sources[3] is not None and not as_json:
+            from metapeft.data.extract import format_report
+
+            out_console.print(format_report(sources[3]))
+        spec = sources[2]
+        console.print(f"meta-train classes: {spec.get('num_train_classes')}   validation: "
+                      f"{len(spec.get('val_classes', spec.get('groups_val', spec.get('tasks_val', []))) or [])}")
+        with _progress(meta_steps, "meta-train", console) as progress:
+            bar = progress.add_task(f"meta-train {method}/{algorithm}", total=meta_steps,
+                                    loss="-", acc="-")
+
+            def on_step(t, loss, acc, val):
+                progress.update(bar, completed=t, loss=f"{loss:.3f}",
+                                acc=f"{acc:.1%}" + ("" if val is None else f" val {val:.1%}"))
+
+            res = api.meta_train(data, model=model, method=method, algorithm=algorithm,
+                                 name=name, registry=registry, config=options, ways=ways,
+                                 shots=shots, query=query, meta_steps=meta_steps,
+                                 meta_batch=meta_batch, inner_steps=inner_steps, inner_lr=inner_lr,
+                                 inner_optimizer=inner_optimizer, outer_lr=outer_lr, seed=seed,
+                                 eval_every=eval_every, eval_episodes=eval_episodes,
+                                 resume=resume, vectorise=not sequential, compile=compile_,
+                                 on_step=on_step, sources=sources)
+        summary = {"name": name, "version": res.version, "path": res.path, "method": method,
+                   "algorithm": algorithm, "meta_steps": res.steps_done,
+                   "best_step": res.best_step, "meta_loss": res.meta_losses,
+                   "meta_accuracy": res.meta_accuracies, "val_steps": res.val_steps,
+                   "val_accuracy": res.val_accuracies, "seconds": round(res.seconds, 3),
+                   "vectorised": res.fallback_reason is None and not sequential}
+        if as_json:
+            print(json.dumps(summary))
+        else:
+            out_console.print(f"published [bold]{name}@{res.version}[/bold] -> {res.path}")
+            if res.val_accuracies:
+                out_console.print(f"validation accuracy (held-out classes, after {inner_steps} "
+                                  f"inner steps): best {max(res.val_accuracies):.1%} at step "
+                                  f"{res.best_step}")
+            out_console.print(f"next: metapeft adapt TASK --method {method} --init {name}")
+
+
+weights_app = typer.Typer(help="Manage meta-weights in the local registry.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+REGISTRY_OPT = typer.Option(None, "--registry", help="Registry dir.")
+
+
+def _emit(obj, as_json: bool, render) -> None:
+    if as_json:
+        print(json.dumps(obj, default=str))
+    else:
+        render(obj)
+
+
+@weights_app.command("list")
+def weights_list(registry: Optional[Path] = REGISTRY_OPT,
+                 as_json: bool = typer.Option(False, "--json")):
+    """List every name and version."""
+    with user_errors():
+        from rich.table import Table
+
+        from metapeft import registry as reg
+
+        rows = reg.list_weights(registry)
+
+        def render(rows):
+            t = Table(title=f"meta-weights in {reg.registry_root(registry)}")
+            cols = ["name", "version", "latest", "method", "algorithm", "base_model", "created",
+                    "num_tasks"]
+            for c in cols:
+                t.add_column(c)
+            for r in rows:
+                t.add_row(*[str(r.get(c, "")) for c in cols])
+            out_console.print(t)
+
+        _emit(rows, as_json, render)
+
+
+@weights_app.command("show")
+def weights_show(spec: str, registry: Optional[Path] = REGISTRY_OPT,
+                 as_json: bool = typer.Option(False, "--json")):
+    """Show one version's metadata (NAME or NAME@VERSION)."""
+    with user_errors():
+        from metapeft import registry as reg
+
+        _emit(reg.show(spec, registry), as_json,
+              lambda o: out_console.print_json(json.dumps(o, default=str)))
+
+
+@weights_app.command("compare")
+def weights_compare(a: str, b: str, registry: Optional[Path] = REGISTRY_OPT,
+                    as_json: bool = typer.Option(False, "--json")):
+    """Compare two versions: metadata differences and parameter distance."""
+    with user_errors():
+        from metapeft import registry as reg
+
+        _emit(reg.compare(a, b, registry), as_json,
+              lambda o: out_console.print_json(json.dumps(o, default=str)))
+
+
+@weights_app.command("rollback")
+def weights_rollback(name: str, version: str, registry: Optional[Path] = REGISTRY_OPT):
+    """Make an earlier version the latest (nothing is deleted)."""
+    with user_errors():
+        from metapeft import registry as reg
+
+        reg.rollback(name, int(str(version).lstrip("v")), registry)
+        out_console.print(f"{name}: latest is now v{int(str(version).lstrip('v'))}")
+
+
+@weights_app.command("delete")
+def weights_delete(spec: str, registry: Optional[Path] = REGISTRY_OPT):
+    """Delete NAME@VERSION, or every version of NAME."""
+    with user_errors():
+        from metapeft import registry as reg
+
+        out_console.print(f"deleted {reg.delete(spec, registry)}")
+
+
 @app.command()
 def version():
     """Print the metapeft version."""

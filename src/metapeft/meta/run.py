@@ -1,0 +1,182 @@
+"""The meta-training run: sample meta-batches, step the meta-learner, validate on held-out
+classes, checkpoint atomically, and publish versioned meta-weights.
+
+Recovery: a checkpoint (θ, the outer optimizer state, the best-so-far θ, the curves and the step)
+is written atomically every ``checkpoint_every`` meta-steps, so a run killed at any point resumes
+from the last checkpoint with ``resume=True``; tasks are drawn from ``seed`` and the step number,
+so a resumed run sees the same task stream. A NaN/inf meta-loss stops the run with a
+``MetaDivergence`` and leaves the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from metapeft import __version__
+from metapeft.errors import UserError
+from metapeft.meta.batch import encode_episode, group_by_signature, stack_episodes
+from metapeft.meta.learner import MetaConfig, MetaLearner, _accuracy, inner_adapt
+
+
+class MetaDivergence(UserError):
+    pass
+
+
+@dataclass
+class MetaTrainResult:
+    theta: dict
+    best_theta: dict
+    best_step: int
+    meta_losses: list[float]
+    meta_accuracies: list[float]
+    val_steps: list[int]
+    val_accuracies: list[float]
+    seconds: float
+    steps_done: int
+    version: int | None = None
+    path: str | None = None
+    fallback_reason: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _flat(prefix: str, tree) -> dict:
+    return {f"{prefix}.{k}": v for k, v in tree_flatten(tree)}
+
+
+def _unflat(prefix: str, arrays: dict):
+    items = [(k[len(prefix) + 1:], v) for k, v in arrays.items() if k.startswith(prefix + ".")]
+    return tree_unflatten(items) if items else None
+
+
+def validate_theta(adapter, cfg: MetaConfig, theta: dict, episodes) -> float:
+    """Mean query accuracy after ``cfg.inner_steps`` inner steps from θ on fixed val episodes."""
+    accs = []
+    for e in episodes:
+        phi = inner_adapt(adapter, theta, e.support, cfg)
+        acc = _accuracy(adapter, phi, e.query)
+        mx.eval(acc)
+        accs.append(acc.item())
+    return float(np.mean(accs)) if accs else float("nan")
+
+
+def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_steps: int = 100,
+               meta_batch: int = 4, seed: int = 0, eval_every: int = 10, eval_episodes: int = 8,
+               checkpoint: Path | None = None, checkpoint_every: int = 5, resume: bool = False,
+               vectorise: bool = True, compile: bool = False, spec: dict | None = None,
+               init: dict | None = None,
+               on_step: Callable[[int, float, float, float | None], None] | None = None
+               ) -> MetaTrainResult:
+    from metapeft.artifacts import load_safetensors, save_safetensors
+
+    if meta_steps < 1 or meta_batch < 1:
+        raise UserError("meta-steps and meta-batch must be >= 1", field="meta_steps")
+    t0 = time.perf_counter()
+    tok = adapter.base.tokenizer
+    learner = MetaLearner(adapter, cfg, vectorise=vectorise, compile=compile)
+    spec = dict(spec or {})
+    ident = {"method": adapter.method, "base_model_hash": adapter.base.fingerprint,
+             "algorithm": cfg.algorithm, "config": adapter.config.to_dict()}
+    theta = init if init is not None else adapter.init_params(seed)
+    learner.init_outer(theta)
+    best_theta, best_val, best_step = theta, -math.inf, 0
+    losses, accs, val_steps, val_accs = [], [], [], []
+    start = 0
+    elapsed_before = 0.0
+    if resume:
+        if checkpoint is None or not Path(checkpoint).exists():
+            raise UserError("nothing to resume: no checkpoint", path=str(checkpoint),
+                            field="resume")
+        arrays, meta = load_safetensors(checkpoint)
+        saved = json.loads(meta.get("identity", "{}"))
+        for k in ("method", "base_model_hash", "algorithm"):
+            if saved.get(k) != ident[k]:
+                raise UserError(f"checkpoint was made with {k}={saved.get(k)!r}, this run has "
+                                f"{ident[k]!r}", path=str(checkpoint), field=k)
+        theta = _unflat("theta", arrays)
+        best_theta = _unflat("best", arrays) or theta
+        if learner.outer is not None:
+            state = _unflat("outer", arrays)
+            learner.init_outer(theta)
+            if state is not None:
+                learner.outer.state = state
+        curves = json.loads(meta["curves"])
+        losses, accs = curves["meta_loss"], curves["meta_accuracy"]
+        val_steps, val_accs = curves["val_steps"], curves["val_accuracy"]
+        best_val, best_step = curves["best_val"], curves["best_step"]
+        start = int(meta["step"])
+        elapsed_before = float(meta.get("seconds", 0.0))
+
+    val_eps = []
+    if val_source is not None and eval_every > 0:
+        val_eps = [encode_episode(val_source.sample(10_000_019 * (seed + 1) + i), tok)
+                   for i in range(eval_episodes)]
+
+    def save_checkpoint(step: int) -> None:
+        if checkpoint is None:
+            return
+        arrays = {**_flat("theta", theta), **_flat("best", best_theta)}
+        if learner.outer is not None:
+            arrays.update(_flat("outer", learner.outer.state))
+        curves = {"meta_loss": losses, "meta_accuracy": accs, "val_steps": val_steps,
+                  "val_accuracy": val_accs, "best_val": best_val if best_val > -math.inf else None,
+                  "best_step": best_step}
+        save_safetensors(checkpoint, arrays, {
+            "kind": "meta-checkpoint", "step": str(step), "identity": ident, "curves": curves,
+            "spec": spec, "seconds": str(elapsed_before + time.perf_counter() - t0)})
+
+    for t in range(start, meta_steps):
+        tasks = [train_source.sample(seed * 1_000_003 + t * meta_batch + i) for i in range(meta_batch)]
+        episodes = [encode_episode(task, tok) for task in tasks]
+        groups = [stack_episodes(g) for g in group_by_signature(episodes)]
+        new_theta, loss, acc = learner.step(theta, groups, t, meta_steps)
+        if not (math.isfinite(loss) and all(bool(mx.all(mx.isfinite(v)).item())
+                                            for _, v in tree_flatten(new_theta))):
+            raise MetaDivergence(f"meta-loss became {loss} at meta-step {t + 1}; stopped. The last "
+                                 f"good checkpoint is kept; lower --inner-lr/--outer-lr and "
+                                 f"--resume", path=str(checkpoint) if checkpoint else None,
+                                 field="meta_loss")
+        theta = new_theta
+        losses.append(round(loss, 6))
+        accs.append(round(acc, 6))
+        val = None
+        if val_eps and ((t + 1) % eval_every == 0 or t + 1 == meta_steps):
+            val = validate_theta(adapter, cfg, theta, val_eps)
+            val_steps.append(t + 1)
+            val_accs.append(round(val, 6))
+            if val > best_val:
+                best_val, best_step, best_theta = val, t + 1, theta
+        if not val_eps:
+            best_theta, best_step = theta, t + 1
+        if on_step is not None:
+            on_step(t + 1, loss, acc, val)
+        if checkpoint is not None and ((t + 1) % checkpoint_every == 0 or t + 1 == meta_steps):
+            save_checkpoint(t + 1)
+    return MetaTrainResult(theta=theta, best_theta=best_theta, best_step=best_step,
+                           meta_losses=losses, meta_accuracies=accs, val_steps=val_steps,
+                           val_accuracies=val_accs,
+                           seconds=elapsed_before + time.perf_counter() - t0,
+                           steps_done=meta_steps, fallback_reason=learner.fallback_reason)
+
+
+def version_metadata(adapter, cfg: MetaConfig, result: MetaTrainResult, *, spec: dict,
+                     meta_steps: int, meta_batch: int, hyper: dict) -> dict:
+    return adapter.metadata(
+        kind="meta-weights", algorithm=cfg.algorithm,
+        hyperparameters={**cfg.to_dict(), "meta_steps": meta_steps, "meta_batch": meta_batch,
+                         **hyper},
+        data=spec, num_tasks=meta_steps * meta_batch,
+        meta_loss=result.meta_losses, meta_accuracy=result.meta_accuracies,
+        val_steps=result.val_steps, val_accuracy=result.val_accuracies,
+        best_step=result.best_step, duration_seconds=round(result.seconds, 3),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        metapeft_version=__version__)
