@@ -112,7 +112,8 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
         curves = json.loads(meta["curves"])
         losses, accs = curves["meta_loss"], curves["meta_accuracy"]
         val_steps, val_accs = curves["val_steps"], curves["val_accuracy"]
-        best_val, best_step = curves["best_val"], curves["best_step"]
+        best_val = -math.inf if curves["best_val"] is None else curves["best_val"]
+        best_step = curves["best_step"]
         start = int(meta["step"])
         elapsed_before = float(meta.get("seconds", 0.0))
 

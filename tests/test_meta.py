@@ -1,0 +1,198 @@
+"""Meta-learning: MAML's second-order gradient against finite differences, vectorised equals
+sequential, Reptile's update rule, checkpoint/resume, divergence handling, class disjointness."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from metapeft.adapters import get_adapter_class
+from metapeft.data.synthetic import generate_task
+from metapeft.meta.batch import encode_episode, stack_episodes
+from metapeft.meta.learner import MetaConfig, MetaLearner, inner_adapt, task_contribution, task_loss
+
+
+def episodes(tok, n=3, seed=0, family="topic"):
+    return [encode_episode(generate_task(seed + s, family=family, ways=3, shots=2, query=2,
+                                         length=6), tok) for s in range(n)]
+
+
+def perturbed(adapter, scale=0.05):
+    th = adapter.init_params(0)
+    return tree_map(lambda x: x + scale * mx.random.normal(x.shape, key=mx.random.key(1)), th)
+
+
+def directional(tree_a, direction):
+    fa = dict(tree_flatten(tree_a))
+    return sum(float((fa[k] * d).sum()) for k, d in direction.items())
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_maml_gradient_matches_finite_differences(tiny, method):
+    ad = get_adapter_class(method).attach(tiny)
+    th = perturbed(ad)
+    (e,) = episodes(tiny.tokenizer, 1)
+    cfg = MetaConfig(algorithm="maml", inner_steps=2, inner_lr=0.1, inner_optimizer="sgd")
+    _, _, g = task_contribution(ad, cfg, th, e.support, e.query)
+    flat = tree_flatten(th)
+    keys = mx.random.split(mx.random.key(5), len(flat))
+    d = {k: mx.random.normal(v.shape, key=keys[i]) for i, (k, v) in enumerate(flat)}
+
+    def outer(params):
+        return task_loss(ad, inner_adapt(ad, params, e.support, cfg), e.query).item()
+
+    h = 1e-3
+    plus = tree_unflatten([(k, v + h * d[k]) for k, v in flat])
+    minus = tree_unflatten([(k, v - h * d[k]) for k, v in flat])
+    fd = (outer(plus) - outer(minus)) / (2 * h)
+    an = directional(g, d)
+    assert abs(an - fd) <= 0.02 * abs(fd) + 1e-3, (an, fd)
+    # and the second-order term is real: first-order MAML's gradient differs
+    _, _, g1 = task_contribution(ad, MetaConfig(algorithm="fomaml", inner_steps=2, inner_lr=0.1,
+                                                inner_optimizer="sgd"), th, e.support, e.query)
+    if method == "lora":
+        assert abs(directional(g1, d) - fd) > 0.05 * abs(fd)
+
+
+@pytest.mark.parametrize("algorithm", ["reptile", "fomaml", "maml"])
+def test_vectorised_equals_sequential(tiny, algorithm):
+    ad = get_adapter_class("lora").attach(tiny)
+    th = perturbed(ad)
+    eps = episodes(tiny.tokenizer, 3, seed=10, family="urgency")  # 2-token labels: both passes
+    S, Q = stack_episodes(eps)
+    cfg = dict(algorithm=algorithm, inner_steps=2, inner_lr=0.01,
+               inner_optimizer="sgd" if algorithm == "maml" else "adam",
+               outer_lr=0.5 if algorithm == "reptile" else 1e-1, outer_optimizer="sgd")
+    out = []
+    for vec in (False, True):
+        ml = MetaLearner(ad, MetaConfig(**cfg), vectorise=vec)
+        ml.init_outer(th)
+        out.append(ml.step(th, [(S, Q)], 0, 10))
+    (t0, l0, a0), (t1, l1, a1) = out
+    assert abs(l0 - l1) < 1e-4 and abs(a0 - a1) < 1e-6
+    for (k, v0), (_, v1) in zip(tree_flatten(t0), tree_flatten(t1)):
+        assert np.allclose(np.array(v0), np.array(v1), rtol=1e-3, atol=1e-4), k
+
+
+def test_reptile_update_rule(tiny):
+    """θ' = θ + ε_t · mean(φ_i − θ) with ε_t = ε0 (1 − t/T)."""
+    ad = get_adapter_class("prompt").attach(tiny)
+    th = ad.init_params(0)
+    eps = episodes(tiny.tokenizer, 2)
+    cfg = MetaConfig(algorithm="reptile", inner_steps=2, inner_lr=0.01, outer_lr=0.8)
+    phis = [inner_adapt(ad, th, e.support, cfg) for e in eps]
+    ml = MetaLearner(ad, cfg, vectorise=False)
+    new, _, _ = ml.step(th, [stack_episodes(eps)], 5, 20)
+    eps_t = 0.8 * (1 - 5 / 20)
+    want = th["prompt"] + eps_t * ((phis[0]["prompt"] - th["prompt"]) +
+                                  (phis[1]["prompt"] - th["prompt"])) / 2
+    assert np.allclose(np.array(new["prompt"]), np.array(want), atol=1e-5)
+
+
+def test_vmap_mask_regression():
+    """MLX 0.32 mis-broadcasts `&` under vmap; the scorer must use logical_and (see base.py)."""
+    L = 5
+    pos = mx.arange(L)
+    causal = pos[:, None] >= pos[None, :]
+    plen = mx.array([[3, 5], [5, 2]])
+    f = lambda p: mx.logical_and(causal[None], (pos[None, :] < p[:, None])[:, None, :])
+    r = mx.vmap(f)(plen)
+    ref = mx.stack([f(plen[i]) for i in range(2)])
+    assert r.shape == ref.shape and bool(mx.all(r == ref))
+
+
+def run_cli(*args, home):
+    env = {**os.environ, "METAPEFT_HOME": str(home), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "metapeft.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+COMMON = ["--ways", "3", "--shots", "2", "--query", "2", "--inner-steps", "2", "--meta-batch", "2",
+          "--eval-every", "2", "--eval-episodes", "2"]
+
+
+def test_meta_train_publish_resume_and_adapt(tmp_path):
+    # a run "killed" after 2 of 4 meta-steps: api with a callback that raises
+    from metapeft import api
+    from metapeft import registry as reg
+
+    home = tmp_path / "home"
+
+    class Kill(Exception):
+        pass
+
+    def killer(t, *a):
+        if t == 2:
+            raise Kill
+
+    kw = dict(name="r", registry=home, ways=3, shots=2, query=2, inner_steps=2, meta_batch=2,
+              meta_steps=4, eval_every=2, eval_episodes=2, seed=3)
+    with pytest.raises(Kill):
+        api.meta_train("synthetic", checkpoint_every=1, on_step=killer, **kw)
+    ck = reg.checkpoint_path("r", home)
+    assert ck.exists() and not reg.list_versions("r", home)
+    resumed = api.meta_train("synthetic", resume=True, **kw)
+    full = api.meta_train("synthetic", **{**kw, "name": "full"})
+    assert resumed.meta_losses == pytest.approx(full.meta_losses, abs=1e-4)
+    assert resumed.version == 1 and not ck.exists()
+    meta = reg.show("r", home)
+    blob = json.dumps(meta)
+    for key in ("algorithm", "base_model_hash", "num_tasks", "meta_loss", "val_accuracy",
+                "train_classes", "created", "duration_seconds"):
+        assert key in blob, key
+    # the published weights initialise adapt; a mismatched method is refused
+    task = tmp_path / "task"
+    from metapeft.quickstart import write_task_dir
+
+    write_task_dir(generate_task(99, family="intent", ways=3, shots=2, query=2), task)
+    ok = run_cli("adapt", str(task), "--steps", "1", "--init", "r", "--json", home=home)
+    assert ok.returncode == 0, ok.stderr
+    bad = run_cli("adapt", str(task), "--steps", "1", "--init", "r@1", "--method", "prompt",
+                  home=home)
+    assert bad.returncode == 2 and "method" in bad.stderr
+
+
+def test_divergence_stops_and_keeps_checkpoint(tmp_path):
+    from metapeft import api
+    from metapeft import registry as reg
+    from metapeft.meta.run import MetaDivergence
+
+    home = tmp_path / "home"
+    kw = dict(name="nan", registry=home, ways=3, shots=2, query=2, inner_steps=1, meta_batch=2,
+              eval_every=0, checkpoint_every=1)
+    api.meta_train("synthetic", meta_steps=1, **kw)  # publishes v1, removes the checkpoint
+    with pytest.raises(MetaDivergence, match="meta-loss"):
+        api.meta_train("synthetic", meta_steps=3, algorithm="fomaml", outer_lr=1e30,
+                       inner_lr=1e30, **kw)
+    assert reg.list_versions("nan", home) == [1]
+
+
+def test_meta_train_classes_disjoint_from_held_out(tmp_path):
+    from metapeft import api
+    from metapeft.data.synthetic import family_labels
+
+    tr, va, spec, _ = api.build_meta_sources("synthetic", exclude_domains=["intent"], ways=3,
+                                             shots=2, query=2)
+    held_out = set(family_labels("intent"))
+    assert not set(spec["train_classes"]) & held_out and not set(spec["val_classes"]) & held_out
+    assert not set(spec["train_classes"]) & set(spec["val_classes"])
+    for s in range(20):
+        assert not set(tr.sample(s).labels) & held_out
+
+
+def test_replay_stats_cli(tmp_path):
+    log = tmp_path / "fb.jsonl"
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2], "project": "p", "intent": "i",
+             "timestamp": "2026-01-05T00:00:00", "rating": [-1, 1, -0.5, 0][i % 4]}
+            for i in range(40)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_cli("meta-train", "--data", str(log), "--name", "x", "--replay-stats", "--json",
+                home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)
+    assert stats["counts"]["failed"] == 10 and stats["weights"]["failed"] == 3.0
