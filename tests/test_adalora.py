@@ -178,6 +178,8 @@ def test_training_masks_to_budget(tiny, data):
     assert sum(ad.rank_counts(res.params).values()) == ad.target_bgt
     assert ad.rank_pattern is not None
     assert sum(int(v.sum()) for v in ad.rank_pattern.values()) == ad.target_bgt
+    ad.on_step(res.params, None, 1, 8)  # step 1 starts a new run: allocator state is reset
+    assert ad.rank_pattern is None and not ad.exp_avg_ipt
     # mid-budget: the mask applied at a budgeting step leaves exactly that step's budget
     ad = _adapter(tiny, tinit=1, tfinal=0, deltaT=1, total_step=20)
     p = ad.init_params(0)

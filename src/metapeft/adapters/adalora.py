@@ -46,7 +46,8 @@ Rank allocation (peft ``RankAllocator``), after every optimizer step with that s
 
 ``T`` is ``config.total_step`` or, when that is None, the ``total_steps`` the train loop passes.
 Masking happens on E itself (as peft does), so ``scoring_params`` returns the params as-is. The
-allocator state lives on the adapter instance and is reset by ``init_params``. AdaLoRA adapters are
+allocator state lives on the adapter instance and is reset by ``init_params`` and at step 1 of
+every training run. AdaLoRA adapters are
 not loadable by mlx-lm (mlx-lm has no SVD adapter type).
 """
 
@@ -305,6 +306,8 @@ class AdaLoRA(Adapter):
         c = self.config
         T = self.total_step(total_steps)
         c.check_schedule(T)
+        if step <= 1:  # a new training run (e.g. a meta-learner re-adapting one init)
+            self.reset_allocator()
         boundary = T - c.tfinal
         if step < boundary:
             if grads is not None:
