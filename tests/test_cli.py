@@ -61,11 +61,22 @@ def test_adapt_json_contract(task_dir, tmp_path):
     (["adapt", "{task}", "--set", "rank=0"], "rank"),
     (["adapt", "{task}", "--init", "{bad}"], "not a safetensors"),
     (["adapt", "{missing}"], "does not exist"),
+    (["adapt", "{empty}"], "empty"),
+    (["adapt", "{single}"], "at least 2 classes"),
+    (["adapt", "{few}", "--shots", "5"], "needs"),
+    (["adapt", "{latin1}"], "UTF-8"),
 ])
 def test_bad_input_is_one_line_exit_2(task_dir, tmp_path, args, needle):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a", "label": "x"}\n{"text": oops}\n')
-    subs = {"{bad}": str(bad), "{task}": str(task_dir), "{missing}": str(tmp_path / "nope.jsonl")}
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "single.jsonl").write_text('{"text": "a", "label": "x"}\n' * 4)
+    (tmp_path / "few.jsonl").write_text("".join(
+        f'{{"text": "t{i}", "label": "{"ab"[i % 2]}"}}\n' for i in range(6)))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "a"}\n')
+    subs = {"{bad}": str(bad), "{task}": str(task_dir), "{missing}": str(tmp_path / "nope.jsonl"),
+            "{empty}": str(tmp_path / "empty.jsonl"), "{single}": str(tmp_path / "single.jsonl"),
+            "{few}": str(tmp_path / "few.jsonl"), "{latin1}": str(tmp_path / "latin1.jsonl")}
     r = run(*[subs.get(a, a) for a in args], "--shots", "1", "--steps", "1")
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
@@ -82,10 +93,12 @@ def test_init_from_adapter_and_mismatch(task_dir, tmp_path):
 
 
 def test_quickstart_and_export(tmp_path):
-    r = run("quickstart", "--out", str(tmp_path / "q"), "--steps", "3", "--json")
+    r = run("quickstart", "--out", str(tmp_path / "q"), "--steps", "2", "--tasks", "2",
+            "--meta-steps", "2", "--json")
     assert r.returncode == 0, r.stderr
     obj = json.loads(r.stdout)
     assert Path(obj["adapter"], "adapters.safetensors").exists()
+    assert set(obj["accuracy"]) == {"fresh", "meta"} and Path(obj["meta_weights"]).exists()
     e = run("export", obj["adapter"], "--out", str(tmp_path / "peft"))
     assert e.returncode == 0, e.stderr
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())

@@ -157,17 +157,21 @@ def adapt(
 
 @app.command()
 def quickstart(
-    out: Optional[Path] = typer.Option(None, help="Where to write the demo task and adapter "
-                                                  "(default: the metapeft cache dir)."),
-    steps: int = typer.Option(20, help="Adaptation steps."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the registry, demo task and "
+                                                  "adapter (default: the metapeft cache dir)."),
+    steps: int = typer.Option(10, help="Adaptation steps per held-out task."),
+    tasks: int = typer.Option(8, help="Held-out tasks to adapt on."),
+    meta_steps: int = typer.Option(30, help="Reptile meta-iterations."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """End to end on the embedded default: tiny model, a generated task, adapt, save. No network."""
+    """The whole story on the embedded default, offline: meta-train, then adapt held-out tasks
+    from the meta-learned init and from a fresh init, and compare."""
     with user_errors():
         from metapeft.quickstart import run_quickstart
 
         console = err_console if as_json else out_console
-        result = run_quickstart(out=out, steps=steps, console=console,
+        result = run_quickstart(out=out, steps=steps, tasks=tasks, meta_steps=meta_steps,
+                                console=console,
                                 progress=lambda total, desc: _progress(total, desc, console))
         if as_json:
             print(json.dumps(result))

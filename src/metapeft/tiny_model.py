@@ -15,6 +15,7 @@ results use ``--model PATH``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-NAME = "tiny-llama-v2"
+# The cache key includes a hash of this file, so any change to the recipe (config, corpus,
+# pretraining) rebuilds the model instead of silently reusing a stale cache.
+_RECIPE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]
+NAME = f"tiny-llama-v2-{_RECIPE}"
 CONFIG = {
     "model_type": "llama",
     "hidden_size": 64,
