@@ -126,7 +126,8 @@ def adapt(task, *, model: str = "tiny", method: str = "lora", steps: int = 20,
           batch_size: int = 64, seed: int = 0, objective: str = DEFAULT_OBJECTIVE,
           shots: int | None = None, query: int | None = None, ways: int | None = None,
           text_field: str = "text", label_field: str = "label",
-          on_step: Callable[[int, float, float | None], None] | None = None) -> AdaptReport:
+          on_step: Callable[[int, float, float | None], None] | None = None,
+          eval_at: set[int] | None = None) -> AdaptReport:
     """Train one adapter on a task's support set; query accuracy at step 0 and after every step."""
     from metapeft.adapters import get_adapter_class
     from metapeft.models import load_base_model
@@ -147,7 +148,7 @@ def adapt(task, *, model: str = "tiny", method: str = "lora", steps: int = 20,
     try:
         res = train(adapter, params, data, steps=steps, lr=lr, optimizer=optimizer,
                     batch_size=batch_size, seed=seed, target=target, objective=objective,
-                    on_step=on_step)
+                    on_step=on_step, eval_at=eval_at)
     except FloatingPointError as e:
         raise UserError(str(e), field="lr") from None
     report = AdaptReport(
@@ -158,7 +159,8 @@ def adapt(task, *, model: str = "tiny", method: str = "lora", steps: int = 20,
         extra={"lr": lr, "objective": objective, "train_seconds": res.train_seconds,
                "peak_memory_mb": res.peak_memory_mb, "tokens_per_second": res.tokens_per_second,
                "trainable_parameters": adapter.num_trainable(res.params), "task": task.name,
-               "labels": list(task.labels), "model": base.model_id},
+               "labels": list(task.labels), "model": base.model_id,
+               "eval_steps": res.extra["eval_steps"]},
         params=res.params, adapter=adapter)
     if out is not None:
         save_adapter(out, adapter, res.params, extra={

@@ -105,8 +105,11 @@ def evaluate(adapter: Adapter, params: dict, buckets: list[Batch]) -> tuple[floa
 def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, evaluate_query: bool = True,
           lr: float = 3e-3, optimizer: str = "adam", batch_size: int = 64, seed: int = 0,
           target: float | None = None, compile: bool = True, objective: str = "ce",
-          on_step: Callable[[int, float, float | None], None] | None = None) -> AdaptResult:
-    """Train for ``steps`` optimizer steps; evaluate the query set at step 0 and after each step."""
+          on_step: Callable[[int, float, float | None], None] | None = None,
+          eval_at: set[int] | None = None) -> AdaptResult:
+    """Train for ``steps`` optimizer steps; evaluate the query set at step 0 and after each step
+    (or only at the steps in ``eval_at``: then ``accuracies`` holds those, in order, and
+    ``extra["eval_steps"]`` says which steps they are)."""
     if steps < 0:
         raise UserError("--steps must be >= 0", field="steps")
     t0 = time.perf_counter()
@@ -138,7 +141,9 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
     losses: list[float] = []
     accs: list[float] = []
     hit_at = None
-    if query is not None:
+    evaluated: list[int] = []
+    if query is not None and (eval_at is None or 0 in eval_at):
+        evaluated.append(0)
         acc0, _ = evaluate(adapter, holder["params"], query)
         accs.append(acc0)
         if target is not None and acc0 >= target:
@@ -172,7 +177,8 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
                                      f"learning rate (now {lr})")
         losses.append(loss_v)
         acc = None
-        if query is not None:
+        if query is not None and (eval_at is None or i in eval_at):
+            evaluated.append(i)
             acc, _ = evaluate(adapter, holder["params"], query)
             accs.append(acc)
             if target is not None and hit_at is None and acc >= target:
@@ -184,4 +190,5 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
                        steps_to_target=hit_at, target_reached=hit_at is not None,
                        seconds=time.perf_counter() - t0, train_seconds=train_time,
                        peak_memory_mb=peak,
-                       tokens_per_second=tokens / train_time if train_time > 0 else 0.0)
+                       tokens_per_second=tokens / train_time if train_time > 0 else 0.0,
+                       extra={"eval_steps": evaluated})

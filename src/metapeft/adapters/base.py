@@ -212,6 +212,20 @@ class Adapter:
     def on_step(self, params: dict, grads: dict, step: int, total_steps: int) -> dict:
         return params
 
+    def loss(self, params: dict, batch: Batch, objective: str = "ce") -> mx.array:
+        """Training loss on one batch: classification loss plus the method's regulariser."""
+        from metapeft.scoring import classification_loss
+
+        value = classification_loss(self.scores(params, batch), batch, objective=objective)
+        reg = self.regularizer(params)
+        return value if reg is None else value + reg
+
+    def metric(self, params: dict, batch: Batch) -> mx.array:
+        """Query accuracy (the meta-learner's progress metric)."""
+        from metapeft.scoring import accuracy
+
+        return accuracy(self.scores(params, batch), batch)
+
     def scoring_params(self, params: dict) -> dict:
         """Params as used for evaluation (e.g. with AdaLoRA's rank mask applied)."""
         return params

@@ -58,17 +58,18 @@ class MetaConfig:
         return asdict(self)
 
 
-def task_loss(adapter, params: dict, batch: Batch, objective: str = "ce") -> mx.array:
-    loss = classification_loss(adapter.scores(params, batch), batch, objective=objective)
-    reg = adapter.regularizer(params)
-    return loss if reg is None else loss + reg
+def task_loss(adapter, params: dict, batch, objective: str = "ce") -> mx.array:
+    """The adapter's training loss on one batch (``Adapter.loss``: classification + regulariser)."""
+    return adapter.loss(params, batch, objective)
 
 
-def _accuracy(adapter, params: dict, batch: Batch) -> mx.array:
-    scores = adapter.scores(params, batch)
-    valid = batch.labels >= 0
-    hit = mx.logical_and(mx.argmax(scores, axis=-1) == batch.labels, valid)
-    return hit.sum() / mx.maximum(valid.sum(), 1)
+def _accuracy(adapter, params: dict, batch) -> mx.array:
+    return adapter.metric(params, batch)
+
+
+def _take(batch, i):
+    """Task ``i`` of a stacked batch (a NamedTuple of arrays with a leading task axis)."""
+    return type(batch)(*[f[i] for f in batch])
 
 
 def inner_adapt(adapter, params: dict, support: Batch, cfg: MetaConfig) -> dict:
@@ -137,7 +138,7 @@ class MetaLearner:
             self.outer.init(theta)
 
     def _group_sums(self, theta, support: Batch, query: Batch):
-        n = support.prompt.shape[0]
+        n = support[0].shape[0]
         if self.vectorise and n > 1:
             try:
                 out = self._batched(theta, support, query)
@@ -148,8 +149,7 @@ class MetaLearner:
                 self.fallback_reason = str(e).splitlines()[0]
         loss_sum, acc_sum, total = 0.0, 0.0, None
         for i in range(n):
-            s = Batch(*[f[i] for f in support])
-            q = Batch(*[f[i] for f in query])
+            s, q = _take(support, i), _take(query, i)
             loss, acc, contrib = self._per_task(theta, s, q)
             mx.eval(loss, acc, contrib)  # sequential path: bound memory per task
             loss_sum, acc_sum = loss_sum + loss, acc_sum + acc

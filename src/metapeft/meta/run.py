@@ -138,7 +138,10 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
     for t in range(start, meta_steps):
         tasks = [train_source.sample(seed * 1_000_003 + t * meta_batch + i) for i in range(meta_batch)]
         episodes = [encode_episode(task, tok) for task in tasks]
-        groups = [stack_episodes(g) for g in group_by_signature(episodes)]
+        if vectorise:
+            groups = [stack_episodes(g) for g in group_by_signature(episodes)]
+        else:  # one task per group: no padding to the meta-batch's longest prompt
+            groups = [stack_episodes([e]) for e in episodes]
         new_theta, loss, acc = learner.step(theta, groups, t, meta_steps)
         if not (math.isfinite(loss) and all(bool(mx.all(mx.isfinite(v)).item())
                                             for _, v in tree_flatten(new_theta))):

@@ -1,0 +1,51 @@
+"""Shared helpers for the benchmark scripts (not tests): paths, CIs, markdown tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import metapeft  # noqa: F401  (OpenBLAS preload before mlx)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+CLINC = SHARED / "data" / "clinc150"
+HELD_OUT_DOMAINS = ["banking", "travel"]
+
+
+def require(path: Path, what: str) -> Path:
+    if not path.exists():
+        sys.exit(f"{what} not found at {path}; benchmarks need ../shared")
+    return path
+
+
+def mean_ci(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    if v.size < 2:
+        return (float(v.mean()) if v.size else float("nan")), float("nan")
+    return float(v.mean()), float(1.96 * v.std(ddof=1) / math.sqrt(v.size))
+
+
+def fmt(values, pct: bool = True) -> str:
+    m, c = mean_ci(values)
+    return f"{100 * m:.1f} ± {100 * c:.1f}" if pct else f"{m:.3g} ± {c:.2g}"
+
+
+def clinc_pool(split: str = "train", domains=None, exclude=None):
+    from metapeft.data.extract import filter_pool
+    from metapeft.data.tasks import read_rows
+
+    pool = read_rows(require(CLINC / f"{split}.jsonl", "CLINC150"))
+    return filter_pool(pool, domains=domains, exclude_domains=exclude)
+
+
+def write_json(path: str | None, obj) -> None:
+    if path:
+        from metapeft.artifacts import atomic_write_json
+
+        atomic_write_json(path, obj)
