@@ -79,13 +79,16 @@ def main() -> None:
     src = EpisodeSource(clinc_pool("test", domains=HELD_OUT_DOMAINS), ways=5, shots=5, query=10,
                         name="clinc150-test-heldout")
     tasks = [src.sample(20_000 + i) for i in range(args.tasks)]
-    marks = sorted({0, 5, 10, args.steps})
+    marks = [m for m in sorted({0, 5, 10, args.steps}) if m <= args.steps]
     results = {}
     for method in args.methods.split(","):
         accs, sps, tps, mem, params = [], [], [], [], None
         t0 = time.perf_counter()
         for task in tasks:
-            extra = {"tinit": 5, "tfinal": 10, "deltaT": 5} if method == "adalora" else {}
+            # AdaLoRA's budget schedule scaled to the run: warm-up 10%, final phase 20% (peft
+            # requires tinit < total - tfinal; its docs use similar fractions)
+            extra = ({"tinit": args.steps // 10, "tfinal": args.steps // 5,
+                      "deltaT": max(1, args.steps // 10)} if method == "adalora" else {})
             r = api.adapt(task, model=args.model, method=method, steps=args.steps, seed=0,
                           eval_at=set(marks), config=extra)
             accs.append(r.accuracies)

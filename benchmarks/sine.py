@@ -69,6 +69,13 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=20000)
     ap.add_argument("--algorithms", default="maml,fomaml,reptile")
     ap.add_argument("--test-tasks", type=int, default=600)
+    ap.add_argument("--reptile-inner-steps", type=int, default=5)
+    ap.add_argument("--reptile-inner-lr", type=float, default=0.02)
+    ap.add_argument("--reptile-outer-lr", type=float, default=0.1)
+    ap.add_argument("--fomaml-outer-lr", type=float, default=1e-3)
+    ap.add_argument("--validation", action="store_true",
+                    help="score on validation tasks (another seed) to choose settings; the "
+                         "reported figures use the test tasks")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     model = SineMLP()
@@ -76,11 +83,12 @@ def main() -> None:
         "maml": MetaConfig(algorithm="maml", inner_steps=1, inner_lr=0.01, inner_optimizer="sgd",
                            outer_lr=1e-3),
         "fomaml": MetaConfig(algorithm="fomaml", inner_steps=1, inner_lr=0.01,
-                             inner_optimizer="sgd", outer_lr=1e-3),
-        "reptile": MetaConfig(algorithm="reptile", inner_steps=5, inner_lr=0.02,
-                              inner_optimizer="sgd", outer_lr=0.1, anneal=True),
+                             inner_optimizer="sgd", outer_lr=args.fomaml_outer_lr),
+        "reptile": MetaConfig(algorithm="reptile", inner_steps=args.reptile_inner_steps,
+                              inner_lr=args.reptile_inner_lr, inner_optimizer="sgd",
+                              outer_lr=args.reptile_outer_lr, anneal=True),
     }
-    rng_test = np.random.default_rng(12345)
+    rng_test = np.random.default_rng(777 if args.validation else 12345)
     test_support, amp, phase = sample_tasks(rng_test, args.test_tasks, 10)
     xq = np.linspace(-5, 5, 100)[None, :, None].repeat(args.test_tasks, 0)
     test_query = SineBatch(mx.array(xq, mx.float32), mx.array(amp * np.sin(xq - phase), mx.float32))
