@@ -196,3 +196,22 @@ def test_replay_stats_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stdout)
     assert stats["counts"]["failed"] == 10 and stats["weights"]["failed"] == 3.0
+
+
+def test_weights_cli(tmp_path):
+    from metapeft import api
+
+    home = tmp_path / "home"
+    kw = dict(registry=home, ways=3, shots=2, query=2, inner_steps=1, meta_batch=2, meta_steps=1,
+              eval_every=0)
+    api.meta_train("synthetic", name="w", **kw)
+    api.meta_train("synthetic", name="w", seed=1, **kw)
+    rows = json.loads(run_cli("weights", "list", "--json", home=home).stdout)
+    assert [(r["name"], r["version"], r["latest"]) for r in rows] == [("w", 1, False), ("w", 2, True)]
+    cmp = json.loads(run_cli("weights", "compare", "w@1", "w@2", "--json", home=home).stdout)
+    assert cmp["compatible"] and cmp["l2_distance"] > 0
+    assert run_cli("weights", "rollback", "w", "1", home=home).returncode == 0
+    shown = json.loads(run_cli("weights", "show", "w", "--json", home=home).stdout)
+    assert shown["version"] == 1
+    bad = run_cli("weights", "show", "nope@3", home=home)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
