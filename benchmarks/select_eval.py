@@ -102,7 +102,9 @@ def ece(conf, hit, bins: int = 10) -> float:
 
 def evaluate_group(name: str, records: list, args) -> dict:
     from metapeft.select.embedder import nearest, profile_matrix, task_table, train_embedder
-    from metapeft.select.selector import answer, train_selector
+    from metapeft.select import selector as _S
+    from metapeft.select.selector import answer
+    train_selector = _S.train_selector
 
     rows = task_table(records)
     methods = sorted({m for r in rows for m in r.accuracy})

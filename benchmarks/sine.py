@@ -69,17 +69,21 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=20000)
     ap.add_argument("--algorithms", default="maml,fomaml,reptile")
     ap.add_argument("--test-tasks", type=int, default=600)
-    ap.add_argument("--reptile-inner-steps", type=int, default=5)
-    ap.add_argument("--reptile-inner-lr", type=float, default=0.02)
-    ap.add_argument("--reptile-outer-lr", type=float, default=0.1)
-    ap.add_argument("--fomaml-outer-lr", type=float, default=1e-3)
+    ap.add_argument("--reptile-inner-steps", type=int, default=10)
+    ap.add_argument("--reptile-inner-lr", type=float, default=0.01)
+    ap.add_argument("--reptile-outer-lr", type=float, default=1.0)
+    ap.add_argument("--fomaml-outer-lr", type=float, default=3e-3)
     ap.add_argument("--validation", action="store_true",
                     help="score on validation tasks (another seed) to choose settings; the "
                          "reported figures use the test tasks")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     model = SineMLP()
-    settings = {  # MAML/FOMAML: paper settings. Reptile: Nichol et al. use several inner steps.
+    # MAML: the paper's settings. FOMAML's outer lr and Reptile's inner steps / lr / ε were chosen
+    # on validation tasks (--validation: another seed, 5000 iterations, 200 tasks), never on the
+    # test tasks: Reptile 10 steps, SGD 0.01, ε 1.0 annealed (0.222 vs 0.39-0.60 for the others
+    # tried); FOMAML outer Adam 3e-3 (0.116 vs 0.224 at 1e-3).
+    settings = {
         "maml": MetaConfig(algorithm="maml", inner_steps=1, inner_lr=0.01, inner_optimizer="sgd",
                            outer_lr=1e-3),
         "fomaml": MetaConfig(algorithm="fomaml", inner_steps=1, inner_lr=0.01,

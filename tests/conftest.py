@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-import metapeft  # noqa: F401  (preloads OpenBLAS before mlx)
+import os
+import tempfile
+
+# Keep the suite away from the user's registry and experience store (subprocesses inherit this).
+os.environ.setdefault("METAPEFT_HOME", tempfile.mkdtemp(prefix="metapeft-tests-"))
+
+import metapeft  # noqa: E402,F401  (preloads OpenBLAS before mlx)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"

@@ -127,7 +127,7 @@ def adapt(task, *, model: str = "tiny", method: str = "lora", steps: int = 20,
           shots: int | None = None, query: int | None = None, ways: int | None = None,
           text_field: str = "text", label_field: str = "label",
           on_step: Callable[[int, float, float | None], None] | None = None,
-          eval_at: set[int] | None = None) -> AdaptReport:
+          eval_at: set[int] | None = None, record_experience: bool = False) -> AdaptReport:
     """Train one adapter on a task's support set; query accuracy at step 0 and after every step."""
     from metapeft.adapters import get_adapter_class
     from metapeft.models import load_base_model
@@ -166,7 +166,21 @@ def adapt(task, *, model: str = "tiny", method: str = "lora", steps: int = 20,
         save_adapter(out, adapter, res.params, extra={
             "task": task.name, "steps": steps, "lr": lr, "final_accuracy": report.final_accuracy,
             "labels": list(task.labels), "template": data.encoder.template})
+    if record_experience:
+        _record(report, task, base, "adapt", {"lr": lr, **adapter.config.to_dict()})
     return report
+
+
+def _record(report, task, base, source: str, hyperparameters: dict) -> None:
+    """Append a run to the experience store; a failure to record never fails the run itself."""
+    import sys
+
+    try:
+        from metapeft.experience import record_adapt
+
+        record_adapt(report, task, base=base, source=source, hyperparameters=hyperparameters)
+    except (UserError, OSError) as e:
+        print(f"warning: not recorded in the experience store: {e}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +311,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = "tiny", method: s
                exclude_domains=None, labels_from=None, exclude_labels=None,
                task_strategy: str | None = None, min_samples: int = 20, replay=None,
                resume: bool = False, vectorise: bool = True, compile: bool = False,
-               checkpoint_every: int = 5, on_step=None, sources=None):
+               checkpoint_every: int = 5, on_step=None, sources=None,
+               record_experience: bool = False):
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry."""
     from metapeft import registry as reg
     from metapeft.adapters import get_adapter_class
@@ -336,4 +351,18 @@ def meta_train(data: str | Path = "synthetic", *, model: str = "tiny", method: s
         pass
     result.version, result.path = version, str(path)
     result.extra.update({"report": report, "spec": spec, "adapter": adapter, "config": cfg})
+    if record_experience and result.val_accuracies and val_src is not None:
+        # One record: the meta-learned init on held-out validation episodes after inner_steps.
+        val_task = val_src.sample(0)
+        summary = AdaptReport(
+            method=method, steps_to_target=None, final_accuracy=max(result.val_accuracies),
+            accuracies=result.val_accuracies, losses=result.meta_losses, target_reached=False,
+            num_support=len(val_task.support), num_query=len(val_task.query),
+            seconds=round(result.seconds, 3),
+            extra={"model": base.model_id, "peak_memory_mb": float("nan"),
+                   "trainable_parameters": adapter.num_trainable(result.best_theta),
+                   "train_seconds": result.seconds, "meta_weights": f"{name}@{version}"})
+        _record(summary, val_task, base, "meta-train",
+                {**cfg.to_dict(), "meta_steps": meta_steps, "meta_batch": meta_batch,
+                 **adapter.config.to_dict()})
     return result

@@ -148,7 +148,7 @@ def adapt(
                             target=target, init=init, out=out, config=options, lr=lr,
                             optimizer=optimizer, batch_size=batch_size, seed=seed, shots=shots,
                             query=query, ways=ways, text_field=text_field,
-                            label_field=label_field)
+                            label_field=label_field, record_experience=True)
         if as_json:
             print(json.dumps(report.to_json()))
         else:
@@ -305,7 +305,7 @@ def meta_train_cmd(
                                  inner_optimizer=inner_optimizer, outer_lr=outer_lr, seed=seed,
                                  eval_every=eval_every, eval_episodes=eval_episodes,
                                  resume=resume, vectorise=not sequential, compile=compile_,
-                                 on_step=on_step, sources=sources)
+                                 on_step=on_step, sources=sources, record_experience=True)
         summary = {"name": name, "version": res.version, "path": res.path, "method": method,
                    "algorithm": algorithm, "meta_steps": res.steps_done,
                    "best_step": res.best_step, "meta_loss": res.meta_losses,
@@ -406,6 +406,12 @@ def version():
     from metapeft import __version__
 
     print(__version__)
+
+
+# Command groups that live in their own modules (each imports only typer at module level).
+from metapeft.commands.select_cmds import register as _register_select  # noqa: E402
+
+_register_select(app)
 
 
 def main() -> None:

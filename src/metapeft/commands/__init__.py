@@ -1,0 +1,1 @@
+"""Command groups registered onto the main Typer app (see ``register`` in each module)."""

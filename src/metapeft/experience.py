@@ -1,0 +1,512 @@
+"""The experience store: every fine-tuning run metapeft has seen, in one safetensors file.
+
+Layout of ``experience.safetensors`` (default ``<registry root>/experience.safetensors``, the
+registry root being ``$METAPEFT_HOME`` or the user data dir, see ``registry.registry_root``):
+
+- columnar float32 arrays, one row per record:
+  ``features`` (N, F) in ``select.features.FEATURE_NAMES`` order, ``embedding`` (N, E) (NaN rows
+  where no embedding was recorded; E = 0 stored as (N, 1) of NaN), and one (N,) array per metric:
+  ``final_accuracy``, ``steps_to_target`` (NaN = target not reached), ``seconds``,
+  ``peak_memory_mb``, ``trainable_parameters``;
+- header metadata: ``format`` = ``metapeft-experience``, ``schema`` = 1, ``feature_names``
+  (JSON list), and ``records``: a JSON list with each record's strings and configs
+  (``id``, ``task``, ``domain``, ``method``, ``hyperparameters``, ``source``, ``created``).
+
+Appends are read-modify-write under an exclusive ``fcntl.flock`` on the sidecar
+``experience.safetensors.lock``, and the file itself is replaced atomically
+(``artifacts.save_safetensors``): concurrent writers lose nothing, readers never see half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+from metapeft.errors import UserError
+
+FORMAT = "metapeft-experience"
+SCHEMA = 1
+METRICS: tuple[str, ...] = ("final_accuracy", "steps_to_target", "seconds", "peak_memory_mb",
+                            "trainable_parameters")
+SOURCES: tuple[str, ...] = ("adapt", "meta-train", "tune", "sweep", "import")
+
+
+@dataclass
+class ExperienceRecord:
+    task: str
+    method: str
+    features: list[float]
+    final_accuracy: float
+    domain: str = "unknown"
+    hyperparameters: dict = field(default_factory=dict)
+    steps_to_target: float | None = None
+    seconds: float = float("nan")
+    peak_memory_mb: float = float("nan")
+    trainable_parameters: float = float("nan")
+    source: str = "adapt"
+    embedding: list[float] | None = None
+    id: str = ""
+    created: str = ""
+
+    def to_json(self, feature_names: Iterable[str] | None = None) -> dict:
+        """A JSON-safe dict (NaN -> null); features as a {name: value} dict when names given."""
+        d = asdict(self)
+        for k in METRICS:
+            v = d[k]
+            d[k] = None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+        if feature_names is not None:
+            d["features"] = dict(zip(feature_names, self.features))
+        return d
+
+
+def default_path() -> Path:
+    from metapeft.registry import registry_root
+
+    return registry_root() / "experience.safetensors"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _num(v, name: str, where: str, allow_none: bool = True) -> float:
+    if v is None:
+        if allow_none:
+            return float("nan")
+        raise UserError("missing value", path=where, field=name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise UserError(f"expected a number, got {v!r}", path=where, field=name)
+    return float(v)
+
+
+def make_record(d: dict, *, feature_names=None, where: str = "record") -> ExperienceRecord:
+    """Validate a dict (an imported JSONL row, or built in code) into an ExperienceRecord."""
+    from metapeft.select.features import FEATURE_NAMES
+
+    names = tuple(feature_names or FEATURE_NAMES)
+    if not isinstance(d, dict):
+        raise UserError("expected a JSON object", path=where)
+    for key in ("task", "method"):
+        if not isinstance(d.get(key), str) or not d.get(key):
+            raise UserError("missing or empty string", path=where, field=key)
+    feats = d.get("features")
+    if isinstance(feats, dict):
+        missing = [k for k in names if k not in feats]
+        if missing:
+            raise UserError(f"features lack {missing}", path=where, field="features")
+        feats = [feats[k] for k in names]
+    if not isinstance(feats, (list, tuple)) or len(feats) != len(names):
+        raise UserError(f"features must be a list of {len(names)} numbers or a dict with "
+                        f"{', '.join(names)}", path=where, field="features")
+    feats = [_num(v, "features", where, allow_none=False) for v in feats]
+    hp = d.get("hyperparameters") or {}
+    if not isinstance(hp, dict):
+        raise UserError("hyperparameters must be an object", path=where, field="hyperparameters")
+    emb = d.get("embedding")
+    if emb is not None:
+        if not isinstance(emb, (list, tuple)):
+            raise UserError("embedding must be a list of numbers", path=where, field="embedding")
+        emb = [_num(v, "embedding", where, allow_none=False) for v in emb]
+    source = d.get("source", "import")
+    if source not in SOURCES:
+        raise UserError(f"source must be one of {', '.join(SOURCES)}, got {source!r}",
+                        path=where, field="source")
+    acc = _num(d.get("final_accuracy"), "final_accuracy", where, allow_none=False)
+    if not 0.0 <= acc <= 1.0:
+        raise UserError(f"final_accuracy must be in [0, 1], got {acc}", path=where,
+                        field="final_accuracy")
+    return ExperienceRecord(
+        id=str(d.get("id") or ""), created=str(d.get("created") or ""), task=d["task"],
+        domain=str(d.get("domain") or "unknown"), method=d["method"], features=feats,
+        hyperparameters=hp, final_accuracy=acc,
+        steps_to_target=_num(d.get("steps_to_target"), "steps_to_target", where),
+        seconds=_num(d.get("seconds"), "seconds", where),
+        peak_memory_mb=_num(d.get("peak_memory_mb"), "peak_memory_mb", where),
+        trainable_parameters=_num(d.get("trainable_parameters"), "trainable_parameters", where),
+        source=source, embedding=emb)
+
+
+def _f32(x) -> float:
+    """A float32 column value back as the short decimal it was written from (0.7, not
+    0.699999988)."""
+    x = float(x)
+    return x if math.isnan(x) else float(f"{x:.7g}")
+
+
+class ExperienceStore:
+    """Records of past runs in one safetensors file (see the module docstring)."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path).expanduser() if path else default_path()
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+
+    # ------------------------------------------------------------------------- locking
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+") as f:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------------- reading
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def load(self) -> list[ExperienceRecord]:
+        """Every record (an empty list when the file does not exist yet)."""
+        if not self.path.exists():
+            return []
+        from metapeft.artifacts import load_safetensors
+        import numpy as np
+
+        arrays, meta = load_safetensors(self.path)
+        where = str(self.path)
+        if meta.get("format") != FORMAT:
+            raise UserError(f"not a metapeft experience store (format {meta.get('format')!r})",
+                            path=where, field="format")
+        try:
+            rows = json.loads(meta.get("records", "[]"))
+            names = json.loads(meta.get("feature_names", "[]"))
+        except json.JSONDecodeError:
+            raise UserError("corrupt experience metadata (records)", path=where) from None
+        from metapeft.select.features import FEATURE_NAMES
+
+        if list(names) != list(FEATURE_NAMES):
+            raise UserError(f"experience store has features {names}, this metapeft uses "
+                            f"{list(FEATURE_NAMES)}; export it and re-profile", path=where,
+                            field="feature_names")
+        n = len(rows)
+        try:
+            cols = {k: np.asarray(arrays[k], dtype=np.float64) for k in ("features", "embedding",
+                                                                         *METRICS)}
+        except KeyError as e:
+            raise UserError(f"experience store lacks column {e}", path=where) from None
+        if any(c.shape[0] != n for c in cols.values()):
+            raise UserError("experience columns and records disagree in length", path=where)
+        out = []
+        for i, r in enumerate(rows):
+            emb = cols["embedding"][i]
+            emb_l = None if emb.size == 0 or np.isnan(emb).all() else [float(x) for x in emb]
+            stt = float(cols["steps_to_target"][i])
+            out.append(ExperienceRecord(
+                id=r.get("id", ""), created=r.get("created", ""), task=r.get("task", ""),
+                domain=r.get("domain", "unknown"), method=r.get("method", ""),
+                hyperparameters=r.get("hyperparameters") or {}, source=r.get("source", "adapt"),
+                features=[float(x) for x in cols["features"][i]],
+                final_accuracy=_f32(cols["final_accuracy"][i]),
+                steps_to_target=None if math.isnan(stt) else _f32(stt),
+                seconds=_f32(cols["seconds"][i]),
+                peak_memory_mb=_f32(cols["peak_memory_mb"][i]),
+                trainable_parameters=_f32(cols["trainable_parameters"][i]),
+                embedding=emb_l))
+        return out
+
+    def get(self, record_id: str) -> ExperienceRecord:
+        recs = self.load()
+        hits = [r for r in recs if r.id == record_id] or \
+            [r for r in recs if record_id and r.id.startswith(record_id)]
+        if len(hits) != 1:
+            what = "no record" if not hits else f"{len(hits)} records"
+            raise UserError(f"{what} with id {record_id!r} in {self.path}", field="id")
+        return hits[0]
+
+    # ------------------------------------------------------------------------- writing
+    def _write(self, records: list[ExperienceRecord]) -> None:
+        import numpy as np
+
+        from metapeft.artifacts import save_safetensors
+        from metapeft.select.features import FEATURE_NAMES
+
+        n, f = len(records), len(FEATURE_NAMES)
+        feats = np.zeros((n, f), np.float32)
+        e_dim = max([len(r.embedding) for r in records if r.embedding] or [1])
+        emb = np.full((n, e_dim), np.nan, np.float32)
+        metrics = {k: np.full((n,), np.nan, np.float32) for k in METRICS}
+        for i, r in enumerate(records):
+            feats[i] = r.features
+            if r.embedding:
+                emb[i, :len(r.embedding)] = r.embedding
+            for k in METRICS:
+                v = getattr(r, k)
+                metrics[k][i] = np.nan if v is None else v
+        rows = [{"id": r.id, "created": r.created, "task": r.task, "domain": r.domain,
+                 "method": r.method, "hyperparameters": r.hyperparameters, "source": r.source}
+                for r in records]
+        save_safetensors(self.path, {"features": feats, "embedding": emb, **metrics},
+                         {"format": FORMAT, "schema": SCHEMA,
+                          "feature_names": list(FEATURE_NAMES), "records": rows})
+
+    def append(self, records: Iterable[ExperienceRecord | dict]) -> list[str]:
+        """Append records atomically under the file lock; returns their ids."""
+        new = []
+        for i, r in enumerate(records):
+            # records built in code are validated the same way as imported rows
+            d = r.to_json() if isinstance(r, ExperienceRecord) else r
+            if isinstance(d, dict) and "source" not in d:
+                d = {**d, "source": "adapt"}
+            rec = make_record(d, where=f"record {i}")
+            if not rec.id:
+                rec.id = uuid.uuid4().hex[:12]
+            if not rec.created:
+                rec.created = _now()
+            new.append(rec)
+        if not new:
+            return []
+        with self.locked():
+            existing = self.load()
+            seen = {r.id for r in existing}
+            for r in new:
+                while r.id in seen:
+                    r.id = uuid.uuid4().hex[:12]
+                seen.add(r.id)
+            self._write(existing + new)
+        return [r.id for r in new]
+
+    # ------------------------------------------------------------------------- jsonl
+    def export_jsonl(self, out: str | Path) -> int:
+        from metapeft.artifacts import atomic_write_text
+        from metapeft.select.features import FEATURE_NAMES
+
+        recs = self.load()
+        text = "".join(json.dumps(r.to_json(FEATURE_NAMES)) + "\n" for r in recs)
+        atomic_write_text(out, text)
+        return len(recs)
+
+    def import_jsonl(self, path: str | Path) -> list[str]:
+        """Append every row of a JSONL file (as written by ``export_jsonl``); ids that already
+        exist in the store are skipped, so importing twice is harmless."""
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise UserError("file does not exist", path=str(path)) from None
+        except UnicodeDecodeError:
+            raise UserError("not UTF-8 text", path=str(path)) from None
+        recs = []
+        for i, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"malformed JSON ({e.msg})", path=str(path), line=i) from None
+            recs.append(make_record(obj, where=f"{path}:{i}"))
+        with self.locked():
+            existing = self.load()
+            seen = {r.id for r in existing}
+            fresh = []
+            for r in recs:
+                if r.id and r.id in seen:
+                    continue
+                r.id = r.id or uuid.uuid4().hex[:12]
+                r.created = r.created or _now()
+                seen.add(r.id)
+                fresh.append(r)
+            if fresh:
+                self._write(existing + fresh)
+        return [r.id for r in fresh]
+
+
+def hyperparameters_of(report) -> dict:
+    """The hyperparameters of an ``AdaptReport``: lr, steps, objective and the adapter config."""
+    hp: dict[str, Any] = {"lr": report.extra.get("lr"), "steps": len(report.losses)}
+    if report.extra.get("objective"):
+        hp["objective"] = report.extra["objective"]
+    adapter = getattr(report, "adapter", None)
+    if adapter is not None:
+        try:
+            hp.update(adapter.config.to_dict())
+        except Exception:  # a config that does not serialise is not worth failing a run over
+            pass
+    return json.loads(json.dumps(hp, default=str))
+
+
+def record_from_report(report, task, features: dict | list | None = None, *, base=None,
+                       source: str = "adapt", hyperparameters: dict | None = None,
+                       embedding: list[float] | None = None) -> ExperienceRecord:
+    from metapeft.select.features import FEATURE_NAMES, feature_vector, task_domain, task_features
+
+    if features is None:
+        if base is None:
+            from metapeft.models import load_base_model
+
+            base = load_base_model(report.extra.get("model") or "tiny")
+        features = task_features(task, base)
+    vec = feature_vector(features) if isinstance(features, dict) else list(features)
+    if len(vec) != len(FEATURE_NAMES):
+        raise UserError(f"features must have {len(FEATURE_NAMES)} values", field="features")
+    return ExperienceRecord(
+        task=task.name, domain=task_domain(task), method=report.method, features=vec,
+        hyperparameters=hyperparameters if hyperparameters is not None
+        else hyperparameters_of(report),
+        final_accuracy=float(report.final_accuracy),
+        steps_to_target=report.steps_to_target,
+        seconds=float(report.seconds),
+        peak_memory_mb=float(report.extra.get("peak_memory_mb", float("nan"))),
+        trainable_parameters=float(report.extra.get("trainable_parameters", float("nan"))),
+        source=source, embedding=embedding)
+
+
+def record_adapt(report, task, features: dict | list | None = None, *, source: str = "adapt",
+                 store: ExperienceStore | str | Path | None = None, base=None,
+                 hyperparameters: dict | None = None) -> str:
+    """Append one record for a finished ``api.adapt`` run; returns its id.
+
+    ``task`` is the Task object that was adapted on (``api.load_task_arg`` turns a path into
+    one); ``features`` are computed with ``report.extra['model']`` when not given. Set
+    ``METAPEFT_EXPERIENCE=off`` to disable recording.
+    """
+    import os
+
+    if os.environ.get("METAPEFT_EXPERIENCE", "").lower() in ("off", "0", "false", "no"):
+        return ""
+    if not isinstance(store, ExperienceStore):
+        store = ExperienceStore(store)
+    rec = record_from_report(report, task, features, base=base, source=source,
+                             hyperparameters=hyperparameters)
+    return store.append([rec])[0]
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+def _log_uniform_int(rng, lo: int, hi: int) -> int:
+    if hi <= lo:
+        return max(lo, hi)
+    return max(lo, min(hi, int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))))
+
+
+def sample_sweep_tasks(data: str | Path, n: int, *, seed: int = 0, min_shots: int = 1,
+                       max_shots: int = 50, min_ways: int = 2, max_ways: int = 20, query: int = 5,
+                       domains: list[str] | None = None, text_field: str = "text",
+                       label_field: str = "label") -> list:
+    """``n`` diverse tasks for a sweep: shots log-uniform in [min_shots, max_shots], ways uniform in
+    [min_ways, max_ways], both capped by what the source holds (labels; examples per label minus
+    ``query``).
+
+    ``data`` is ``synthetic`` (each task from a uniformly drawn synthetic family; ``domain`` =
+    family) or a pool JSONL/CSV; with a ``domain`` field each task comes from one domain drawn
+    uniformly (CLINC150: 10 domains of 15 intents). ``domains`` restricts the families/domains.
+    """
+    import random
+
+    from metapeft.data.tasks import read_rows, sample_episode
+
+    rng = random.Random(f"sweep:{seed}")
+    tasks = []
+    if str(data) == "synthetic":
+        from metapeft.data.synthetic import FAMILIES, family_labels, generate_task
+
+        fams = [f for f in FAMILIES if domains is None or f in domains]
+        if not fams:
+            raise UserError(f"no synthetic family among {domains}", field="domains")
+        for i in range(n):
+            fam = rng.choice(fams)
+            ways = rng.randint(min_ways, max(min_ways, min(max_ways, len(family_labels(fam)))))
+            shots = _log_uniform_int(rng, min_shots, max_shots)
+            t = generate_task(rng.randrange(2**31), family=fam, ways=ways, shots=shots, query=query)
+            t.name = f"{fam}-{ways}w{shots}s-{seed}.{i}"
+            t.meta["domain"] = fam
+            tasks.append(t)
+        return tasks
+    path = Path(data)
+    pool = read_rows(path, text_field=text_field, label_field=label_field)
+    by_dom: dict[str, list] = {}
+    for e in pool:
+        by_dom.setdefault(str(e.extra.get("domain") or path.stem), []).append(e)
+    if domains is not None:
+        by_dom = {d: v for d, v in by_dom.items() if d in domains}
+    usable = {}
+    for d, rows in sorted(by_dom.items()):
+        counts: dict[str, int] = {}
+        for e in rows:
+            counts[e.label] = counts.get(e.label, 0) + 1
+        if sum(c > query + min_shots for c in counts.values()) >= 2:
+            usable[d] = (rows, counts)
+    if not usable:
+        raise UserError(f"no domain has 2 labels with more than {query + min_shots} examples",
+                        path=str(path), field="domain")
+    names = sorted(usable)
+    for i in range(n):
+        d = rng.choice(names)
+        rows, counts = usable[d]
+        ok = sorted(lab for lab, c in counts.items() if c > query + min_shots)
+        ways = rng.randint(min_ways, max(min_ways, min(max_ways, len(ok))))
+        labels = sorted(rng.sample(ok, ways))
+        cap = min(counts[lab] for lab in labels) - query
+        shots = _log_uniform_int(rng, min_shots, min(max_shots, cap))
+        t = sample_episode([e for e in rows if e.label in set(labels)], ways=None, shots=shots,
+                           query=query, seed=rng.randrange(2**31), source=str(path),
+                           labels=labels)
+        t.name = f"{d}-{ways}w{shots}s-{seed}.{i}"
+        t.meta["domain"] = d
+        tasks.append(t)
+    return tasks
+
+
+def run_sweep(tasks: list, methods: list[str], *, model: str = "tiny", steps: int = 10,
+              seed: int = 0, target: float | None = 0.8, batch_size: int = 32,
+              inits: dict[str, str] | None = None, store: ExperienceStore | None = None,
+              eval_every: int | None = None, on_run=None) -> dict:
+    """Run every method on every task with ``api.adapt`` (default config per method, and
+    additionally from meta-weights ``inits[method]`` where given) and append one record per run
+    (source ``sweep``) to ``store`` after each task. Returns a summary with per-task results.
+
+    ``eval_every``: score the query set only every that many steps (0: only after the last step),
+    which makes runs much cheaper; ``steps_to_target`` is then the first evaluated step that
+    reached the target. Needs an ``api.adapt`` with ``eval_at`` (ignored otherwise)."""
+    import inspect
+
+    from metapeft.api import adapt
+    from metapeft.models import load_base_model
+    from metapeft.select.features import task_features
+
+    base = load_base_model(model)
+    extra_kw = {}
+    if eval_every is not None and "eval_at" in inspect.signature(adapt).parameters:
+        extra_kw["eval_at"] = ({steps} if eval_every <= 0
+                               else set(range(0, steps + 1, eval_every)) | {steps})
+    results, n_records, failures = [], 0, []
+    for ti, task in enumerate(tasks):
+        feats = task_features(task, base)
+        recs, accs = [], {}
+        runs = [(m, None) for m in methods] + [(m, i) for m, i in (inits or {}).items()
+                                               if m in methods]
+        for m, init in runs:
+            try:
+                rep = adapt(task, model=model, method=m, steps=steps, target=target, seed=seed,
+                            batch_size=batch_size, init=init, **extra_kw)
+            except UserError as e:
+                failures.append({"task": task.name, "method": m, "error": e.one_line()})
+                if on_run:
+                    on_run(ti, m, None)
+                continue
+            hp = hyperparameters_of(rep)
+            if init:
+                hp["init"] = init
+            recs.append(record_from_report(rep, task, feats, source="sweep", hyperparameters=hp))
+            key = m if init is None else f"{m}+init"
+            accs[key] = rep.final_accuracy
+            if on_run:
+                on_run(ti, m, rep.final_accuracy)
+        if store is not None and recs:
+            store.append(recs)
+        n_records += len(recs)
+        results.append({"task": task.name, "domain": recs[0].domain if recs else "unknown",
+                        "features": feats, "accuracy": accs})
+    return {"tasks": len(tasks), "records": n_records, "failures": failures, "results": results}
