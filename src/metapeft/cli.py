@@ -411,7 +411,10 @@ def version():
 # Command groups that live in their own modules (each imports only typer at module level).
 from metapeft.commands.select_cmds import register as _register_select  # noqa: E402
 
+from metapeft.commands.tune_cmds import register as _register_tune  # noqa: E402
+
 _register_select(app)
+_register_tune(app)
 
 
 def main() -> None:

@@ -1,0 +1,253 @@
+"""metapeft tune: search spaces, Pareto helpers, ParEGO, studies (save/resume/failures), CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import metapeft  # noqa: F401  (preloads OpenBLAS before mlx)
+from metapeft.errors import UserError
+from metapeft.tune import pareto as par
+from metapeft.tune.space import BUILTIN_SPACE, load_space, read_space_file
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    """Never touch the user's registry / experience store."""
+    monkeypatch.setenv("METAPEFT_HOME", str(tmp_path / "home"))
+
+
+# ------------------------------------------------------------------------------ spaces
+
+def test_space_file_matches_builtin_and_round_trips():
+    raw, source, _ = read_space_file()
+    assert source.endswith("search_spaces.yaml")
+    assert raw == BUILTIN_SPACE
+    s = load_space(None, "lora,prompt")
+    assert s.names[0] == "method" and "lora.rank" in s.names and "prompt.init" in s.names
+    dims = {d.name: d for d in s.dimensions()}
+    assert dims["lora.lr"].prior == "log-uniform" and dims["lora.rank"].low == 1
+    x = s.encode("prompt", {"lr": 0.03, "num_virtual_tokens": 8, "init": "vocab"})
+    assert s.decode(x) == ("prompt", {"lr": 0.03, "num_virtual_tokens": 8, "init": "vocab"})
+    x = s.encode("lora", {"lr": 1e-3, "rank": 64, "use_rslora": True})  # projected into range
+    method, vals = s.decode(x)
+    assert method == "lora" and vals["rank"] == 32 and vals["use_rslora"] is True
+    single = load_space(None, ["adalora"])
+    assert "method" not in single.names
+    for x in single.random_points(20, seed=0):  # target_r is clipped to init_r
+        _, v = single.decode(x)
+        assert v["target_r"] <= v["init_r"]
+    with pytest.raises(UserError, match="no search space"):
+        load_space(None, "lora,nope")
+
+
+@pytest.mark.parametrize("body,line,field", [
+    ("methods:\n  lora:\n    lr: {type: real, low: 0.0, high: 1.0, prior: log-uniform}\n",
+     3, "methods.lora.lr.low"),
+    ("methods:\n  lora:\n    rnak: {type: int, low: 1, high: 8}\n", 3, "methods.lora.rnak"),
+    ("methods:\n  lora:\n    rank: {type: int, low: 9, high: 8}\n", 3, "methods.lora.rank.low"),
+    ("methods:\n  nope:\n    lr: {type: real, low: 0.1, high: 1.0}\n", 2, "methods.nope"),
+    ("methods:\n  prompt:\n    init: {type: categorical, choices: []}\n", 3,
+     "methods.prompt.init.choices"),
+    ("methods:\n  lora:\n    lr: {type: real, low: 1, high: [\n", None, None),
+])
+def test_space_yaml_errors_name_file_line_field(tmp_path, body, line, field):
+    p = tmp_path / "space.yaml"
+    p.write_text(body)
+    with pytest.raises(UserError) as e:
+        load_space(p)
+    msg = e.value.one_line()
+    assert "\n" not in msg and msg.startswith(str(p))
+    if line is not None:
+        assert e.value.line == line and e.value.field == field
+    else:
+        assert "invalid YAML" in msg
+
+
+# ------------------------------------------------------------------------------ pareto
+
+def test_non_dominated_hypervolume_knee_on_hand_made_points():
+    senses = ["max", "min"]  # accuracy, seconds
+    pts = [[0.9, 10.0], [0.8, 2.0], [0.85, 5.0], [0.7, 3.0], [0.9, 12.0], [0.5, 1.0],
+           [math.nan, 1.0]]
+    assert par.non_dominated(pts, senses) == [0, 1, 2, 5]
+    assert par.dominates([0.9, 1.0], [0.8, 2.0], senses)
+    assert not par.dominates([0.9, 3.0], [0.8, 2.0], senses)
+    # ref (acc 0, 20 s): staircase of the front {(.5,1), (.8,2), (.85,5), (.9,10)}
+    hv = par.hypervolume_2d(pts, senses, [0.0, 20.0])
+    expected = 0.5 * (2 - 1) + 0.8 * (5 - 2) + 0.85 * (10 - 5) + 0.9 * (20 - 10)
+    assert hv == pytest.approx(expected)
+    assert par.hypervolume_2d([[0.5, 1.0]], senses, [0.0, 2.0]) == pytest.approx(0.5)
+    assert par.hypervolume_2d([], senses, [0.0, 2.0]) == 0.0
+    # knee: normalised over the front, (0.8, 2) is nearest the ideal (0.9, 1)
+    assert par.knee_point(pts, senses) == 1
+    assert par.knee_point([[math.nan, 1.0]], senses) is None
+    # three objectives
+    p3 = [[0.9, 1.0, 5.0], [0.9, 1.0, 4.0], [0.95, 2.0, 9.0]]
+    assert par.non_dominated(p3, ["max", "min", "min"]) == [1, 2]
+
+
+def test_parego_scalarisation_matches_formula():
+    from metapeft.tune.search import scalarise
+
+    pts = np.array([[0.9, 10.0, 100.0], [0.5, 2.0, 50.0], [0.7, 6.0, 75.0], [np.nan] * 3])
+    w = np.array([0.5, 0.3, 0.2])
+    y = scalarise(pts, ["max", "min", "min"], w)
+    # normalised (0 = best): acc (0.9 - a)/0.4, seconds (s - 2)/8, memory (m - 50)/50
+    z = np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [1.0, 1.0, 1.0]])
+    expected = [max(w * r) + 0.05 * sum(w * r) for r in z]
+    assert y == pytest.approx(expected)
+    assert y[3] == pytest.approx(max(y))  # a failed trial is the worst
+    # one objective: 1 - accuracy, failures at the worst
+    y1 = scalarise(pts[:, :1], ["max"], [1.0])
+    assert y1 == pytest.approx([0.1, 0.5, 0.3, 1.0])
+    # weights are on the simplex and reproducible per (seed, trial)
+    rng = np.random.default_rng([0, 3])
+    lam = par.simplex_weights(3, rng)
+    assert lam.sum() == pytest.approx(1.0) and np.all(lam >= 0)
+
+
+# ------------------------------------------------------------------------------ studies
+
+def _count_trials(path):
+    from metapeft.artifacts import json_field, read_metadata
+
+    return len(json_field(read_metadata(path), "trials"))
+
+
+def test_study_runs_saves_each_trial_and_resumes(small_task, tmp_path):
+    from metapeft.tune.search import Study, study_path, tune
+
+    reg = tmp_path / "reg"
+    saved = []
+
+    def on_trial(study, trial):
+        saved.append(_count_trials(study.path))
+
+    r = tune(small_task, model="tiny", methods="lora,prompt", trials=4, steps=3, name="st",
+             registry=reg, seed=0, on_trial=on_trial)
+    path = study_path("st", reg)
+    assert path.exists() and saved == [1, 2, 3, 4]
+    assert [t["source"] for t in r.study.trials[:2]] == ["default", "default"]
+    assert all(t["status"] == "ok" for t in r.study.trials)
+    first = [t["x"] for t in r.study.trials]
+    loaded = Study.load(path)
+    assert [t["x"] for t in loaded.trials] == first and loaded.objectives == [
+        "accuracy", "seconds", "memory"]
+    from metapeft.artifacts import load_safetensors
+
+    arrays, _ = load_safetensors(path)
+    assert tuple(arrays["objectives"].shape) == (4, 3)
+
+    with pytest.raises(UserError, match="exists"):
+        tune(small_task, model="tiny", methods="lora", trials=1, steps=3, name="st",
+             registry=reg)
+    r2 = tune(small_task, resume="st", trials=6, registry=reg)
+    xs = [json.dumps(t["x"]) for t in r2.study.trials]
+    assert len(xs) == 6 and len(set(xs)) == 6
+    assert [t["x"] for t in r2.study.trials[:4]] == first
+    assert [t["index"] for t in r2.study.trials] == list(range(6))
+    s = r2.summary
+    assert s["recommended"]["index"] in [p["index"] for p in s["pareto"]]
+    assert s["hypervolume_accuracy_seconds"] > 0
+
+
+def test_failed_trial_is_recorded_and_study_continues(small_task, tmp_path):
+    from metapeft import api
+    from metapeft.tune.search import tune
+
+    calls = {"n": 0}
+
+    def flaky_adapt(task, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:  # a real divergence: huge learning rate -> NaN loss
+            kw["lr"] = 1e6
+        if calls["n"] == 2:
+            raise MemoryError("simulated out of memory")
+        return api.adapt(task, **kw)
+
+    r = tune(small_task, model="tiny", methods="lora", trials=4, steps=3, name="fl",
+             registry=tmp_path, objectives="accuracy", adapt_fn=flaky_adapt, record=False)
+    st = [t["status"] for t in r.study.trials]
+    assert len(st) == 4 and st[1] == "failed" and st.count("ok") >= 2
+    assert "MemoryError" in r.study.trials[1]["reason"]
+    if st[0] == "failed":
+        assert "lr" in r.study.trials[0]["reason"] or "loss" in r.study.trials[0]["reason"]
+    assert all(t["index"] not in [0, 1] or t["status"] == "failed"
+               for t in r.summary["pareto"] if st[t["index"]] == "failed")
+    assert all(p["status"] == "ok" for p in r.summary["pareto"])
+
+
+def test_warm_start_from_experience(small_task, tmp_path):
+    pytest.importorskip("metapeft.experience")
+    from metapeft.data.synthetic import generate_task
+    from metapeft.tune.search import tune, warm_start_points
+
+    assert warm_start_points(small_task, ["lora"], 3, registry=tmp_path) == []
+    r = tune(small_task, model="tiny", methods="lora", trials=3, steps=2, name="w1",
+             registry=tmp_path, objectives="accuracy")
+    assert r.experience_records == 3
+    other = generate_task(11, family="topic", ways=3, shots=4, query=4)
+    pts = warm_start_points(other, ["lora"], 3, registry=tmp_path)
+    assert pts and pts[0]["method"] == "lora" and "lr" in pts[0]["params"]
+    r2 = tune(other, model="tiny", methods="lora", trials=2, steps=2, name="w2",
+              registry=tmp_path, objectives="accuracy")
+    assert r2.warm_points >= 1 and r2.study.trials[0]["source"] == "warm"
+
+
+# ------------------------------------------------------------------------------ CLI
+
+def _task_dir(task, d):
+    d.mkdir(parents=True)
+    for name, rows in (("train.jsonl", task.support), ("valid.jsonl", task.query)):
+        with open(d / name, "w") as f:
+            for e in rows:
+                f.write(json.dumps({"text": e.text, "label": e.label}) + "\n")
+    return d
+
+
+def _app():
+    from metapeft.commands.tune_cmds import register
+
+    app = typer.Typer()
+
+    @app.command()
+    def other():  # a second command keeps `tune` a subcommand
+        pass
+
+    register(app)
+    return app
+
+
+def test_cli_json_schema_single_objective(small_task, tmp_path):
+    d = _task_dir(small_task, tmp_path / "task")
+    res = CliRunner().invoke(_app(), [
+        "tune", str(d), "--model", "tiny", "--methods", "lora", "--trials", "2", "--steps", "2",
+        "--objectives", "accuracy", "--name", "cli", "--registry", str(tmp_path / "reg"),
+        "--no-record", "--json", "--plot", str(tmp_path / "front.png")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(out) == {"pareto", "recommended", "trials"}
+    assert len(out["trials"]) == 2
+    for t in out["trials"]:
+        assert {"index", "method", "params", "config", "accuracy", "seconds", "memory_mb",
+                "status", "reason"} <= set(t)
+    best = max(t["accuracy"] for t in out["trials"])
+    assert out["recommended"]["accuracy"] == best  # single objective: the best accuracy
+    assert (tmp_path / "reg" / "studies" / "cli.safetensors").exists()
+    # resume from the CLI without the task, and a one-line error for a bad space file
+    res = CliRunner().invoke(_app(), ["tune", "--resume", "cli", "--trials", "3", "--registry",
+                                      str(tmp_path / "reg"), "--no-record", "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout.strip().splitlines()[-1])["trials"]) == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods:\n  lora:\n    rank: {type: int, low: 0.5, high: 8}\n")
+    res = CliRunner().invoke(_app(), ["tune", str(d), "--name", "b", "--space", str(bad),
+                                      "--registry", str(tmp_path / "reg")])
+    assert res.exit_code == 2
+    assert f"{bad}:3: field 'methods.lora.rank.low'" in res.output
