@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-import typer
-from rich.console import Console
+# Typer renders help with rich when it can, which costs ~1 s of imports and layout on our 2-core
+# machines; plain help keeps `metapeft --help` under 0.5 s. TYPER_USE_RICH=1 brings rich help back.
+os.environ.setdefault("TYPER_USE_RICH", "0")
+
+import typer  # noqa: E402
+
+from metapeft.console import err_console, out_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Meta-learned PEFT for MLX: pick a method, start from a meta-learned "
                        "init, tune it.")
-out_console = Console()
-err_console = Console(stderr=True)
 
 METHOD_HELP = "lora, dora, adalora, prompt, prefix or ptuning"
 
@@ -69,17 +73,18 @@ def _parse_sets(values: list[str] | None, config_file: Path | None) -> dict:
     return out
 
 
-def _progress(total: int, description: str, console: Console):
+def _progress(total: int, description: str, console):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                    TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=getattr(console, "real", console),
                     transient=False)
 
 
-def _run_adapt(task, *, console: Console, **kwargs):
+def _run_adapt(task, *, console, **kwargs):
     from metapeft.api import adapt
 
     steps = kwargs["steps"]
@@ -94,7 +99,7 @@ def _run_adapt(task, *, console: Console, **kwargs):
         return adapt(task, on_step=on_step, **kwargs)
 
 
-def _print_report(report, console: Console, out: Path | None) -> None:
+def _print_report(report, console, out: Path | None) -> None:
     from rich.table import Table
 
     accs = report.accuracies

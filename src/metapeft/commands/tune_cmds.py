@@ -12,10 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-
-out_console = Console()
-err_console = Console(stderr=True)
+from metapeft.console import err_console, out_console
 
 
 def _clean(obj):
@@ -141,7 +138,8 @@ def register(app: typer.Typer) -> None:
                                 field="name")
             console = err_console if as_json else out_console
             console.print("[dim]loading the optimiser and the model…[/dim]")
-            live = Live(console=console, refresh_per_second=2, transient=False)
+            live = Live(console=getattr(console, "real", console), refresh_per_second=2,
+                        transient=False)
             state: dict = {}
 
             def on_start(study, trial):
@@ -178,7 +176,7 @@ def register(app: typer.Typer) -> None:
             _print_summary(res, out_console)
 
 
-def _print_summary(res, console: Console) -> None:
+def _print_summary(res, console) -> None:
     from rich.table import Table
 
     s = res.summary
