@@ -79,7 +79,7 @@ class AdaptResult:
     seconds: float
     train_seconds: float
     peak_memory_mb: float
-    tokens_per_second: float
+    tokens_per_second: float  # processed tokens (prompts + all candidates' label tokens) / s
     extra: dict = field(default_factory=dict)
 
     @property
@@ -170,7 +170,10 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
             holder["params"] = new_params
             mx.eval(holder["params"])
         train_time += time.perf_counter() - ts
-        tokens += sum(int(b.prompt.size) for b in buckets)
+        # tokens the step actually runs through the model: the padded prompts, plus every
+        # candidate's label continuation for every example (rank classification scores all C)
+        tokens += sum(int(b.prompt.size) + b.prompt.shape[0] * b.label_tokens.shape[0]
+                      * max(b.label_tokens.shape[1] - 1, 0) for b in buckets)
         loss_v = loss.item()
         if not np.isfinite(loss_v):
             raise FloatingPointError(f"support loss became {loss_v} at step {i}; lower the "
