@@ -60,7 +60,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from metapeft.adapters.base import Adapter, AdapterConfig, score_candidates, structural_copy
+from metapeft.adapters.base import (Adapter, AdapterConfig, copy_and_check_targets,
+                                    score_candidates)
 from metapeft.adapters.lora import ALL_LINEAR
 from metapeft.errors import UserError
 from metapeft.scoring import Batch
@@ -165,14 +166,9 @@ class AdaLoRA(Adapter):
 
     def _attach(self) -> None:
         cfg = self.config
-        self.model = structural_copy(self.base.model)
+        self.model, self.num_layers = copy_and_check_targets(self.base.model, cfg.target_modules,
+                                                             cfg.num_layers)
         n = len(self.model.layers)
-        self.num_layers = n if cfg.num_layers < 0 else min(cfg.num_layers, n)
-        present = {k for k, _ in self.model.layers[0].named_modules()}
-        missing = [k for k in cfg.target_modules if k not in present]
-        if missing:
-            raise UserError(f"target modules {missing} not found in the model's blocks",
-                            field="target_modules")
         self.module_names: list[str] = []
         for li in range(n - self.num_layers, n):
             block = self.model.layers[li]

@@ -149,6 +149,20 @@ def structural_copy(module: Any) -> Any:
     return module
 
 
+def copy_and_check_targets(base_model: nn.Module, target_modules: list[str],
+                           num_layers: int) -> tuple[nn.Module, int]:
+    """A structural copy of the model to swap layers in, and how many trailing blocks to adapt;
+    refuses target modules the blocks do not have (LoRA, DoRA and AdaLoRA share this)."""
+    model = structural_copy(base_model)
+    n = len(model.layers)
+    present = {k for k, _ in model.layers[0].named_modules()}
+    missing = [k for k in target_modules if k not in present]
+    if missing:
+        raise UserError(f"target modules {missing} not found in the model's blocks",
+                        field="target_modules")
+    return model, n if num_layers < 0 else min(num_layers, n)
+
+
 @dataclass
 class AdapterConfig:
     """Base for per-method config dataclasses."""

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
-from metapeft.adapters.base import Adapter, AdapterConfig, score_candidates, structural_copy
+from metapeft.adapters.base import (Adapter, AdapterConfig, copy_and_check_targets,
+                                    score_candidates)
 from metapeft.errors import UserError
 from metapeft.scoring import Batch
 
@@ -54,14 +55,9 @@ class LoRA(Adapter):
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
         cfg = self.config
-        self.model = structural_copy(self.base.model)
+        self.model, self.num_layers = copy_and_check_targets(self.base.model, cfg.target_modules,
+                                                             cfg.num_layers)
         n = len(self.model.layers)
-        self.num_layers = n if cfg.num_layers < 0 else min(cfg.num_layers, n)
-        present = {k for k, _ in self.model.layers[0].named_modules()}
-        missing = [k for k in cfg.target_modules if k not in present]
-        if missing:
-            raise UserError(f"target modules {missing} not found in the model's blocks",
-                            field="target_modules")
         linear_to_lora_layers(self.model, self.num_layers, self.mlx_lm_parameters(),
                               use_dora=cfg.use_dora)
         self.model.freeze()
