@@ -27,8 +27,8 @@ import numpy as np
 def multitask_init(adapter, source, tokenizer, steps: int, lr: float, seed: int = 0) -> dict:
     """The strong baseline: one adapter trained jointly on the meta-train tasks (each step: one
     sampled episode's support + query, standard cross-entropy), no meta-learning."""
-    from metapeft.meta.batch import encode_episode
     from metapeft.meta.learner import task_loss
+    from metapeft.scoring import TaskEncoder
 
     params = adapter.init_params(seed)
     opt = optim.Adam(learning_rate=lr)
@@ -36,10 +36,8 @@ def multitask_init(adapter, source, tokenizer, steps: int, lr: float, seed: int 
     vg = mx.value_and_grad(partial(task_loss, adapter))
     for s in range(steps):
         task = source.sample(7_000_000 + s)
-        task.support = task.support + task.query
-        task.query = []
-        e = encode_episode(task, tokenizer)
-        loss, grads = vg(params, e.support)
+        batch = TaskEncoder(tokenizer, task.labels).encode(task.support + task.query)
+        loss, grads = vg(params, batch)
         params = opt.apply_gradients(grads, params)
         mx.eval(params, loss)
     return params
@@ -60,6 +58,8 @@ def main() -> None:
                     help="default: meta-steps x meta-batch x inner-steps (equal gradient steps)")
     ap.add_argument("--vectorise", action="store_true")
     ap.add_argument("--registry", default=None, help="keep the meta-weights here (default: temp)")
+    ap.add_argument("--meta-weights", default=None,
+                    help="skip meta-training: evaluate these published meta-weights")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     require(STORIES, "stories260K")
@@ -83,28 +83,35 @@ def main() -> None:
           flush=True)
 
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        reg = args.registry or tmp
-        res = api.meta_train(model=str(STORIES), method=args.method, algorithm=args.algorithm,
-                             name="bench", registry=reg, meta_steps=args.meta_steps,
-                             meta_batch=args.meta_batch, inner_steps=args.inner_steps,
-                             inner_lr=args.inner_lr, outer_lr=args.outer_lr, eval_every=10,
-                             eval_episodes=6, sources=sources, vectorise=args.vectorise,
-                             on_step=lambda t, l, a, v: print(
-                                 f"  meta-step {t}: loss {l:.3f} acc {a:.2f}"
-                                 + ("" if v is None else f" val {v:.3f}"), flush=True))
-        meta_seconds = time.perf_counter() - t0
-        from metapeft.artifacts import load_safetensors
+    from metapeft.artifacts import json_field, load_safetensors
 
-        arrays, _ = load_safetensors(res.path)
+    if args.meta_weights:
+        arrays, meta = load_safetensors(args.meta_weights)
+        val_steps, val_accs = json_field(meta, "val_steps"), json_field(meta, "val_accuracy")
+        best_step = json_field(meta, "best_step")
+        meta_seconds = float(json_field(meta, "duration_seconds", 0.0))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = api.meta_train(model=str(STORIES), method=args.method, algorithm=args.algorithm,
+                                 name="bench", registry=args.registry or tmp,
+                                 meta_steps=args.meta_steps, meta_batch=args.meta_batch,
+                                 inner_steps=args.inner_steps, inner_lr=args.inner_lr,
+                                 outer_lr=args.outer_lr, eval_every=10, eval_episodes=6,
+                                 sources=sources, vectorise=args.vectorise,
+                                 on_step=lambda t, l, a, v: print(
+                                     f"  meta-step {t}: loss {l:.3f} acc {a:.2f}"
+                                     + ("" if v is None else f" val {v:.3f}"), flush=True))
+            arrays, _ = load_safetensors(res.path)
+        val_steps, val_accs, best_step = res.val_steps, res.val_accuracies, res.best_step
+        meta_seconds = time.perf_counter() - t0
     adapter = get_adapter_class(args.method).attach(base)
     inits = {"fresh": adapter.init_params(0), "meta": adapter.unflat(arrays)}
     mt_steps = args.multitask_steps or args.meta_steps * args.meta_batch * args.inner_steps
     t1 = time.perf_counter()
     inits["multitask"] = multitask_init(adapter, train_src, base.tokenizer, mt_steps, lr)
     mt_seconds = time.perf_counter() - t1
-    print(f"meta-train {meta_seconds:.0f} s (best val step {res.best_step}: "
-          f"{res.val_accuracies}); multitask {mt_steps} steps {mt_seconds:.0f} s", flush=True)
+    print(f"meta-train {meta_seconds:.0f} s (best val step {best_step}: {val_accs}); "
+          f"multitask {mt_steps} steps {mt_seconds:.0f} s", flush=True)
 
     from metapeft.train import encode_task, train
 
@@ -143,8 +150,8 @@ def main() -> None:
     print(f"\nfresh init reaches {100 * ref:.1f}% at step 10; meta init reaches that at step "
           f"{steps_to('meta', ref)}, multitask init at step {steps_to('multitask', ref)}")
     write_json(args.json, {"args": vars(args), "spec": spec, "meta_seconds": meta_seconds,
-                           "val_steps": res.val_steps, "val_accuracy": res.val_accuracies,
-                           "best_step": res.best_step,
+                           "val_steps": val_steps, "val_accuracy": val_accs,
+                           "best_step": best_step, "multitask_steps": mt_steps,
                            "accuracy": {k: {m: mean_ci(v) + (len(v),) for m, v in d.items() if v}
                                         for k, d in acc.items()}})
 
