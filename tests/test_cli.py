@@ -57,6 +57,7 @@ def test_adapt_json_contract(task_dir, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["adapt", "{bad}"], "bad.jsonl:2"),
     (["adapt", "{task}", "--method", "nope"], "unknown method"),
+    (["adapt", "{task}", "--loss", "nope"], "unknown loss"),
     (["adapt", "{task}", "--model", "/no/such/model"], "model path does not exist"),
     (["adapt", "{task}", "--set", "rank=0"], "rank"),
     (["adapt", "{task}", "--init", "{bad}"], "not a safetensors"),

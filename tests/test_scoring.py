@@ -49,3 +49,8 @@ def test_objectives_pick_gold():
     b2 = b._replace(labels=mx.array([1, 0]))
     assert good < float(classification_loss(scores, b2))
     assert float(classification_loss(scores, b, objective="nll")) == 0.75
+    ce = float(classification_loss(scores, b, objective="ce"))
+    # ce_nll is ce plus the gold label's per-token NLL (label_len 1 here: 0.75 as above)
+    assert abs(float(classification_loss(scores, b, objective="ce_nll")) - (ce + 0.75)) < 1e-5
+    # with one-token labels, length-normalised ce equals ce
+    assert abs(float(classification_loss(scores, b, objective="ce_mean")) - ce) < 1e-6

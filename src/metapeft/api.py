@@ -135,6 +135,11 @@ def adapt(task, *, model: str = "tiny", method: str = "lora", steps: int = 20,
 
     if target is not None and not 0.0 <= target <= 1.0:
         raise UserError(f"target must be in [0, 1], got {target}", field="target")
+    from metapeft.scoring import OBJECTIVES
+
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown loss {objective!r}; choose from {', '.join(OBJECTIVES)}",
+                        field="loss")
     task = load_task_arg(task, shots=shots, query=query, ways=ways, seed=seed,
                          text_field=text_field, label_field=label_field)
     cls = get_adapter_class(method)

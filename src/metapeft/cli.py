@@ -133,6 +133,8 @@ def adapt(
                                                   "adapter_config.json here."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: per method)."),
     optimizer: str = typer.Option("adam", help="adam, adamw or sgd."),
+    loss: str = typer.Option("ce", help="Training loss: ce (cross-entropy over the candidates' "
+                                        "scores), nll, ce_mean or ce_nll."),
     batch_size: int = typer.Option(64, help="Support examples per step."),
     shots: Optional[int] = typer.Option(None, help="Single-file tasks: examples per class."),
     query: Optional[int] = typer.Option(None, help="Single-file tasks: query examples per class."),
@@ -153,7 +155,7 @@ def adapt(
                             target=target, init=init, out=out, config=options, lr=lr,
                             optimizer=optimizer, batch_size=batch_size, seed=seed, shots=shots,
                             query=query, ways=ways, text_field=text_field,
-                            label_field=label_field, record_experience=True)
+                            label_field=label_field, objective=loss, record_experience=True)
         if as_json:
             print(json.dumps(report.to_json()))
         else:

@@ -116,7 +116,7 @@ class TaskEncoder:
                      mx.array(w))
 
 
-OBJECTIVES = ("ce", "nll")
+OBJECTIVES = ("ce", "nll", "ce_mean", "ce_nll")  # training losses; "ce" is the default
 
 
 def classification_loss(scores: mx.array, batch: Batch, normalise: bool = True,

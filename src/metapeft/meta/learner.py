@@ -53,6 +53,11 @@ class MetaConfig:
             raise UserError("inner optimizer must be adam or sgd", field="inner_optimizer")
         if self.inner_lr <= 0 or self.outer_lr <= 0:
             raise UserError("learning rates must be positive", field="inner_lr/outer_lr")
+        from metapeft.scoring import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown loss '{self.objective}'; choose one of "
+                            f"{', '.join(OBJECTIVES)}", field="objective")
 
     def to_dict(self) -> dict:
         return asdict(self)
