@@ -17,7 +17,8 @@ import tempfile
 import time
 from functools import partial
 
-from _common import CLINC, HELD_OUT_DOMAINS, STORIES, clinc_pool, fmt, mean_ci, require, write_json
+from _common import (CLINC, HELD_OUT_DOMAINS, STORIES, clinc_pool, fmt, mean_ci,
+                     nearest_class_mean_accuracy, require, write_json)
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -118,9 +119,11 @@ def main() -> None:
     marks_short = [0, 1, 5, 10]
     marks_long = marks_short + ([50] if args.long_tasks > 0 else [])
     acc = {k: {m: [] for m in marks_long} for k in inits}
+    ncm = []  # training-free baseline: cosine nearest class mean of frozen hidden states
     for i in range(args.tasks):
         task = test_src.sample(30_000 + i)
         data = encode_task(task, base.tokenizer)
+        ncm.append(nearest_class_mean_accuracy(base, data))
         long = i < args.long_tasks
         marks = marks_long if long else marks_short
         for name, init in inits.items():
@@ -146,12 +149,14 @@ def main() -> None:
     for name in inits:
         cells = [fmt(acc[name][m]) if acc[name][m] else "-" for m in marks_long]
         print(f"| {name} | " + " | ".join(cells) + f" | {steps_to(name, 0.8)} |")
+    print(f"| nearest class mean (training-free) | {fmt(ncm)} |" + " - |" * len(marks_long))
     ref = float(np.mean(acc["fresh"][10]))
     print(f"\nfresh init reaches {100 * ref:.1f}% at step 10; meta init reaches that at step "
           f"{steps_to('meta', ref)}, multitask init at step {steps_to('multitask', ref)}")
     write_json(args.json, {"args": vars(args), "spec": spec, "meta_seconds": meta_seconds,
                            "val_steps": val_steps, "val_accuracy": val_accs,
                            "best_step": best_step, "multitask_steps": mt_steps,
+                           "nearest_class_mean": mean_ci(ncm) + (len(ncm),),
                            "accuracy": {k: {m: mean_ci(v) + (len(v),) for m, v in d.items() if v}
                                         for k, d in acc.items()}})
 
