@@ -5,7 +5,8 @@ Model: stories260K. Meta-train: CLINC150 train split minus the held-out domains 
 stopping picks the best validation step). Meta-test: 5-way 5-shot episodes from the *test* split
 of banking + travel only, so meta-test classes are disjoint from every class seen in training.
 For each init we adapt every test task with the same optimizer (Adam, the method's default lr) and
-report query accuracy after 0, 1, 5, 10 (and 50 on a subset) steps, mean ± 95% CI.
+report query accuracy after every step to 10 (and 15/20/30/50 on a subset), mean ± 95% CI, and
+how many steps each init needs to reach the accuracy fresh init has after k steps.
 
     uv run python benchmarks/meta_clinc.py --tasks 200 --long-tasks 50     # full size
 """
@@ -116,8 +117,8 @@ def main() -> None:
 
     from metapeft.train import encode_task, train
 
-    marks_short = [0, 1, 5, 10]
-    marks_long = marks_short + ([50] if args.long_tasks > 0 else [])
+    marks_short = list(range(11))  # every step to 10: steps-to-accuracy at step resolution
+    marks_long = marks_short + ([15, 20, 30, 50] if args.long_tasks > 0 else [])
     acc = {k: {m: [] for m in marks_long} for k in inits}
     ncm = []  # training-free baseline: cosine nearest class mean of frozen hidden states
     for i in range(args.tasks):
@@ -134,22 +135,44 @@ def main() -> None:
             print(f"  {i + 1} tasks: " + "  ".join(
                 f"{k} @10 {np.mean(v[10]):.3f}" for k, v in acc.items()), flush=True)
 
-    def steps_to(name, level):
+    def steps_to(name, level, first_n=None):
+        """First mark whose mean accuracy (over the first ``first_n`` tasks, else every task run
+        to that mark) reaches ``level``."""
         for m in marks_long:
-            if acc[name][m] and np.mean(acc[name][m]) >= level:
+            v = acc[name][m][:first_n]
+            if v and np.mean(v) >= level:
                 return m
         return None
 
     print(f"\n## meta_clinc: {args.method}/{args.algorithm} on stories260K; meta-test "
           f"{args.tasks} tasks (5-way 5-shot, query 10/class) from the CLINC150 test split of "
           f"{', '.join(HELD_OUT_DOMAINS)}; step 50 on the first {min(args.long_tasks, args.tasks)}\n")
-    print("| init | " + " | ".join(f"acc@{m}" for m in marks_long)
+    shown = [m for m in marks_long if m in (0, 1, 2, 3, 5, 10, 20, 50)]
+    print("| init | " + " | ".join(f"acc@{m}" for m in shown)
           + " | steps to 80% (mean curve) |")
-    print("|---|" + "---|" * (len(marks_long) + 1))
+    print("|---|" + "---|" * (len(shown) + 1))
     for name in inits:
-        cells = [fmt(acc[name][m]) if acc[name][m] else "-" for m in marks_long]
+        cells = [fmt(acc[name][m]) if acc[name][m] else "-" for m in shown]
         print(f"| {name} | " + " | ".join(cells) + f" | {steps_to(name, 0.8)} |")
-    print(f"| nearest class mean (training-free) | {fmt(ncm)} |" + " - |" * len(marks_long))
+    print(f"| nearest class mean (training-free) | {fmt(ncm)} |" + " - |" * len(shown))
+    # speed-up: the steps fresh init needs for a level, over the steps each init needs for it
+    # (first mark whose mean accuracy, over the tasks run to that mark, reaches the level)
+    print("\n| fresh init's level | " + " | ".join(f"{k} steps" for k in inits if k != "fresh")
+          + " |\n|---|" + "---|" * (len(inits) - 1))
+    speedups = {}
+    for k in [m for m in (2, 3, 5, 10, 20, 50) if acc["fresh"][m]]:
+        # levels past step 10 exist only on the long tasks: compare on that same subset
+        n = len(acc["fresh"][k])
+        level = float(np.mean(acc["fresh"][k]))
+        cells = []
+        for name in inits:
+            if name == "fresh":
+                continue
+            s_ = steps_to(name, level, first_n=n)
+            speedups[f"{name}@fresh{k}"] = s_
+            cells.append("not reached" if s_ is None else
+                         f"{s_} ({k / max(s_, 1):.1f}x speed-up)" if s_ > 0 else "0 (at init)")
+        print(f"| {100 * level:.1f}% (fresh @ {k}, {n} tasks) | " + " | ".join(cells) + " |")
     ref = float(np.mean(acc["fresh"][10]))
     print(f"\nfresh init reaches {100 * ref:.1f}% at step 10; meta init reaches that at step "
           f"{steps_to('meta', ref)}, multitask init at step {steps_to('multitask', ref)}")
@@ -157,6 +180,7 @@ def main() -> None:
                            "val_steps": val_steps, "val_accuracy": val_accs,
                            "best_step": best_step, "multitask_steps": mt_steps,
                            "nearest_class_mean": mean_ci(ncm) + (len(ncm),),
+                           "steps_to_fresh_level": speedups,
                            "accuracy": {k: {m: mean_ci(v) + (len(v),) for m, v in d.items() if v}
                                         for k, d in acc.items()}})
 
