@@ -52,11 +52,16 @@ def test_maml_gradient_matches_finite_differences(tiny, method):
     fd = (outer(plus) - outer(minus)) / (2 * h)
     an = directional(g, d)
     assert abs(an - fd) <= 0.02 * abs(fd) + 1e-3, (an, fd)
-    # and the second-order term is real: first-order MAML's gradient differs
+    # and the second-order term is real: first-order MAML's gradient is measurably further from
+    # the finite difference than MAML's. The gap is a few percent of |fd| at this inner lr, so it is
+    # judged against MAML's own error, not against a fixed fraction of |fd| (that flaked in CI).
     _, _, g1 = task_contribution(ad, MetaConfig(algorithm="fomaml", inner_steps=2, inner_lr=0.1,
                                                 inner_optimizer="sgd"), th, e.support, e.query)
     if method == "lora":
-        assert abs(directional(g1, d) - fd) > 0.05 * abs(fd)
+        first_order = directional(g1, d)
+        print(f"maml {an:.6f}  fomaml {first_order:.6f}  fd {fd:.6f}")
+        assert abs(first_order - fd) > 5 * abs(an - fd) and abs(first_order - an) > 1e-3, \
+            (an, first_order, fd)
 
 
 @pytest.mark.parametrize("algorithm", ["reptile", "fomaml", "maml"])
