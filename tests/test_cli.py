@@ -82,6 +82,7 @@ def test_bad_input_is_one_line_exit_2(task_dir, tmp_path, args, needle):
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+    assert not r.stdout.strip(), r.stdout  # no progress bar starts before the input is valid
 
 
 def test_init_from_adapter_and_mismatch(task_dir, tmp_path):

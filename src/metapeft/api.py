@@ -127,8 +127,10 @@ def adapt(task, *, model: str = "tiny", method: str = "lora", steps: int = 20,
           shots: int | None = None, query: int | None = None, ways: int | None = None,
           text_field: str = "text", label_field: str = "label",
           on_step: Callable[[int, float, float | None], None] | None = None,
+          on_start: Callable[[], None] | None = None,
           eval_at: set[int] | None = None, record_experience: bool = False) -> AdaptReport:
-    """Train one adapter on a task's support set; query accuracy at step 0 and after every step."""
+    """Train one adapter on a task's support set; query accuracy at step 0 and after every step.
+    ``on_start`` is called once the inputs are validated, right before training."""
     from metapeft.adapters import get_adapter_class
     from metapeft.models import load_base_model
     from metapeft.train import encode_task, train
@@ -150,6 +152,8 @@ def adapt(task, *, model: str = "tiny", method: str = "lora", steps: int = 20,
         params = adapter.init_params(seed)
     data = encode_task(task, base.tokenizer)
     lr = DEFAULT_LR.get(method, 1e-3) if lr is None else lr
+    if on_start is not None:
+        on_start()
     try:
         res = train(adapter, params, data, steps=steps, lr=lr, optimizer=optimizer,
                     batch_size=batch_size, seed=seed, target=target, objective=objective,
@@ -316,9 +320,10 @@ def meta_train(data: str | Path = "synthetic", *, model: str = "tiny", method: s
                exclude_domains=None, labels_from=None, exclude_labels=None,
                task_strategy: str | None = None, min_samples: int = 20, replay=None,
                resume: bool = False, vectorise: bool = True, compile: bool = False,
-               checkpoint_every: int = 5, on_step=None, sources=None,
+               checkpoint_every: int = 5, on_step=None, on_start=None, sources=None,
                record_experience: bool = False):
-    """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry."""
+    """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
+    ``on_start`` is called once the inputs are validated, right before the first meta-step."""
     from metapeft import registry as reg
     from metapeft.adapters import get_adapter_class
     from metapeft.artifacts import save_safetensors
@@ -342,6 +347,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = "tiny", method: s
     base = load_base_model(model)
     adapter = get_adapter_class(method).attach(base, config or {})
     ckpt = reg.checkpoint_path(name, registry)
+    if on_start is not None:
+        on_start()
     result = run(adapter, cfg, train_src, val_source=val_src, meta_steps=meta_steps,
                  meta_batch=meta_batch, seed=seed, eval_every=eval_every,
                  eval_episodes=eval_episodes, checkpoint=ckpt, checkpoint_every=checkpoint_every,

@@ -84,19 +84,40 @@ def _progress(total: int, description: str, console):
                     transient=False)
 
 
+class _LazyBar:
+    """A rich progress bar that appears only when the run calls ``start`` (once its inputs are
+    validated and training begins), so a bad input's one-line error never follows an empty bar."""
+
+    def __init__(self, total: int, description: str, console):
+        self.progress = _progress(total, description, console)
+        self.total, self.description, self.task = total, description, None
+
+    def start(self) -> None:
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task(self.description, total=self.total, loss="-",
+                                               acc="-")
+
+    def update(self, **fields) -> None:
+        self.start()
+        self.progress.update(self.task, **fields)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.task is not None:
+            self.progress.stop()
+
+
 def _run_adapt(task, *, console, **kwargs):
     from metapeft.api import adapt
 
-    steps = kwargs["steps"]
-    with _progress(steps, kwargs.get("method", "lora"), console) as progress:
-        bar = progress.add_task(f"adapt {kwargs.get('method', 'lora')}", total=steps, loss="-",
-                                acc="-")
-
+    with _LazyBar(kwargs["steps"], f"adapt {kwargs.get('method', 'lora')}", console) as bar:
         def on_step(i, loss, acc):
-            progress.update(bar, completed=i, loss=f"{loss:.3f}",
-                            acc="-" if acc is None else f"{acc:.1%}")
+            bar.update(completed=i, loss=f"{loss:.3f}", acc="-" if acc is None else f"{acc:.1%}")
 
-        return adapt(task, on_step=on_step, **kwargs)
+        return adapt(task, on_start=bar.start, on_step=on_step, **kwargs)
 
 
 def _print_report(report, console, out: Path | None) -> None:
@@ -297,13 +318,10 @@ def meta_train_cmd(
         spec = sources[2]
         console.print(f"meta-train classes: {spec.get('num_train_classes')}   validation: "
                       f"{len(spec.get('val_classes', spec.get('groups_val', spec.get('tasks_val', []))) or [])}")
-        with _progress(meta_steps, "meta-train", console) as progress:
-            bar = progress.add_task(f"meta-train {method}/{algorithm}", total=meta_steps,
-                                    loss="-", acc="-")
-
+        with _LazyBar(meta_steps, f"meta-train {method}/{algorithm}", console) as bar:
             def on_step(t, loss, acc, val):
-                progress.update(bar, completed=t, loss=f"{loss:.3f}",
-                                acc=f"{acc:.1%}" + ("" if val is None else f" val {val:.1%}"))
+                bar.update(completed=t, loss=f"{loss:.3f}",
+                           acc=f"{acc:.1%}" + ("" if val is None else f" val {val:.1%}"))
 
             res = api.meta_train(data, model=model, method=method, algorithm=algorithm,
                                  name=name, registry=registry, config=options, ways=ways,
@@ -312,7 +330,8 @@ def meta_train_cmd(
                                  inner_optimizer=inner_optimizer, outer_lr=outer_lr, seed=seed,
                                  eval_every=eval_every, eval_episodes=eval_episodes,
                                  resume=resume, vectorise=not sequential, compile=compile_,
-                                 on_step=on_step, sources=sources, record_experience=True)
+                                 on_start=bar.start, on_step=on_step, sources=sources,
+                                 record_experience=True)
         summary = {"name": name, "version": res.version, "path": res.path, "method": method,
                    "algorithm": algorithm, "meta_steps": res.steps_done,
                    "best_step": res.best_step, "meta_loss": res.meta_losses,
