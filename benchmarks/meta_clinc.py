@@ -127,6 +127,59 @@ def main() -> None:
     marks_long = marks_short + ([15, 20, 30, 50] if args.long_tasks > 0 else [])
     acc = {k: {m: [] for m in marks_long} for k in inits}
     ncm = []  # training-free baseline: cosine nearest class mean of frozen hidden states
+
+    def report() -> None:
+        """Print the tables and write the JSON for the tasks done so far (called periodically,
+        so a long run that is stopped early still leaves its results)."""
+        def steps_to(name, level, first_n=None):
+            """First mark whose mean accuracy (over the first ``first_n`` tasks, else every task run
+            to that mark) reaches ``level``."""
+            for m in marks_long:
+                v = acc[name][m][:first_n]
+                if v and np.mean(v) >= level:
+                    return m
+            return None
+
+        print(f"\n## meta_clinc: {args.method}/{args.algorithm} on stories260K; meta-test "
+              f"{len(ncm)} tasks (5-way 5-shot, query 10/class) from the CLINC150 test split of "
+              f"{', '.join(HELD_OUT_DOMAINS)}; step 50 on the first {min(args.long_tasks, len(ncm))}\n")
+        shown = [m for m in marks_long if m in (0, 1, 2, 3, 5, 10, 20, 50)]
+        print("| init | " + " | ".join(f"acc@{m}" for m in shown)
+              + " | steps to 80% (mean curve) |")
+        print("|---|" + "---|" * (len(shown) + 1))
+        for name in inits:
+            cells = [fmt(acc[name][m]) if acc[name][m] else "-" for m in shown]
+            print(f"| {name} | " + " | ".join(cells) + f" | {steps_to(name, 0.8)} |")
+        print(f"| nearest class mean (training-free) | {fmt(ncm)} |" + " - |" * len(shown))
+        # speed-up: the steps fresh init needs for a level, over the steps each init needs for it
+        # (first mark whose mean accuracy, over the tasks run to that mark, reaches the level)
+        print("\n| fresh init's level | " + " | ".join(f"{k} steps" for k in inits if k != "fresh")
+              + " |\n|---|" + "---|" * (len(inits) - 1))
+        speedups = {}
+        for k in [m for m in (2, 3, 5, 10, 20, 50) if acc["fresh"].get(m)]:
+            # levels past step 10 exist only on the long tasks: compare on that same subset
+            n = len(acc["fresh"][k])
+            level = float(np.mean(acc["fresh"][k]))
+            cells = []
+            for name in inits:
+                if name == "fresh":
+                    continue
+                s_ = steps_to(name, level, first_n=n)
+                speedups[f"{name}@fresh{k}"] = s_
+                cells.append("not reached" if s_ is None else
+                             f"{s_} ({k / max(s_, 1):.1f}x speed-up)" if s_ > 0 else "0 (at init)")
+            print(f"| {100 * level:.1f}% (fresh @ {k}, {n} tasks) | " + " | ".join(cells) + " |")
+        ref = float(np.mean(acc["fresh"][10]))
+        print(f"\nfresh init reaches {100 * ref:.1f}% at step 10; meta init reaches that at step "
+              f"{steps_to('meta', ref)}, multitask init at step {steps_to('multitask', ref)}")
+        write_json(args.json, {"args": vars(args), "spec": spec, "meta_seconds": meta_seconds,
+                               "val_steps": val_steps, "val_accuracy": val_accs,
+                               "best_step": best_step, "multitask_steps": mt_steps,
+                               "nearest_class_mean": mean_ci(ncm) + (len(ncm),),
+                               "steps_to_fresh_level": speedups,
+                               "accuracy": {k: {m: mean_ci(v) + (len(v),) for m, v in d.items() if v}
+                                            for k, d in acc.items()}})
+
     for i in range(args.tasks):
         task = test_src.sample(30_000 + i)
         data = encode_task(task, base.tokenizer)
@@ -140,55 +193,9 @@ def main() -> None:
         if (i + 1) % 10 == 0:
             print(f"  {i + 1} tasks: " + "  ".join(
                 f"{k} @10 {np.mean(v[10]):.3f}" for k, v in acc.items()), flush=True)
-
-    def steps_to(name, level, first_n=None):
-        """First mark whose mean accuracy (over the first ``first_n`` tasks, else every task run
-        to that mark) reaches ``level``."""
-        for m in marks_long:
-            v = acc[name][m][:first_n]
-            if v and np.mean(v) >= level:
-                return m
-        return None
-
-    print(f"\n## meta_clinc: {args.method}/{args.algorithm} on stories260K; meta-test "
-          f"{args.tasks} tasks (5-way 5-shot, query 10/class) from the CLINC150 test split of "
-          f"{', '.join(HELD_OUT_DOMAINS)}; step 50 on the first {min(args.long_tasks, args.tasks)}\n")
-    shown = [m for m in marks_long if m in (0, 1, 2, 3, 5, 10, 20, 50)]
-    print("| init | " + " | ".join(f"acc@{m}" for m in shown)
-          + " | steps to 80% (mean curve) |")
-    print("|---|" + "---|" * (len(shown) + 1))
-    for name in inits:
-        cells = [fmt(acc[name][m]) if acc[name][m] else "-" for m in shown]
-        print(f"| {name} | " + " | ".join(cells) + f" | {steps_to(name, 0.8)} |")
-    print(f"| nearest class mean (training-free) | {fmt(ncm)} |" + " - |" * len(shown))
-    # speed-up: the steps fresh init needs for a level, over the steps each init needs for it
-    # (first mark whose mean accuracy, over the tasks run to that mark, reaches the level)
-    print("\n| fresh init's level | " + " | ".join(f"{k} steps" for k in inits if k != "fresh")
-          + " |\n|---|" + "---|" * (len(inits) - 1))
-    speedups = {}
-    for k in [m for m in (2, 3, 5, 10, 20, 50) if acc["fresh"].get(m)]:
-        # levels past step 10 exist only on the long tasks: compare on that same subset
-        n = len(acc["fresh"][k])
-        level = float(np.mean(acc["fresh"][k]))
-        cells = []
-        for name in inits:
-            if name == "fresh":
-                continue
-            s_ = steps_to(name, level, first_n=n)
-            speedups[f"{name}@fresh{k}"] = s_
-            cells.append("not reached" if s_ is None else
-                         f"{s_} ({k / max(s_, 1):.1f}x speed-up)" if s_ > 0 else "0 (at init)")
-        print(f"| {100 * level:.1f}% (fresh @ {k}, {n} tasks) | " + " | ".join(cells) + " |")
-    ref = float(np.mean(acc["fresh"][10]))
-    print(f"\nfresh init reaches {100 * ref:.1f}% at step 10; meta init reaches that at step "
-          f"{steps_to('meta', ref)}, multitask init at step {steps_to('multitask', ref)}")
-    write_json(args.json, {"args": vars(args), "spec": spec, "meta_seconds": meta_seconds,
-                           "val_steps": val_steps, "val_accuracy": val_accs,
-                           "best_step": best_step, "multitask_steps": mt_steps,
-                           "nearest_class_mean": mean_ci(ncm) + (len(ncm),),
-                           "steps_to_fresh_level": speedups,
-                           "accuracy": {k: {m: mean_ci(v) + (len(v),) for m, v in d.items() if v}
-                                        for k, d in acc.items()}})
+        if (i + 1) % 25 == 0 and i + 1 < args.tasks:
+            report()
+    report()
 
 
 if __name__ == "__main__":
