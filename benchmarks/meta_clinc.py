@@ -9,6 +9,11 @@ report query accuracy after every step to 10 (and 15/20/30/50 on a subset), mean
 how many steps each init needs to reach the accuracy fresh init has after k steps.
 
     uv run python benchmarks/meta_clinc.py --tasks 200 --long-tasks 50     # full size
+
+On 2 cores the evaluation can be split: build the inits once (``--tasks 0 --registry R
+--multitask-weights M``), evaluate shards in parallel (``--meta-weights R/.../v0001.safetensors
+--multitask-weights M --shard 0/2 --json a.json``, ``--shard 1/2 --json b.json``), then
+``--merge a.json b.json`` prints the combined tables.
 """
 
 from __future__ import annotations
@@ -67,8 +72,18 @@ def main() -> None:
     ap.add_argument("--registry", default=None, help="keep the meta-weights here (default: temp)")
     ap.add_argument("--meta-weights", default=None,
                     help="skip meta-training: evaluate these published meta-weights")
+    ap.add_argument("--multitask-weights", default=None,
+                    help="load the multitask init from this file if it exists, else train it and "
+                         "save it there (so sharded evaluations share one init)")
+    ap.add_argument("--shard", default="0/1",
+                    help="K/N: evaluate only the test tasks i with i %% N == K (run N processes, "
+                         "then --merge their JSON files)")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="combine the per-task results of sharded runs' JSON files and report")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.json)
     require(STORIES, "stories260K")
     require(CLINC, "CLINC150")
     from metapeft import api
@@ -115,88 +130,128 @@ def main() -> None:
     inits = {"fresh": adapter.init_params(0), "meta": adapter.unflat(arrays)}
     mt_steps = args.multitask_steps or args.meta_steps * args.meta_batch * args.inner_steps
     t1 = time.perf_counter()
-    inits["multitask"] = multitask_init(adapter, train_src, base.tokenizer, mt_steps, lr)
-    mt_seconds = time.perf_counter() - t1
+    from pathlib import Path
+
+    from metapeft.artifacts import save_safetensors
+    from mlx.utils import tree_flatten
+
+    mt_file = Path(args.multitask_weights) if args.multitask_weights else None
+    if mt_file is not None and mt_file.exists():
+        mt_arrays, mt_meta = load_safetensors(mt_file)
+        inits["multitask"] = adapter.unflat(mt_arrays)
+        mt_steps, mt_seconds = int(mt_meta["multitask_steps"]), float(mt_meta["seconds"])
+    else:
+        inits["multitask"] = multitask_init(adapter, train_src, base.tokenizer, mt_steps, lr)
+        mt_seconds = time.perf_counter() - t1
+        if mt_file is not None:
+            save_safetensors(mt_file, dict(tree_flatten(inits["multitask"])),
+                             {"multitask_steps": str(mt_steps), "lr": str(lr),
+                              "seconds": str(mt_seconds)})
     print(f"meta-train {meta_seconds:.0f} s (best val step {best_step}: {val_accs}); "
           f"multitask {mt_steps} steps {mt_seconds:.0f} s", flush=True)
+    if args.tasks == 0:  # inits only (meta-weights in --registry, --multitask-weights)
+        return
 
     from metapeft.train import encode_task, train
 
+    header = {"args": vars(args), "spec": spec, "meta_seconds": meta_seconds,
+              "val_steps": val_steps, "val_accuracy": val_accs, "best_step": best_step,
+              "multitask_steps": mt_steps, "multitask_seconds": mt_seconds,
+              "inits": list(inits)}
     # by default every step to 10: steps-to-accuracy at step resolution
     marks_short = sorted({0, 10} | {int(m) for m in args.marks.split(",") if int(m) <= 10})
     marks_long = marks_short + ([15, 20, 30, 50] if args.long_tasks > 0 else [])
-    acc = {k: {m: [] for m in marks_long} for k in inits}
-    ncm = []  # training-free baseline: cosine nearest class mean of frozen hidden states
-
-    def report() -> None:
-        """Print the tables and write the JSON for the tasks done so far (called periodically,
-        so a long run that is stopped early still leaves its results)."""
-        def steps_to(name, level, first_n=None):
-            """First mark whose mean accuracy (over the first ``first_n`` tasks, else every task run
-            to that mark) reaches ``level``."""
-            for m in marks_long:
-                v = acc[name][m][:first_n]
-                if v and np.mean(v) >= level:
-                    return m
-            return None
-
-        print(f"\n## meta_clinc: {args.method}/{args.algorithm} on stories260K; meta-test "
-              f"{len(ncm)} tasks (5-way 5-shot, query 10/class) from the CLINC150 test split of "
-              f"{', '.join(HELD_OUT_DOMAINS)}; step 50 on the first {min(args.long_tasks, len(ncm))}\n")
-        shown = [m for m in marks_long if m in (0, 1, 2, 3, 5, 10, 20, 50)]
-        print("| init | " + " | ".join(f"acc@{m}" for m in shown)
-              + " | steps to 80% (mean curve) |")
-        print("|---|" + "---|" * (len(shown) + 1))
-        for name in inits:
-            cells = [fmt(acc[name][m]) if acc[name][m] else "-" for m in shown]
-            print(f"| {name} | " + " | ".join(cells) + f" | {steps_to(name, 0.8)} |")
-        print(f"| nearest class mean (training-free) | {fmt(ncm)} |" + " - |" * len(shown))
-        # speed-up: the steps fresh init needs for a level, over the steps each init needs for it
-        # (first mark whose mean accuracy, over the tasks run to that mark, reaches the level)
-        print("\n| fresh init's level | " + " | ".join(f"{k} steps" for k in inits if k != "fresh")
-              + " |\n|---|" + "---|" * (len(inits) - 1))
-        speedups = {}
-        for k in [m for m in (2, 3, 5, 10, 20, 50) if acc["fresh"].get(m)]:
-            # levels past step 10 exist only on the long tasks: compare on that same subset
-            n = len(acc["fresh"][k])
-            level = float(np.mean(acc["fresh"][k]))
-            cells = []
-            for name in inits:
-                if name == "fresh":
-                    continue
-                s_ = steps_to(name, level, first_n=n)
-                speedups[f"{name}@fresh{k}"] = s_
-                cells.append("not reached" if s_ is None else
-                             f"{s_} ({k / max(s_, 1):.1f}x speed-up)" if s_ > 0 else "0 (at init)")
-            print(f"| {100 * level:.1f}% (fresh @ {k}, {n} tasks) | " + " | ".join(cells) + " |")
-        ref = float(np.mean(acc["fresh"][10]))
-        print(f"\nfresh init reaches {100 * ref:.1f}% at step 10; meta init reaches that at step "
-              f"{steps_to('meta', ref)}, multitask init at step {steps_to('multitask', ref)}")
-        write_json(args.json, {"args": vars(args), "spec": spec, "meta_seconds": meta_seconds,
-                               "val_steps": val_steps, "val_accuracy": val_accs,
-                               "best_step": best_step, "multitask_steps": mt_steps,
-                               "nearest_class_mean": mean_ci(ncm) + (len(ncm),),
-                               "steps_to_fresh_level": speedups,
-                               "accuracy": {k: {m: mean_ci(v) + (len(v),) for m, v in d.items() if v}
-                                            for k, d in acc.items()}})
-
-    for i in range(args.tasks):
+    shard, num_shards = (int(x) for x in args.shard.split("/"))
+    records = []  # one per test task: its index, the training-free baseline, accuracy per init
+    mine = [i for i in range(args.tasks) if i % num_shards == shard]
+    for n_done, i in enumerate(mine, 1):
         task = test_src.sample(30_000 + i)
         data = encode_task(task, base.tokenizer)
-        ncm.append(nearest_class_mean_accuracy(base, data))
-        long = i < args.long_tasks
-        marks = marks_long if long else marks_short
+        rec = {"i": i, "ncm": nearest_class_mean_accuracy(base, data), "acc": {}}
+        marks = marks_long if i < args.long_tasks else marks_short
         for name, init in inits.items():
             r = train(adapter, init, data, steps=marks[-1], lr=lr, eval_at=set(marks))
-            for m, a in zip(r.extra["eval_steps"], r.accuracies):
-                acc[name][m].append(a)
-        if (i + 1) % 10 == 0:
-            print(f"  {i + 1} tasks: " + "  ".join(
-                f"{k} @10 {np.mean(v[10]):.3f}" for k, v in acc.items()), flush=True)
-        if (i + 1) % 25 == 0 and i + 1 < args.tasks:
-            report()
-    report()
+            rec["acc"][name] = dict(zip(r.extra["eval_steps"], r.accuracies))
+        records.append(rec)
+        if n_done % 10 == 0:
+            print(f"  {n_done}/{len(mine)} tasks: " + "  ".join(
+                f"{k} @10 {np.mean([r['acc'][k][10] for r in records]):.3f}" for k in inits),
+                flush=True)
+        if n_done % 25 == 0 and n_done < len(mine):
+            report(header, records, args.json)
+    report(header, records, args.json)
 
+
+def report(header: dict, records: list[dict], json_path: str | None) -> None:
+    """Print the tables and write the JSON (header + per-task records) for the tasks done so far;
+    called periodically, so a long run that is stopped early still leaves its results."""
+    args = header["args"]
+    records = sorted(records, key=lambda r: r["i"])  # long tasks (lowest indices) first
+    inits = header["inits"]
+    marks_long = sorted({int(m) for r in records for m in r["acc"][inits[0]]})
+    acc = {k: {m: [r["acc"][k][m] for r in records if m in r["acc"][k]] for m in marks_long}
+           for k in inits}
+    ncm = [r["ncm"] for r in records]
+    n_long = sum(1 for r in records if 50 in r["acc"][inits[0]])
+
+    def steps_to(name, level, first_n=None):
+        """First mark whose mean accuracy (over the first ``first_n`` tasks, else every task run
+        to that mark) reaches ``level``."""
+        for m in marks_long:
+            v = acc[name][m][:first_n]
+            if v and np.mean(v) >= level:
+                return m
+        return None
+
+    print(f"\n## meta_clinc: {args['method']}/{args['algorithm']} on stories260K; meta-test "
+          f"{len(records)} tasks (5-way 5-shot, query 10/class) from the CLINC150 test split of "
+          f"{', '.join(HELD_OUT_DOMAINS)}; steps 15-50 on the first {n_long}\n")
+    shown = [m for m in marks_long if m in (0, 1, 2, 3, 5, 10, 20, 50)]
+    print("| init | " + " | ".join(f"acc@{m}" for m in shown) + " | steps to 80% (mean curve) |")
+    print("|---|" + "---|" * (len(shown) + 1))
+    for name in inits:
+        cells = [fmt(acc[name][m]) if acc[name][m] else "-" for m in shown]
+        print(f"| {name} | " + " | ".join(cells) + f" | {steps_to(name, 0.8)} |")
+    print(f"| nearest class mean (training-free) | {fmt(ncm)} |" + " - |" * len(shown))
+    # speed-up: the steps fresh init needs for a level, over the steps each init needs for it
+    # (first mark whose mean accuracy, over the tasks run to that mark, reaches the level)
+    print("\n| fresh init's level | " + " | ".join(f"{k} steps" for k in inits if k != "fresh")
+          + " |\n|---|" + "---|" * (len(inits) - 1))
+    speedups = {}
+    for k in [m for m in (2, 3, 5, 10, 20, 50) if acc["fresh"].get(m)]:
+        # levels past step 10 exist only on the long tasks: compare on that same subset
+        n = len(acc["fresh"][k])
+        level = float(np.mean(acc["fresh"][k]))
+        cells = []
+        for name in inits:
+            if name == "fresh":
+                continue
+            s_ = steps_to(name, level, first_n=n)
+            speedups[f"{name}@fresh{k}"] = s_
+            cells.append("not reached" if s_ is None else
+                         f"{s_} ({k / max(s_, 1):.1f}x speed-up)" if s_ > 0 else "0 (at init)")
+        print(f"| {100 * level:.1f}% (fresh @ {k}, {n} tasks) | " + " | ".join(cells) + " |")
+    ref = float(np.mean(acc["fresh"][10]))
+    print(f"\nfresh init reaches {100 * ref:.1f}% at step 10; meta init reaches that at step "
+          f"{steps_to('meta', ref)}, multitask init at step {steps_to('multitask', ref)}",
+          flush=True)
+    write_json(json_path, {**header, "nearest_class_mean": mean_ci(ncm) + (len(ncm),),
+                           "steps_to_fresh_level": speedups,
+                           "accuracy": {k: {m: mean_ci(v) + (len(v),) for m, v in d.items() if v}
+                                        for k, d in acc.items()},
+                           "records": records})
+
+
+def merge(paths: list[str], json_path: str | None) -> None:
+    """Report over the per-task records of several sharded runs (same inits and settings)."""
+    import json
+
+    runs = [json.loads(open(p).read()) for p in paths]
+    records = [r for run in runs for r in run["records"]]
+    for r in records:  # JSON object keys are strings
+        r["acc"] = {k: {int(m): a for m, a in v.items()} for k, v in r["acc"].items()}
+    assert len({r["i"] for r in records}) == len(records), "shards overlap"
+    report(runs[0], records, json_path)
 
 if __name__ == "__main__":
     main()
