@@ -139,7 +139,8 @@ def main() -> None:
     if mt_file is not None and mt_file.exists():
         mt_arrays, mt_meta = load_safetensors(mt_file)
         inits["multitask"] = adapter.unflat(mt_arrays)
-        mt_steps, mt_seconds = int(mt_meta["multitask_steps"]), float(mt_meta["seconds"])
+        mt_steps = int(mt_meta["multitask_steps"])
+        mt_seconds = float(mt_meta.get("seconds", "nan"))  # older files lack it
     else:
         inits["multitask"] = multitask_init(adapter, train_src, base.tokenizer, mt_steps, lr)
         mt_seconds = time.perf_counter() - t1
