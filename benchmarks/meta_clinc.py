@@ -22,6 +22,7 @@ import argparse
 import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 from _common import (CLINC, HELD_OUT_DOMAINS, STORIES, clinc_pool, fmt, mean_ci,
                      nearest_class_mean_accuracy, require, write_json)
@@ -29,6 +30,7 @@ from _common import (CLINC, HELD_OUT_DOMAINS, STORIES, clinc_pool, fmt, mean_ci,
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten
 
 
 def multitask_init(adapter, source, tokenizer, steps: int, lr: float, seed: int = 0) -> dict:
@@ -133,10 +135,7 @@ def main() -> None:
     inits = {"fresh": adapter.init_params(0), "meta": adapter.unflat(arrays)}
     mt_steps = args.multitask_steps or args.meta_steps * args.meta_batch * args.inner_steps // 2
     t1 = time.perf_counter()
-    from pathlib import Path
-
     from metapeft.artifacts import save_safetensors
-    from mlx.utils import tree_flatten
 
     mt_file = Path(args.multitask_weights) if args.multitask_weights else None
     if mt_file is not None and mt_file.exists():
