@@ -133,8 +133,24 @@ def main(argv=None) -> int:
     ap.add_argument("--test", type=int, default=10,
                     help="held-out test examples per class, never seen by any search")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="Write the raw per-task results here (JSON).")
+    ap.add_argument("--out", default=None,
+                    help="Write the raw per-task results here (JSON, rewritten after every task, "
+                         "so a stopped run keeps what it measured).")
+    ap.add_argument("--shard", default="0/1",
+                    help="K/N: run only tasks i with i %% N == K (run N processes, one per core, "
+                         "with the same --registry, then --merge their --out files)")
+    ap.add_argument("--registry", default=None,
+                    help="experience store + studies (default: a fresh temp dir). Shards share "
+                         "it, so bo-warm sees the trials of earlier tasks of every shard.")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="report from these --out files instead of running")
     args = ap.parse_args(argv)
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: r["index"])
+        settings = runs[0]["settings"]
+        report(rows, settings, wall=sum(run.get("wall_seconds", 0.0) for run in runs))
+        return 0
 
     if not Path(args.data).exists() or not (Path(args.model) / "config.json").exists():
         print(f"missing data or model ({args.data}, {args.model})", file=sys.stderr)
@@ -143,15 +159,22 @@ def main(argv=None) -> int:
     from metapeft.tune.space import load_defaults, load_space
 
     T = args.trials
-    reg = Path(tempfile.mkdtemp(prefix="hpo_eval_"))  # a private experience store per run
+    shard_k, shard_n = (int(v) for v in args.shard.split("/"))
+    reg = (Path(args.registry) if args.registry
+           else Path(tempfile.mkdtemp(prefix="hpo_eval_")))  # a private experience store
+    reg.mkdir(parents=True, exist_ok=True)
     tasks = clinc_tasks(Path(args.data), args.tasks, args.ways, args.shots, args.query,
                         args.seed, test=args.test)
+    settings = {k: getattr(args, k) for k in ("model", "methods", "trials", "steps", "ways",
+                                               "shots", "query", "test", "seed", "tasks")}
     defaults = load_defaults()
     space = load_space(None, args.methods)
     rows = []
     t_start = time.perf_counter()
     for i, (task, test_task) in enumerate(tasks):
-        res: dict = {"task": task.name}
+        if i % shard_n != shard_k:
+            continue
+        res: dict = {"task": task.name, "index": i}
         ev = adapt_evaluator(task, model=args.model, steps=args.steps, defaults=defaults,
                              seed=args.seed)
         ev_test = adapt_evaluator(test_task, model=args.model, steps=args.steps,
@@ -185,11 +208,28 @@ def main(argv=None) -> int:
                                 if bt is not None else None)
         rows.append(res)
         el = time.perf_counter() - t_start
+        if args.out:
+            write_json_atomic(Path(args.out), {"settings": settings, "rows": rows,
+                                               "wall_seconds": el})
         print(f"[{i + 1}/{len(tasks)}] {task.name}: default "
               f"{max(t['accuracy'] for t in dtrials):.3f} random "
               f"{best_curve(rtrials, T)[-1]:.3f} bo-cold {best_curve(res['bo-cold'], T)[-1]:.3f} "
               f"bo-warm {best_curve(res['bo-warm'], T)[-1]:.3f} ({el:.0f} s)", file=sys.stderr)
+    report(rows, settings, wall=time.perf_counter() - t_start)
+    return 0
 
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, default=str, indent=1))
+    tmp.replace(path)
+
+
+def report(rows: list[dict], settings: dict, wall: float) -> None:
+    T = int(settings["trials"])
+    if not rows:
+        print("no tasks measured")
+        return
     arms = ["random", "bo-cold", "bo-warm"]
     stats: dict = {a: {"best": [], "hv": [], "gain": [], "t95": [], "curve": []} for a in arms}
     stats["default"] = {"best": [], "hv": []}
@@ -215,9 +255,10 @@ def main(argv=None) -> int:
             s["t95"].append(next((k + 1 for k, v in enumerate(curve) if v >= target), T + 1))
 
     n = len(rows)
-    print(f"\n## HPO benchmark: {n} held-out CLINC150 tasks (banking/travel, {args.ways}-way "
-          f"{args.shots}-shot, {args.query} query/class), {args.model.split('/')[-1]}, "
-          f"methods {args.methods}, {T} trials x {args.steps} steps, mean ± 95% CI (t)\n")
+    print(f"\n## HPO benchmark: {n} held-out CLINC150 tasks (banking/travel, {settings['ways']}-way "
+          f"{settings['shots']}-shot, {settings['query']} query/class), "
+          f"{settings['model'].split('/')[-1]}, methods {settings['methods']}, {T} trials x "
+          f"{settings['steps']} steps, mean ± 95% CI (t)\n")
     print("| arm | tasks | best accuracy | gain over defaults | hypervolume acc×s | "
           "trials to 95% of best |")
     print("|---|---|---|---|---|---|")
@@ -227,7 +268,7 @@ def main(argv=None) -> int:
         s = stats[a]
         print(f"| {a} | {n} | {fmt(s['best'], pct=True)} | {fmt(s['gain'], pct=True)} | "
               f"{fmt(s['hv'])} | {fmt(s['t95'])} |")
-    print(f"\nheld-out test accuracy ({args.test}/class, never searched on) of each arm's "
+    print(f"\nheld-out test accuracy ({settings['test']}/class, never searched on) of each arm's "
           f"chosen configuration, retrained:\n")
     print("| arm | test accuracy | gain over defaults (test) |\n|---|---|---|")
     for a in ["default"] + arms:
@@ -245,11 +286,7 @@ def main(argv=None) -> int:
     ties = sum(b == r for b, r in zip(stats["bo-cold"]["best"], stats["random"]["best"]))
     print(f"\nbo-cold vs random per task: {wins} wins, {ties} ties, {n - wins - ties} losses. "
           f"Warm-start points used (bo-warm): "
-          f"{[r['bo-warm_warm_points'] for r in rows]}. Wall time "
-          f"{time.perf_counter() - t_start:.0f} s.")
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, default=str, indent=1))
-    return 0
+          f"{[r['bo-warm_warm_points'] for r in rows]}. Wall time {wall:.0f} s.")
 
 
 if __name__ == "__main__":
