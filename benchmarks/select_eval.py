@@ -111,7 +111,8 @@ def evaluate_group(name: str, records: list, args) -> dict:
     rows = [r for r in rows if len(r.accuracy) == len(methods)]  # complete oracle only
     domains = sorted({r.domain for r in rows})
     per = {k: [] for k in ("sel_hit", "sel_regret", "lora_hit", "lora_regret", "rand_hit",
-                           "rand_regret", "freq_hit", "freq_regret", "conf", "nn_same")}
+                           "rand_regret", "freq_hit", "freq_regret", "conf", "nn_same",
+                           "pick", "domain")}
     chosen_counts: dict[str, int] = {}
     for dom in domains:
         test = [r for r in rows if r.domain == dom]
@@ -131,6 +132,8 @@ def evaluate_group(name: str, records: list, args) -> dict:
             res = answer(sel, dict(zip(_names(), r.features)))
             pick, conf = res["ranking"][0]["method"], res["ranking"][0]["confidence"]
             chosen_counts[pick] = chosen_counts.get(pick, 0) + 1
+            per["pick"].append(pick)
+            per["domain"].append(dom)
             acc = r.accuracy
             best = max(acc.values())
             per["sel_hit"].append(acc[pick] >= best - 1e-9)
@@ -192,6 +195,15 @@ def report(res: dict) -> str:
               f"seen: {ind[0]:.1%} [{ind[1]:.1%}, {ind[2]:.1%}]",
               f"- oracle winners: {res['winners']}; selector picks: {res['chosen']}",
               f"- mean accuracy per method: {res['mean_accuracy']}"]
+    # where the selector's regret differs from always-LoRA's, and which picks caused it
+    diff = np.asarray(p["sel_regret"]) - np.asarray(p["lora_regret"])
+    d = bootstrap_ci(diff)
+    by_pick = {m: round(float(diff[[q == m for q in p["pick"]]].sum() / len(diff)), 4)
+               for m in sorted(set(p["pick"]))}
+    lines.append(f"- paired regret difference selector - always LoRA: {d[0]:+.4f} "
+                 f"[{d[1]:+.4f}, {d[2]:+.4f}] (tasks worse / better / equal: "
+                 f"{int((diff > 0).sum())} / {int((diff < 0).sum())} / {int((diff == 0).sum())}); "
+                 f"contribution by picked method: {by_pick}")
     sel = np.mean(p["sel_regret"])
     beaten = [lab for lab, k in (("always LoRA", "lora"), ("random", "rand"),
                                  ("most frequent winner", "freq"))
