@@ -149,7 +149,8 @@ def main(argv=None) -> int:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
         rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: r["index"])
         settings = runs[0]["settings"]
-        report(rows, settings, wall=sum(run.get("wall_seconds", 0.0) for run in runs))
+        report(rows, settings, wall=sum(run.get("wall_seconds", 0.0) for run in runs),
+               wall_label=f"Wall time summed over {len(runs)} shard(s)")
         return 0
 
     if not Path(args.data).exists() or not (Path(args.model) / "config.json").exists():
@@ -225,7 +226,7 @@ def write_json_atomic(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-def report(rows: list[dict], settings: dict, wall: float) -> None:
+def report(rows: list[dict], settings: dict, wall: float, wall_label: str = "Wall time") -> None:
     T = int(settings["trials"])
     if not rows:
         print("no tasks measured")
@@ -286,7 +287,7 @@ def report(rows: list[dict], settings: dict, wall: float) -> None:
     ties = sum(b == r for b, r in zip(stats["bo-cold"]["best"], stats["random"]["best"]))
     print(f"\nbo-cold vs random per task: {wins} wins, {ties} ties, {n - wins - ties} losses. "
           f"Warm-start points used (bo-warm): "
-          f"{[r['bo-warm_warm_points'] for r in rows]}. Wall time {wall:.0f} s.")
+          f"{[r['bo-warm_warm_points'] for r in rows]}. {wall_label} {wall:.0f} s.")
 
 
 if __name__ == "__main__":
