@@ -156,6 +156,7 @@ def main(argv=None) -> int:
     if not Path(args.data).exists() or not (Path(args.model) / "config.json").exists():
         print(f"missing data or model ({args.data}, {args.model})", file=sys.stderr)
         return 2
+    from metapeft.artifacts import atomic_write_text
     from metapeft.tune.search import adapt_evaluator, tune
     from metapeft.tune.space import load_defaults, load_space
 
@@ -210,20 +211,16 @@ def main(argv=None) -> int:
         rows.append(res)
         el = time.perf_counter() - t_start
         if args.out:
-            write_json_atomic(Path(args.out), {"settings": settings, "rows": rows,
-                                               "wall_seconds": el})
+            # the project's atomic writer (temp file, fsync, rename); default=str for the
+            # trial dicts' non-JSON values
+            atomic_write_text(args.out, json.dumps({"settings": settings, "rows": rows,
+                                                    "wall_seconds": el}, default=str, indent=1))
         print(f"[{i + 1}/{len(tasks)}] {task.name}: default "
               f"{max(t['accuracy'] for t in dtrials):.3f} random "
               f"{best_curve(rtrials, T)[-1]:.3f} bo-cold {best_curve(res['bo-cold'], T)[-1]:.3f} "
               f"bo-warm {best_curve(res['bo-warm'], T)[-1]:.3f} ({el:.0f} s)", file=sys.stderr)
     report(rows, settings, wall=time.perf_counter() - t_start)
     return 0
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, default=str, indent=1))
-    tmp.replace(path)
 
 
 def report(rows: list[dict], settings: dict, wall: float, wall_label: str = "Wall time") -> None:
