@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", default=None,
                     help="combine the per-task results of sharded runs' JSON files and report")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the per-task records already in --json (same inits and settings) "
+                         "and run only the missing tasks, e.g. to grow a 40-task run to 200")
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.json)
@@ -167,6 +170,11 @@ def main() -> None:
     shard, num_shards = (int(x) for x in args.shard.split("/"))
     records = []  # one per test task: its index, the training-free baseline, accuracy per init
     mine = [i for i in range(args.tasks) if i % num_shards == shard]
+    if args.resume and args.json and Path(args.json).exists():
+        records = [r for r in _load_records(args.json) if r["i"] in set(mine)]
+        done = {r["i"] for r in records}
+        mine = [i for i in mine if i not in done]
+        print(f"resuming: {len(done)} tasks already in {args.json}, {len(mine)} to run", flush=True)
     for n_done, i in enumerate(mine, 1):
         task = test_src.sample(30_000 + i)
         data = encode_task(task, base.tokenizer)
@@ -180,7 +188,7 @@ def main() -> None:
             print(f"  {n_done}/{len(mine)} tasks: " + "  ".join(
                 f"{k} @10 {np.mean([r['acc'][k][10] for r in records]):.3f}" for k in inits),
                 flush=True)
-        if n_done % 25 == 0 and n_done < len(mine):
+        if n_done % 10 == 0 and n_done < len(mine):
             report(header, records, args.json)
     report(header, records, args.json)
 
@@ -245,16 +253,23 @@ def report(header: dict, records: list[dict], json_path: str | None) -> None:
                            "records": records})
 
 
+def _load_records(path: str) -> list[dict]:
+    import json
+
+    records = json.loads(Path(path).read_text())["records"]
+    for r in records:  # JSON object keys are strings
+        r["acc"] = {k: {int(m): a for m, a in v.items()} for k, v in r["acc"].items()}
+    return records
+
+
 def merge(paths: list[str], json_path: str | None) -> None:
     """Report over the per-task records of several sharded runs (same inits and settings)."""
     import json
 
-    runs = [json.loads(open(p).read()) for p in paths]
-    records = [r for run in runs for r in run["records"]]
-    for r in records:  # JSON object keys are strings
-        r["acc"] = {k: {int(m): a for m, a in v.items()} for k, v in r["acc"].items()}
+    header = json.loads(Path(paths[0]).read_text())
+    records = [r for p in paths for r in _load_records(p)]
     assert len({r["i"] for r in records}) == len(records), "shards overlap"
-    report(runs[0], records, json_path)
+    report(header, records, json_path)
 
 if __name__ == "__main__":
     main()
