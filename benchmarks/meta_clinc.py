@@ -171,7 +171,8 @@ def main() -> None:
     records = []  # one per test task: its index, the training-free baseline, accuracy per init
     mine = [i for i in range(args.tasks) if i % num_shards == shard]
     if args.resume and args.json and Path(args.json).exists():
-        records = [r for r in _load_records(args.json) if r["i"] in set(mine)]
+        wanted = set(mine)
+        records = [r for r in _load_run(args.json)["records"] if r["i"] in wanted]
         done = {r["i"] for r in records}
         mine = [i for i in mine if i not in done]
         print(f"resuming: {len(done)} tasks already in {args.json}, {len(mine)} to run", flush=True)
@@ -253,23 +254,22 @@ def report(header: dict, records: list[dict], json_path: str | None) -> None:
                            "records": records})
 
 
-def _load_records(path: str) -> list[dict]:
+def _load_run(path: str) -> dict:
+    """A run's JSON (header + per-task records), with the records' step keys back as ints."""
     import json
 
-    records = json.loads(Path(path).read_text())["records"]
-    for r in records:  # JSON object keys are strings
+    run = json.loads(Path(path).read_text())
+    for r in run["records"]:  # JSON object keys are strings
         r["acc"] = {k: {int(m): a for m, a in v.items()} for k, v in r["acc"].items()}
-    return records
+    return run
 
 
 def merge(paths: list[str], json_path: str | None) -> None:
     """Report over the per-task records of several sharded runs (same inits and settings)."""
-    import json
-
-    header = json.loads(Path(paths[0]).read_text())
-    records = [r for p in paths for r in _load_records(p)]
+    runs = [_load_run(p) for p in paths]
+    records = [r for run in runs for r in run["records"]]
     assert len({r["i"] for r in records}) == len(records), "shards overlap"
-    report(header, records, json_path)
+    report(runs[0], records, json_path)
 
 if __name__ == "__main__":
     main()
