@@ -247,8 +247,19 @@ def report(header: dict, records: list[dict], json_path: str | None) -> None:
     print(f"\nfresh init reaches {100 * ref:.1f}% at step 10; meta init reaches that at step "
           f"{steps_to('meta', ref)}, multitask init at step {steps_to('multitask', ref)}",
           flush=True)
+    # paired per-task differences: every init ran on the same tasks, so the task-to-task spread
+    # cancels and the CI is tighter than the two unpaired ones side by side
+    paired = {}
+    full = [m for m in shown if len(acc["meta"][m]) == len(records)]
+    print("\n| meta − init (paired, points) | " + " | ".join(f"@{m}" for m in full)
+          + " |\n|---|" + "---|" * len(full))
+    for name in (k for k in inits if k != "meta"):
+        diffs = {m: [r["acc"]["meta"][m] - r["acc"][name][m] for r in records] for m in full}
+        paired[name] = {m: mean_ci(d) for m, d in diffs.items()}
+        print(f"| meta − {name} | " + " | ".join(
+            "%+.1f ± %.1f" % tuple(100 * x for x in paired[name][m]) for m in full) + " |")
     write_json(json_path, {**header, "nearest_class_mean": mean_ci(ncm) + (len(ncm),),
-                           "steps_to_fresh_level": speedups,
+                           "steps_to_fresh_level": speedups, "paired_meta_minus": paired,
                            "accuracy": {k: {m: mean_ci(v) + (len(v),) for m, v in d.items() if v}
                                         for k, d in acc.items()},
                            "records": records})
