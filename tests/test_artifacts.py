@@ -33,3 +33,15 @@ def test_corrupt_file_is_user_error(tmp_path):
         load_safetensors(bad)
     with pytest.raises(UserError, match="does not exist"):
         load_safetensors(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("name", ["studyz", "run.st", "x.tmp"])
+def test_save_to_a_path_without_the_safetensors_suffix(tmp_path, name):
+    """mx.save_safetensors appends ".safetensors" to a name without it; the atomic writer must
+    still put the bytes at exactly ``path`` and leave no orphan temp file (issue 15: a study
+    saved to out/studyz was an empty file next to an orphan .studyz.*.tmp.safetensors)."""
+    p = save_safetensors(tmp_path / name, {"x": mx.arange(3)}, {"k": "v"})
+    assert p == tmp_path / name and p.stat().st_size > 0
+    arrays, meta = load_safetensors(p)
+    assert arrays["x"].tolist() == [0, 1, 2] and meta["k"] == "v"
+    assert [f.name for f in tmp_path.iterdir()] == [name]

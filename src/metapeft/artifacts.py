@@ -29,11 +29,17 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _atomic(path: Path, write) -> Path:
+def _atomic(path: Path, write, tmp_suffix: str | None = None) -> Path:
+    """Run ``write(tmp)`` on a temp file next to ``path``, fsync it and rename it over ``path``.
+
+    ``tmp_suffix`` (default ``.tmp`` + the target's suffix) must be a name the writer keeps as is:
+    ``mx.save_safetensors`` appends ``.safetensors`` to any other name, and then the empty temp
+    file would be the one renamed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix,
-                               dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.",
+                               suffix=tmp_suffix or ".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -67,12 +73,14 @@ def _meta_str(metadata: dict[str, Any] | None) -> dict[str, str]:
 
 
 def save_safetensors(path: str | Path, arrays: dict, metadata: dict[str, Any] | None = None) -> Path:
-    """Atomically write mlx or numpy ``arrays`` with string ``metadata`` (non-strings as JSON)."""
+    """Atomically write mlx or numpy ``arrays`` with string ``metadata`` (non-strings as JSON) to
+    exactly ``path``, whatever its suffix."""
     import mlx.core as mx
 
     arrays = {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in arrays.items()}
     meta = _meta_str(metadata)
-    return _atomic(Path(path), lambda tmp: mx.save_safetensors(tmp, arrays, metadata=meta))
+    return _atomic(Path(path), lambda tmp: mx.save_safetensors(tmp, arrays, metadata=meta),
+                   tmp_suffix=".tmp.safetensors")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -100,7 +108,7 @@ def load_safetensors(path: str | Path) -> tuple[dict, dict[str, str]]:
         raise UserError("file does not exist", path=str(path))
     read_metadata(path)  # validates the header with a clear message
     try:
-        arrays, meta = mx.load(str(path), return_metadata=True)
+        arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as e:
         raise UserError(f"could not read safetensors: {e}", path=str(path)) from None
     return arrays, dict(meta or {})
