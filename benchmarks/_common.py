@@ -37,7 +37,7 @@ def fmt(values, pct: bool = True) -> str:
 
 
 def clinc_pool(split: str = "train", domains=None, exclude=None):
-    from metapeft.data.extract import filter_pool
+    from metapeft.data.pools import filter_pool
     from metapeft.data.tasks import read_rows
 
     pool = read_rows(require(CLINC / f"{split}.jsonl", "CLINC150"))

@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     require(STORIES, "stories260K")
     from metapeft import api
-    from metapeft.data.extract import EpisodeSource
+    from metapeft.data.episodes import EpisodeSource
     from metapeft.models import load_base_model
 
     base = load_base_model(args.model)

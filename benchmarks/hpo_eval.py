@@ -46,26 +46,20 @@ SHARED = ROOT.parent / "shared"
 def clinc_tasks(path: Path, n: int, ways: int, shots: int, query: int, seed: int,
                 test: int = 0, domains=("banking", "travel")):
     """``n`` (search task, held-out test task) pairs: the same support set, disjoint query
-    (validation) and test examples."""
-    from metapeft.data.tasks import Example, Task
+    (validation) and test examples, drawn by the library's episode sampler."""
+    from metapeft.data.episodes import choose_classes, draw_examples, group_by_label
+    from metapeft.data.tasks import Task, read_rows
 
-    by_dom: dict[str, dict[str, list]] = {d: {} for d in domains}
-    for line in open(path, encoding="utf-8"):
-        r = json.loads(line)
-        if r.get("domain") in by_dom:
-            by_dom[r["domain"]].setdefault(r["label"], []).append(r["text"])
+    pool = read_rows(path)
+    by_dom = {d: group_by_label(e for e in pool if e.extra.get("domain") == d) for d in domains}
     tasks = []
     for i in range(n):
         dom = domains[i % len(domains)]
         rng = random.Random(f"hpo:{seed}:{i}")
-        labels = sorted(rng.sample(sorted(by_dom[dom]), ways))
-        sup, qry, tst = [], [], []
-        for lab in labels:
-            texts = rng.sample(by_dom[dom][lab], shots + query + test)
-            sup += [Example(t, lab, {"domain": dom}) for t in texts[:shots]]
-            qry += [Example(t, lab, {"domain": dom}) for t in texts[shots:shots + query]]
-            tst += [Example(t, lab, {"domain": dom}) for t in texts[shots + query:]]
-        rng.shuffle(sup)
+        labels = choose_classes(rng, sorted(by_dom[dom]), ways)
+        # only the support set is shuffled: query and test stay in class order
+        sup, qry, tst = draw_examples(rng, by_dom[dom], labels, (shots, query, test),
+                                      shuffle=(True, False, False))
         name = f"clinc-{dom}-{i}"
         tasks.append((Task(name=name, support=sup, query=qry, labels=labels,
                            meta={"domain": dom}),

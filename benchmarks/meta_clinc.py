@@ -96,7 +96,7 @@ def main() -> None:
     require(CLINC, "CLINC150")
     from metapeft import api
     from metapeft.adapters import get_adapter_class
-    from metapeft.data.extract import EpisodeSource
+    from metapeft.data.episodes import EpisodeSource
     from metapeft.models import load_base_model
 
     base = load_base_model(str(STORIES))

@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from metapeft.adapters import get_adapter_class
-    from metapeft.data.extract import EpisodeSource
+    from metapeft.data.episodes import EpisodeSource
     from metapeft.data.synthetic import family_labels, generate_pool
     from metapeft.meta.batch import encode_episode, stack_episodes
     from metapeft.meta.learner import MetaConfig, MetaLearner

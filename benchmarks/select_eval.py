@@ -46,7 +46,9 @@ STORIES = SHARED / "models" / "stories260K"
 def build_group(name: str, args) -> list:
     """Every record of a group's oracle experience (cached)."""
     from metapeft.adapters import METHODS
-    from metapeft.experience import ExperienceStore, run_sweep, sample_sweep_tasks
+    from metapeft.data.episodes import sample_sweep_tasks
+    from metapeft.experience import ExperienceStore
+    from metapeft.sweep import run_sweep
 
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     if name == "synthetic":

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from metapeft.data.synthetic import FAMILIES, generate_pool, generate_task, vocabulary
-from metapeft.data.tasks import load_task, read_rows, sample_episode
+from metapeft.data.episodes import load_task, sample_episode
+from metapeft.data.tasks import read_rows
 from metapeft.errors import UserError
 
 

@@ -1,6 +1,7 @@
-"""The episode sampler's draws are pinned: the README's benchmark numbers were measured on them.
+"""Episodes, pool filters and class splits.
 
-Every expected value below was recorded from the samplers as they were before they moved into
+The episode sampler's draws are pinned: the README's benchmark numbers were measured on them.
+Every expected value in the pinning tests was recorded from the samplers as they were before they moved into
 ``metapeft.data.episodes`` (``sample_episode`` in data/tasks.py, ``EpisodeSource`` in
 data/extract.py, ``sample_sweep_tasks`` in experience.py, ``clinc_tasks`` in
 benchmarks/hpo_eval.py). A change here means the same seed now draws a different task, so a
@@ -12,15 +13,19 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from metapeft.data.extract import EpisodeSource, ReplayWeights
+from metapeft.data.episodes import (EpisodeSource, sample_episode, sample_sweep_tasks,
+                                    split_classes)
+from metapeft.data.feedback import ReplayWeights
+from metapeft.data.pools import class_overlap, filter_pool, read_label_list
 from metapeft.data.synthetic import family_labels, generate_pool
-from metapeft.data.tasks import Example, sample_episode
-from metapeft.experience import sample_sweep_tasks
+from metapeft.data.tasks import Example
+from metapeft.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,3 +160,114 @@ def test_hpo_eval_clinc_tasks_are_pinned(tmp_path):
     ]
     assert pairs[0][0].support[0].text == "banking 4 text 11"
     assert all(e.extra == {"domain": "banking"} for e in pairs[0][1].query)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def domain_pool():
+    """3 domains x 3 intents each (labels disjoint by domain), 10 examples per intent."""
+    pool = []
+    for d in ("banking", "travel", "work"):
+        for k in range(3):
+            label = f"{d}_intent{k}"
+            for i in range(10):
+                pool.append(Example(f"{label} text {i}", label, {"domain": d}))
+    return pool
+
+
+# ---------------------------------------------------------------- pool filters
+
+
+def test_filter_by_domain_and_exclude_gives_disjoint_classes():
+    pool = domain_pool()
+    train = filter_pool(pool, exclude_domains=["work"])
+    val = filter_pool(pool, domains=["work"])
+    assert {e.extra["domain"] for e in train} == {"banking", "travel"}
+    assert {e.extra["domain"] for e in val} == {"work"}
+    assert len(train) == 60 and len(val) == 30
+    assert class_overlap(train, val) == set()
+    assert class_overlap({e.label for e in train}, ["work_intent0", "banking_intent1"]) == {
+        "banking_intent1"}
+
+
+def test_filter_labels_from_and_exclude_labels(tmp_path):
+    pool = domain_pool()
+    lst = tmp_path / "labels.txt"
+    lst.write_text("# keep these\nbanking_intent0\n\ntravel_intent2\n")
+    assert read_label_list(lst) == ["banking_intent0", "travel_intent2"]
+    kept = filter_pool(pool, labels_from=lst)
+    assert {e.label for e in kept} == {"banking_intent0", "travel_intent2"}
+    other = write(tmp_path / "other.jsonl", [{"text": "x", "label": "work_intent1"},
+                                             {"text": "y", "label": "banking_intent0"}])
+    kept = filter_pool(pool, labels_from=other, exclude_labels=["banking_intent0"])
+    assert {e.label for e in kept} == {"work_intent1"}
+    with pytest.raises(UserError):
+        filter_pool(pool, domains=["work"], exclude_labels=[f"work_intent{k}" for k in range(3)])
+
+
+def test_unknown_domain_lists_available():
+    with pytest.raises(UserError) as e:
+        filter_pool(domain_pool(), domains=["banking", "cooking"])
+    msg = e.value.one_line()
+    assert e.value.field == "domain" and "cooking" in msg
+    assert "banking" in msg and "travel" in msg and "work" in msg
+    with pytest.raises(UserError):
+        filter_pool(domain_pool(), exclude_domains=["nope"])
+    with pytest.raises(UserError):
+        filter_pool([Example("a", "x")], domains=["banking"])
+
+
+def test_split_classes_deterministic_and_disjoint():
+    labels = [f"c{i}" for i in range(20)]
+    a = split_classes(labels, 0.25, seed=3)
+    assert a == split_classes(list(reversed(labels)), 0.25, seed=3)
+    train, val = a
+    assert len(val) == 5 and len(train) == 15
+    assert set(train).isdisjoint(val) and set(train) | set(val) == set(labels)
+    assert any(split_classes(labels, 0.25, seed=s)[1] != val for s in range(4, 10))
+    # at least 2 validation labels whenever a fraction is asked for
+    assert len(split_classes(labels, 0.01, seed=0)[1]) == 2
+    assert split_classes(labels, 0.0, seed=0) == (sorted(labels), [])
+    with pytest.raises(UserError):
+        split_classes(["a", "b", "c"], 0.5, seed=0)
+    with pytest.raises(UserError):
+        split_classes(labels, 1.0, seed=0)
+
+
+# ---------------------------------------------------------------- episode sources
+
+
+def test_episode_source_deterministic_and_stratified():
+    pool = domain_pool()
+    labels = sorted({e.label for e in pool})[:6]
+    src = EpisodeSource(pool, labels, ways=3, shots=2, query=4, name="pool.jsonl")
+    assert src.classes == labels
+    t1, t2 = src.sample(7), src.sample(7)
+    assert [e.text for e in t1.support] == [e.text for e in t2.support]
+    assert [e.text for e in t1.query] == [e.text for e in t2.query]
+    assert len(t1.labels) == 3 and set(t1.labels) <= set(labels)
+    assert Counter(e.label for e in t1.support) == {c: 2 for c in t1.labels}
+    assert Counter(e.label for e in t1.query) == {c: 4 for c in t1.labels}
+    assert not {e.text for e in t1.support} & {e.text for e in t1.query}
+    assert any(src.sample(s).labels != t1.labels for s in range(8, 20))
+
+
+def test_episode_source_validation():
+    pool = domain_pool()
+    with pytest.raises(UserError) as e:
+        EpisodeSource(pool, ["banking_intent0", "travel_intent1"], ways=3, shots=1, query=1)
+    assert e.value.field == "ways"
+    small = pool + [Example("lonely", "rare", {})]
+    with pytest.raises(UserError) as e:
+        EpisodeSource(small, ["banking_intent0", "rare"], ways=2, shots=1, query=1)
+    assert "'rare'" in e.value.one_line()
+    with pytest.raises(UserError):
+        EpisodeSource(pool, ["banking_intent0", "travel_intent0"], ways=2, shots=5, query=6)
+    with pytest.raises(UserError):
+        EpisodeSource(pool, None, ways=2, shots=1, query=1, weights=[1.0, 2.0])

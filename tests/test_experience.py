@@ -7,10 +7,11 @@ import multiprocessing as mp
 
 import pytest
 
+from metapeft.data.episodes import sample_sweep_tasks
 from metapeft.errors import UserError
-from metapeft.experience import (ExperienceRecord, ExperienceStore, record_adapt,
-                                 run_sweep, sample_sweep_tasks)
+from metapeft.experience import ExperienceRecord, ExperienceStore, record_adapt
 from metapeft.select.features import FEATURE_NAMES
+from metapeft.sweep import run_sweep
 
 
 def _rec(i: int, method: str = "lora", acc: float = 0.5, **kw) -> ExperienceRecord:

@@ -48,7 +48,7 @@ class AdaptReport:
 def load_task_arg(task, *, shots=None, query=None, ways=None, seed=0, text_field="text",
                   label_field="label"):
     """A Task object as is, else a path (directory, JSONL or CSV) read with ``load_task``."""
-    from metapeft.data.tasks import Task, load_task
+    from metapeft.data import Task, load_task
 
     if isinstance(task, Task):
         return task
@@ -243,8 +243,8 @@ def build_meta_sources(data: str | Path, *, ways: int = 5, shots: int = 5, query
     split into meta-train and validation classes, disjoint), a directory of task folders/files,
     or with ``task_strategy`` a feedback log (project/intent/temporal/mixed groups).
     """
-    from metapeft.data import extract as ex
-    from metapeft.data.tasks import load_task, read_rows
+    from metapeft import data as ex
+    from metapeft.data import load_task, read_rows
 
     spec = {"data": str(data), "ways": ways, "shots": shots, "query": query,
             "domains": domains, "exclude_domains": exclude_domains,

@@ -283,7 +283,7 @@ def meta_train_cmd(
     """Meta-learn an adapter initialisation across many tasks; publish versioned meta-weights."""
     with user_errors():
         from metapeft import api
-        from metapeft.data.extract import ReplayWeights, read_feedback, replay_stats as rstats
+        from metapeft.data.feedback import ReplayWeights, read_feedback, replay_stats as rstats
 
         rw = ReplayWeights(failed=replay_failed, positive=replay_positive,
                            other_negative=replay_negative) if replay else None
@@ -312,7 +312,7 @@ def meta_train_cmd(
             exclude_labels=_csv(exclude_labels), val_fraction=val_fraction,
             task_strategy=task_strategy, min_samples=min_samples, replay=rw, seed=seed)
         if sources[3] is not None and not as_json:
-            from metapeft.data.extract import format_report
+            from metapeft.data.feedback import format_report
 
             out_console.print(format_report(sources[3]))
         spec = sources[2]

@@ -40,7 +40,7 @@ def mean_ci(values) -> tuple[float, float]:
 def run_quickstart(out: Path | None = None, steps: int = 10, tasks: int = 8, meta_steps: int = 30,
                    console=None, progress=None) -> dict:
     from metapeft import api
-    from metapeft.data.extract import EpisodeSource
+    from metapeft.data.episodes import EpisodeSource
     from metapeft.data.synthetic import family_labels, generate_pool
     from metapeft.tiny_model import cache_dir
 

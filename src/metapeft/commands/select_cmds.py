@@ -204,7 +204,9 @@ def register(app: typer.Typer) -> None:
         cli = _cli()
         with cli.user_errors():
             from metapeft.errors import UserError
-            from metapeft.experience import ExperienceStore, run_sweep, sample_sweep_tasks
+            from metapeft.data.episodes import sample_sweep_tasks
+            from metapeft.experience import ExperienceStore
+            from metapeft.sweep import run_sweep
 
             ms = _methods(methods)
             inits = {}

@@ -1,16 +1,16 @@
 """A task is a labelled few-shot problem: a support set to train on and a query set to score.
 
-Readers accept either a directory in mlx-lm's convention (train.jsonl = support, valid.jsonl or
-test.jsonl = query) or one JSONL/CSV pool from which a stratified N-way K-shot episode is drawn.
-Every malformed input raises ``UserError`` naming the file, line and field.
+This module holds the types and the validating readers: ``read_rows`` (a JSONL/CSV file of
+labelled rows) and ``read_task_dir`` (a directory in mlx-lm's convention: train.jsonl = support,
+valid.jsonl or test.jsonl = query). Drawing episodes from a pool, and ``load_task``, which does
+either, live in ``metapeft.data.episodes``. Every malformed input raises ``UserError`` naming the
+file, line and field.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import random
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,11 +37,9 @@ class Task:
     def num_classes(self) -> int:
         return len(self.labels)
 
-    def label_index(self) -> dict[str, int]:
-        return {label: i for i, label in enumerate(self.labels)}
 
-
-def _decode(path: Path) -> list[str]:
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; a missing file or bad byte raises ``UserError``."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -64,7 +62,7 @@ def read_rows(path: str | Path, *, text_field: str = "text", label_field: str = 
     path = Path(path)
     if path.is_dir():
         raise UserError("is a directory, expected a .jsonl or .csv file", path=str(path))
-    lines = _decode(path)
+    lines = read_lines(path)
     if not any(line.strip() for line in lines):
         raise UserError("file is empty", path=str(path))
     rows: list[tuple[int, dict]] = []
@@ -101,86 +99,37 @@ def read_rows(path: str | Path, *, text_field: str = "text", label_field: str = 
     return examples
 
 
-def _labels_of(examples: list[Example]) -> list[str]:
+def labels_of(examples: list[Example]) -> list[str]:
     return sorted({e.label for e in examples})
 
 
-def sample_episode(pool: list[Example], *, ways: int | None, shots: int, query: int, seed: int,
-                   source: str = "pool", labels: list[str] | None = None) -> Task:
-    """Draw a stratified N-way K-shot episode with ``query`` examples per class."""
-    by_label: dict[str, list[Example]] = defaultdict(list)
-    for e in pool:
-        by_label[e.label].append(e)
-    rng = random.Random(seed)
-    available = sorted(by_label) if labels is None else list(labels)
-    if len(available) < 2:
-        raise UserError(f"a task needs at least 2 classes, found {len(available)}", path=source,
-                        field="label")
-    if ways is not None:
-        if ways < 2:
-            raise UserError("--ways must be at least 2", field="ways")
-        if ways > len(available):
-            raise UserError(f"--ways {ways} but only {len(available)} labels are available",
-                            path=source, field="label")
-        chosen = sorted(rng.sample(available, ways))
-    else:
-        chosen = sorted(available)
-    need = shots + query
-    for label in chosen:
-        have = len(by_label[label])
-        if have < need:
-            raise UserError(f"label '{label}' has {have} examples, needs {need} for --shots {shots} "
-                            f"--query {query}", path=source, field="label")
-    support, query_set = [], []
-    for label in chosen:
-        picked = rng.sample(by_label[label], need)
-        support.extend(picked[:shots])
-        query_set.extend(picked[shots:])
-    rng.shuffle(support)
-    rng.shuffle(query_set)
-    return Task(name=f"{Path(source).stem}-{len(chosen)}w{shots}s-seed{seed}", support=support,
-                query=query_set, labels=chosen,
-                meta={"source": source, "ways": len(chosen), "shots": shots, "query": query,
-                      "seed": seed})
-
-
-def _check_classes(examples: list[Example], path: Path) -> None:
-    labels = _labels_of(examples)
+def check_classes(examples: list[Example], path: Path) -> None:
+    labels = labels_of(examples)
     if len(labels) < 2:
         raise UserError(f"a task needs at least 2 classes, found {len(labels)} ({labels[0]!r})",
                         path=str(path), field="label")
 
 
-def load_task(path: str | Path, *, shots: int | None = None, query: int | None = None,
-              ways: int | None = None, seed: int = 0, text_field: str = "text",
-              label_field: str = "label") -> Task:
-    """Load a task from an mlx-lm style directory or draw an episode from a single file."""
+def read_task_dir(path: str | Path, *, text_field: str = "text",
+                  label_field: str = "label") -> Task:
+    """A task from an mlx-lm style directory: train.jsonl (support), valid.jsonl or test.jsonl
+    (query); every query label must occur in the support set."""
     path = Path(path)
-    if not path.exists():
-        raise UserError("task path does not exist", path=str(path))
-    if path.is_dir():
-        train = path / "train.jsonl"
-        if not train.exists():
-            raise UserError("directory has no train.jsonl (the support set)", path=str(path))
-        query_file = next((path / n for n in ("valid.jsonl", "test.jsonl") if (path / n).exists()),
-                          None)
-        if query_file is None:
-            raise UserError("directory has no valid.jsonl or test.jsonl (the query set)",
-                            path=str(path))
-        support = read_rows(train, text_field=text_field, label_field=label_field)
-        query_set = read_rows(query_file, text_field=text_field, label_field=label_field)
-        _check_classes(support, train)
-        labels = _labels_of(support)
-        unknown = sorted(set(_labels_of(query_set)) - set(labels))
-        if unknown:
-            raise UserError(f"query labels {unknown} never appear in the support set",
-                            path=str(query_file), field=label_field)
-        return Task(name=path.name, support=support, query=query_set, labels=labels,
-                    meta={"source": str(path)})
-    pool = read_rows(path, text_field=text_field, label_field=label_field)
-    _check_classes(pool, path)
-    if shots is None:
-        raise UserError("a single-file task needs --shots (and --query) to draw an episode",
-                        path=str(path), field="shots")
-    return sample_episode(pool, ways=ways, shots=shots, query=query if query is not None else 10,
-                          seed=seed, source=str(path))
+    train = path / "train.jsonl"
+    if not train.exists():
+        raise UserError("directory has no train.jsonl (the support set)", path=str(path))
+    query_file = next((path / n for n in ("valid.jsonl", "test.jsonl") if (path / n).exists()),
+                      None)
+    if query_file is None:
+        raise UserError("directory has no valid.jsonl or test.jsonl (the query set)",
+                        path=str(path))
+    support = read_rows(train, text_field=text_field, label_field=label_field)
+    query_set = read_rows(query_file, text_field=text_field, label_field=label_field)
+    check_classes(support, train)
+    labels = labels_of(support)
+    unknown = sorted(set(labels_of(query_set)) - set(labels))
+    if unknown:
+        raise UserError(f"query labels {unknown} never appear in the support set",
+                        path=str(query_file), field=label_field)
+    return Task(name=path.name, support=support, query=query_set, labels=labels,
+                meta={"source": str(path)})
