@@ -65,13 +65,9 @@ def resolve_init(init: str | None, adapter) -> dict | None:
     path = Path(init)
     if path.is_dir():
         path = path / "adapters.safetensors"
-    if not path.exists():
-        try:  # NAME[@VERSION] in the meta-weights registry, when that module exists
-            from metapeft.registry import resolve as registry_resolve
-        except ImportError:
-            registry_resolve = None
-        if registry_resolve is None:
-            raise UserError("init file does not exist", path=str(init), field="init")
+    if not path.exists():  # NAME[@VERSION] in the meta-weights registry
+        from metapeft.registry import resolve as registry_resolve
+
         path = registry_resolve(init)
     arrays, meta = load_safetensors(path)
     return adapter.check_compatible(adapter.unflat(arrays), meta, str(path))

@@ -21,9 +21,7 @@ Everything is driven by ``random.Random(seed)``; no global random state is touch
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 from metapeft.data.tasks import Example, Task
 from metapeft.errors import UserError
@@ -309,15 +307,3 @@ def generate_task(seed: int, family: str | None = None, ways: int | None = None,
                 meta={"source": "synthetic", "family": family, "ways": ways, "shots": shots,
                       "query": query, "noise": noise, "label_noise": label_noise,
                       "length": length, "seed": seed})
-
-
-def write_pool_jsonl(path: str | Path, seed: int = 0, per_label: int = 40) -> Path:
-    """Write every family's pool as JSONL rows {"text", "label", "domain"}; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for family in FAMILIES:
-            for e in generate_pool(family, seed, per_label):
-                f.write(json.dumps({"text": e.text, "label": e.label,
-                                    "domain": e.extra["domain"]}) + "\n")
-    return path

@@ -22,7 +22,6 @@ safetensors header next to the weights.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,10 +256,3 @@ def nearest(query: np.ndarray, reference: np.ndarray, k: int = 5,
         d[exclude] = np.inf
     order = np.argsort(d, kind="stable")[:k]
     return [(int(i), float(d[i])) for i in order if math.isfinite(d[i])]
-
-
-def embedder_info(path: str | Path) -> dict:
-    from metapeft.artifacts import read_metadata
-
-    meta = read_metadata(path)
-    return {k: json.loads(v) if v[:1] in "[{0123456789-" else v for k, v in meta.items()}
