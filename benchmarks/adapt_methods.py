@@ -82,6 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     require(STORIES, "stories260K")
     from metapeft import api
+    from metapeft.adapters import get_adapter_class
     from metapeft.data.episodes import EpisodeSource
     from metapeft.models import load_base_model
 
@@ -108,7 +109,7 @@ def main() -> None:
             params = r.extra["trainable_parameters"]
         a = np.array(accs)
         results[method] = {
-            "tasks": len(tasks), "lr": api.DEFAULT_LR[method], "trainable_parameters": params,
+            "tasks": len(tasks), "lr": get_adapter_class(method).default_lr, "trainable_parameters": params,
             "accuracy": {m: mean_ci(a[:, j]) for j, m in enumerate(marks)},
             "steps_per_second": mean_ci(sps), "tokens_per_second": mean_ci(tps),
             "peak_memory_mb": float(np.max(mem)), "wall_seconds": time.perf_counter() - t0}

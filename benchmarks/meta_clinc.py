@@ -36,13 +36,13 @@ from mlx.utils import tree_flatten
 def multitask_init(adapter, source, tokenizer, steps: int, lr: float, seed: int = 0) -> dict:
     """The strong baseline: one adapter trained jointly on the meta-train tasks (each step: one
     sampled episode's support + query, standard cross-entropy), no meta-learning."""
-    from metapeft.meta.learner import task_loss
+    from metapeft.train import batch_loss
     from metapeft.scoring import TaskEncoder
 
     params = adapter.init_params(seed)
     opt = optim.Adam(learning_rate=lr)
     opt.init(params)
-    vg = mx.value_and_grad(partial(task_loss, adapter))
+    vg = mx.value_and_grad(partial(batch_loss, adapter))
     for s in range(steps):
         task = source.sample(7_000_000 + s)
         batch = TaskEncoder(tokenizer, task.labels).encode(task.support + task.query)
@@ -100,7 +100,7 @@ def main() -> None:
     from metapeft.models import load_base_model
 
     base = load_base_model(str(STORIES))
-    lr = api.DEFAULT_LR[args.method] if args.lr is None else args.lr
+    lr = get_adapter_class(args.method).default_lr if args.lr is None else args.lr
     sources = api.build_meta_sources(str(CLINC / "train.jsonl"), exclude_domains=HELD_OUT_DOMAINS,
                                      ways=5, shots=5, query=5, val_fraction=0.15, seed=0)
     train_src, _, spec, _ = sources

@@ -10,7 +10,8 @@ import os
 import tempfile
 
 # Keep the suite away from the user's registry and experience store (subprocesses inherit this).
-os.environ.setdefault("METAPEFT_HOME", tempfile.mkdtemp(prefix="metapeft-tests-"))
+# Always overridden, never setdefault: a user's own METAPEFT_HOME must not receive test records.
+os.environ["METAPEFT_HOME"] = tempfile.mkdtemp(prefix="metapeft-tests-")
 
 import metapeft  # noqa: E402,F401  (preloads OpenBLAS before mlx)
 

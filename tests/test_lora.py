@@ -9,7 +9,7 @@ import pytest
 from metapeft.adapters.lora import LoRA
 from metapeft.api import adapt, save_adapter
 from metapeft.scoring import TaskEncoder
-from metapeft.train import encode_task, loss_fn
+from metapeft.train import batch_loss, encode_task
 
 
 def test_fresh_lora_is_noop_and_formula(tiny, small_task):
@@ -17,7 +17,7 @@ def test_fresh_lora_is_noop_and_formula(tiny, small_task):
     p = ad.init_params(0)
     enc = TaskEncoder(tiny.tokenizer, small_task.labels)
     batch = enc.encode(small_task.query[:4])
-    from metapeft.adapters.base import score_candidates
+    from metapeft.scoring import score_candidates
 
     base = score_candidates(tiny.model, batch)
     assert np.allclose(np.array(ad.scores(p, batch)), np.array(base), atol=1e-5)
@@ -45,7 +45,7 @@ def test_gradients_only_adapter_leaves(tiny, small_task):
     ad = LoRA.attach(tiny)
     p = ad.init_params(0)
     data = encode_task(small_task, tiny.tokenizer)
-    grads = mx.grad(lambda q: loss_fn(ad, q, data.support))(p)
+    grads = mx.grad(lambda q: batch_loss(ad, q, data.support))(p)
     from mlx.utils import tree_flatten
 
     flat = dict(tree_flatten(grads))

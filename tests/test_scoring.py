@@ -3,7 +3,7 @@
 import mlx.core as mx
 import numpy as np
 
-from metapeft.adapters.base import score_candidates
+from metapeft.scoring import score_candidates
 from metapeft.data.tasks import Example
 from metapeft.scoring import TaskEncoder, classification_loss
 

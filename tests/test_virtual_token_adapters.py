@@ -13,7 +13,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
 from metapeft.adapters import get_adapter_class
-from metapeft.adapters.base import score_candidates
+from metapeft.scoring import score_candidates
 from metapeft.errors import UserError
 from metapeft.scoring import Batch
 

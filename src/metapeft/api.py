@@ -16,9 +16,6 @@ from typing import Any, Callable
 from metapeft import __version__
 from metapeft.errors import UserError
 
-# Learning rates per method for `adapt` when none is given (configs/default.yaml mirrors these).
-DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "adalora": 3e-3, "prompt": 3e-2, "prefix": 1e-2,
-              "ptuning": 3e-3}
 DEFAULT_OBJECTIVE = "ce"
 
 
@@ -85,12 +82,11 @@ def save_adapter(out: str | Path, adapter, params: dict, extra: dict | None = No
         raise UserError("output path exists and is not a directory", path=str(out), field="out")
     params = adapter.scoring_params(params)
     save_safetensors(out / "adapters.safetensors", adapter.flat(params),
-                     adapter.metadata(**(extra or {})))
+                     adapter.metadata(params, **(extra or {})))
     config = {"metapeft_version": __version__, "method": adapter.method,
               "config": adapter.config.to_dict(), "model": adapter.base.path,
               "base_model": adapter.base.model_id, "base_model_hash": adapter.base.fingerprint}
-    if hasattr(adapter, "mlx_lm_config"):
-        config.update(adapter.mlx_lm_config())
+    config.update(adapter.mlx_lm_config() or {})
     atomic_write_json(out / "adapter_config.json", config)
     return out
 
@@ -147,7 +143,7 @@ def adapt(task, *, model: str = "tiny", method: str = "lora", steps: int = 20,
     if params is None:
         params = adapter.init_params(seed)
     data = encode_task(task, base.tokenizer)
-    lr = DEFAULT_LR.get(method, 1e-3) if lr is None else lr
+    lr = cls.default_lr if lr is None else lr
     if on_start is not None:
         on_start()
     try:
@@ -328,8 +324,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = "tiny", method: s
     from metapeft.models import load_base_model
 
     reg.validate_name(name)
+    cls = get_adapter_class(method)
     cfg = MetaConfig(algorithm=algorithm, inner_steps=inner_steps,
-                     inner_lr=inner_lr if inner_lr is not None else DEFAULT_LR.get(method, 1e-3) * 3,
+                     inner_lr=inner_lr if inner_lr is not None else cls.default_lr * 3,
                      inner_optimizer=inner_optimizer or ("sgd" if algorithm == "maml" else "adam"),
                      outer_lr=outer_lr if outer_lr is not None else (1.0 if algorithm == "reptile" else 1e-3))
     cfg.validate()
@@ -341,7 +338,7 @@ def meta_train(data: str | Path = "synthetic", *, model: str = "tiny", method: s
                                      replay=replay, seed=seed)
     train_src, val_src, spec, report = sources
     base = load_base_model(model)
-    adapter = get_adapter_class(method).attach(base, config or {})
+    adapter = cls.attach(base, config or {})
     ckpt = reg.checkpoint_path(name, registry)
     if on_start is not None:
         on_start()

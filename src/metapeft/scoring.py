@@ -5,7 +5,7 @@ candidate c for an example is sum_t log p(label_c[t] | prompt, label_c[:t]) (T0 
 classification), and training minimises the cross-entropy over the candidates' scores, which
 trains the decision directly (label-token NLL would also spend capacity on the label text).
 
-Scoring is two passes and exact (see ``adapters.base.score_candidates``): the prompts run once,
+Scoring is two passes and exact (``score_candidates``): the prompts run once,
 right-padded; their keys and values are then reused as a KV cache by all C label continuations,
 which run as B*C short sequences with per-sequence RoPE offsets. This costs about what one packed
 "prompt + all labels" sequence would, without shifting the labels' positions.
@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from metapeft.data.tasks import Example
@@ -42,11 +43,6 @@ class Batch(NamedTuple):
     def size(self) -> int:
         return int(self.prompt.shape[0])
 
-    def take(self, idx: np.ndarray) -> "Batch":
-        i = mx.array(np.asarray(idx, np.int32))
-        return Batch(self.prompt[i], self.prompt_len[i], self.label_tokens, self.label_len,
-                     self.labels[i], self.weights[i])
-
 
 class TaskEncoder:
     """Tokenises a task's prompts and candidate labels once, then builds packed batches."""
@@ -63,6 +59,7 @@ class TaskEncoder:
         for c, t in enumerate(self.label_tokens):
             self._label_arr[c, :len(t)] = t
         self._label_len = np.array([len(t) for t in self.label_tokens], np.int32)
+        self._prompt_cache: dict[str, list[int]] = {}  # text -> ids: each text tokenised once
 
     def _label_tokens(self, text: str) -> list[int]:
         # Tokenise the label in context (after the template's tail) so that tokenisers which add a
@@ -77,9 +74,12 @@ class TaskEncoder:
         return list(ids)
 
     def prompt_tokens(self, text: str) -> list[int]:
-        ids = list(self.tokenizer.encode(self.template.format(text=text)))
-        if len(ids) > self.max_prompt_tokens:  # keep BOS and the tail that ends in "Label:"
-            ids = ids[:1] + ids[-(self.max_prompt_tokens - 1):]
+        ids = self._prompt_cache.get(text)
+        if ids is None:
+            ids = list(self.tokenizer.encode(self.template.format(text=text)))
+            if len(ids) > self.max_prompt_tokens:  # keep BOS and the tail that ends in "Label:"
+                ids = ids[:1] + ids[-(self.max_prompt_tokens - 1):]
+            self._prompt_cache[text] = ids
         return ids
 
     def encode_buckets(self, examples: list[Example], weights: list[float] | None = None,
@@ -89,7 +89,7 @@ class TaskEncoder:
         trimming padding this way cuts a step's time markedly (see benchmarks/adapt_methods.py)."""
         if not examples:
             return []
-        lengths = [len(self.prompt_tokens(e.text)) for e in examples]
+        lengths = [len(self.prompt_tokens(e.text)) for e in examples]  # memoised
         order = sorted(range(len(examples)), key=lambda i: lengths[i])
         k = -(-len(order) // max_size)
         size = -(-len(order) // k)  # balanced chunks
@@ -114,6 +114,106 @@ class TaskEncoder:
         return Batch(mx.array(tokens), mx.array(np.array([len(p) for p in prompts], np.int32)),
                      mx.array(self._label_arr), mx.array(self._label_len), mx.array(labels),
                      mx.array(w))
+
+
+class _ScoringCache:
+    """A stand-in KV cache: supplies our attention mask and already-computed keys/values.
+
+    mlx-lm models ask their cache for the attention mask (``make_mask``), rotate queries and keys
+    by ``offset`` (an int, or one offset per sequence), and route every layer's keys/values through
+    ``update_and_fetch``. Those are the documented extension points, so prefix tuning's keys and
+    the prompt-then-labels scoring are injected without patching mlx-lm. The cache also records the
+    full keys/values it returned, which the label pass then reuses.
+    """
+
+    def __init__(self, mask: mx.array, past: tuple[mx.array, mx.array] | None, offset):
+        self.mask = mask
+        self.past = past
+        self.offset = offset
+        self.kv: tuple[mx.array, mx.array] | None = None
+
+    def make_mask(self, *args, **kwargs):
+        return self.mask
+
+    def update_and_fetch(self, keys, values):
+        if self.past is not None:
+            pk, pv = self.past
+            keys = mx.concatenate([pk.astype(keys.dtype), keys], axis=2)
+            values = mx.concatenate([pv.astype(values.dtype), values], axis=2)
+        self.kv = (keys, values)
+        return keys, values
+
+
+def _log_softmax(x: mx.array) -> mx.array:
+    x = x.astype(mx.float32)
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+def score_candidates(model: nn.Module, batch: Batch, *, virtual: mx.array | None = None,
+                     prefix: list[tuple[mx.array, mx.array]] | None = None) -> mx.array:
+    """Summed label-token log-probabilities for every candidate, (B, C).
+
+    Pass 1 runs the right-padded prompts (after ``virtual`` embeddings (B, V, D) for prompt tuning
+    and P-tuning, and after per-layer ``prefix`` keys/values (B, kv_heads, P, head_dim) for prefix
+    tuning). Pass 2 runs every candidate's label tokens for every example, B*C sequences, on top of
+    pass 1's keys/values, each with its own RoPE offset so positions equal those of the single
+    sequence ``prompt + label``.
+    """
+    prompt, plen = batch.prompt, batch.prompt_len
+    B, Lp = prompt.shape
+    C, Lm = batch.label_tokens.shape
+    n_layers = len(model.layers)
+    V = 0 if virtual is None else virtual.shape[1]
+    P = 0 if prefix is None else prefix[0][0].shape[2]
+
+    # ---- pass 1: the prompts ----------------------------------------------------------------
+    pos = mx.arange(Lp)
+    valid = pos[None, :] < plen[:, None]  # (B, Lp) real prompt tokens
+    causal = pos[:, None] >= pos[None, :]
+    # mx.logical_and/or, not & and |: under mx.vmap the bitwise operators mis-broadcast an
+    # unbatched operand against a batched one (MLX 0.32; see tests/test_meta.py vmap check).
+    m1 = mx.logical_or(mx.logical_and(causal[None], valid[:, None, :]),
+                       mx.eye(Lp, dtype=mx.bool_)[None])  # pads attend to themselves
+    inputs, embeddings = prompt, None
+    if V:
+        emb = model.model.embed_tokens(prompt)
+        embeddings = mx.concatenate([virtual.astype(emb.dtype), emb], axis=1)
+        inputs = mx.concatenate([mx.zeros((B, V), prompt.dtype), prompt], axis=1)
+        top = mx.concatenate([mx.broadcast_to(mx.tril(mx.ones((V, V), mx.bool_)), (B, V, V)),
+                              mx.zeros((B, V, Lp), mx.bool_)], axis=2)
+        bottom = mx.concatenate([mx.ones((B, Lp, V), mx.bool_), m1], axis=2)
+        m1 = mx.concatenate([top, bottom], axis=1)
+    if P:
+        m1 = mx.concatenate([mx.ones((B, V + Lp, P), mx.bool_), m1], axis=2)
+    caches = [_ScoringCache(m1[:, None], None if prefix is None else prefix[i], P)
+              for i in range(n_layers)]
+    if embeddings is not None:
+        logits1 = model(inputs, cache=caches, input_embeddings=embeddings)
+    else:
+        logits1 = model(inputs, cache=caches)
+    last = mx.take_along_axis(logits1, (V + plen - 1)[:, None, None], axis=1)[:, 0]  # (B, vocab)
+    first_tok = batch.label_tokens[:, 0]
+    scores = _log_softmax(last)[:, first_tok]  # (B, C): log p(label_c[0] | prompt)
+    if Lm == 1:
+        return scores
+
+    # ---- pass 2: label continuations, B*C sequences over pass 1's keys/values ----------------
+    S1 = P + V + Lp
+    inp = mx.broadcast_to(batch.label_tokens[None, :, :-1], (B, C, Lm - 1)).reshape(B * C, Lm - 1)
+    key_valid = mx.concatenate([mx.ones((B, P + V), mx.bool_), valid], axis=1)  # (B, S1)
+    key_valid = mx.repeat(key_valid, C, axis=0)[:, None, :]  # (B*C, 1, S1)
+    causal2 = mx.tril(mx.ones((Lm - 1, Lm - 1), mx.bool_))
+    m2 = mx.concatenate([mx.broadcast_to(key_valid, (B * C, Lm - 1, S1)),
+                         mx.broadcast_to(causal2[None], (B * C, Lm - 1, Lm - 1))], axis=2)
+    offset2 = mx.repeat(P + V + plen, C)  # (B*C,) per-sequence RoPE offsets
+    caches2 = [_ScoringCache(m2[:, None], tuple(mx.repeat(t, C, axis=0) for t in c.kv), offset2)
+               for c in caches]
+    logits2 = model(inp, cache=caches2)  # (B*C, Lm-1, vocab)
+    targets = mx.broadcast_to(batch.label_tokens[None, :, 1:], (B, C, Lm - 1)).reshape(B * C, Lm - 1)
+    lp = mx.take_along_axis(_log_softmax(logits2), targets[..., None], axis=-1)[..., 0]
+    tmask = mx.arange(1, Lm)[None, :] < batch.label_len[:, None]  # (C, Lm-1)
+    rest = (lp.reshape(B, C, Lm - 1) * tmask[None]).sum(axis=-1)
+    return scores + rest
 
 
 OBJECTIVES = ("ce", "nll", "ce_mean", "ce_nll")  # training losses; "ce" is the default

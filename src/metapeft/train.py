@@ -1,8 +1,19 @@
-"""The inner loop: train an adapter's parameter tree on a support set, score the query set.
+"""The training step and the inner loop: train an adapter's parameter tree on a support set, score
+the query set.
 
-Used by ``adapt``, by the tuner and as the evaluation loop of meta-learning. One training step is a
-compiled function of (params, optimizer state, batch); the adapter's own hooks (regulariser,
-``on_step``) are the only method-specific parts, and the loop never branches on the method.
+Used by ``adapt``, by the tuner and sweeps, and (through ``batch_loss`` and the adapter's hook) by
+the meta-learner's inner loops. It takes mlx-lm's trainer shape:
+
+* one compiled step over (params, optimizer state, random state): the random state is part of the
+  compiled state, as in ``mlx_lm.tuner.trainer``, so dropout draws a new mask every step instead of
+  the one frozen at trace time;
+* the support set is tokenised once (``TaskEncoder`` memoises prompts) and minibatches are sliced
+  from it;
+* scoring runs in eval mode (no dropout), training in train mode;
+* one loss path, ``batch_loss``: classification loss over length buckets plus the regulariser;
+* the adapter's optax-style hook, ``init_state`` / ``on_step``, runs after every step.
+
+Nothing here branches on the method.
 """
 
 from __future__ import annotations
@@ -13,16 +24,17 @@ from functools import partial
 from typing import Callable
 
 import mlx.core as mx
-from mlx.utils import tree_map
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_map
 
 from metapeft.adapters.base import Adapter
-from metapeft.errors import UserError
 from metapeft.data.tasks import Example, Task
+from metapeft.errors import UserError
 from metapeft.scoring import Batch, TaskEncoder, classification_loss, total_weight
 
 OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}
+BUCKET_SIZE = 32
 
 
 def make_optimizer(name: str, lr: float) -> optim.Optimizer:
@@ -33,13 +45,40 @@ def make_optimizer(name: str, lr: float) -> optim.Optimizer:
                         field="optimizer") from None
 
 
-def loss_fn(adapter: Adapter, params: dict, buckets: list[Batch], objective: str = "ce") -> mx.array:
-    """Mean loss over all examples of a list of length buckets, plus the adapter's regulariser."""
+def batch_loss(adapter: Adapter, params: dict, batches: Batch | list[Batch],
+               objective: str = "ce") -> mx.array:
+    """The training loss: the weighted mean classification loss over every example of one batch
+    or a list of length buckets, plus the adapter's regulariser. The only loss path: ``train``,
+    the meta-learner's inner and outer losses all call it."""
+    if isinstance(batches, Batch):
+        batches = [batches]
     total = sum(classification_loss(adapter.scores(params, b), b, normalise=False,
-                                    objective=objective) for b in buckets)
-    loss = total / mx.maximum(sum(total_weight(b) for b in buckets), 1e-8)
+                                    objective=objective) for b in batches)
+    loss = total / mx.maximum(sum(total_weight(b) for b in batches), 1e-8)
     reg = adapter.regularizer(params)
     return loss if reg is None else loss + reg
+
+
+def scored_hits(adapter: Adapter, params: dict, batch: Batch) -> tuple[mx.array, mx.array]:
+    """(correct predictions, summed unnormalised loss) on one batch, in eval mode (no dropout)."""
+    with adapter.scoring_mode():
+        scores = adapter.scores(adapter.scoring_params(params), batch)
+    valid = batch.labels >= 0
+    hits = mx.logical_and(mx.argmax(scores, axis=-1) == batch.labels, valid).sum()
+    return hits, classification_loss(scores, batch, normalise=False)
+
+
+def evaluate(adapter: Adapter, params: dict, buckets: list[Batch]) -> tuple[float, float]:
+    """Query (accuracy, mean loss) over length buckets."""
+    hits, loss, n = [], [], 0
+    for b in buckets:
+        h, l_ = scored_hits(adapter, params, b)
+        hits.append(h)
+        loss.append(l_)
+        n += b.size
+    h, l_ = mx.sum(mx.stack(hits)), mx.sum(mx.stack(loss))
+    mx.eval(h, l_)
+    return h.item() / max(n, 1), l_.item() / max(n, 1)
 
 
 @dataclass
@@ -62,7 +101,8 @@ class EncodedTask:
 
 
 def encode_task(task: Task, tokenizer, template: str | None = None,
-                bucket_size: int = 32, support_weights: list[float] | None = None) -> EncodedTask:
+                bucket_size: int = BUCKET_SIZE,
+                support_weights: list[float] | None = None) -> EncodedTask:
     enc = TaskEncoder(tokenizer, task.labels, **({"template": template} if template else {}))
     return EncodedTask(task=task, encoder=enc, support_examples=list(task.support),
                        support=enc.encode_buckets(task.support, support_weights, bucket_size),
@@ -87,19 +127,31 @@ class AdaptResult:
         return self.accuracies[-1] if self.accuracies else float("nan")
 
 
-def evaluate(adapter: Adapter, params: dict, buckets: list[Batch]) -> tuple[float, float]:
-    """Query (accuracy, mean loss) over length buckets."""
-    params = adapter.scoring_params(params)
-    hits, loss, n = [], [], 0
-    for b in buckets:
-        scores = adapter.scores(params, b)
-        valid = b.labels >= 0
-        hits.append(mx.logical_and(mx.argmax(scores, axis=-1) == b.labels, valid).sum())
-        loss.append(classification_loss(scores, b, normalise=False))
-        n += b.size
-    h, l_ = mx.sum(mx.stack(hits)), mx.sum(mx.stack(loss))
-    mx.eval(h, l_)
-    return h.item() / max(n, 1), l_.item() / max(n, 1)
+def _tokens(buckets: list[Batch]) -> int:
+    """Tokens a step runs through the model: the padded prompts, plus every candidate's label
+    continuation for every example (rank classification scores all C)."""
+    return sum(int(b.prompt.size) + b.prompt.shape[0] * b.label_tokens.shape[0]
+               * max(b.label_tokens.shape[1] - 1, 0) for b in buckets)
+
+
+class _Minibatches:
+    """Support minibatches of a fixed size, re-bucketed by length, wrapping around the epoch. The
+    encoder memoises each prompt's tokens, so slicing costs no tokenisation."""
+
+    def __init__(self, data: EncodedTask, batch_size: int, seed: int):
+        self.data, self.rng = data, np.random.default_rng(seed)
+        self.n = data.num_support
+        self.bs = min(batch_size, self.n)
+        self.order, self.cursor = self.rng.permutation(self.n), 0
+
+    def next(self) -> list[Batch]:
+        if self.bs == self.n:
+            return self.data.support
+        if self.cursor + self.bs > self.n:
+            self.order, self.cursor = self.rng.permutation(self.n), 0
+        picked = [self.data.support_examples[j] for j in self.order[self.cursor:self.cursor + self.bs]]
+        self.cursor += self.bs
+        return self.data.encoder.encode_buckets(picked, None, BUCKET_SIZE)
 
 
 def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, evaluate_query: bool = True,
@@ -119,10 +171,10 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
     mx.eval(params)
     opt = make_optimizer(optimizer, lr)
     opt.init(params)
+    mx.random.seed(seed)  # dropout masks: reproducible per run
     holder = {"params": params}
-    state = [holder, opt.state]
-
-    value_and_grad = mx.value_and_grad(partial(loss_fn, adapter, objective=objective))
+    state = [holder, opt.state, mx.random.state]
+    value_and_grad = mx.value_and_grad(partial(batch_loss, adapter, objective=objective))
 
     def step_fn(arrays):
         loss, grads = value_and_grad(holder["params"], [Batch(*a) for a in arrays])
@@ -130,62 +182,49 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
         return loss, grads
 
     step = mx.compile(step_fn, inputs=state, outputs=state) if compile else step_fn
-
-    rng = np.random.default_rng(seed)
-    n = data.num_support
-    bs = min(batch_size, n)
-    order = rng.permutation(n)
-    cursor = 0
+    hook_state = adapter.init_state(params)
+    batches = _Minibatches(data, batch_size, seed)
     query = data.query if evaluate_query and data.query else None
 
     losses: list[float] = []
     accs: list[float] = []
     hit_at = None
     evaluated: list[int] = []
-    if query is not None and (eval_at is None or 0 in eval_at):
-        evaluated.append(0)
-        acc0, _ = evaluate(adapter, holder["params"], query)
-        accs.append(acc0)
-        if target is not None and acc0 >= target:
-            hit_at = 0
+
+    def score(i: int) -> float | None:
+        nonlocal hit_at
+        if query is None or (eval_at is not None and i not in eval_at):
+            return None
+        evaluated.append(i)
+        acc, _ = evaluate(adapter, holder["params"], query)
+        accs.append(acc)
+        if target is not None and hit_at is None and acc >= target:
+            hit_at = i
+        return acc
+
+    score(0)
     if hasattr(mx, "reset_peak_memory"):
         mx.reset_peak_memory()
     train_time = 0.0
     tokens = 0
+    adapter.set_training(True)
     for i in range(1, steps + 1):
-        if bs == n:
-            buckets = data.support
-        else:  # minibatches of a fixed size, re-bucketed by length, wrapping around the epoch
-            if cursor + bs > n:
-                order = rng.permutation(n)
-                cursor = 0
-            picked = [data.support_examples[j] for j in order[cursor:cursor + bs]]
-            buckets = data.encoder.encode_buckets(picked, None, 32)
-            cursor += bs
+        buckets = batches.next()
         ts = time.perf_counter()
         loss, grads = step([tuple(b) for b in buckets])
         mx.eval(loss, state)
-        new_params = adapter.on_step(holder["params"], grads, i, steps)
+        new_params, hook_state = adapter.on_step(holder["params"], grads, hook_state, i, steps)
         if new_params is not holder["params"]:
             holder["params"] = new_params
             mx.eval(holder["params"])
         train_time += time.perf_counter() - ts
-        # tokens the step actually runs through the model: the padded prompts, plus every
-        # candidate's label continuation for every example (rank classification scores all C)
-        tokens += sum(int(b.prompt.size) + b.prompt.shape[0] * b.label_tokens.shape[0]
-                      * max(b.label_tokens.shape[1] - 1, 0) for b in buckets)
+        tokens += _tokens(buckets)
         loss_v = loss.item()
         if not np.isfinite(loss_v):
             raise FloatingPointError(f"support loss became {loss_v} at step {i}; lower the "
                                      f"learning rate (now {lr})")
         losses.append(loss_v)
-        acc = None
-        if query is not None and (eval_at is None or i in eval_at):
-            evaluated.append(i)
-            acc, _ = evaluate(adapter, holder["params"], query)
-            accs.append(acc)
-            if target is not None and hit_at is None and acc >= target:
-                hit_at = i
+        acc = score(i)
         if on_step is not None:
             on_step(i, loss_v, acc)
     peak = mx.get_peak_memory() / 2**20 if hasattr(mx, "get_peak_memory") else float("nan")
@@ -194,4 +233,4 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
                        seconds=time.perf_counter() - t0, train_seconds=train_time,
                        peak_memory_mb=peak,
                        tokens_per_second=tokens / train_time if train_time > 0 else 0.0,
-                       extra={"eval_steps": evaluated})
+                       extra={"eval_steps": evaluated, "hook_state": hook_state})

@@ -19,6 +19,11 @@ _REGISTRY = {
     "ptuning": "metapeft.adapters.ptuning:PTuning",
 }
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
+# The documented prior ranking `metapeft select` falls back to without experience (measured on the
+# synthetic sweep of benchmarks/select_eval.py; see metapeft.select.selector).
+PRIOR_ORDER: tuple[str, ...] = ("lora", "adalora", "dora", "prefix", "ptuning", "prompt")
+# The small fresh adapter whose loss, accuracy and gradient norm are task features (`profile`).
+PROBE_METHOD, PROBE_OPTIONS = "lora", {"rank": 4}
 
 
 def get_adapter_class(method: str):

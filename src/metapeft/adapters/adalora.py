@@ -45,10 +45,14 @@ Rank allocation (peft ``RankAllocator``), after every optimizer step with that s
   sensitivities reset; after it the stored rank pattern is re-applied every step.
 
 ``T`` is ``config.total_step`` or, when that is None, the ``total_steps`` the train loop passes.
-Masking happens on E itself (as peft does), so ``scoring_params`` returns the params as-is. The
-allocator state lives on the adapter instance and is reset by ``init_params`` and at step 1 of
-every training run. AdaLoRA adapters are
-not loadable by mlx-lm (mlx-lm has no SVD adapter type).
+Masking happens on E itself (as peft does), so ``scoring_params`` returns the params as-is.
+
+The allocator is the protocol's optax-style hook: ``init_state(params)`` gives zero EMAs and an
+all-kept rank pattern, ``on_step(params, grads, state, step, T) -> (params, state)`` is written in
+mx ops only (the k-th smallest score by ``mx.sort``), with ``step`` and ``T`` as Python numbers. So
+the same allocator runs in ``adapt``, inside the meta-learner's traced (vmapped, differentiated)
+inner loops and in validation: meta-training adapts the AdaLoRA that test time adapts. AdaLoRA
+adapters are not loadable by mlx-lm (mlx-lm has no SVD adapter type).
 """
 
 from __future__ import annotations
@@ -60,11 +64,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from metapeft.adapters.base import (Adapter, AdapterConfig, copy_and_check_targets,
-                                    score_candidates)
+from metapeft.adapters.base import (Adapter, AdapterConfig, check_num_layers,
+                                    copy_and_check_targets)
 from metapeft.adapters.lora import ALL_LINEAR
 from metapeft.errors import UserError
-from metapeft.scoring import Batch
+from metapeft.scoring import Batch, score_candidates
 
 LEAVES = ("lora_A", "lora_E", "lora_B")
 
@@ -95,6 +99,7 @@ class AdaLoRAConfig(AdapterConfig):
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}", field="dropout")
         if not self.target_modules:
             raise UserError("target_modules is empty", field="target_modules")
+        check_num_layers(self.num_layers)
         if self.tinit < 0:
             raise UserError(f"tinit must be >= 0, got {self.tinit}", field="tinit")
         if self.tfinal < 0:
@@ -113,6 +118,13 @@ class AdaLoRAConfig(AdapterConfig):
                 raise UserError(f"total_step must be >= 1, got {self.total_step}",
                                 field="total_step")
             self.check_schedule(self.total_step)
+
+    @classmethod
+    def repair(cls, options: dict) -> dict:
+        """A drawn target_r above the drawn init_r is clipped to it."""
+        if "target_r" in options and "init_r" in options:
+            options["target_r"] = min(int(options["target_r"]), int(options["init_r"]))
+        return options
 
     def check_schedule(self, total_step: int) -> None:
         """peft's check: the schedule must leave a budgeting phase, tinit < total_step - tfinal."""
@@ -163,6 +175,8 @@ def budget_schedule(step: int, *, init_bgt: int, target_bgt: int, tinit: int, tf
 class AdaLoRA(Adapter):
     method = "adalora"
     Config = AdaLoRAConfig
+    default_lr = 3e-3
+    structural = ("init_r", "target_modules", "num_layers")
 
     def _attach(self) -> None:
         cfg = self.config
@@ -188,17 +202,8 @@ class AdaLoRA(Adapter):
         self._template = self.model.trainable_parameters()
         self.init_bgt = cfg.init_r * len(self.module_names)
         self.target_bgt = cfg.target_r * len(self.module_names)
-        self.reset_allocator()
-
-    # --- allocator state --------------------------------------------------------------------
-    def reset_allocator(self) -> None:
-        self.exp_avg_ipt: dict[str, mx.array] = {}
-        self.exp_avg_unc: dict[str, mx.array] = {}
-        self.rank_pattern: dict[str, np.ndarray] | None = None  # module -> bool (r,) kept ranks
-        self.budget = self.init_bgt
 
     def init_params(self, seed: int = 0) -> dict:
-        self.reset_allocator()
         key = mx.random.key(seed)
         flat = tree_flatten(self._template)
         keys = mx.random.split(key, max(len(flat), 1))
@@ -236,7 +241,7 @@ class AdaLoRA(Adapter):
             return None
         return w * (sum(terms) / len(terms))
 
-    # --- rank allocation --------------------------------------------------------------------
+    # --- rank allocation (the protocol's step hook) -----------------------------------------
     def total_step(self, total_steps: int) -> int:
         return self.config.total_step if self.config.total_step is not None else int(total_steps)
 
@@ -246,84 +251,84 @@ class AdaLoRA(Adapter):
                                tinit=c.tinit, tfinal=c.tfinal,
                                total_step=self.total_step(total_steps), deltaT=c.deltaT)
 
-    def _update_ipt(self, params: dict, grads: dict) -> None:
+    def init_state(self, params: dict) -> dict:
+        """Zero sensitivity EMAs (peft starts from zeros too), every rank kept, the full budget.
+        ``scored`` (a Python bool) says whether any sensitivity was recorded: masking on all-zero
+        scores would drop every rank."""
+        zeros = {path: mx.zeros(v.shape, mx.float32) for path, v in tree_flatten(params)
+                 if path.rsplit(".", 1)[-1] in LEAVES}
+        r = self.config.init_r
+        return {"ipt": zeros, "unc": dict(zeros),
+                "pattern": {n: mx.ones((r, 1), mx.float32) for n in self.module_names},
+                "budget": self.init_bgt, "scored": False, "final": False}
+
+    def _update_ipt(self, state: dict, params: dict, grads: dict) -> dict:
         b1, b2 = self.config.beta1, self.config.beta2
         p_flat = dict(tree_flatten(params))
-        new = []
+        ipt_avg, unc_avg = dict(state["ipt"]), dict(state["unc"])
         for path, g in tree_flatten(grads):
-            if path.rsplit(".", 1)[-1] not in LEAVES or path not in p_flat:
+            if path not in ipt_avg or path not in p_flat:
                 continue
-            ipt = mx.abs(p_flat[path].astype(mx.float32) * g.astype(mx.float32))
-            avg = self.exp_avg_ipt.get(path)
-            unc = self.exp_avg_unc.get(path)
-            avg = (1 - b1) * ipt if avg is None else b1 * avg + (1 - b1) * ipt
-            unc_new = (1 - b2) * mx.abs(ipt - avg)
-            unc = unc_new if unc is None else b2 * unc + unc_new
-            self.exp_avg_ipt[path] = avg
-            self.exp_avg_unc[path] = unc
-            new += [avg, unc]
-        mx.eval(new)
+            # sensitivities steer the mask; they are not part of what MAML differentiates
+            ipt = mx.stop_gradient(mx.abs(p_flat[path].astype(mx.float32) * g.astype(mx.float32)))
+            avg = b1 * ipt_avg[path] + (1 - b1) * ipt
+            unc_avg[path] = b2 * unc_avg[path] + (1 - b2) * mx.abs(ipt - avg)
+            ipt_avg[path] = avg
+        return {**state, "ipt": ipt_avg, "unc": unc_avg, "scored": True}
 
-    def triplet_scores(self) -> dict[str, np.ndarray] | None:
+    def triplet_scores(self, state: dict) -> dict[str, mx.array]:
         """Per module, the (r,) triplet scores s_E + mean_row s_A + mean_col s_B (peft)."""
         out = {}
         for name in self.module_names:
-            try:
-                s = {leaf: np.array(self.exp_avg_ipt[f"{name}.{leaf}"] * self.exp_avg_unc[f"{name}.{leaf}"])
-                     for leaf in LEAVES}
-            except KeyError:
-                return None
-            out[name] = s["lora_E"].reshape(-1) + s["lora_A"].mean(axis=1) + s["lora_B"].mean(axis=0)
+            s = {leaf: state["ipt"][f"{name}.{leaf}"] * state["unc"][f"{name}.{leaf}"]
+                 for leaf in LEAVES}
+            out[name] = (s["lora_E"].reshape(-1) + s["lora_A"].mean(axis=1)
+                         + s["lora_B"].mean(axis=0))
         return out
 
-    def _mask_to_budget(self, budget: int) -> dict[str, np.ndarray] | None:
-        triplet = self.triplet_scores()
-        if triplet is None:
-            return None
+    def _mask_to_budget(self, state: dict, budget: int) -> dict[str, mx.array]:
+        """Keep-masks (r, 1): triplets scoring above the (init_bgt - budget)-th smallest score."""
+        triplet = self.triplet_scores(state)
         k = self.init_bgt - budget
         if k <= 0:
-            return {n: np.ones_like(v, dtype=bool) for n, v in triplet.items()}
-        all_scores = np.concatenate([triplet[n] for n in self.module_names])
-        threshold = np.partition(all_scores, k - 1)[k - 1]
-        return {n: ~(v <= threshold) for n, v in triplet.items()}
+            return {n: mx.ones((v.shape[0], 1), mx.float32) for n, v in triplet.items()}
+        all_scores = mx.concatenate([triplet[n] for n in self.module_names])
+        threshold = mx.sort(all_scores)[k - 1]  # torch.kthvalue(k)
+        return {n: (v > threshold).astype(mx.float32)[:, None] for n, v in triplet.items()}
 
-    def _apply_pattern(self, params: dict, pattern: dict[str, np.ndarray]) -> dict:
+    @staticmethod
+    def _apply_pattern(params: dict, pattern: dict[str, mx.array]) -> dict:
         flat = []
         for path, v in tree_flatten(params):
             name, leaf = path.rsplit(".", 1)
             if leaf == "lora_E" and name in pattern:
-                keep = mx.array(pattern[name].reshape(-1, 1).astype(np.float32)).astype(v.dtype)
-                v = v * keep
+                v = v * pattern[name].astype(v.dtype)
             flat.append((path, v))
         return tree_unflatten(flat)
 
-    def on_step(self, params: dict, grads: dict | None, step: int, total_steps: int) -> dict:
-        """peft's ``update_and_allocate(step)``; returns params with E masked where due."""
+    def on_step(self, params: dict, grads: dict | None, state: dict, step: int,
+                total_steps: int) -> tuple[dict, dict]:
+        """peft's ``update_and_allocate(step)``: params with E masked where due, and new state."""
         c = self.config
         T = self.total_step(total_steps)
         c.check_schedule(T)
-        if step <= 1:  # a new training run (e.g. a meta-learner re-adapting one init)
-            self.reset_allocator()
         boundary = T - c.tfinal
         if step < boundary:
             if grads is not None:
-                self._update_ipt(params, grads)
+                state = self._update_ipt(state, params, grads)
             budget, mask_ind = self.schedule(step, total_steps)
-            if mask_ind:
-                pattern = self._mask_to_budget(budget)
-                if pattern is not None:
-                    self.rank_pattern, self.budget = pattern, budget
-                    return self._apply_pattern(params, pattern)
-            return params
-        if step == boundary:
+            if mask_ind and state["scored"]:
+                pattern = self._mask_to_budget(state, budget)
+                state = {**state, "pattern": pattern, "budget": budget}
+                return self._apply_pattern(params, pattern), state
+            return params, state
+        if step == boundary and state["scored"]:
             # force the final mask with the target budget (peft does not update ipt here)
-            pattern = self._mask_to_budget(self.target_bgt)
-            self.exp_avg_ipt, self.exp_avg_unc = {}, {}
-            if pattern is not None:
-                self.rank_pattern, self.budget = pattern, self.target_bgt
-        if self.rank_pattern is not None:
-            return self._apply_pattern(params, self.rank_pattern)
-        return params
+            pattern = self._mask_to_budget(state, self.target_bgt)
+            state = {**state, "pattern": pattern, "budget": self.target_bgt, "final": True}
+        if state["final"]:
+            return self._apply_pattern(params, state["pattern"]), state
+        return params, state
 
     def rank_counts(self, params: dict) -> dict[str, int]:
         """Nonzero E entries (the live rank) per module."""
@@ -334,7 +339,11 @@ class AdaLoRA(Adapter):
                 out[name] = int(np.count_nonzero(np.array(v)))
         return out
 
-    def metadata(self, **extra) -> dict[str, str]:
-        if self.rank_pattern is not None and "rank_pattern" not in extra:
-            extra["rank_pattern"] = {n: [bool(b) for b in v] for n, v in self.rank_pattern.items()}
-        return super().metadata(**extra)
+    def metadata(self, params: dict | None = None, **extra) -> dict[str, str]:
+        """With ``params``, the header records the kept ranks (nonzero E entries) per module, as
+        peft's ``rank_pattern``."""
+        if params is not None and "rank_pattern" not in extra:
+            extra["rank_pattern"] = {
+                path.rsplit(".", 1)[0]: [bool(b) for b in np.array(v).reshape(-1) != 0]
+                for path, v in tree_flatten(params) if path.endswith(".lora_E")}
+        return super().metadata(params, **extra)

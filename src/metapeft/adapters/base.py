@@ -5,16 +5,22 @@ pass is a pure function of that tree, ``scores(params, batch)``, so the same cod
 ``mx.grad`` (training, second-order MAML), ``mx.vmap`` (meta-batches) and ``mx.compile``. The train
 loop, the meta-learner, the selector and the tuner only ever see this surface:
 
-    adapter = ADAPTERS[method].attach(base, config)
+    adapter = get_adapter_class(method).attach(base, config)
     params = adapter.init_params(seed)          # fresh trainable tree
     scores = adapter.scores(params, batch)      # (B, C) candidate log-probabilities
-    loss = adapter.regularizer(params)          # method-specific extra loss (0 for most)
-    params = adapter.on_step(params, grads, step, total)   # e.g. AdaLoRA's rank allocation
-    adapter.save(path, params) / adapter.load(path)
+    loss = adapter.regularizer(params)          # method-specific extra loss (None for most)
+    state = adapter.init_state(params)          # optax-style hook state (AdaLoRA's allocator)
+    params, state = adapter.on_step(params, grads, state, step, total)
+
+The class also describes the method to everything else, so nothing outside ``adapters/`` names
+one: ``default_lr``, ``structural`` (options that fix the tree's shapes), ``Config`` (defaults,
+``validate``, ``repair``), ``default_hyperparameters()``, and the export formats
+``mlx_lm_config()`` / ``to_peft()``, which return None where the format does not apply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -29,106 +35,6 @@ from metapeft import __version__
 from metapeft.errors import UserError
 from metapeft.models import BaseModel
 from metapeft.scoring import Batch
-
-
-class _ScoringCache:
-    """A stand-in KV cache: supplies our attention mask and already-computed keys/values.
-
-    mlx-lm models ask their cache for the attention mask (``make_mask``), rotate queries and keys
-    by ``offset`` (an int, or one offset per sequence), and route every layer's keys/values through
-    ``update_and_fetch``. Those are the documented extension points, so prefix tuning's keys and
-    the prompt-then-labels scoring are injected without patching mlx-lm. The cache also records the
-    full keys/values it returned, which the label pass then reuses.
-    """
-
-    def __init__(self, mask: mx.array, past: tuple[mx.array, mx.array] | None, offset):
-        self.mask = mask
-        self.past = past
-        self.offset = offset
-        self.kv: tuple[mx.array, mx.array] | None = None
-
-    def make_mask(self, *args, **kwargs):
-        return self.mask
-
-    def update_and_fetch(self, keys, values):
-        if self.past is not None:
-            pk, pv = self.past
-            keys = mx.concatenate([pk.astype(keys.dtype), keys], axis=2)
-            values = mx.concatenate([pv.astype(values.dtype), values], axis=2)
-        self.kv = (keys, values)
-        return keys, values
-
-
-def _log_softmax(x: mx.array) -> mx.array:
-    x = x.astype(mx.float32)
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
-
-
-def score_candidates(model: nn.Module, batch: Batch, *, virtual: mx.array | None = None,
-                     prefix: list[tuple[mx.array, mx.array]] | None = None) -> mx.array:
-    """Summed label-token log-probabilities for every candidate, (B, C).
-
-    Pass 1 runs the right-padded prompts (after ``virtual`` embeddings (B, V, D) for prompt tuning
-    and P-tuning, and after per-layer ``prefix`` keys/values (B, kv_heads, P, head_dim) for prefix
-    tuning). Pass 2 runs every candidate's label tokens for every example, B*C sequences, on top of
-    pass 1's keys/values, each with its own RoPE offset so positions equal those of the single
-    sequence ``prompt + label``.
-    """
-    prompt, plen = batch.prompt, batch.prompt_len
-    B, Lp = prompt.shape
-    C, Lm = batch.label_tokens.shape
-    n_layers = len(model.layers)
-    V = 0 if virtual is None else virtual.shape[1]
-    P = 0 if prefix is None else prefix[0][0].shape[2]
-
-    # ---- pass 1: the prompts ----------------------------------------------------------------
-    pos = mx.arange(Lp)
-    valid = pos[None, :] < plen[:, None]  # (B, Lp) real prompt tokens
-    causal = pos[:, None] >= pos[None, :]
-    # mx.logical_and/or, not & and |: under mx.vmap the bitwise operators mis-broadcast an
-    # unbatched operand against a batched one (MLX 0.32; see tests/test_meta.py vmap check).
-    m1 = mx.logical_or(mx.logical_and(causal[None], valid[:, None, :]),
-                       mx.eye(Lp, dtype=mx.bool_)[None])  # pads attend to themselves
-    inputs, embeddings = prompt, None
-    if V:
-        emb = model.model.embed_tokens(prompt)
-        embeddings = mx.concatenate([virtual.astype(emb.dtype), emb], axis=1)
-        inputs = mx.concatenate([mx.zeros((B, V), prompt.dtype), prompt], axis=1)
-        top = mx.concatenate([mx.broadcast_to(mx.tril(mx.ones((V, V), mx.bool_)), (B, V, V)),
-                              mx.zeros((B, V, Lp), mx.bool_)], axis=2)
-        bottom = mx.concatenate([mx.ones((B, Lp, V), mx.bool_), m1], axis=2)
-        m1 = mx.concatenate([top, bottom], axis=1)
-    if P:
-        m1 = mx.concatenate([mx.ones((B, V + Lp, P), mx.bool_), m1], axis=2)
-    caches = [_ScoringCache(m1[:, None], None if prefix is None else prefix[i], P)
-              for i in range(n_layers)]
-    if embeddings is not None:
-        logits1 = model(inputs, cache=caches, input_embeddings=embeddings)
-    else:
-        logits1 = model(inputs, cache=caches)
-    last = mx.take_along_axis(logits1, (V + plen - 1)[:, None, None], axis=1)[:, 0]  # (B, vocab)
-    first_tok = batch.label_tokens[:, 0]
-    scores = _log_softmax(last)[:, first_tok]  # (B, C): log p(label_c[0] | prompt)
-    if Lm == 1:
-        return scores
-
-    # ---- pass 2: label continuations, B*C sequences over pass 1's keys/values ----------------
-    S1 = P + V + Lp
-    inp = mx.broadcast_to(batch.label_tokens[None, :, :-1], (B, C, Lm - 1)).reshape(B * C, Lm - 1)
-    key_valid = mx.concatenate([mx.ones((B, P + V), mx.bool_), valid], axis=1)  # (B, S1)
-    key_valid = mx.repeat(key_valid, C, axis=0)[:, None, :]  # (B*C, 1, S1)
-    causal2 = mx.tril(mx.ones((Lm - 1, Lm - 1), mx.bool_))
-    m2 = mx.concatenate([mx.broadcast_to(key_valid, (B * C, Lm - 1, S1)),
-                         mx.broadcast_to(causal2[None], (B * C, Lm - 1, Lm - 1))], axis=2)
-    offset2 = mx.repeat(P + V + plen, C)  # (B*C,) per-sequence RoPE offsets
-    caches2 = [_ScoringCache(m2[:, None], tuple(mx.repeat(t, C, axis=0) for t in c.kv), offset2)
-               for c in caches]
-    logits2 = model(inp, cache=caches2)  # (B*C, Lm-1, vocab)
-    targets = mx.broadcast_to(batch.label_tokens[None, :, 1:], (B, C, Lm - 1)).reshape(B * C, Lm - 1)
-    lp = mx.take_along_axis(_log_softmax(logits2), targets[..., None], axis=-1)[..., 0]
-    tmask = mx.arange(1, Lm)[None, :] < batch.label_len[:, None]  # (C, Lm-1)
-    rest = (lp.reshape(B, C, Lm - 1) * tmask[None]).sum(axis=-1)
-    return scores + rest
 
 
 def structural_copy(module: Any) -> Any:
@@ -180,19 +86,42 @@ class AdapterConfig:
         out.validate()
         return out
 
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every option's default value."""
+        return cls().to_dict()
+
     def validate(self) -> None:
         pass
+
+    @classmethod
+    def repair(cls, options: dict) -> dict:
+        """Make a set of options valid where they constrain each other (used by searches that
+        draw options independently); the default has no such constraints."""
+        return options
+
+
+def check_num_layers(num_layers: int) -> None:
+    """``num_layers`` counts trailing blocks: -1 (all) or at least 1. 0 is refused, since mlx-lm
+    reads ``layers[-0:]`` as every block while a literal reading adapts none."""
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or (
+            num_layers != -1 and num_layers < 1):
+        raise UserError(f"num_layers must be -1 (every block) or >= 1, got {num_layers!r}",
+                        field="num_layers")
 
 
 class Adapter:
     """Base class implementing the shared parts of the protocol. Subclasses define:
 
-    ``method``, ``Config``, ``_attach()``, ``init_params(seed)`` and ``logits(params, batch)``
-    (or override ``scores``), optionally ``regularizer`` and ``on_step``.
+    ``method``, ``Config``, ``default_lr``, ``structural``, ``_attach()``, ``init_params(seed)``
+    and ``scores(params, batch)``; optionally ``regularizer``, ``init_state``/``on_step``,
+    ``mlx_lm_config`` and ``to_peft``.
     """
 
     method: ClassVar[str]
     Config: ClassVar[type[AdapterConfig]]
+    default_lr: ClassVar[float] = 1e-3  # the learning rate `adapt` uses when none is given
+    structural: ClassVar[tuple[str, ...]] = ()  # options that fix the trainable tree's shapes
 
     def __init__(self, base: BaseModel, config: AdapterConfig):
         self.base = base
@@ -209,6 +138,11 @@ class Adapter:
             config.validate()
         return cls(base, config)
 
+    @classmethod
+    def default_hyperparameters(cls) -> dict:
+        """What `adapt` runs with when nothing is given: the learning rate and every option."""
+        return {"lr": cls.default_lr, **cls.Config.defaults()}
+
     # --- to implement -----------------------------------------------------------------------
     def _attach(self) -> None:
         raise NotImplementedError
@@ -223,32 +157,54 @@ class Adapter:
     def regularizer(self, params: dict) -> mx.array | None:
         return None
 
-    def on_step(self, params: dict, grads: dict, step: int, total_steps: int) -> dict:
-        return params
+    def init_state(self, params: dict) -> Any:
+        """State of the per-step hook (optax-style); None where the method has no hook."""
+        return None
 
-    def loss(self, params: dict, batch: Batch, objective: str = "ce") -> mx.array:
-        """Training loss on one batch: classification loss plus the method's regulariser."""
-        from metapeft.scoring import classification_loss
+    def on_step(self, params: dict, grads: dict | None, state: Any, step: int,
+                total_steps: int) -> tuple[dict, Any]:
+        """Called after every optimizer step (1-based ``step``) by the train loop and by the
+        meta-learner's inner loops, traced or not: it must be written in mx ops on the trees it is
+        given, with only ``step``/``total_steps`` as Python numbers."""
+        return params, state
 
-        value = classification_loss(self.scores(params, batch), batch, objective=objective)
-        reg = self.regularizer(params)
-        return value if reg is None else value + reg
+    def set_training(self, training: bool) -> None:
+        """Dropout on (training) or off (scoring); a no-op for methods without dropout."""
+        model = getattr(self, "model", None)
+        if model is not None:
+            model.train(training and getattr(self.config, "dropout", 0.0) > 0)
 
-    def metric(self, params: dict, batch: Batch) -> mx.array:
-        """Query accuracy (the meta-learner's progress metric)."""
-        from metapeft.scoring import accuracy
-
-        return accuracy(self.scores(params, batch), batch)
+    @contextlib.contextmanager
+    def scoring_mode(self):
+        """Eval mode (no dropout) for the block, train mode after it."""
+        self.set_training(False)
+        try:
+            yield
+        finally:
+            self.set_training(True)
 
     def scoring_params(self, params: dict) -> dict:
         """Params as used for evaluation (e.g. with AdaLoRA's rank mask applied)."""
         return params
 
+    # --- export formats ---------------------------------------------------------------------
+    def mlx_lm_config(self) -> dict | None:
+        """mlx-lm's ``adapter_config.json`` keys, where ``mlx_lm.load(adapter_path=)`` can load
+        this method; None otherwise."""
+        return None
+
+    @classmethod
+    def to_peft(cls, arrays: dict, metadata: dict, source: str) -> tuple[dict, dict] | None:
+        """(tensors, adapter_config) in HF peft's layout, or None where peft has no equivalent."""
+        return None
+
     # --- shared -----------------------------------------------------------------------------
     def num_trainable(self, params: dict) -> int:
         return sum(v.size for _, v in tree_flatten(params))
 
-    def metadata(self, **extra) -> dict[str, str]:
+    def metadata(self, params: dict | None = None, **extra) -> dict[str, str]:
+        """The safetensors header of an artifact of this adapter (``params``: the saved tree, for
+        methods whose header describes it)."""
         meta = {
             "format": "mlx",
             "kind": "adapter",

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
-from metapeft.adapters.base import (Adapter, AdapterConfig, copy_and_check_targets,
-                                    score_candidates)
+from metapeft.adapters.base import (Adapter, AdapterConfig, check_num_layers,
+                                    copy_and_check_targets)
 from metapeft.errors import UserError
-from metapeft.scoring import Batch
+from metapeft.scoring import Batch, score_candidates
 
 ALL_LINEAR = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -41,6 +41,7 @@ class LoRAConfig(AdapterConfig):
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}", field="dropout")
         if not self.target_modules:
             raise UserError("target_modules is empty", field="target_modules")
+        check_num_layers(self.num_layers)
 
     @property
     def scale(self) -> float:
@@ -50,6 +51,8 @@ class LoRAConfig(AdapterConfig):
 class LoRA(Adapter):
     method = "lora"
     Config = LoRAConfig
+    default_lr = 1e-3
+    structural = ("rank", "target_modules", "num_layers")
 
     def _attach(self) -> None:
         from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -92,6 +95,43 @@ class LoRA(Adapter):
     def mlx_lm_config(self) -> dict:
         return {"fine_tune_type": "dora" if self.config.use_dora else "lora",
                 "num_layers": self.num_layers, "lora_parameters": self.mlx_lm_parameters()}
+
+    @classmethod
+    def to_peft(cls, arrays: dict, metadata: dict, source: str) -> tuple[dict, dict]:
+        """HF peft's LoRA layout. mlx-lm stores ``lora_a`` as (in, r) and ``lora_b`` as (r, out);
+        peft stores ``lora_A.weight`` as (r, in) and ``lora_B.weight`` as (out, r), under
+        ``base_model.model.<module path>``. The scale alpha/r (or alpha/sqrt(r)) carries over as
+        ``lora_alpha`` and ``use_rslora``."""
+        import json
+
+        import numpy as np
+
+        cfg = json.loads(metadata.get("config", "{}"))
+        tensors = {}
+        for name, value in arrays.items():
+            module, leaf = name.rsplit(".", 1)
+            a = np.array(value.astype(mx.float32))
+            key = f"base_model.model.{module}"
+            if leaf == "lora_a":
+                tensors[f"{key}.lora_A.weight"] = a.T.copy()
+            elif leaf == "lora_b":
+                tensors[f"{key}.lora_B.weight"] = a.T.copy()
+            elif leaf == "m":  # DoRA magnitude
+                tensors[f"{key}.lora_magnitude_vector"] = a
+            else:
+                raise UserError(f"unexpected tensor '{name}'", path=source, field="tensors")
+        layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in arrays
+                         if ".layers." in n})
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.get("rank", 8),
+            "lora_alpha": cfg.get("alpha", 16.0), "lora_dropout": cfg.get("dropout", 0.0),
+            "target_modules": sorted({m.rsplit(".", 1)[-1] for m in cfg.get("target_modules", [])}),
+            "layers_to_transform": layers, "use_rslora": cfg.get("use_rslora", False),
+            "use_dora": bool(cfg.get("use_dora", False)), "bias": "none",
+            "fan_in_fan_out": False, "base_model_name_or_path": metadata.get("base_model"),
+            "inference_mode": True,
+        }
+        return tensors, config
 
 
 class DoRA(LoRA):

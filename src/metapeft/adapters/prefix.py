@@ -42,10 +42,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from metapeft.adapters.base import Adapter, AdapterConfig, score_candidates
+from metapeft.adapters.base import Adapter, AdapterConfig
 from metapeft.adapters.prompt import DEFAULT_INIT_TEXT, text_token_ids
 from metapeft.errors import UserError
-from metapeft.scoring import Batch
+from metapeft.scoring import Batch, score_candidates
 
 PREFIX_INITS = ("random", "text")
 
@@ -90,10 +90,20 @@ class PrefixTuningConfig(AdapterConfig):
                                            or not self.init_text.strip()):
             raise UserError("init_text must be a non-empty string", field="init_text")
 
+    @classmethod
+    def repair(cls, options: dict) -> dict:
+        """A text init sets the keys/values directly, which a projection cannot: fall back to a
+        random init when both are drawn."""
+        if options.get("prefix_projection") and options.get("init") == "text":
+            options["init"] = "random"
+        return options
+
 
 class PrefixTuning(Adapter):
     method = "prefix"
     Config = PrefixTuningConfig
+    default_lr = 1e-2
+    structural = ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size")
 
     def _attach(self) -> None:
         b, cfg = self.base, self.config

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from metapeft.adapters.base import Adapter, AdapterConfig, score_candidates
+from metapeft.adapters.base import Adapter, AdapterConfig
 from metapeft.errors import UserError
 from metapeft.models import BaseModel
-from metapeft.scoring import Batch
+from metapeft.scoring import Batch, score_candidates
 
 PROMPT_INITS = ("random", "text", "vocab")
 DEFAULT_INIT_TEXT = "Classify the input text"
@@ -80,6 +80,8 @@ class PromptTuningConfig(AdapterConfig):
 class PromptTuning(Adapter):
     method = "prompt"
     Config = PromptTuningConfig
+    default_lr = 3e-2
+    structural = ("num_virtual_tokens",)
 
     def _attach(self) -> None:
         self.num_virtual_tokens = self.config.num_virtual_tokens

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from metapeft.adapters.base import Adapter, AdapterConfig, score_candidates
+from metapeft.adapters.base import Adapter, AdapterConfig
 from metapeft.adapters.prefix import linear, linear_init
 from metapeft.adapters.prompt import tile_virtual
 from metapeft.errors import UserError
-from metapeft.scoring import Batch
+from metapeft.scoring import Batch, score_candidates
 
 ENCODER_TYPES = ("mlp", "lstm")
 
@@ -98,6 +98,9 @@ class PTuningConfig(AdapterConfig):
 class PTuning(Adapter):
     method = "ptuning"
     Config = PTuningConfig
+    default_lr = 3e-3
+    structural = ("num_virtual_tokens", "encoder_type", "encoder_hidden_size",
+                  "encoder_num_layers")
 
     def _attach(self) -> None:
         self.num_virtual_tokens = self.config.num_virtual_tokens

@@ -1,7 +1,8 @@
 """Reptile, first-order MAML and second-order MAML, written once against the adapter protocol.
 
 Everything here is a function of explicit parameter trees; the adapter is only asked for
-``scores(params, batch)`` and ``regularizer(params)``, so no line branches on the PEFT method.
+``scores``, ``regularizer`` and its step hook (``init_state``/``on_step``), so no line branches on
+the PEFT method.
 
     inner_adapt(θ, support)          k steps of SGD or Adam on the support loss -> φ
     reptile   contribution  φ − θ                      outer: θ ← θ + ε_t · mean_i(φ_i − θ),
@@ -23,11 +24,11 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 import mlx.core as mx
-import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from metapeft.errors import UserError
-from metapeft.scoring import Batch, classification_loss
+from metapeft.scoring import Batch
+from metapeft.train import batch_loss, make_optimizer, scored_hits
 
 ALGORITHMS = ("reptile", "fomaml", "maml")
 
@@ -63,13 +64,10 @@ class MetaConfig:
         return asdict(self)
 
 
-def task_loss(adapter, params: dict, batch, objective: str = "ce") -> mx.array:
-    """The adapter's training loss on one batch (``Adapter.loss``: classification + regulariser)."""
-    return adapter.loss(params, batch, objective)
-
-
-def _accuracy(adapter, params: dict, batch) -> mx.array:
-    return adapter.metric(params, batch)
+def query_accuracy(adapter, params: dict, batch: Batch) -> mx.array:
+    """Query accuracy in eval mode (the meta-learner's progress and validation metric)."""
+    hits, _ = scored_hits(adapter, params, batch)
+    return hits / mx.maximum((batch.labels >= 0).sum(), 1)
 
 
 def _take(batch, i):
@@ -77,37 +75,70 @@ def _take(batch, i):
     return type(batch)(*[f[i] for f in batch])
 
 
-def inner_adapt(adapter, params: dict, support: Batch, cfg: MetaConfig) -> dict:
-    """``cfg.inner_steps`` optimizer steps on the support loss; differentiable end to end."""
-    grad_fn = mx.grad(partial(task_loss, adapter, batch=support, objective=cfg.objective))
+def inner_update(cfg: MetaConfig):
+    """The inner optimizer as an optax-style pair ``(init(params), update(params, grads, state))``.
+
+    Adam is written out because mlx.optimizers.Adam divides by ``sqrt(v) + eps``: at a fresh
+    LoRA/DoRA/AdaLoRA init (B = 0) some gradients are exactly 0, and the derivative of ``sqrt(v)``
+    at v = 0 is infinite, so second-order MAML through it returns NaN. Here ``eps`` sits inside the
+    root, ``m / sqrt(v + eps**2)``, which is finite everywhere and equals mlx's update to within
+    eps wherever v >> eps**2. Like mlx's Adam (its default), no bias correction.
+    """
+    lr = cfg.inner_lr
     if cfg.inner_optimizer == "sgd":
-        for _ in range(cfg.inner_steps):
-            grads = grad_fn(params)
-            params = tree_map(lambda p, g: p - cfg.inner_lr * g, params, grads)
-        return params
-    opt = optim.Adam(learning_rate=cfg.inner_lr)  # fresh state per task, created in the trace
-    opt.init(params)
-    for _ in range(cfg.inner_steps):
-        params = opt.apply_gradients(grad_fn(params), params)
+        return (lambda params: None,
+                lambda params, grads, state: (tree_map(lambda p, g: p - lr * g, params, grads),
+                                              None))
+    b1, b2, eps2 = 0.9, 0.999, 1e-16
+
+    def init(params):
+        return tree_map(mx.zeros_like, params), tree_map(mx.zeros_like, params)
+
+    def update(params, grads, state):
+        m, v = state
+        m = tree_map(lambda m_, g: b1 * m_ + (1 - b1) * g, m, grads)
+        v = tree_map(lambda v_, g: b2 * v_ + (1 - b2) * mx.square(g), v, grads)
+        params = tree_map(lambda p, m_, v_: p - lr * m_ / mx.sqrt(v_ + eps2), params, m, v)
+        return params, (m, v)
+
+    return init, update
+
+
+def inner_adapt(adapter, params: dict, support: Batch, cfg: MetaConfig) -> dict:
+    """``cfg.inner_steps`` optimizer steps on the support loss, with the adapter's step hook after
+    each (so AdaLoRA allocates ranks here as it does in ``adapt``); differentiable end to end and
+    free of ``mx.eval``, so it runs under ``mx.vmap``, ``mx.grad`` and ``mx.compile``."""
+    grad_fn = mx.grad(partial(batch_loss, adapter, batches=support, objective=cfg.objective))
+    init, update = inner_update(cfg)
+    opt_state, hook_state = init(params), adapter.init_state(params)
+    for i in range(1, cfg.inner_steps + 1):
+        grads = grad_fn(params)
+        params, opt_state = update(params, grads, opt_state)
+        params, hook_state = adapter.on_step(params, grads, hook_state, i, cfg.inner_steps)
     return params
 
 
 def task_contribution(adapter, cfg: MetaConfig, theta: dict, support: Batch, query: Batch):
     """(query loss after adaptation, query accuracy after adaptation, contribution tree)."""
+    query_loss = partial(batch_loss, adapter, batches=query, objective=cfg.objective)
     if cfg.algorithm == "maml":
         def outer_loss(th):
             phi = inner_adapt(adapter, th, support, cfg)
-            return task_loss(adapter, phi, query, cfg.objective), phi
+            return query_loss(phi), phi
 
         (loss, phi), grads = mx.value_and_grad(outer_loss)(theta)
-        return loss, _accuracy(adapter, tree_map(mx.stop_gradient, phi), query), grads
+        return loss, query_accuracy(adapter, tree_map(mx.stop_gradient, phi), query), grads
     phi = tree_map(mx.stop_gradient, inner_adapt(adapter, theta, support, cfg))
     if cfg.algorithm == "fomaml":
-        loss, grads = mx.value_and_grad(partial(task_loss, adapter, batch=query,
-                                                objective=cfg.objective))(phi)
-        return loss, _accuracy(adapter, phi, query), grads
-    loss = task_loss(adapter, phi, query, cfg.objective)
-    return loss, _accuracy(adapter, phi, query), tree_map(lambda a, b: a - b, phi, theta)
+        loss, grads = mx.value_and_grad(query_loss)(phi)
+        return loss, query_accuracy(adapter, phi, query), grads
+    loss = query_loss(phi)
+    return loss, query_accuracy(adapter, phi, query), tree_map(lambda a, b: a - b, phi, theta)
+
+
+# Errors with which MLX refuses to vmap or compile a graph (e.g. the VJP of mlx-lm's compiled
+# activations under vmap, or a gather it cannot batch): the meta-learner then runs sequentially.
+TRANSFORM_ERRORS = (RuntimeError, IndexError, ValueError)
 
 
 class MetaLearner:
@@ -125,9 +156,9 @@ class MetaLearner:
         self.compile = compile and vectorise
         self.outer = None
         self.fallback_reason: str | None = None
+        self.vectorised_groups = 0  # meta-batch groups that really ran under vmap
         if cfg.algorithm != "reptile":
-            self.outer = {"adam": optim.Adam, "sgd": optim.SGD,
-                          "adamw": optim.AdamW}[cfg.outer_optimizer](learning_rate=cfg.outer_lr)
+            self.outer = make_optimizer(cfg.outer_optimizer, cfg.outer_lr)
         per_task = partial(task_contribution, adapter, cfg)
         self._per_task = per_task
         vmapped = mx.vmap(per_task, in_axes=(None, 0, 0))
@@ -148,10 +179,11 @@ class MetaLearner:
             try:
                 out = self._batched(theta, support, query)
                 mx.eval(out)
+                self.vectorised_groups += 1
                 return (*out, n)
-            except RuntimeError as e:  # e.g. MLX cannot vmap the VJP of a compiled primitive
+            except TRANSFORM_ERRORS as e:
                 self.vectorise = False
-                self.fallback_reason = str(e).splitlines()[0]
+                self.fallback_reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
         loss_sum, acc_sum, total = 0.0, 0.0, None
         for i in range(n):
             s, q = _take(support, i), _take(query, i)

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from metapeft import __version__
 from metapeft.errors import UserError
 from metapeft.meta.batch import encode_episode, group_by_signature, stack_episodes
-from metapeft.meta.learner import MetaConfig, MetaLearner, _accuracy, inner_adapt
+from metapeft.meta.learner import MetaConfig, MetaLearner, query_accuracy, inner_adapt
 
 
 class MetaDivergence(UserError):
@@ -63,7 +63,7 @@ def validate_theta(adapter, cfg: MetaConfig, theta: dict, episodes) -> float:
     accs = []
     for e in episodes:
         phi = inner_adapt(adapter, theta, e.support, cfg)
-        acc = _accuracy(adapter, phi, e.query)
+        acc = query_accuracy(adapter, phi, e.query)
         mx.eval(acc)
         accs.append(acc.item())
     return float(np.mean(accs)) if accs else float("nan")

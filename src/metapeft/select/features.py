@@ -87,18 +87,18 @@ def _model_features(task, base) -> tuple[float, float, float]:
     import mlx.core as mx
     from functools import partial
 
-    from metapeft.adapters import get_adapter_class
-    from metapeft.train import encode_task, evaluate, loss_fn
+    from metapeft.adapters import PROBE_METHOD, PROBE_OPTIONS, get_adapter_class
+    from metapeft.train import batch_loss, encode_task, evaluate
     from metapeft.data.tasks import Task
 
     small = Task(name=task.name, support=_stratified(task, MAX_EXAMPLES),
                  query=_subset(task.query, MAX_EXAMPLES) or _subset(task.support, MAX_EXAMPLES),
                  labels=list(task.labels), meta=dict(task.meta or {}))
-    adapter = get_adapter_class("lora").attach(base, {"rank": 4})
+    adapter = get_adapter_class(PROBE_METHOD).attach(base, PROBE_OPTIONS)
     params = adapter.init_params(0)
     data = encode_task(small, base.tokenizer, bucket_size=MAX_EXAMPLES)
     acc, loss = evaluate(adapter, params, data.query)
-    grads = mx.grad(partial(loss_fn, adapter))(params, data.support)
+    grads = mx.grad(partial(batch_loss, adapter))(params, data.support)
     from mlx.utils import tree_flatten
 
     sq = sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads))

@@ -13,8 +13,8 @@ over the methods, with T fitted by minimising the negative log-likelihood of the
 on out-of-bag predictions (each task scored only by members whose bootstrap left it out).
 
 Hyperparameters. For each method: the best config (highest accuracy) among the ``k`` nearest
-past tasks (in embedding space) that ran that method; otherwise ``configs/default.yaml``'s values
-for the method (its learning rates mirror ``api.DEFAULT_LR``).
+past tasks (in embedding space) that ran that method; otherwise the method's own defaults
+(``Adapter.default_hyperparameters``: its ``default_lr`` and Config defaults).
 
 Priors. With no (or too little) experience the ranking comes from documented priors:
 LoRA > AdaLoRA > DoRA > prefix > P-tuning > prompt, the project's earlier few-shot measurements
@@ -35,10 +35,10 @@ from metapeft.select.embedder import (TaskEmbedder, _mlp, nearest, normalise, pr
                                       task_table, train_embedder)
 from metapeft.select.features import FEATURE_NAMES, feature_vector
 
+DEFAULTS_SOURCE = "method defaults"  # where hyperparameters come from without experience
 MEMBERS = 5
 HIDDEN = 32
 MIN_TASKS = 3  # fewer tasks than this in the store: answer from priors
-PRIOR_ORDER: tuple[str, ...] = ("lora", "adalora", "dora", "prefix", "ptuning", "prompt")
 PRIOR_CONFIDENCE: tuple[float, ...] = (0.30, 0.20, 0.16, 0.13, 0.11, 0.10)
 PRIOR_REASON = ("no usable experience: ranking from documented priors (LoRA > AdaLoRA > DoRA > "
                 "prefix > P-tuning > prompt), low confidence; run `metapeft sweep` and "
@@ -51,32 +51,15 @@ def default_selector_dir() -> Path:
     return registry_root() / "selector"
 
 
-def _config_file() -> Path:
-    return Path(__file__).resolve().parents[3] / "configs" / "default.yaml"
-
-
 def default_hyperparameters(method: str) -> dict:
-    """``configs/default.yaml``'s options for ``method`` (plus steps/optimizer), else the lr of
-    ``api.DEFAULT_LR``."""
-    from metapeft.api import DEFAULT_LR
+    """What ``adapt`` would run ``method`` with: the adapter's learning rate and options
+    (``Adapter.default_hyperparameters``) plus the run-level steps and optimizer."""
+    from metapeft.adapters import get_adapter_class
+    from metapeft.config import run_defaults
 
-    hp: dict = {}
-    path = _config_file()
-    if path.exists():
-        import yaml
-
-        try:
-            cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            cfg = {}
-        m = (cfg.get("methods") or {}).get(method) or {}
-        if isinstance(m, dict):
-            hp.update(m)
-        for k in ("steps", "optimizer"):
-            if k in cfg:
-                hp[k] = cfg[k]
-    hp.setdefault("lr", DEFAULT_LR.get(method, 1e-3))
-    return hp
+    run = run_defaults()
+    return {**get_adapter_class(method).default_hyperparameters(), "steps": run["steps"],
+            "optimizer": run["optimizer"]}
 
 
 # ----------------------------------------------------------------------------- the model
@@ -168,7 +151,7 @@ class MethodSelector:
                 best = (self.ref_accuracy[i, j], hp, self.ref_info[i].get("id", ""))
         if best is not None:
             return dict(best[1]), f"nearest task {best[2]}"
-        return default_hyperparameters(method), "configs/default.yaml"
+        return default_hyperparameters(method), DEFAULTS_SOURCE
 
     # -- persistence
     def save(self, out: str | Path) -> dict[str, Path]:
@@ -329,14 +312,14 @@ def train_selector(records, *, methods: list[str] | None = None, members: int = 
 # ----------------------------------------------------------------------------- answering
 
 def priors_answer(features: dict, top: int | None = None) -> dict:
-    from metapeft.adapters import METHODS
+    from metapeft.adapters import METHODS, PRIOR_ORDER
 
     order = [m for m in PRIOR_ORDER if m in METHODS] + [m for m in METHODS if m not in PRIOR_ORDER]
     conf = list(PRIOR_CONFIDENCE) + [0.05] * max(0, len(order) - len(PRIOR_CONFIDENCE))
     total = sum(conf[:len(order)])
     ranking = [{"method": m, "predicted_accuracy": None, "confidence": round(conf[i] / total, 4),
                 "uncertainty": None, "hyperparameters": default_hyperparameters(m),
-                "hyperparameters_from": "configs/default.yaml"}
+                "hyperparameters_from": DEFAULTS_SOURCE}
                for i, m in enumerate(order)]
     return {"features": features, "ranking": ranking[:top] if top else ranking,
             "similar_tasks": [], "source": "priors", "reason": PRIOR_REASON}

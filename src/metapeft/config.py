@@ -1,0 +1,59 @@
+"""The project's YAML configs, read in one place.
+
+``configs/`` ships inside the wheel as package data (``metapeft/configs``, see pyproject's
+force-include) and is found through ``importlib.resources``; in a source checkout (an editable
+install) the package directory has no copy, so the repository's ``configs/`` is used. Nothing else
+opens these files.
+
+``default.yaml`` holds the run-level defaults (steps, target, optimizer, objective). A method's
+own defaults (learning rate and options) live in its adapter class (``Adapter.default_lr``,
+``Config``), never here.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+from metapeft.errors import UserError
+
+RUN_DEFAULTS = {"objective": "ce", "optimizer": "adam", "steps": 20, "target": 0.8}
+
+
+def config_file(name: str):
+    """The packaged ``configs/NAME`` (a Traversable), else the source checkout's."""
+    packaged = resources.files("metapeft").joinpath("configs", name)
+    if packaged.is_file():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "configs" / name
+
+
+def read_yaml(path, what: str = "config") -> dict:
+    """A YAML mapping; a one-line UserError (with the line) when the file is missing or invalid."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} file does not exist", path=str(path)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"invalid YAML: {getattr(e, 'problem', e)}", path=str(path),
+                        line=None if mark is None else mark.line + 1) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{what} must be a mapping", path=str(path))
+    return raw
+
+
+@functools.lru_cache(maxsize=1)
+def run_defaults() -> dict:
+    """``configs/default.yaml`` over the built-in run defaults (read once per process)."""
+    out = dict(RUN_DEFAULTS)
+    raw = read_yaml(config_file("default.yaml"), "defaults")
+    out.update({k: v for k, v in raw.items() if k in RUN_DEFAULTS})
+    return out
