@@ -4,7 +4,8 @@ Tasks: N-way K-shot episodes drawn from the held-out CLINC150 domains (banking, 
 used to pick defaults or to meta-train), alternating domains, on stories260K.
 
 For every task, at an equal budget of T trials:
-- ``default``: the configs/default.yaml configuration of each searched method (1 trial/method);
+- ``default``: each searched method's defaults, what ``metapeft adapt`` runs without options and
+  the study's own default seed point (``SearchSpace.default_params``; 1 trial/method);
 - ``random``: T configurations drawn uniformly from configs/search_spaces.yaml;
 - ``bo-cold``: ``metapeft tune`` without experience (defaults first, then LHS, then GP/EI), on
   the objectives accuracy + training seconds (ParEGO);
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
         return 2
     from metapeft.artifacts import atomic_write_text
     from metapeft.tune.search import adapt_evaluator, tune
-    from metapeft.tune.space import load_defaults, load_space
+    from metapeft.tune.space import load_space
 
     T = args.trials
     shard_k, shard_n = (int(v) for v in args.shard.split("/"))
@@ -163,7 +164,6 @@ def main(argv=None) -> int:
                         args.seed, test=args.test)
     settings = {k: getattr(args, k) for k in ("model", "methods", "trials", "steps", "ways",
                                                "shots", "query", "test", "seed", "tasks")}
-    defaults = load_defaults()
     space = load_space(None, args.methods)
     rows = []
     t_start = time.perf_counter()
@@ -171,14 +171,12 @@ def main(argv=None) -> int:
         if i % shard_n != shard_k:
             continue
         res: dict = {"task": task.name, "index": i}
-        ev = adapt_evaluator(task, model=args.model, steps=args.steps, defaults=defaults,
-                             seed=args.seed)
-        ev_test = adapt_evaluator(test_task, model=args.model, steps=args.steps,
-                                  defaults=defaults, seed=args.seed)
+        ev = adapt_evaluator(task, model=args.model, steps=args.steps, seed=args.seed)
+        ev_test = adapt_evaluator(test_task, model=args.model, steps=args.steps, seed=args.seed)
         # defaults (one trial per method; the best one is "the defaults")
         dtrials = []
         for m in space.methods:
-            p = {"lr": defaults["methods"].get(m, {}).get("lr")}
+            p = space.default_params(m)
             dtrials.append({"status": "ok", "method": m, "params": p, **ev(m, p)})
         res["default"] = dtrials
         # random search

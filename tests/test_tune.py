@@ -1,4 +1,5 @@
-"""metapeft tune: search spaces, Pareto helpers, ParEGO, studies (save/resume/failures), CLI."""
+"""metapeft tune: search spaces, Pareto helpers, ParEGO, studies (save/resume/failures, names),
+warm start, CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 import metapeft  # noqa: F401  (preloads OpenBLAS before mlx)
 from metapeft.errors import UserError
 from metapeft.tune import pareto as par
-from metapeft.tune.space import BUILTIN_SPACE, load_space, read_space_file
+from metapeft.tune.space import SearchSpace, load_space, read_space_file
 
 
 @pytest.fixture(autouse=True)
@@ -24,10 +25,18 @@ def _home(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ spaces
 
-def test_space_file_matches_builtin_and_round_trips():
-    raw, source, _ = read_space_file()
-    assert source.endswith("search_spaces.yaml")
-    assert raw == BUILTIN_SPACE
+def test_packaged_space_file_loads_and_round_trips():
+    from metapeft.adapters import METHODS
+    from metapeft.config import config_file
+
+    located = config_file("search_spaces.yaml")
+    assert located.is_file()
+    raw, source, lines = read_space_file()
+    assert source == str(located) and lines[("methods", "lora")] > 1
+    every = load_space()
+    assert every.source == source and set(every.methods) == set(METHODS) == set(raw["methods"])
+    again = SearchSpace.from_dict(json.loads(json.dumps(every.to_dict())))
+    assert again.to_dict() == every.to_dict() and again.names == every.names
     s = load_space(None, "lora,prompt")
     assert s.names[0] == "method" and "lora.rank" in s.names and "prompt.init" in s.names
     dims = {d.name: d for d in s.dimensions()}
@@ -44,6 +53,38 @@ def test_space_file_matches_builtin_and_round_trips():
         assert v["target_r"] <= v["init_r"]
     with pytest.raises(UserError, match="no search space"):
         load_space(None, "lora,nope")
+
+
+def test_default_seed_point_is_what_adapt_runs():
+    """A study's default trial for a method is the adapter's own defaults (learning rate and
+    options), the configuration `metapeft adapt` uses, and it is a point of the space."""
+    from metapeft.adapters import get_adapter_class
+    from metapeft.tune.study import Study
+
+    space = load_space()
+    study = Study(name="d", path=None, space=space, objectives=["accuracy"], task={})
+    defaults = {q["method"]: q for q in study.initial_queue([]) if q["source"] == "default"}
+    assert list(defaults) == space.methods
+    for m, q in defaults.items():
+        adapt = get_adapter_class(m).default_hyperparameters()
+        assert q["params"] == {k: adapt[k] for k in q["params"]}
+        assert q["params"]["lr"] == get_adapter_class(m).default_lr
+        assert set(q["params"]) == set(space.params[m]) | {"lr"}
+
+
+def test_structural_options_of_an_init_are_pinned(small_task, tmp_path):
+    """--init pins the options that fix the adapter's shapes (the adapter's ``structural``)."""
+    from metapeft import api
+    from metapeft.tune.search import tune
+
+    init = tmp_path / "init"
+    api.adapt(small_task, model="tiny", method="lora", steps=1, config={"rank": 4},
+              out=init)
+    r = tune(small_task, model="tiny", methods="lora", trials=2, steps=2, name="pin",
+             registry=tmp_path, init=str(init), objectives="accuracy", record=False,
+             warm_start=False)
+    assert r.study.space.fixed["lora"]["rank"] == 4 and "rank" not in r.study.space.params["lora"]
+    assert all(t["params"]["rank"] == 4 and t["config"]["rank"] == 4 for t in r.study.trials)
 
 
 @pytest.mark.parametrize("body,line,field", [
@@ -93,7 +134,7 @@ def test_non_dominated_hypervolume_knee_on_hand_made_points():
 
 
 def test_parego_scalarisation_matches_formula():
-    from metapeft.tune.search import scalarise
+    from metapeft.tune.pareto import scalarise
 
     pts = np.array([[0.9, 10.0, 100.0], [0.5, 2.0, 50.0], [0.7, 6.0, 75.0], [np.nan] * 3])
     w = np.array([0.5, 0.3, 0.2])
@@ -121,7 +162,7 @@ def _count_trials(path):
 
 
 def test_study_runs_saves_each_trial_and_resumes(small_task, tmp_path):
-    from metapeft.tune.search import Study, study_path, tune
+    from metapeft.tune import Study, study_path, tune
 
     reg = tmp_path / "reg"
     saved = []
@@ -186,7 +227,8 @@ def test_failed_trial_is_recorded_and_study_continues(small_task, tmp_path):
 def test_warm_start_from_experience(small_task, tmp_path):
     pytest.importorskip("metapeft.experience")
     from metapeft.data.synthetic import generate_task
-    from metapeft.tune.search import tune, warm_start_points
+    from metapeft.tune.search import tune
+    from metapeft.tune.warm_start import warm_start_points
 
     assert warm_start_points(small_task, ["lora"], 3, registry=tmp_path) == []
     r = tune(small_task, model="tiny", methods="lora", trials=3, steps=2, name="w1",
@@ -198,6 +240,92 @@ def test_warm_start_from_experience(small_task, tmp_path):
     r2 = tune(other, model="tiny", methods="lora", trials=2, steps=2, name="w2",
               registry=tmp_path, objectives="accuracy")
     assert r2.warm_points >= 1 and r2.study.trials[0]["source"] == "warm"
+
+
+def _feature_row(**values):
+    from metapeft.select.features import FEATURE_NAMES
+
+    row = dict.fromkeys(FEATURE_NAMES, 1.0)
+    row.update(values)
+    return [row[n] for n in FEATURE_NAMES]
+
+
+def _store_tasks(registry, tasks):
+    """Experience records, one per (task, method, accuracy, hyperparameters, source)."""
+    from metapeft.experience import ExperienceStore
+    from metapeft.tune.warm_start import experience_path
+
+    ExperienceStore(experience_path(registry)).append([
+        {"task": t, "method": m, "features": f, "final_accuracy": a, "hyperparameters": hp,
+         "source": src, "seconds": 1.0, "peak_memory_mb": 2.0, "domain": t}
+        for t, f, m, a, hp, src in tasks])
+
+
+class _Named:
+    def __init__(self, name):
+        self.name = name
+
+
+def test_warm_start_takes_only_adapt_configs_of_the_method(tmp_path):
+    """Issue 15: a meta-train record's settings (algorithm, inner_lr) were copied in as a LoRA
+    config; only the learning rate and Config options of non-meta-train records count."""
+    from metapeft.tune.warm_start import warm_start_points
+
+    q = _feature_row(label_entropy=0.5)
+    _store_tasks(tmp_path, [
+        ("mt", _feature_row(label_entropy=0.6), "lora", 0.99,
+         {"algorithm": "reptile", "inner_lr": 0.01}, "meta-train"),
+        ("sw", _feature_row(label_entropy=0.7), "lora", 0.6,
+         {"lr": 0.002, "rank": 4, "steps": 5, "objective": "ce", "bogus": 1}, "sweep"),
+        ("sw", _feature_row(label_entropy=0.7), "prompt", 0.9, {"lr": 0.05}, "sweep"),
+        ("query", q, "lora", 0.4, {"lr": 0.01, "alpha": 8.0}, "tune"),
+    ])
+    pts = warm_start_points(_Named("query"), ["lora"], 3, registry=tmp_path, features=q)
+    assert [(p["task"], p["params"]) for p in pts] == [
+        ("query", {"lr": 0.01, "alpha": 8.0}), ("sw", {"lr": 0.002, "rank": 4})]
+    assert pts[0]["objectives"] == {"accuracy": pytest.approx(0.4), "seconds": 1.0,
+                                    "memory_mb": 2.0}
+    assert pts[0]["distance"] == 0.0 and "objectives" not in pts[1]
+
+
+def test_warm_start_ranks_tasks_with_the_trained_embedder(tmp_path):
+    """With a trained task embedder saved where `train-selector` puts it, past tasks are ranked
+    by embedding distance (select.embedder.nearest); without one, by normalised features."""
+    import mlx.core as mx
+
+    from metapeft.select.embedder import (EMBED_DIM, HIDDEN, TaskEmbedder, _mlp,
+                                          fit_normaliser)
+    from metapeft.select.features import FEATURE_NAMES
+    from metapeft.tune.warm_start import embedder_path, warm_start_points
+
+    tasks = {"a": _feature_row(label_entropy=0.0),
+             "b": _feature_row(label_entropy=0.5, zero_shot_loss=3.0),
+             "c": _feature_row(label_entropy=0.9, zero_shot_loss=9.0),
+             "d": _feature_row(label_entropy=1.0, zero_shot_loss=60.0)}
+    _store_tasks(tmp_path, [(t, f, "lora", 0.5, {"lr": 0.001}, "sweep")
+                            for t, f in tasks.items()])
+    q = _feature_row(label_entropy=1.0)
+
+    def order():
+        pts = warm_start_points(_Named("q"), ["lora"], 3, registry=tmp_path, features=q)
+        return [p["task"] for p in pts], {p["similarity"] for p in pts}
+
+    # z-scored features: "d" has q's label entropy but a far-off zero-shot loss
+    assert order() == (["c", "b", "d"], {"features"})
+    # an embedder that sees only label_entropy: embedding ~ its normalised value
+    net = _mlp(len(FEATURE_NAMES), HIDDEN, EMBED_DIM, 0)
+    j = FEATURE_NAMES.index("label_entropy")
+    w1 = np.zeros((HIDDEN, len(FEATURE_NAMES)), np.float32)
+    w1[0, j] = 0.1
+    w2 = np.zeros((EMBED_DIM, HIDDEN), np.float32)
+    w2[0, 0] = 10.0
+    net.layers[0].weight, net.layers[0].bias = mx.array(w1), mx.zeros(HIDDEN)
+    net.layers[2].weight, net.layers[2].bias = mx.array(w2), mx.zeros(EMBED_DIM)
+    mean, std = fit_normaliser(np.asarray(list(tasks.values())))
+    TaskEmbedder(net, mean, std).save(embedder_path(tmp_path))
+    assert order() == (["d", "c", "b"], {"embedder"})
+    embedder_path(tmp_path).write_bytes(b"not an embedder")  # unusable: back to features
+    assert order() == (["c", "b", "d"], {"features"})
 
 
 # ------------------------------------------------------------------------------ CLI

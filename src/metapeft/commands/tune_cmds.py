@@ -129,7 +129,7 @@ def register(app: typer.Typer) -> None:
             from rich.live import Live
 
             from metapeft.errors import UserError
-            from metapeft.tune import search
+            from metapeft.tune import plot as tune_plot, search
 
             if resume is None and task is None:
                 raise UserError("give a TASK (or --resume STUDY)", field="task")
@@ -163,7 +163,7 @@ def register(app: typer.Typer) -> None:
             summary = res.summary
             plot_msg = None
             if plot is not None:
-                written = search.plot_study(res.study, plot)
+                written = tune_plot.plot_study(res.study, plot)
                 plot_msg = (f"plot written to [bold]{written}[/bold]" if written else
                             "no plot: matplotlib is not installed (pip install "
                             "'metapeft\\[plot]')")

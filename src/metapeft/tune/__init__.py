@@ -1,25 +1,30 @@
 """``metapeft tune``: Bayesian (skopt GP) hyperparameter search with ParEGO Pareto fronts.
 
+One module per job:
+
 - ``space``: configs/search_spaces.yaml -> skopt dimensions (``load_space``);
-- ``search``: the study (ask/tell, ParEGO scalarisation, warm start, persistence, ``tune``);
-- ``pareto``: non-dominated sets, 2-D hypervolume, knee point, Chebyshev scalarisation.
+- ``pareto``: non-dominated sets, 2-D hypervolume, knee point, ParEGO scalarisation;
+- ``study``: a study's settings and trials, its ask/tell loop and its file (``Study``);
+- ``warm_start``: seed points from similar past tasks (the selector's similarity search);
+- ``search``: the evaluator (``api.adapt`` per trial) and ``tune()``;
+- ``plot``: the front and the best-so-far curve as a PNG.
 
 Importing this package is cheap; skopt and MLX load inside the functions that need them.
 """
 
-from metapeft.tune.pareto import hypervolume_2d, knee_point, non_dominated
+from metapeft.tune.pareto import hypervolume_2d, knee_point, non_dominated, scalarise
 
-__all__ = ["hypervolume_2d", "knee_point", "non_dominated", "tune", "warm_start_points",
-           "load_space", "Study"]
+# public name -> the submodule it lives in (imported on first use)
+_LAZY = {"tune": "search", "adapt_evaluator": "search", "TuneResult": "search",
+         "Study": "study", "study_path": "study", "warm_start_points": "warm_start",
+         "load_space": "space", "plot_study": "plot"}
+
+__all__ = ["hypervolume_2d", "knee_point", "non_dominated", "scalarise", *_LAZY]
 
 
 def __getattr__(name):
-    if name in ("tune", "warm_start_points", "Study"):
-        from metapeft.tune import search
+    if name in _LAZY:
+        import importlib
 
-        return getattr(search, name)
-    if name == "load_space":
-        from metapeft.tune.space import load_space
-
-        return load_space
+        return getattr(importlib.import_module(f"metapeft.tune.{_LAZY[name]}"), name)
     raise AttributeError(name)

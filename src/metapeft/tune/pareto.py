@@ -1,6 +1,12 @@
 """Pareto utilities: non-dominated set, 2-D hypervolume, knee point, ParEGO scalarisation.
 
 ``senses`` gives one of ``"max"`` / ``"min"`` per objective. Everything is plain numpy.
+
+ParEGO (Knowles 2006), as the study uses it: before every suggestion a weight vector λ is drawn
+uniformly on the simplex (``simplex_weights``), every observation so far is normalised to [0, 1]
+per objective (0 = best observed, 1 = worst; ``normalise``) and scalarised with the augmented
+Chebyshev function ``max_j λ_j z_j + 0.05 Σ_j λ_j z_j`` (``chebyshev``); ``scalarise`` does both,
+and places failed points (NaN rows) at the nadir.
 """
 
 from __future__ import annotations
@@ -118,3 +124,25 @@ def simplex_weights(k: int, rng: np.random.Generator) -> np.ndarray:
     if k == 1:
         return np.ones(1)
     return rng.dirichlet(np.ones(k))
+
+
+def scalarise(points, senses: Sequence[str], weights) -> np.ndarray:
+    """The values told to the optimiser (smaller is better) for ``points`` (NaN rows = failed).
+
+    One objective: the minimisation form (a "max" objective in [0, 1], i.e. accuracy, becomes
+    ``1 - value``); a failed point gets the worst finite value (at least 1.0 for a "max"
+    objective, 1.0 when there is none). Several: ParEGO's augmented Chebyshev of the points
+    normalised over the finite rows, failed rows at the nadir (1, ..., 1).
+    """
+    points = np.asarray(points, dtype=np.float64)
+    finite = np.all(np.isfinite(points), axis=1) if len(points) else np.zeros(0, bool)
+    if len(senses) == 1:
+        y = points[:, 0].copy()
+        if senses[0] == "max":
+            y = 1.0 - y
+        worst = float(np.max(y[finite])) if finite.any() else 1.0
+        y[~finite] = max(worst, 1.0) if senses[0] == "max" else worst
+        return y
+    z = normalise(points, senses)
+    z[~finite] = 1.0
+    return chebyshev(z, weights)

@@ -13,6 +13,9 @@ points of the space.
 
 Parameters named ``lr`` and ``steps`` go to ``adapt(lr=, steps=)``; everything else becomes an
 adapter option (``adapt(config=...)``) and is checked against the method's Config dataclass.
+Everything method-specific comes from the adapter protocol (``metapeft.adapters``): the options a
+method has (``Config.defaults()``), their defaults (``Adapter.default_hyperparameters()``) and how
+independently drawn options are made consistent (``Config.repair``).
 """
 
 from __future__ import annotations
@@ -24,49 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metapeft.adapters import get_adapter_class
 from metapeft.errors import UserError
 
-REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
-DEFAULT_SPACE_FILE = REPO_CONFIGS / "search_spaces.yaml"
-DEFAULT_CONFIG_FILE = REPO_CONFIGS / "default.yaml"
+SPACE_FILE = "search_spaces.yaml"  # in configs/, read through metapeft.config
 TRAIN_KEYS = ("lr", "steps")  # parameters that are adapt() arguments, not adapter options
 COMMON_KEYS = ("steps",)
 TYPES = ("real", "int", "categorical")
 PRIORS = ("uniform", "log-uniform")
-
-# Options that fix the shape of an adapter's parameters: with --init they come from the init file.
-STRUCTURAL = {
-    "lora": ("rank", "target_modules", "num_layers"),
-    "dora": ("rank", "target_modules", "num_layers"),
-    "adalora": ("init_r", "target_modules", "num_layers"),
-    "prompt": ("num_virtual_tokens",),
-    "prefix": ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"),
-    "ptuning": ("num_virtual_tokens", "encoder_type", "encoder_hidden_size",
-                "encoder_num_layers"),
-}
-
-# The built-in copy of configs/search_spaces.yaml (used when the repository's configs/ is not
-# there, e.g. an installed wheel). tests/test_tune.py checks it equals the file.
-_R = lambda lo, hi, prior="log-uniform": {"type": "real", "low": lo, "high": hi, "prior": prior}  # noqa: E731
-_I = lambda lo, hi, prior="log-uniform": {"type": "int", "low": lo, "high": hi, "prior": prior}  # noqa: E731
-_C = lambda *c: {"type": "categorical", "choices": list(c)}  # noqa: E731
-BUILTIN_SPACE: dict = {
-    "version": 1,
-    "common": {},
-    "methods": {
-        "lora": {"lr": _R(1e-4, 3e-2), "rank": _I(1, 32), "alpha": _R(1.0, 64.0),
-                 "dropout": _R(0.0, 0.3, "uniform"), "use_rslora": _C(False, True)},
-        "dora": {"lr": _R(1e-4, 3e-2), "rank": _I(1, 32), "alpha": _R(1.0, 64.0)},
-        "adalora": {"lr": _R(1e-4, 3e-2), "init_r": _I(4, 24, "uniform"),
-                    "target_r": _I(1, 16, "uniform"), "lora_alpha": _R(4.0, 64.0)},
-        "prompt": {"lr": _R(1e-3, 3e-1), "num_virtual_tokens": _I(1, 32),
-                   "init": _C("vocab", "random", "text")},
-        "prefix": {"lr": _R(1e-3, 3e-1), "num_virtual_tokens": _I(1, 32),
-                   "prefix_projection": _C(False, True)},
-        "ptuning": {"lr": _R(1e-4, 3e-2), "num_virtual_tokens": _I(1, 32),
-                    "encoder_type": _C("mlp", "lstm"), "encoder_hidden_size": _I(16, 256)},
-    },
-}
 
 
 @dataclass
@@ -133,7 +101,7 @@ class SearchSpace:
     params: dict[str, dict[str, Param]]
     common: dict[str, Param] = field(default_factory=dict)
     fixed: dict[str, dict] = field(default_factory=dict)  # method -> options pinned (e.g. --init)
-    source: str = "builtin"
+    source: str = SPACE_FILE
 
     # ------------------------------------------------------------------ the skopt view
     @property
@@ -178,7 +146,14 @@ class SearchSpace:
                 continue
             values[p.name] = p.from_x(v)
         values.update(self.fixed.get(method, {}))
-        return method, _repair(method, values)
+        return method, get_adapter_class(method).Config.repair(values)
+
+    def default_params(self, method: str) -> dict:
+        """What ``adapt`` runs ``method`` with (``Adapter.default_hyperparameters``), restricted
+        to this study's parameters of ``method`` plus ``lr``, with its pinned options."""
+        d = get_adapter_class(method).default_hyperparameters()
+        keys = set(self.params[method]) | {"lr"}
+        return {**{k: d[k] for k in keys if k in d}, **self.fixed.get(method, {})}
 
     def encode(self, method: str, values: dict) -> list:
         """The point for ``method`` with ``values`` (missing/inactive params at their centre)."""
@@ -239,15 +214,6 @@ class SearchSpace:
         self.fixed.setdefault(method, {}).update(options)
 
 
-def _repair(method: str, values: dict) -> dict:
-    """Make a draw valid where parameters constrain each other (documented in the YAML)."""
-    if method == "adalora" and "target_r" in values and "init_r" in values:
-        values["target_r"] = min(int(values["target_r"]), int(values["init_r"]))
-    if method == "prefix" and values.get("prefix_projection") and values.get("init") == "text":
-        values["init"] = "random"
-    return values
-
-
 # ---------------------------------------------------------------------------- loading
 
 def _line_map(text: str) -> dict[tuple, int]:
@@ -277,39 +243,24 @@ def _line_map(text: str) -> dict[tuple, int]:
 
 
 def read_space_file(path: str | Path | None = None) -> tuple[dict, str, dict]:
-    """(raw dict, source name, line map) of a search-space YAML (the built-in copy if absent)."""
-    import yaml
+    """(raw dict, source name, line map) of a search-space YAML (default: the packaged
+    ``configs/search_spaces.yaml``, see ``metapeft.config``)."""
+    from metapeft.config import config_file, read_yaml
 
-    if path is None:
-        if not DEFAULT_SPACE_FILE.exists():
-            return copy.deepcopy(BUILTIN_SPACE), "builtin", {}
-        path = DEFAULT_SPACE_FILE
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError("search-space file does not exist", path=str(path)) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise UserError(f"invalid YAML: {getattr(e, 'problem', e)}", path=str(path),
-                        line=None if mark is None else mark.line + 1) from None
-    return raw, str(path), _line_map(text)
+    path = config_file(SPACE_FILE) if path is None else Path(path)
+    raw = read_yaml(path, "search-space")
+    return raw, str(path), _line_map(path.read_text(encoding="utf-8"))
 
 
 def _known_options(method: str) -> set[str] | None:
+    """The options of ``method``'s Config; None for an unknown method."""
     try:
-        import dataclasses
-
-        from metapeft.adapters import get_adapter_class
-
-        return {f.name for f in dataclasses.fields(get_adapter_class(method).Config)}
+        return set(get_adapter_class(method).Config.defaults())
     except UserError:
         return None
 
 
-def parse_space(raw: Any, source: str = "builtin", lines: dict | None = None,
+def parse_space(raw: Any, source: str = SPACE_FILE, lines: dict | None = None,
                 check_options: bool = True) -> dict[str, dict[str, Param] | dict]:
     """Validate a raw search-space dict -> {"methods": {m: {k: Param}}, "common": {k: Param}}.
 
@@ -429,42 +380,8 @@ def load_space(path: str | Path | None = None, methods: list[str] | str | None =
                        common=dict(parsed["common"]), source=source)
 
 
-def load_defaults(path: str | Path | None = None) -> dict:
-    """{"steps": int, "methods": {method: {lr, options...}}} from configs/default.yaml
-    (falling back to ``metapeft.api.DEFAULT_LR`` and the Config defaults)."""
-    import yaml
-
-    from metapeft.api import DEFAULT_LR
-
-    out = {"steps": 20, "methods": {m: {"lr": lr} for m, lr in DEFAULT_LR.items()}}
-    p = Path(path) if path is not None else DEFAULT_CONFIG_FILE
-    if not p.exists():
-        if path is not None:
-            raise UserError("defaults file does not exist", path=str(p))
-        return out
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"invalid YAML: {e}", path=str(p)) from None
-    if isinstance(raw.get("steps"), int):
-        out["steps"] = raw["steps"]
-    for m, opts in (raw.get("methods") or {}).items():
-        if isinstance(opts, dict):
-            out["methods"].setdefault(m, {}).update(opts)
-    return out
-
-
 def split_params(values: dict) -> tuple[dict, dict]:
     """({lr/steps}, adapter options) of a decoded point."""
     train = {k: v for k, v in values.items() if k in TRAIN_KEYS}
     opts = {k: v for k, v in values.items() if k not in TRAIN_KEYS}
     return train, opts
-
-
-def expand_option(method: str, key: str, value):
-    """configs/default.yaml shorthands as adapter options (``target_modules: all-linear``)."""
-    if key == "target_modules" and value == "all-linear":
-        from metapeft.adapters.lora import ALL_LINEAR
-
-        return list(ALL_LINEAR)
-    return value

@@ -1,0 +1,348 @@
+"""A study: its settings and trials, the ask/tell loop over them, and its file.
+
+The optimiser is scikit-optimize's ``Optimizer(base_estimator="GP")`` driven by ask/tell; no
+surrogate is hand-written here.
+
+Multiple objectives (ParEGO, Knowles 2006; ``pareto.scalarise``). The objectives are query
+accuracy (maximised), training seconds and peak memory (minimised). Before every suggestion a
+weight vector λ is drawn uniformly on the simplex, seeded by the study seed and the trial number,
+so a resumed study draws the same λ's. Every observation is scalarised with it and told to a
+*fresh* skopt Optimizer: the scalarised values of old points change with λ, and skopt's ``tell``
+cannot revise values it was told, so the Optimizer is rebuilt (same ``random_state``, hence the
+same space-filling initial design) and all points are re-told at each ask. ``--objectives
+accuracy`` is a plain single-objective search on ``1 - accuracy``. Rebuilding costs one GP fit per
+trial (milliseconds to a second for a few dozen points, negligible against a training run).
+
+Failed trials (NaN loss, an invalid configuration, out of memory) are kept with status "failed"
+and their reason. They are told to skopt as the worst possible outcome: normalised objective
+vector (1, ..., 1), i.e. as bad as the worst observed value of every objective (single
+objective: the worst observed value, or accuracy 0), so the GP learns to avoid that region
+without the huge values that a fixed penalty would put into its fit. They never enter the front.
+
+Start of a study: (1) the warm-start points (``tune.warm_start``; records measured on this very
+task are told to the GP as observations without being re-run), (2) each method's defaults, the
+configuration ``metapeft adapt`` runs without options (``SearchSpace.default_params``), then (3)
+skopt's Latin-hypercube initial design (``initial_point_generator="lhs"``) until ``n_initial``
+points are known, then GP + expected improvement. A suggestion identical to an evaluated point is
+replaced by a random point (an evaluation budget is too precious to repeat).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from metapeft.errors import UserError
+from metapeft.tune import pareto as par
+from metapeft.tune.space import SearchSpace
+
+FORMAT = "metapeft-study"
+SCHEMA = 1
+# name -> (sense, trial key)
+OBJECTIVES: dict[str, tuple[str, str]] = {"accuracy": ("max", "accuracy"),
+                                          "seconds": ("min", "seconds"),
+                                          "memory": ("min", "memory_mb")}
+ALL_OBJECTIVES = ("accuracy", "seconds", "memory")
+FAILURES = (UserError, FloatingPointError, MemoryError, ValueError, RuntimeError, OverflowError)
+
+
+def parse_objectives(spec: str | list[str] | None) -> list[str]:
+    if spec is None:
+        return list(ALL_OBJECTIVES)
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not items:
+        raise UserError("no objectives given", field="objectives")
+    out = []
+    for s in items:
+        s = {"acc": "accuracy", "time": "seconds", "mem": "memory"}.get(s, s)
+        if s not in OBJECTIVES:
+            raise UserError(f"unknown objective {s!r}; choose from {', '.join(ALL_OBJECTIVES)}",
+                            field="objectives")
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def studies_dir(registry=None) -> Path:
+    from metapeft.registry import registry_root
+
+    return registry_root(registry) / "studies"
+
+
+def study_path(name: str, registry=None) -> Path:
+    """``NAME`` -> ``<registry root>/studies/NAME.safetensors``; a path is used as is."""
+    from metapeft.registry import validate_name
+
+    if "/" in name or name.endswith(".safetensors"):
+        return Path(name).expanduser()
+    try:
+        validate_name(name)
+    except UserError:
+        raise UserError(f"invalid study name {name!r}: use letters, digits, '.', '_' and '-'",
+                        field="name") from None
+    return studies_dir(registry) / f"{name}.safetensors"
+
+
+def as_float(v) -> float:
+    """``float(v)``, NaN for None or anything that is not a number."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def objective_matrix(trials: list[dict], objectives: list[str]) -> np.ndarray:
+    """(n, len(objectives)) in the trials' units; NaN rows for failed trials."""
+    rows = []
+    for t in trials:
+        if t.get("status") == "failed":
+            rows.append([math.nan] * len(objectives))
+        else:
+            rows.append([as_float(t.get(OBJECTIVES[o][1])) for o in objectives])
+    return np.asarray(rows, dtype=np.float64).reshape(len(trials), len(objectives))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Study:
+    """A study's settings and trials, saved as one safetensors file after every trial."""
+
+    name: str
+    path: Path
+    space: SearchSpace
+    objectives: list[str]
+    task: dict
+    model: str = "tiny"
+    steps: int = 20
+    seed: int = 0
+    n_initial: int = 5
+    acq_func: str = "EI"
+    init: str | None = None
+    trials: list[dict] = field(default_factory=list)
+    created: str = field(default_factory=_now)
+
+    @property
+    def senses(self) -> list[str]:
+        return [OBJECTIVES[o][0] for o in self.objectives]
+
+    # -------------------------------------------------------------------------- persistence
+    def metadata(self) -> dict:
+        return {"format": FORMAT, "schema": SCHEMA, "name": self.name,
+                "objectives": self.objectives, "task": self.task, "model": self.model,
+                "steps": self.steps, "seed": self.seed, "n_initial": self.n_initial,
+                "acq_func": self.acq_func, "init": self.init, "space": self.space.to_dict(),
+                "trials": self.trials, "num_trials": len(self.trials), "created": self.created,
+                "updated": _now()}
+
+    def save(self) -> Path:
+        from metapeft.artifacts import save_safetensors
+
+        n = len(self.trials)
+        objs = objective_matrix(self.trials, list(ALL_OBJECTIVES)).astype(np.float32)
+        status = np.asarray([{"ok": 0, "failed": 1, "prior": 2}.get(t.get("status"), 1)
+                             for t in self.trials], dtype=np.int32)
+        arrays = {"objectives": objs if n else np.full((1, 3), np.nan, np.float32),
+                  "status": status if n else np.full((1,), -1, np.int32)}
+        return save_safetensors(self.path, arrays, self.metadata())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Study":
+        from metapeft.artifacts import json_field, read_metadata
+
+        path = Path(path)
+        meta = read_metadata(path)
+        if json_field(meta, "format") != FORMAT:
+            raise UserError("not a metapeft study file", path=str(path), field="format")
+        get = lambda k, d=None: json_field(meta, k, d)  # noqa: E731
+        try:
+            return cls(name=get("name"), path=path, space=SearchSpace.from_dict(get("space")),
+                       objectives=list(get("objectives")), task=get("task") or {},
+                       model=get("model", "tiny"), steps=int(get("steps", 20)),
+                       seed=int(get("seed", 0)), n_initial=int(get("n_initial", 5)),
+                       acq_func=get("acq_func", "EI"), init=get("init"),
+                       trials=list(get("trials") or []), created=get("created") or _now())
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"corrupt study metadata: {e}", path=str(path)) from None
+
+    # -------------------------------------------------------------------------- analysis
+    def points(self, trials: list[dict] | None = None) -> np.ndarray:
+        return objective_matrix(self.trials if trials is None else trials, self.objectives)
+
+    def measured(self) -> list[int]:
+        """Indices of trials run in this study that finished (the candidates for the front)."""
+        return [i for i, t in enumerate(self.trials) if t.get("status") == "ok"]
+
+    def pareto(self) -> list[int]:
+        idx = self.measured()
+        if not idx:
+            return []
+        pts = self.points([self.trials[i] for i in idx])
+        front = par.non_dominated(pts, self.senses)
+        return [idx[i] for i in front]
+
+    def recommended(self) -> int | None:
+        """The knee of the front (single objective: the best, ties to fewer seconds)."""
+        front = self.pareto()
+        if not front:
+            return None
+        if len(self.objectives) == 1:
+            s = 1.0 if self.senses[0] == "max" else -1.0
+            return max(front, key=lambda i: (s * as_float(self.trials[i].get(
+                OBJECTIVES[self.objectives[0]][1])), -as_float(self.trials[i].get("seconds"))))
+        pts = self.points([self.trials[i] for i in front])
+        k = par.knee_point(pts, self.senses, list(range(len(front))))
+        return front[k]
+
+    def hypervolume(self, ref_seconds: float | None = None) -> float:
+        """Area of the accuracy/seconds front (ref: accuracy 0, seconds ``ref_seconds`` or
+        1.1 x the slowest finished trial)."""
+        idx = self.measured()
+        if not idx:
+            return 0.0
+        pts = objective_matrix([self.trials[i] for i in idx], ["accuracy", "seconds"])
+        ref = ref_seconds if ref_seconds is not None else 1.1 * float(np.nanmax(pts[:, 1]))
+        return par.hypervolume_2d(pts, ["max", "min"], [0.0, ref])
+
+    def told(self, weights) -> tuple[list[list], list[float]]:
+        """(xs, ys) of every trial, scalarised with ``weights``."""
+        xs = [t["x"] for t in self.trials]
+        if not xs:
+            return [], []
+        ys = par.scalarise(self.points(), self.senses, weights)
+        return xs, [float(y) for y in ys]
+
+    # -------------------------------------------------------------------------- suggestions
+    def weights(self, n: int) -> np.ndarray:
+        rng = np.random.default_rng([int(self.seed), int(n)])
+        return par.simplex_weights(len(self.objectives), rng)
+
+    def initial_queue(self, warm: list[dict]) -> list[dict]:
+        """Warm-start points, then each method's defaults (those not yet evaluated)."""
+        queue: list[dict] = []
+        for w in warm:
+            m = w["method"]
+            if m in self.space.methods:
+                queue.append({"method": m, "params": {**w["params"], **self.space.fixed.get(m, {})},
+                              "source": w.get("source", "warm"),
+                              "objectives": w.get("objectives"), "from_task": w.get("task")})
+        for m in self.space.methods:
+            queue.append({"method": m, "params": self.space.default_params(m),
+                          "source": "default"})
+        seen = {json.dumps(t["x"]) for t in self.trials}
+        out = []
+        for q in queue:
+            q["x"] = self.space.clean(self.space.encode(q["method"], q["params"]))
+            key = json.dumps(q["x"])
+            if key not in seen:
+                seen.add(key)
+                out.append(q)
+        return out
+
+    def ask(self) -> dict:
+        """The next point from skopt: {"method", "params", "x", "source", "weights"}."""
+        from skopt import Optimizer
+
+        n = len(self.trials)
+        w = self.weights(n)
+        xs, ys = self.told(w)
+        dims = self.space.dimensions()
+        opt = Optimizer(dims, base_estimator="GP", acq_func=self.acq_func,
+                        n_initial_points=self.n_initial, initial_point_generator="lhs",
+                        random_state=int(self.seed))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if xs:
+                opt.tell([list(x) for x in xs], ys)
+            x = self.space.clean(opt.ask())
+        source = "lhs" if len(xs) < self.n_initial else "bo"
+        seen = {json.dumps(t["x"]) for t in self.trials}
+        attempt = 0
+        while json.dumps(x) in seen and attempt < 20:
+            x = self.space.random_points(1, seed=int(self.seed) * 1000 + n * 37 + attempt)[0]
+            source, attempt = "random", attempt + 1
+        method, params = self.space.decode(x)
+        return {"method": method, "params": params, "x": x, "source": source,
+                "weights": [round(float(v), 6) for v in w]}
+
+    # -------------------------------------------------------------------------- running
+    def run(self, evaluate: Callable[[str, dict], dict], *, trials: int,
+            time_budget: float | None = None, warm: list[dict] | None = None,
+            on_trial: Callable[["Study", dict], None] | None = None,
+            on_start: Callable[["Study", dict], None] | None = None) -> "Study":
+        """Evaluate until ``trials`` trials (in total, including earlier sessions) exist or
+        ``time_budget`` seconds of this session have passed (no new trial starts after it).
+
+        ``evaluate(method, params)`` returns ``{"accuracy", "seconds", "memory_mb", ...}`` or
+        raises; the study is saved after every trial.
+        """
+        t0 = time.perf_counter()
+        queue = self.initial_queue(warm or [])
+        # measured-on-this-task warm records are observations, not evaluations
+        for q in [q for q in queue if q.get("objectives")]:
+            obj = q["objectives"]
+            if not all(math.isfinite(as_float(obj.get(OBJECTIVES[o][1]))) for o in self.objectives):
+                continue  # not fully measured: evaluate it like any warm point
+            queue.remove(q)
+            self.trials.append({"index": len(self.trials), "method": q["method"],
+                                "params": q["params"], "x": q["x"], "source": "experience",
+                                "status": "prior", "reason": "measured earlier on this task "
+                                "(experience store); told to the GP, not re-run",
+                                "accuracy": obj.get("accuracy"), "seconds": obj.get("seconds"),
+                                "memory_mb": obj.get("memory_mb")})
+        while len([t for t in self.trials if t.get("status") != "prior"]) < trials:
+            if time_budget is not None and time.perf_counter() - t0 >= time_budget:
+                break
+            if queue:
+                q = queue.pop(0)
+                sug = {"method": q["method"], "params": q["params"], "x": q["x"],
+                       "source": q["source"], "weights": None}
+                if q.get("from_task"):
+                    sug["from_task"] = q["from_task"]
+            else:
+                sug = self.ask()
+            trial = {"index": len(self.trials), **sug, "status": "running"}
+            if on_start is not None:
+                on_start(self, trial)
+            start = time.perf_counter()
+            try:
+                res = evaluate(sug["method"], dict(sug["params"]))
+                acc = as_float(res.get("accuracy"))
+                if not math.isfinite(acc):
+                    raise FloatingPointError(f"query accuracy is {acc}")
+                trial.update(status="ok", reason=None, **res)
+            except FAILURES as e:
+                msg = e.one_line() if isinstance(e, UserError) else str(e)
+                trial.update(status="failed", reason=f"{type(e).__name__}: {msg}"[:500],
+                             accuracy=None, seconds=None, memory_mb=None)
+            trial["wall_seconds"] = round(time.perf_counter() - start, 3)
+            self.trials.append(trial)
+            self.save()
+            if on_trial is not None:
+                on_trial(self, trial)
+        return self
+
+    # -------------------------------------------------------------------------- reporting
+    def trial_json(self, t: dict) -> dict:
+        keys = ("index", "method", "params", "config", "lr", "steps", "accuracy", "seconds",
+                "memory_mb", "trainable_parameters", "status", "reason", "source")
+        return {k: t.get(k) for k in keys}
+
+    def summary(self) -> dict:
+        front = self.pareto()
+        rec = self.recommended()
+        return {"study": self.name, "path": str(self.path), "objectives": self.objectives,
+                "pareto": [self.trial_json(self.trials[i]) for i in front],
+                "recommended": self.trial_json(self.trials[rec]) if rec is not None else None,
+                "hypervolume_accuracy_seconds": round(self.hypervolume(), 6),
+                "trials": [self.trial_json(t) for t in self.trials]}
