@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +197,55 @@ def test_study_runs_saves_each_trial_and_resumes(small_task, tmp_path):
     s = r2.summary
     assert s["recommended"]["index"] in [p["index"] for p in s["pareto"]]
     assert s["hypervolume_accuracy_seconds"] > 0
+
+
+@pytest.mark.parametrize("name", ["out/studyz", "../../y", "/tmp/abs", "", ".hidden", "a b",
+                                  ".safetensors"])
+def test_study_names_follow_the_registry_rules(tmp_path, name):
+    from metapeft.tune.study import study_path
+
+    with pytest.raises(UserError, match="study"):
+        study_path(name, tmp_path)
+
+
+def test_study_path_of_a_name_and_of_an_explicit_path(tmp_path):
+    from metapeft.tune.study import study_path
+
+    assert study_path("s-1.v2", tmp_path) == tmp_path / "studies" / "s-1.v2.safetensors"
+    assert study_path("out/s.safetensors", tmp_path) == Path("out/s.safetensors")
+
+
+def test_cli_study_name_is_checked_before_anything_is_written(small_task, tmp_path,
+                                                              monkeypatch):
+    """Issue 15: `--name out/studyz` exited 0 with a 0-byte study; `--name ../../y` wrote /y."""
+    d = _task_dir(small_task, tmp_path / "task")
+    cwd = tmp_path / "a" / "b"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    for name in ("out/studyz", "../../y"):
+        res = CliRunner().invoke(_app(), ["tune", str(d), "--name", name, "--registry",
+                                          str(tmp_path / "reg")])
+        assert res.exit_code == 2, res.output
+        assert "invalid study name" in res.output and "Traceback" not in res.output
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_cli_study_at_an_explicit_path_is_written_atomically_and_resumes(small_task, tmp_path,
+                                                                        monkeypatch):
+    d = _task_dir(small_task, tmp_path / "task")
+    monkeypatch.chdir(tmp_path)
+    args = ["--registry", str(tmp_path / "reg"), "--no-record", "--json"]
+    res = CliRunner().invoke(_app(), ["tune", str(d), "--name", "out/s.safetensors", "--methods",
+                                      "lora", "--trials", "1", "--steps", "1", "--objectives",
+                                      "accuracy", "--no-warm-start", *args])
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["s.safetensors"]  # no orphan
+    assert _count_trials(tmp_path / "out" / "s.safetensors") == 1
+    res = CliRunner().invoke(_app(), ["tune", "--resume", "out/s.safetensors", "--trials", "2",
+                                      *args])
+    assert res.exit_code == 0, res.output
+    assert _count_trials(tmp_path / "out" / "s.safetensors") == 2
 
 
 def test_failed_trial_is_recorded_and_study_continues(small_task, tmp_path):

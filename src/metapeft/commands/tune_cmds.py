@@ -97,7 +97,8 @@ def register(app: typer.Typer) -> None:
         init: Optional[str] = typer.Option(None, help="Initial adapter (file, dir or registry "
                                                       "NAME[@VERSION]) for its method."),
         name: Optional[str] = typer.Option(None, help="Study name (saved under "
-                                                      "<registry>/studies/NAME.safetensors)."),
+                                                      "<registry>/studies/NAME.safetensors), "
+                                                      "or a path ending in .safetensors."),
         resume: Optional[str] = typer.Option(None, help="Continue this study (name or path)."),
         registry: Optional[Path] = typer.Option(None, "--registry", help="Registry dir."),
         plot: Optional[Path] = typer.Option(None, help="Write a PNG of the front and best-so-"

@@ -167,8 +167,7 @@ def tune(task, *, model: str = "tiny", methods: list[str] | str | None = None,
                 structural = get_adapter_class(init_method).structural
                 space.fix(init_method, {k: v for k, v in init_cfg.items() if k in structural})
         n_init = n_initial if n_initial is not None else max(3, min(10, trials // 3))
-        study = Study(name=name if "/" not in name else path.stem, path=path, space=space,
-                      objectives=objs,
+        study = Study(name=name, path=path, space=space, objectives=objs,
                       task={"task": str(task) if not hasattr(task, "support") else task.name,
                             "name": task_obj.name, "shots": shots, "query": query,
                             "ways": ways, "seed": seed, "text_field": text_field,

@@ -25,6 +25,11 @@ configuration ``metapeft adapt`` runs without options (``SearchSpace.default_par
 skopt's Latin-hypercube initial design (``initial_point_generator="lhs"``) until ``n_initial``
 points are known, then GP + expected improvement. A suggestion identical to an evaluated point is
 replaced by a random point (an evaluation budget is too precious to repeat).
+
+Where a study lives: a ``NAME`` (the registry's name rules) is
+``<registry>/studies/NAME.safetensors``; anything else must be an explicit path ending in
+``.safetensors``. Every save goes through
+``metapeft.artifacts.save_safetensors`` (temp file, fsync, rename).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from metapeft.tune.space import SearchSpace
 
 FORMAT = "metapeft-study"
 SCHEMA = 1
+SUFFIX = ".safetensors"
 # name -> (sense, trial key)
 OBJECTIVES: dict[str, tuple[str, str]] = {"accuracy": ("max", "accuracy"),
                                           "seconds": ("min", "seconds"),
@@ -78,17 +84,23 @@ def studies_dir(registry=None) -> Path:
 
 
 def study_path(name: str, registry=None) -> Path:
-    """``NAME`` -> ``<registry root>/studies/NAME.safetensors``; a path is used as is."""
+    """``NAME`` -> ``<registry root>/studies/NAME.safetensors``, for a name that follows the
+    registry's rules (``registry.validate_name``); an explicit path must end in ``.safetensors``
+    (and is used as is). Anything else is refused: a name with "/" used to be taken as a path
+    without that suffix, so ``out/studyz`` or ``../../y`` wrote files no one asked for."""
     from metapeft.registry import validate_name
 
-    if "/" in name or name.endswith(".safetensors"):
+    if not isinstance(name, str) or not name:
+        raise UserError("a study needs a name", field="name")
+    if name.endswith(SUFFIX) and len(name) > len(SUFFIX):
         return Path(name).expanduser()
     try:
         validate_name(name)
     except UserError:
-        raise UserError(f"invalid study name {name!r}: use letters, digits, '.', '_' and '-'",
+        raise UserError(f"invalid study name {name!r}: use letters, digits, '.', '_' and '-' "
+                        "(starting with a letter or digit), or a path ending in .safetensors",
                         field="name") from None
-    return studies_dir(registry) / f"{name}.safetensors"
+    return studies_dir(registry) / f"{name}{SUFFIX}"
 
 
 def as_float(v) -> float:
@@ -165,8 +177,11 @@ class Study:
         if json_field(meta, "format") != FORMAT:
             raise UserError("not a metapeft study file", path=str(path), field="format")
         get = lambda k, d=None: json_field(meta, k, d)  # noqa: E731
+        name = get("name")
+        if str(name).endswith(SUFFIX):  # a study named by its path: resumed by this path
+            name = str(path)
         try:
-            return cls(name=get("name"), path=path, space=SearchSpace.from_dict(get("space")),
+            return cls(name=name, path=path, space=SearchSpace.from_dict(get("space")),
                        objectives=list(get("objectives")), task=get("task") or {},
                        model=get("model", "tiny"), steps=int(get("steps", 20)),
                        seed=int(get("seed", 0)), n_initial=int(get("n_initial", 5)),
