@@ -18,6 +18,7 @@ import metapeft  # noqa: E402,F401  (preloads OpenBLAS before mlx)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
 CLINC = SHARED / "data" / "clinc150"
+SMOL = SHARED / "models" / "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +35,15 @@ def stories():
     from metapeft.models import load_base_model
 
     return load_base_model(str(STORIES))
+
+
+@pytest.fixture(scope="session")
+def smol():
+    if not (SMOL / "config.json").exists():
+        pytest.skip(f"real model not available: {SMOL} is absent")
+    from metapeft.models import load_base_model
+
+    return load_base_model(str(SMOL))
 
 
 @pytest.fixture(scope="session")

@@ -54,3 +54,63 @@ def test_objectives_pick_gold():
     assert abs(float(classification_loss(scores, b, objective="ce_nll")) - (ce + 0.75)) < 1e-5
     # with one-token labels, length-normalised ce equals ce
     assert abs(float(classification_loss(scores, b, objective="ce_mean")) - ce) < 1e-6
+
+
+def _trunk_case(base, num_layers, labels, texts):
+    """Scores and LoRA gradients from the frozen-trunk path against the full forward."""
+    from mlx.utils import tree_flatten, tree_map
+
+    from metapeft.adapters import get_adapter_class
+    from metapeft.scoring import runs_blocks
+    from metapeft.train import batch_loss
+
+    assert runs_blocks(base.model)
+    ad = get_adapter_class("lora").attach(base, {"num_layers": num_layers})
+    assert ad.frozen_blocks == base.num_layers - num_layers > 0
+    params = tree_map(lambda x: x + 0.01, ad.init_params(0))  # B != 0: the adapter matters
+    enc = TaskEncoder(base.tokenizer, labels)
+    batch = enc.encode([Example(t, labels[i % len(labels)]) for i, t in enumerate(texts)])
+    cached = ad.prepare(batch)
+    assert cached.hidden.ndim == 3 and batch.hidden.ndim == 1
+    full = np.array(ad.scores(params, batch))
+    fast = np.array(ad.scores(params, cached))
+    g_full = dict(tree_flatten(mx.grad(batch_loss, argnums=1)(ad, params, batch)))
+    g_fast = dict(tree_flatten(mx.grad(batch_loss, argnums=1)(ad, params, cached)))
+    score_diff = float(np.abs(full - fast).max())
+    grad_diff = max(float(mx.abs(g_full[k] - g_fast[k]).max()) for k in g_full)
+    grad_scale = max(float(mx.abs(g).max()) for g in g_full.values())
+    assert score_diff < 1e-4 * max(1.0, float(np.abs(full).max())), score_diff
+    assert grad_diff < 1e-4 * grad_scale, (grad_diff, grad_scale)
+
+
+TRUNK_LABELS = ["pin change", "card arrival", "exchange rate"]  # multi-token: both passes
+TRUNK_TEXTS = ["how do i change my pin", "where is my new card", "what is the rate today",
+               "i want a new pin please and quickly"]
+
+
+def test_trunk_cache_equals_full_forward_tiny(tiny):
+    _trunk_case(tiny, 1, TRUNK_LABELS, TRUNK_TEXTS)
+
+
+def test_trunk_cache_equals_full_forward_stories(stories):
+    _trunk_case(stories, 2, TRUNK_LABELS, TRUNK_TEXTS)
+
+
+def test_trunk_cache_equals_full_forward_smollm2(smol):
+    _trunk_case(smol, 8, TRUNK_LABELS, TRUNK_TEXTS)
+
+
+def test_block_path_equals_model_call(tiny):
+    """Running the blocks ourselves (head only at scored positions) equals mlx-lm's own forward."""
+    import metapeft.scoring as sc
+
+    enc = TaskEncoder(tiny.tokenizer, TRUNK_LABELS)
+    batch = enc.encode([Example(t, TRUNK_LABELS[0]) for t in TRUNK_TEXTS])
+    blocks = np.array(score_candidates(tiny.model, batch))
+    saved = sc.BLOCK_MODEL_TYPES
+    try:
+        sc.BLOCK_MODEL_TYPES = frozenset()
+        generic = np.array(score_candidates(tiny.model, batch))
+    finally:
+        sc.BLOCK_MODEL_TYPES = saved
+    assert np.abs(blocks - generic).max() < 1e-4

@@ -29,6 +29,8 @@ class BaseModel:
     path: str  # local directory holding config.json and weights
     fingerprint: str  # sha256 over config + weight file sizes/edges: detects a different model
     config: dict
+    dequantized: bool = False  # a quantized checkpoint dequantised in memory at load
+    requested: str = "any"  # the --dequantize mode it was loaded for ("any": not quantized)
 
     @property
     def num_layers(self) -> int:
@@ -85,15 +87,48 @@ def resolve_model_path(model: str) -> tuple[str, Path | None]:
     raise UserError("model path does not exist", path=model, field="model")
 
 
-_CACHE: dict[str, BaseModel] = {}
+_CACHE: dict[tuple[str, bool], BaseModel] = {}
+DEQUANTIZE = ("auto", "always", "never")
 
 
-def load_base_model(model: str = DEFAULT_MODEL, *, cache: bool = True) -> BaseModel:
+def should_dequantize(mode: str, quantized: bool) -> bool:
+    """``auto`` dequantises a quantized model on the CPU, where MLX's quantized matmul has no fast
+    kernel (a 4-bit SmolLM2-135M step was several times slower than float32), and keeps it on
+    Metal, where training over quantized weights is QLoRA as in mlx-lm."""
+    if mode not in DEQUANTIZE:
+        raise UserError(f"--dequantize must be one of {', '.join(DEQUANTIZE)}, got {mode!r}",
+                        field="dequantize")
+    if not quantized or mode == "never":
+        return False
+    if mode == "always":
+        return True
+    import mlx.core as mx
+
+    return not mx.metal.is_available()
+
+
+def _to_float32(model) -> None:
+    """Cast floating weights to float32 in place (dequantised weights keep the scales' dtype)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    model.update(tree_map(lambda a: a.astype(mx.float32)
+                          if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
+
+
+def load_base_model(model: str = DEFAULT_MODEL, *, cache: bool = True,
+                    dequantize: str = "auto") -> BaseModel:
     """Load and freeze a model. Loaded models are cached per process (they are never mutated:
-    adapters attach to copies of the module tree, see ``adapters.base``)."""
+    adapters attach to copies of the module tree, see ``adapters.base``). A quantized checkpoint
+    is dequantised to float32 in memory per ``dequantize`` (see ``should_dequantize``); its
+    ``model_id`` and ``fingerprint`` still name the checkpoint on disk."""
     model_id, path = resolve_model_path(model)
-    if cache and model_id in _CACHE:
-        return _CACHE[model_id]
+    if dequantize not in DEQUANTIZE:
+        should_dequantize(dequantize, False)  # raises the one-line error
+    if cache:
+        for (mid, _), bm in _CACHE.items():
+            if mid == model_id and bm.requested in (dequantize, "any"):
+                return bm
     from mlx_lm import load  # lazy: pulls in transformers
 
     try:
@@ -107,11 +142,26 @@ def load_base_model(model: str = DEFAULT_MODEL, *, cache: bool = True) -> BaseMo
     except Exception as e:  # surface loader failures as one line
         raise UserError(f"could not load model: {type(e).__name__}: {e}", path=str(path or model_id),
                         field="model") from None
+    config = json.loads((Path(path) / "config.json").read_text())
+    quantized = "quantization" in config
+    dequantized = should_dequantize(dequantize, quantized)
+    if dequantized:
+        import sys
+        import time
+
+        from mlx_lm.utils import dequantize_model
+
+        t0 = time.perf_counter()
+        m = dequantize_model(m)
+        _to_float32(m)
+        print(f"note: dequantised {model_id} to float32 in memory ({time.perf_counter() - t0:.0f} "
+              f"s; MLX has no fast quantized matmul on the CPU; --dequantize never keeps it)",
+              file=sys.stderr)
     m.freeze()
     m.eval()
-    config = json.loads((Path(path) / "config.json").read_text())
     bm = BaseModel(model=m, tokenizer=tok, model_id=model_id, path=str(path),
-                   fingerprint=fingerprint_dir(Path(path)), config=config)
+                   fingerprint=fingerprint_dir(Path(path)), config=config,
+                   dequantized=dequantized, requested=dequantize if quantized else "any")
     if cache:
-        _CACHE[model_id] = bm
+        _CACHE[(model_id, dequantized)] = bm
     return bm

@@ -29,6 +29,9 @@ def verbalise(label: str) -> str:
     return label.replace("_", " ").strip()
 
 
+EMPTY = mx.zeros((0,), mx.float32)  # "no trunk states" (a zero-size array keeps Batch a tree)
+
+
 class Batch(NamedTuple):
     """Encoded examples; a NamedTuple so it passes through mx.compile / mx.vmap as a tree."""
 
@@ -38,6 +41,10 @@ class Batch(NamedTuple):
     label_len: mx.array  # (C,) int32
     labels: mx.array  # (B,) int32: index of the gold candidate (-1 if unknown)
     weights: mx.array  # (B,) float32: per-example loss weight (replay, rating)
+    # Frozen-trunk states (``trunk_states``), or EMPTY: the prompts' hidden states entering the
+    # first trained block (B, Lp, D), and the label continuations' (B*C, Lm-1, D).
+    hidden: mx.array = EMPTY
+    label_hidden: mx.array = EMPTY
 
     @property
     def size(self) -> int:
@@ -149,24 +156,40 @@ def _log_softmax(x: mx.array) -> mx.array:
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
-def score_candidates(model: nn.Module, batch: Batch, *, virtual: mx.array | None = None,
-                     prefix: list[tuple[mx.array, mx.array]] | None = None) -> mx.array:
-    """Summed label-token log-probabilities for every candidate, (B, C).
+# Architectures whose mlx-lm Model is ``embed_tokens -> layers[i](h, mask, cache=c) -> norm ->
+# head`` (lm_head, or the tied embedding's ``as_linear``). For them scoring runs the blocks itself,
+# which lets it start from cached hidden states (the frozen trunk) and apply the vocabulary-wide
+# head only where a score is read. Other architectures run through ``model(...)`` unchanged.
+BLOCK_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
-    Pass 1 runs the right-padded prompts (after ``virtual`` embeddings (B, V, D) for prompt tuning
-    and P-tuning, and after per-layer ``prefix`` keys/values (B, kv_heads, P, head_dim) for prefix
-    tuning). Pass 2 runs every candidate's label tokens for every example, B*C sequences, on top of
-    pass 1's keys/values, each with its own RoPE offset so positions equal those of the single
-    sequence ``prompt + label``.
-    """
+
+def runs_blocks(model: nn.Module) -> bool:
+    """Whether scoring can run ``model`` block by block (see ``BLOCK_MODEL_TYPES``)."""
+    args = getattr(model, "args", None)
+    return (getattr(args, "model_type", None) in BLOCK_MODEL_TYPES
+            and not getattr(args, "sliding_window", None)
+            and hasattr(getattr(model, "model", None), "norm"))
+
+
+def _head(model: nn.Module, h: mx.array) -> mx.array:
+    h = model.model.norm(h)
+    if hasattr(model, "lm_head"):
+        return model.lm_head(h)
+    return model.model.embed_tokens.as_linear(h)
+
+
+def _run(model: nn.Module, h: mx.array, mask: mx.array, caches: list, start: int) -> mx.array:
+    """Hidden states after blocks ``start..L-1`` (one cache per block, in that order)."""
+    for layer, c in zip(model.model.layers[start:], caches):
+        h = layer(h, mask, cache=c)
+    return h
+
+
+def _masks(batch: Batch, V: int, P: int):
+    """Pass-1 mask (B, V+Lp, P+V+Lp), pass-2 mask (B*C, Lm-1, S1) and pass-2 RoPE offsets."""
     prompt, plen = batch.prompt, batch.prompt_len
     B, Lp = prompt.shape
     C, Lm = batch.label_tokens.shape
-    n_layers = len(model.layers)
-    V = 0 if virtual is None else virtual.shape[1]
-    P = 0 if prefix is None else prefix[0][0].shape[2]
-
-    # ---- pass 1: the prompts ----------------------------------------------------------------
     pos = mx.arange(Lp)
     valid = pos[None, :] < plen[:, None]  # (B, Lp) real prompt tokens
     causal = pos[:, None] >= pos[None, :]
@@ -174,41 +197,111 @@ def score_candidates(model: nn.Module, batch: Batch, *, virtual: mx.array | None
     # unbatched operand against a batched one (MLX 0.32; see tests/test_meta.py vmap check).
     m1 = mx.logical_or(mx.logical_and(causal[None], valid[:, None, :]),
                        mx.eye(Lp, dtype=mx.bool_)[None])  # pads attend to themselves
-    inputs, embeddings = prompt, None
     if V:
-        emb = model.model.embed_tokens(prompt)
-        embeddings = mx.concatenate([virtual.astype(emb.dtype), emb], axis=1)
-        inputs = mx.concatenate([mx.zeros((B, V), prompt.dtype), prompt], axis=1)
         top = mx.concatenate([mx.broadcast_to(mx.tril(mx.ones((V, V), mx.bool_)), (B, V, V)),
                               mx.zeros((B, V, Lp), mx.bool_)], axis=2)
         bottom = mx.concatenate([mx.ones((B, Lp, V), mx.bool_), m1], axis=2)
         m1 = mx.concatenate([top, bottom], axis=1)
     if P:
         m1 = mx.concatenate([mx.ones((B, V + Lp, P), mx.bool_), m1], axis=2)
-    caches = [_ScoringCache(m1[:, None], None if prefix is None else prefix[i], P)
-              for i in range(n_layers)]
-    if embeddings is not None:
-        logits1 = model(inputs, cache=caches, input_embeddings=embeddings)
-    else:
-        logits1 = model(inputs, cache=caches)
-    last = mx.take_along_axis(logits1, (V + plen - 1)[:, None, None], axis=1)[:, 0]  # (B, vocab)
-    first_tok = batch.label_tokens[:, 0]
-    scores = _log_softmax(last)[:, first_tok]  # (B, C): log p(label_c[0] | prompt)
     if Lm == 1:
-        return scores
-
-    # ---- pass 2: label continuations, B*C sequences over pass 1's keys/values ----------------
+        return m1, None, None
     S1 = P + V + Lp
-    inp = mx.broadcast_to(batch.label_tokens[None, :, :-1], (B, C, Lm - 1)).reshape(B * C, Lm - 1)
     key_valid = mx.concatenate([mx.ones((B, P + V), mx.bool_), valid], axis=1)  # (B, S1)
     key_valid = mx.repeat(key_valid, C, axis=0)[:, None, :]  # (B*C, 1, S1)
     causal2 = mx.tril(mx.ones((Lm - 1, Lm - 1), mx.bool_))
     m2 = mx.concatenate([mx.broadcast_to(key_valid, (B * C, Lm - 1, S1)),
                          mx.broadcast_to(causal2[None], (B * C, Lm - 1, Lm - 1))], axis=2)
     offset2 = mx.repeat(P + V + plen, C)  # (B*C,) per-sequence RoPE offsets
+    return m1, m2, offset2
+
+
+def _label_inputs(batch: Batch) -> mx.array:
+    B, C, Lm = batch.prompt.shape[0], *batch.label_tokens.shape
+    return mx.broadcast_to(batch.label_tokens[None, :, :-1], (B, C, Lm - 1)).reshape(B * C, Lm - 1)
+
+
+def trunk_states(model: nn.Module, batch: Batch, upto: int) -> Batch:
+    """``batch`` with the hidden states entering block ``upto`` filled in: the prompts'
+    (``hidden``, (B, Lp, D)) and the label continuations' (``label_hidden``, (B*C, Lm-1, D)).
+
+    Blocks below ``upto`` are frozen for an adapter that trains only the top ones, so these states
+    are the same at every step: computing them once per task and starting every later forward
+    at block ``upto`` (``score_candidates(..., start=upto)``) skips the frozen trunk's cost in
+    every inner step and evaluation. Gradients never flow into them."""
+    m1, m2, offset2 = _masks(batch, 0, 0)
+    caches = [_ScoringCache(m1[:, None], None, 0) for _ in range(upto)]
+    h1 = _run(model, model.model.embed_tokens(batch.prompt), m1[:, None], caches, 0)
+    h2 = EMPTY
+    if m2 is not None:
+        C = batch.label_tokens.shape[0]
+        caches2 = [_ScoringCache(m2[:, None], tuple(mx.repeat(t, C, axis=0) for t in c.kv),
+                                 offset2) for c in caches]
+        h2 = _run(model, model.model.embed_tokens(_label_inputs(batch)), m2[:, None], caches2, 0)
+    out = batch._replace(hidden=mx.stop_gradient(h1), label_hidden=mx.stop_gradient(h2))
+    mx.eval(out.hidden, out.label_hidden)
+    return out
+
+
+def score_candidates(model: nn.Module, batch: Batch, *, virtual: mx.array | None = None,
+                     prefix: list[tuple[mx.array, mx.array]] | None = None,
+                     start: int = 0) -> mx.array:
+    """Summed label-token log-probabilities for every candidate, (B, C).
+
+    Pass 1 runs the right-padded prompts (after ``virtual`` embeddings (B, V, D) for prompt tuning
+    and P-tuning, and after per-layer ``prefix`` keys/values (B, kv_heads, P, head_dim) for prefix
+    tuning). Pass 2 runs every candidate's label tokens for every example, B*C sequences, on top of
+    pass 1's keys/values, each with its own RoPE offset so positions equal those of the single
+    sequence ``prompt + label``.
+
+    For block-structured models (``runs_blocks``) the head is applied only at the positions that
+    are scored (the last prompt token and the label continuations), and when ``batch`` carries
+    trunk states (``trunk_states(model, batch, start)``) both passes start at block ``start``.
+    """
+    prompt, plen = batch.prompt, batch.prompt_len
+    B = prompt.shape[0]
+    C, Lm = batch.label_tokens.shape
+    n_layers = len(model.model.layers)
+    V = 0 if virtual is None else virtual.shape[1]
+    P = 0 if prefix is None else prefix[0][0].shape[2]
+    m1, m2, offset2 = _masks(batch, V, P)
+    blocks = runs_blocks(model)
+    cached = batch.hidden.ndim == 3
+    if cached and not (blocks and V == 0 and P == 0 and start > 0):
+        raise ValueError("trunk states need a block-structured model, no virtual tokens or "
+                         "prefix, and start > 0")
+    start = start if cached else 0
+
+    # ---- pass 1: the prompts ----------------------------------------------------------------
+    inputs, embeddings = prompt, None
+    if V:
+        emb = model.model.embed_tokens(prompt)
+        embeddings = mx.concatenate([virtual.astype(emb.dtype), emb], axis=1)
+        inputs = mx.concatenate([mx.zeros((B, V), prompt.dtype), prompt], axis=1)
+    caches = [_ScoringCache(m1[:, None], None if prefix is None else prefix[i], P)
+              for i in range(start, n_layers)]
+    last_pos = (V + plen - 1)[:, None, None]
+    if blocks:
+        h = batch.hidden if cached else (
+            embeddings if embeddings is not None else model.model.embed_tokens(inputs))
+        h = _run(model, h, m1[:, None], caches, start)
+        last = _head(model, mx.take_along_axis(h, last_pos, axis=1)[:, 0])  # (B, vocab)
+    else:
+        logits1 = model(inputs, cache=caches, input_embeddings=embeddings) if V else \
+            model(inputs, cache=caches)
+        last = mx.take_along_axis(logits1, last_pos, axis=1)[:, 0]
+    scores = _log_softmax(last)[:, batch.label_tokens[:, 0]]  # (B, C): log p(label_c[0] | prompt)
+    if Lm == 1:
+        return scores
+
+    # ---- pass 2: label continuations, B*C sequences over pass 1's keys/values ----------------
     caches2 = [_ScoringCache(m2[:, None], tuple(mx.repeat(t, C, axis=0) for t in c.kv), offset2)
                for c in caches]
-    logits2 = model(inp, cache=caches2)  # (B*C, Lm-1, vocab)
+    if blocks:
+        h2 = batch.label_hidden if cached else model.model.embed_tokens(_label_inputs(batch))
+        logits2 = _head(model, _run(model, h2, m2[:, None], caches2, start))
+    else:
+        logits2 = model(_label_inputs(batch), cache=caches2)  # (B*C, Lm-1, vocab)
     targets = mx.broadcast_to(batch.label_tokens[None, :, 1:], (B, C, Lm - 1)).reshape(B * C, Lm - 1)
     lp = mx.take_along_axis(_log_softmax(logits2), targets[..., None], axis=-1)[..., 0]
     tmask = mx.arange(1, Lm)[None, :] < batch.label_len[:, None]  # (C, Lm-1)

@@ -11,7 +11,9 @@ the meta-learner's inner loops. It takes mlx-lm's trainer shape:
   from it;
 * scoring runs in eval mode (no dropout), training in train mode;
 * one loss path, ``batch_loss``: classification loss over length buckets plus the regulariser;
-* the adapter's optax-style hook, ``init_state`` / ``on_step``, runs after every step.
+* the adapter's optax-style hook, ``init_state`` / ``on_step``, runs after every step;
+* batches pass through ``adapter.prepare`` once per task: an adapter on the top k blocks gets the
+  frozen trunk's hidden states computed once, and every step starts at block L - k.
 
 Nothing here branches on the method.
 """
@@ -143,15 +145,18 @@ class _Minibatches:
         self.n = data.num_support
         self.bs = min(batch_size, self.n)
         self.order, self.cursor = self.rng.permutation(self.n), 0
+        self.full: list[Batch] | None = None
 
-    def next(self) -> list[Batch]:
-        if self.bs == self.n:
-            return self.data.support
+    def next(self, prepare) -> list[Batch]:
+        if self.bs == self.n:  # the whole support set: prepared once, reused every step
+            if self.full is None:
+                self.full = [prepare(b) for b in self.data.support]
+            return self.full
         if self.cursor + self.bs > self.n:
             self.order, self.cursor = self.rng.permutation(self.n), 0
         picked = [self.data.support_examples[j] for j in self.order[self.cursor:self.cursor + self.bs]]
         self.cursor += self.bs
-        return self.data.encoder.encode_buckets(picked, None, BUCKET_SIZE)
+        return [prepare(b) for b in self.data.encoder.encode_buckets(picked, None, BUCKET_SIZE)]
 
 
 def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, evaluate_query: bool = True,
@@ -184,7 +189,8 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
     step = mx.compile(step_fn, inputs=state, outputs=state) if compile else step_fn
     hook_state = adapter.init_state(params)
     batches = _Minibatches(data, batch_size, seed)
-    query = data.query if evaluate_query and data.query else None
+    # the frozen trunk's states (when the adapter trains only the top blocks), once per task
+    query = [adapter.prepare(b) for b in data.query] if evaluate_query and data.query else None
 
     losses: list[float] = []
     accs: list[float] = []
@@ -209,7 +215,7 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
     tokens = 0
     adapter.set_training(True)
     for i in range(1, steps + 1):
-        buckets = batches.next()
+        buckets = batches.next(adapter.prepare)
         ts = time.perf_counter()
         loss, grads = step([tuple(b) for b in buckets])
         mx.eval(loss, state)

@@ -183,6 +183,7 @@ class AdaLoRA(Adapter):
         self.model, self.num_layers = copy_and_check_targets(self.base.model, cfg.target_modules,
                                                              cfg.num_layers)
         n = len(self.model.layers)
+        self.frozen_blocks = n - self.num_layers
         self.module_names: list[str] = []
         for li in range(n - self.num_layers, n):
             block = self.model.layers[li]
@@ -219,7 +220,7 @@ class AdaLoRA(Adapter):
 
     def scores(self, params: dict, batch: Batch) -> mx.array:
         self.model.update(params)
-        return score_candidates(self.model, batch)
+        return score_candidates(self.model, batch, start=self.frozen_blocks)
 
     def regularizer(self, params: dict) -> mx.array | None:
         w = self.config.orth_reg_weight

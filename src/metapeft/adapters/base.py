@@ -122,6 +122,7 @@ class Adapter:
     Config: ClassVar[type[AdapterConfig]]
     default_lr: ClassVar[float] = 1e-3  # the learning rate `adapt` uses when none is given
     structural: ClassVar[tuple[str, ...]] = ()  # options that fix the trainable tree's shapes
+    frozen_blocks: int = 0  # bottom blocks the adapter leaves untouched (set by _attach)
 
     def __init__(self, base: BaseModel, config: AdapterConfig):
         self.base = base
@@ -152,6 +153,17 @@ class Adapter:
 
     def scores(self, params: dict, batch: Batch) -> mx.array:
         raise NotImplementedError
+
+    # --- shared forward helpers --------------------------------------------------------------
+    def prepare(self, batch: Batch) -> Batch:
+        """The batch as this adapter's forward wants it: when the adapter trains only the top
+        blocks, with the frozen trunk's hidden states computed once (``scoring.trunk_states``), so
+        every later step and evaluation starts at the first trained block."""
+        from metapeft.scoring import runs_blocks, trunk_states
+
+        if self.frozen_blocks <= 0 or batch.hidden.ndim == 3 or not runs_blocks(self.base.model):
+            return batch
+        return trunk_states(self.base.model, batch, self.frozen_blocks)
 
     # --- optional hooks ---------------------------------------------------------------------
     def regularizer(self, params: dict) -> mx.array | None:

@@ -60,7 +60,7 @@ class LoRA(Adapter):
         cfg = self.config
         self.model, self.num_layers = copy_and_check_targets(self.base.model, cfg.target_modules,
                                                              cfg.num_layers)
-        n = len(self.model.layers)
+        self.frozen_blocks = len(self.model.layers) - self.num_layers
         linear_to_lora_layers(self.model, self.num_layers, self.mlx_lm_parameters(),
                               use_dora=cfg.use_dora)
         self.model.freeze()
@@ -90,7 +90,7 @@ class LoRA(Adapter):
 
     def scores(self, params: dict, batch: Batch) -> mx.array:
         self.model.update(params)
-        return score_candidates(self.model, batch)
+        return score_candidates(self.model, batch, start=self.frozen_blocks)
 
     def mlx_lm_config(self) -> dict:
         return {"fine_tune_type": "dora" if self.config.use_dora else "lora",

@@ -42,13 +42,18 @@ def _pad_batch(b: Batch, lp: int, lm: int) -> Batch:
 
 
 def encode_episode(task: Task, tokenizer, template: str | None = None,
-                   support_weights: list[float] | None = None) -> EncodedEpisode:
+                   support_weights: list[float] | None = None, prepare=None) -> EncodedEpisode:
     enc = TaskEncoder(tokenizer, task.labels, **({"template": template} if template else {}))
-    return EncodedEpisode(task, enc.encode(task.support, support_weights), enc.encode(task.query))
+    support, query = enc.encode(task.support, support_weights), enc.encode(task.query)
+    if prepare is not None:
+        support, query = prepare(support), prepare(query)
+    return EncodedEpisode(task, support, query)
 
 
-def stack_episodes(episodes: list[EncodedEpisode], pad_to: int = 8) -> tuple[Batch, Batch]:
-    """Stack same-signature episodes into (support, query) Batches with a leading task axis."""
+def stack_episodes(episodes: list[EncodedEpisode], pad_to: int = 8,
+                   prepare=None) -> tuple[Batch, Batch]:
+    """Stack same-signature episodes into (support, query) Batches with a leading task axis.
+    ``prepare`` (``Adapter.prepare``: frozen-trunk states) runs on each padded task batch."""
     def lengths(get):
         lp = max(get(e).prompt.shape[1] for e in episodes)
         lm = max(get(e).label_tokens.shape[1] for e in episodes)
@@ -59,6 +64,8 @@ def stack_episodes(episodes: list[EncodedEpisode], pad_to: int = 8) -> tuple[Bat
     for get in (lambda e: e.support, lambda e: e.query):
         lp, _ = lengths(get)
         padded = [_pad_batch(get(e), lp, lm) for e in episodes]
+        if prepare is not None:
+            padded = [prepare(b) for b in padded]
         out.append(Batch(*[mx.stack(field) for field in zip(*padded)]))
     return out[0], out[1]
 

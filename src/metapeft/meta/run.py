@@ -119,8 +119,8 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
 
     val_eps = []
     if val_source is not None and eval_every > 0:
-        val_eps = [encode_episode(val_source.sample(10_000_019 * (seed + 1) + i), tok)
-                   for i in range(eval_episodes)]
+        val_eps = [encode_episode(val_source.sample(10_000_019 * (seed + 1) + i), tok,
+                                  prepare=adapter.prepare) for i in range(eval_episodes)]
 
     def save_checkpoint(step: int) -> None:
         if checkpoint is None:
@@ -139,9 +139,10 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
         tasks = [train_source.sample(seed * 1_000_003 + t * meta_batch + i) for i in range(meta_batch)]
         episodes = [encode_episode(task, tok) for task in tasks]
         if vectorise:
-            groups = [stack_episodes(g) for g in group_by_signature(episodes)]
+            groups = [stack_episodes(g, prepare=adapter.prepare)
+                      for g in group_by_signature(episodes)]
         else:  # one task per group: no padding to the meta-batch's longest prompt
-            groups = [stack_episodes([e]) for e in episodes]
+            groups = [stack_episodes([e], prepare=adapter.prepare) for e in episodes]
         new_theta, loss, acc = learner.step(theta, groups, t, meta_steps)
         if not (math.isfinite(loss) and all(bool(mx.all(mx.isfinite(v)).item())
                                             for _, v in tree_flatten(new_theta))):
