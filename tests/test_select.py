@@ -108,7 +108,8 @@ def test_selector_learns_the_rule_and_round_trips(tmp_path):
 
 
 def test_empty_store_answers_from_priors(home, tiny, small_task):
-    from metapeft.select.selector import PRIOR_ORDER, select
+    from metapeft.adapters import PRIOR_ORDER
+    from metapeft.select.selector import select
 
     res = select(task_features(small_task, tiny))
     assert res["source"] == "priors" and "priors" in res["reason"]
@@ -173,10 +174,17 @@ def test_profile_cli(task_dir):
     assert obj["domain"] == "sentiment" and list(obj["features"]) == list(FEATURE_NAMES)
 
 
-def test_default_hyperparameters_read_the_yaml():
-    from metapeft.api import DEFAULT_LR
+def test_default_hyperparameters_are_the_adapters():
+    """Without experience, select recommends exactly what adapt runs: the adapter's own lr and
+    options, with the run-level steps and optimizer of configs/default.yaml."""
+    from metapeft.adapters import METHODS, get_adapter_class
+    from metapeft.config import run_defaults
     from metapeft.select.selector import default_hyperparameters
 
-    for m, lr in DEFAULT_LR.items():
-        assert default_hyperparameters(m)["lr"] == lr
+    for m in METHODS:
+        hp = default_hyperparameters(m)
+        cls = get_adapter_class(m)
+        assert hp["lr"] == cls.default_lr
+        assert {k: hp[k] for k in cls.Config.defaults()} == cls.Config.defaults()
+        assert hp["steps"] == run_defaults()["steps"]
     assert default_hyperparameters("prompt")["num_virtual_tokens"] == 8
