@@ -73,6 +73,10 @@ def main() -> None:
                     help="default: meta-steps x meta-batch x inner-steps / 2: each multitask step "
                          "trains on an episode's support + query (2x the support), so both "
                          "inits see the same number of examples")
+    ap.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                    help="adapter option for meta-training and every init's evaluation, e.g. "
+                         "total_step=10 for AdaLoRA: one budget schedule (it ends at step 10, the "
+                         "final rank pattern is kept after it) for the 10- and 50-step runs alike")
     ap.add_argument("--vectorise", action="store_true")
     ap.add_argument("--registry", default=None, help="keep the meta-weights here (default: temp)")
     ap.add_argument("--meta-weights", default=None,
@@ -101,6 +105,9 @@ def main() -> None:
 
     base = load_base_model(str(STORIES))
     lr = get_adapter_class(args.method).default_lr if args.lr is None else args.lr
+    import yaml
+
+    options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.options)}
     sources = api.build_meta_sources(str(CLINC / "train.jsonl"), exclude_domains=HELD_OUT_DOMAINS,
                                      ways=5, shots=5, query=5, val_fraction=0.15, seed=0)
     train_src, _, spec, _ = sources
@@ -123,6 +130,7 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             res = api.meta_train(model=str(STORIES), method=args.method, algorithm=args.algorithm,
+                                 config=options,
                                  name="bench", registry=args.registry or tmp,
                                  meta_steps=args.meta_steps, meta_batch=args.meta_batch,
                                  inner_steps=args.inner_steps, inner_lr=args.inner_lr,
@@ -134,7 +142,7 @@ def main() -> None:
             arrays, _ = load_safetensors(res.path)
         val_steps, val_accs, best_step = res.val_steps, res.val_accuracies, res.best_step
         meta_seconds = time.perf_counter() - t0
-    adapter = get_adapter_class(args.method).attach(base)
+    adapter = get_adapter_class(args.method).attach(base, options)
     inits = {"fresh": adapter.init_params(0), "meta": adapter.unflat(arrays)}
     mt_steps = args.multitask_steps or args.meta_steps * args.meta_batch * args.inner_steps // 2
     t1 = time.perf_counter()
