@@ -14,6 +14,7 @@ import metapeft  # noqa: F401  (OpenBLAS preload before mlx)
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
+SMOL = SHARED / "models" / "SmolLM2-135M-Instruct"  # the headline model (MLX 4-bit on disk)
 CLINC = SHARED / "data" / "clinc150"
 HELD_OUT_DOMAINS = ["banking", "travel"]
 

@@ -1,6 +1,6 @@
 """Meta-learned init vs fresh init vs a multi-task-pretrained init, on held-out CLINC150 domains.
 
-Model: stories260K. Meta-train: CLINC150 train split minus the held-out domains (banking, travel),
+Model: stories260K by default (`--model DIR` for any mlx-lm model, e.g. SmolLM2-135M). Meta-train: CLINC150 train split minus the held-out domains (banking, travel),
 8 domains / 120 intents, of which a share of intents is kept aside for validation (early
 stopping picks the best validation step). Meta-test: 5-way 5-shot episodes from the *test* split
 of banking + travel only, so meta-test classes are disjoint from every class seen in training.
@@ -54,6 +54,9 @@ def multitask_init(adapter, source, tokenizer, steps: int, lr: float, seed: int 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=str(STORIES),
+                    help="any mlx-lm model directory (default stories260K; the headline model is "
+                         "../shared/models/SmolLM2-135M-Instruct)")
     ap.add_argument("--method", default="lora")
     ap.add_argument("--algorithm", default="reptile")
     ap.add_argument("--meta-steps", type=int, default=30)
@@ -96,14 +99,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.json)
-    require(STORIES, "stories260K")
+    require(Path(args.model), "the model")
     require(CLINC, "CLINC150")
     from metapeft import api
     from metapeft.adapters import get_adapter_class
     from metapeft.data.episodes import EpisodeSource
     from metapeft.models import load_base_model
 
-    base = load_base_model(str(STORIES))
+    base = load_base_model(args.model)
     lr = get_adapter_class(args.method).default_lr if args.lr is None else args.lr
     import yaml
 
@@ -129,7 +132,7 @@ def main() -> None:
         meta_seconds = float(json_field(meta, "duration_seconds", 0.0))
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            res = api.meta_train(model=str(STORIES), method=args.method, algorithm=args.algorithm,
+            res = api.meta_train(model=args.model, method=args.method, algorithm=args.algorithm,
                                  config=options,
                                  name="bench", registry=args.registry or tmp,
                                  meta_steps=args.meta_steps, meta_batch=args.meta_batch,

@@ -27,12 +27,11 @@ import time
 from functools import partial
 from pathlib import Path
 
-from _common import CLINC, HELD_OUT_DOMAINS, SHARED, clinc_pool, require, write_json
+from _common import CLINC, HELD_OUT_DOMAINS, SMOL, clinc_pool, require, write_json
 
 import mlx.core as mx
 import numpy as np
 
-SMOL = SHARED / "models" / "SmolLM2-135M-Instruct"
 
 
 def gemm_gflops(n: int = 1024, reps: int = 10) -> float:
