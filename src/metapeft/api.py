@@ -1,324 +1,94 @@
-"""The Python API behind the CLI. Everything a command does is one call here, so a notebook can
-do the same without Typer:
+"""The Python API: every ``metapeft`` command is one call here, and returns a report whose
+``to_json()`` is what the command's ``--json`` prints (``metapeft.reports``). The CLI only parses
+arguments and prints, so a notebook can do everything a command does:
 
-    from metapeft.api import adapt
-    report = adapt("data/my_task", model="tiny", method="lora", steps=20, out="runs/a")
+    from metapeft import api
+    report = api.adapt("data/my_task", model="tiny", steps=20, out="runs/a")
     report.final_accuracy, report.steps_to_target
+    api.select("data/my_task").ranking[0]["method"]
+    api.meta_train("synthetic", name="mine", meta_steps=50).version
+
+Commands: ``adapt``, ``meta_train``, ``profile``, ``select``, ``sweep``, ``train_selector``,
+``tune``, ``export_adapter``. Helpers: ``load_task_arg``, ``build_meta_sources``,
+``replay_stats``, ``save_adapter`` / ``load_adapter``, the experience store (``list_experience``,
+``experience_record``, ``import_experience``, ``export_experience``) and the meta-weights registry
+(``list_weights``, ``show_weights``, ``compare_weights``, ``rollback_weights``,
+``delete_weights``).
+
+Every call that loads a model takes ``dequantize`` (``auto``, ``always`` or ``never``; see
+``models.load_base_model``). Importing this module is cheap; MLX loads inside the calls.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from metapeft import __version__
+from metapeft.adapt import DEFAULT_OBJECTIVE, adapt, load_task_arg, record_run
+from metapeft.adapter_io import load_adapter, save_adapter
+from metapeft.adapters import DEFAULT_METHOD
 from metapeft.errors import UserError
+from metapeft.models import DEFAULT_MODEL
+from metapeft.registry import compare as compare_weights
+from metapeft.registry import delete as delete_weights
+from metapeft.registry import list_weights, registry_root
+from metapeft.registry import show as show_weights
+from metapeft.reports import (AdaptReport, ExperienceListing, MetaTrainReport, ProfileReport,
+                              SelectorReport, SelectReport, SweepReport, TuneReport)
 
-DEFAULT_OBJECTIVE = "ce"
-
-
-@dataclass
-class AdaptReport:
-    method: str
-    steps_to_target: int | None
-    final_accuracy: float
-    accuracies: list[float]
-    losses: list[float]
-    target_reached: bool
-    num_support: int
-    num_query: int
-    seconds: float
-    extra: dict = field(default_factory=dict)
-    params: Any = None
-    adapter: Any = None
-
-    JSON_KEYS = ("steps_to_target", "final_accuracy", "accuracies", "losses", "target_reached",
-                 "num_support", "num_query", "seconds", "method")
-
-    def to_json(self) -> dict:
-        """Exactly the documented keys of ``metapeft adapt --json``."""
-        return {k: getattr(self, k) for k in self.JSON_KEYS}
-
-
-def load_task_arg(task, *, shots=None, query=None, ways=None, seed=0, text_field="text",
-                  label_field="label"):
-    """A Task object as is, else a path (directory, JSONL or CSV) read with ``load_task``."""
-    from metapeft.data import Task, load_task
-
-    if isinstance(task, Task):
-        return task
-    return load_task(task, shots=shots, query=query, ways=ways, seed=seed,
-                     text_field=text_field, label_field=label_field)
-
-
-def resolve_init(init: str | None, adapter) -> dict | None:
-    """Load initial adapter params from a safetensors file (or ``None`` for a fresh init)."""
-    if init is None:
-        return None
-    from metapeft.artifacts import load_safetensors
-
-    path = Path(init)
-    if path.is_dir():
-        path = path / "adapters.safetensors"
-    if not path.exists():  # NAME[@VERSION] in the meta-weights registry
-        from metapeft.registry import resolve as registry_resolve
-
-        path = registry_resolve(init)
-    arrays, meta = load_safetensors(path)
-    return adapter.check_compatible(adapter.unflat(arrays), meta, str(path))
-
-
-def save_adapter(out: str | Path, adapter, params: dict, extra: dict | None = None) -> Path:
-    """Write ``out/adapters.safetensors`` (metadata in the header) and ``out/adapter_config.json``.
-
-    For LoRA/DoRA the config is mlx-lm's own, so ``mlx_lm.load(model, adapter_path=out)`` works.
-    """
-    from metapeft.artifacts import atomic_write_json, save_safetensors
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError("output path exists and is not a directory", path=str(out), field="out")
-    params = adapter.scoring_params(params)
-    save_safetensors(out / "adapters.safetensors", adapter.flat(params),
-                     adapter.metadata(params, **(extra or {})))
-    config = {"metapeft_version": __version__, "method": adapter.method,
-              "config": adapter.config.to_dict(), "model": adapter.base.path,
-              "base_model": adapter.base.model_id, "base_model_hash": adapter.base.fingerprint}
-    config.update(adapter.mlx_lm_config() or {})
-    atomic_write_json(out / "adapter_config.json", config)
-    return out
-
-
-def load_adapter(path: str | Path, model: str | None = None):
-    """(adapter, params) from a directory written by ``save_adapter``."""
-    from metapeft.adapters import get_adapter_class
-    from metapeft.artifacts import load_safetensors
-    from metapeft.models import load_base_model
-
-    path = Path(path)
-    weights = path / "adapters.safetensors" if path.is_dir() else path
-    arrays, meta = load_safetensors(weights)
-    method = meta.get("method")
-    if method is None:
-        raise UserError("no 'method' in the safetensors header; not a metapeft adapter",
-                        path=str(weights), field="method")
-    cls = get_adapter_class(method)
-    config = json.loads(meta.get("config", "{}"))
-    base_id = model or meta.get("base_model") or "tiny"
-    adapter = cls.attach(load_base_model(base_id), cls.Config.from_dict(config, source=str(weights)))
-    params = adapter.check_compatible(adapter.unflat(arrays), meta, str(weights))
-    return adapter, params
-
-
-def adapt(task, *, model: str = "tiny", method: str = "lora", steps: int = 20,
-          target: float | None = 0.8, init: str | None = None, out: str | Path | None = None,
-          config: dict | None = None, lr: float | None = None, optimizer: str = "adam",
-          batch_size: int = 64, seed: int = 0, objective: str = DEFAULT_OBJECTIVE,
-          shots: int | None = None, query: int | None = None, ways: int | None = None,
-          text_field: str = "text", label_field: str = "label",
-          on_step: Callable[[int, float, float | None], None] | None = None,
-          on_start: Callable[[], None] | None = None,
-          eval_at: set[int] | None = None, record_experience: bool = False) -> AdaptReport:
-    """Train one adapter on a task's support set; query accuracy at step 0 and after every step.
-    ``on_start`` is called once the inputs are validated, right before training."""
-    from metapeft.adapters import get_adapter_class
-    from metapeft.models import load_base_model
-    from metapeft.train import encode_task, train
-
-    if target is not None and not 0.0 <= target <= 1.0:
-        raise UserError(f"target must be in [0, 1], got {target}", field="target")
-    from metapeft.scoring import OBJECTIVES
-
-    if objective not in OBJECTIVES:
-        raise UserError(f"unknown loss {objective!r}; choose from {', '.join(OBJECTIVES)}",
-                        field="loss")
-    task = load_task_arg(task, shots=shots, query=query, ways=ways, seed=seed,
-                         text_field=text_field, label_field=label_field)
-    cls = get_adapter_class(method)
-    base = load_base_model(model)
-    adapter = cls.attach(base, config or {})
-    params = resolve_init(init, adapter)
-    if params is None:
-        params = adapter.init_params(seed)
-    data = encode_task(task, base.tokenizer)
-    lr = cls.default_lr if lr is None else lr
-    if on_start is not None:
-        on_start()
-    try:
-        res = train(adapter, params, data, steps=steps, lr=lr, optimizer=optimizer,
-                    batch_size=batch_size, seed=seed, target=target, objective=objective,
-                    on_step=on_step, eval_at=eval_at)
-    except FloatingPointError as e:
-        raise UserError(str(e), field="lr") from None
-    report = AdaptReport(
-        method=method, steps_to_target=res.steps_to_target, final_accuracy=res.final_accuracy,
-        accuracies=[round(a, 6) for a in res.accuracies], losses=[round(v, 6) for v in res.losses],
-        target_reached=res.target_reached, num_support=data.num_support,
-        num_query=data.num_query, seconds=round(res.seconds, 3),
-        extra={"lr": lr, "objective": objective, "train_seconds": res.train_seconds,
-               "peak_memory_mb": res.peak_memory_mb, "tokens_per_second": res.tokens_per_second,
-               "trainable_parameters": adapter.num_trainable(res.params), "task": task.name,
-               "labels": list(task.labels), "model": base.model_id,
-               "eval_steps": res.extra["eval_steps"]},
-        params=res.params, adapter=adapter)
-    if out is not None:
-        save_adapter(out, adapter, res.params, extra={
-            "task": task.name, "steps": steps, "lr": lr, "final_accuracy": report.final_accuracy,
-            "labels": list(task.labels), "template": data.encoder.template})
-    if record_experience:
-        _record(report, task, base, "adapt", {"lr": lr, **adapter.config.to_dict()})
-    return report
-
-
-def _record(report, task, base, source: str, hyperparameters: dict) -> None:
-    """Append a run to the experience store; a failure to record never fails the run itself."""
-    import sys
-
-    try:
-        from metapeft.experience import record_adapt
-
-        record_adapt(report, task, base=base, source=source, hyperparameters=hyperparameters)
-    except (UserError, OSError) as e:
-        print(f"warning: not recorded in the experience store: {e}", file=sys.stderr)
+__all__ = [
+    "DEFAULT_OBJECTIVE", "AdaptReport", "ExperienceListing", "MetaTrainReport", "ProfileReport",
+    "SelectReport", "SelectorReport", "SweepReport", "TuneReport", "adapt", "build_meta_sources",
+    "compare_weights", "delete_weights", "experience_record", "export_adapter",
+    "export_experience", "import_experience", "list_experience", "list_weights", "load_adapter",
+    "load_task_arg", "meta_train", "profile", "registry_root", "replay_stats", "rollback_weights",
+    "save_adapter", "select", "show_weights", "sweep", "train_selector", "tune",
+]
 
 
 # --------------------------------------------------------------------------------------------
 # Meta-training
 # --------------------------------------------------------------------------------------------
 
-class MixtureSource:
-    """Episodes from several sources: each draw picks a source uniformly, then an episode."""
+def build_meta_sources(data: str | Path = "synthetic", **options):
+    """``MetaSources(train, validation, spec, extraction_report)`` for ``meta_train``'s ``data``;
+    the options are ``meta.sources.build_meta_sources``'s."""
+    from metapeft.meta.sources import build_meta_sources as build
 
-    def __init__(self, sources: list, name: str = "mixture"):
-        if not sources:
-            raise UserError("no usable tasks for meta-training", field="data")
-        self.sources, self.name = sources, name
-        self.classes = sorted({c for s in sources for c in getattr(s, "classes", [])})
-
-    def sample(self, seed: int):
-        import random
-
-        src = self.sources[random.Random(seed).randrange(len(self.sources))]
-        return src.sample(seed)
+    return build(data, **options)
 
 
-class FixedTasks:
-    """A list of ready-made tasks (a directory of task folders, or small feedback groups)."""
+def replay_stats(data: str | Path, weights=None) -> dict:
+    """How replay weighting (``data.feedback.ReplayWeights``, default weights when None) would
+    sample a feedback log: rows, weight and sampling share per rating category."""
+    from metapeft.data.feedback import ReplayWeights, read_feedback
+    from metapeft.data.feedback import replay_stats as stats
 
-    def __init__(self, tasks: list, name: str = "tasks"):
-        self.tasks, self.name = tasks, name
-        self.classes = sorted({lab for t in tasks for lab in t.labels})
-
-    def sample(self, seed: int):
-        import random
-
-        return self.tasks[random.Random(seed).randrange(len(self.tasks))]
+    rows = read_feedback(data) if Path(data).is_file() else []
+    return stats(rows, weights or ReplayWeights())
 
 
-def synthetic_pool(per_label: int = 40, seed: int = 0) -> list:
-    """Every synthetic family's pool, with ``domain`` = family (the embedded meta-train data)."""
-    from metapeft.data.synthetic import FAMILIES, generate_pool
-
-    return [e for fam in FAMILIES if fam != "topic_long" for e in generate_pool(fam, seed, per_label)]
-
-
-def build_meta_sources(data: str | Path, *, ways: int = 5, shots: int = 5, query: int = 15,
-                       domains=None, exclude_domains=None, labels_from=None, exclude_labels=None,
-                       val_fraction: float = 0.2, task_strategy: str | None = None,
-                       min_samples: int = 20, replay=None, seed: int = 0,
-                       text_field: str = "text", label_field: str = "label"):
-    """(train source, validation source or None, data spec, extraction report or None).
-
-    ``data`` is ``synthetic`` (the embedded families), a labelled pool file (episodes; classes
-    split into meta-train and validation classes, disjoint), a directory of task folders/files,
-    or with ``task_strategy`` a feedback log (project/intent/temporal/mixed groups).
-    """
-    from metapeft import data as ex
-    from metapeft.data import load_task, read_rows
-
-    spec = {"data": str(data), "ways": ways, "shots": shots, "query": query,
-            "domains": domains, "exclude_domains": exclude_domains,
-            "exclude_labels": exclude_labels, "labels_from": labels_from,
-            "val_fraction": val_fraction, "task_strategy": task_strategy}
-    report = None
-    if task_strategy is not None:
-        rows = ex.read_feedback(data, text_field, label_field)
-        groups, report = ex.extract_tasks(rows, task_strategy, min_samples)
-        if not groups:
-            raise UserError(f"no group has more than {min_samples} rows and 2 labels",
-                            path=str(data), field="min_samples")
-        import random
-
-        order = list(range(len(groups)))
-        random.Random(seed).shuffle(order)
-        n_val = int(round(len(groups) * val_fraction)) if len(groups) > 2 else 0
-        def to_src(g):
-            try:
-                return g.to_source(ways, shots, query, replay)
-            except UserError:  # too small for episodes: a fixed support/query split
-                return FixedTasks([g.split(0.5, seed)], g.name)
-        val = [to_src(groups[i]) for i in order[:n_val]]
-        train = [to_src(groups[i]) for i in order[n_val:]]
-        spec["groups_train"] = [groups[i].name for i in order[n_val:]]
-        spec["groups_val"] = [groups[i].name for i in order[:n_val]]
-        tr, va = MixtureSource(train, "feedback"), (MixtureSource(val, "feedback-val") if val else None)
-    elif str(data) == "synthetic" or Path(data).is_file():
-        if str(data) == "synthetic":
-            pool = synthetic_pool()
-        else:
-            pool = read_rows(data, text_field=text_field, label_field=label_field)
-        pool = ex.filter_pool(pool, domains=domains, exclude_domains=exclude_domains,
-                              labels_from=labels_from, exclude_labels=exclude_labels)
-        labels = sorted({e.label for e in pool})
-        train_labels, val_labels = ex.split_classes(labels, val_fraction, seed)
-        weights = None
-        if replay is not None and any("rating" in e.extra for e in pool):
-            weights = ex.replay_weights(pool, replay)
-        tr = ex.EpisodeSource(pool, train_labels, ways=min(ways, len(train_labels)), shots=shots,
-                              query=query, weights=weights, name=str(data))
-        va = (ex.EpisodeSource(pool, val_labels, ways=min(ways, len(val_labels)), shots=shots,
-                               query=query, name=f"{data} (validation classes)")
-              if val_labels else None)
-        spec["train_classes"], spec["val_classes"] = train_labels, val_labels
-    elif Path(data).is_dir():
-        entries = sorted(p for p in Path(data).iterdir()
-                         if p.is_dir() or p.suffix.lower() in (".jsonl", ".csv"))
-        tasks = [load_task(p, shots=shots if p.is_file() else None, query=query, ways=ways,
-                           seed=seed, text_field=text_field, label_field=label_field)
-                 for p in entries]
-        if len(tasks) < 2:
-            raise UserError("a task directory needs at least 2 tasks", path=str(data))
-        n_val = max(1, int(round(len(tasks) * val_fraction))) if val_fraction > 0 else 0
-        tr = FixedTasks(tasks[n_val:], str(data))
-        va = FixedTasks(tasks[:n_val], f"{data} (validation tasks)") if n_val else None
-        spec["tasks_train"] = [t.name for t in tasks[n_val:]]
-        spec["tasks_val"] = [t.name for t in tasks[:n_val]]
-    else:
-        raise UserError("meta-train data does not exist (a pool file, a task directory, or "
-                        "'synthetic')", path=str(data), field="data")
-    spec["num_train_classes"] = len(getattr(tr, "classes", []))
-    return tr, va, spec, report
-
-
-def meta_train(data: str | Path = "synthetic", *, model: str = "tiny", method: str = "lora",
-               algorithm: str = "reptile", name: str = "default", registry: str | Path | None = None,
-               config: dict | None = None, ways: int = 5, shots: int = 5, query: int = 15,
-               meta_steps: int = 100, meta_batch: int = 4, inner_steps: int = 5,
-               inner_lr: float | None = None, inner_optimizer: str | None = None,
-               outer_lr: float | None = None, seed: int = 0, eval_every: int = 10,
-               eval_episodes: int = 8, val_fraction: float = 0.2, domains=None,
-               exclude_domains=None, labels_from=None, exclude_labels=None,
+def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
+               method: str = DEFAULT_METHOD, algorithm: str = "reptile", name: str = "default",
+               registry: str | Path | None = None, config: dict | None = None, ways: int = 5,
+               shots: int = 5, query: int = 15, meta_steps: int = 100, meta_batch: int = 4,
+               inner_steps: int = 5, inner_lr: float | None = None,
+               inner_optimizer: str | None = None, outer_lr: float | None = None, seed: int = 0,
+               eval_every: int = 10, eval_episodes: int = 8, val_fraction: float = 0.2,
+               domains=None, exclude_domains=None, labels_from=None, exclude_labels=None,
                task_strategy: str | None = None, min_samples: int = 20, replay=None,
                resume: bool = False, vectorise: bool = True, compile: bool = False,
-               checkpoint_every: int = 5, on_step=None, on_start=None, sources=None,
-               record_experience: bool = False):
+               checkpoint_every: int = 5, dequantize: str = "auto", on_step=None, on_start=None,
+               on_sources: Callable | None = None, sources=None,
+               record_experience: bool = False) -> MetaTrainReport:
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
-    ``on_start`` is called once the inputs are validated, right before the first meta-step."""
+
+    ``sources`` (a ``MetaSources``) replaces building them from ``data`` and its options;
+    ``on_sources(sources)`` is called once they are built, ``on_start()`` once the inputs are
+    validated, right before the first meta-step, and ``on_step(t, loss, acc, val)`` after each.
+    """
     from metapeft import registry as reg
     from metapeft.adapters import get_adapter_class
-    from metapeft.artifacts import save_safetensors
     from metapeft.meta.learner import MetaConfig
     from metapeft.meta.run import meta_train as run, version_metadata
     from metapeft.models import load_base_model
@@ -336,38 +106,230 @@ def meta_train(data: str | Path = "synthetic", *, model: str = "tiny", method: s
                                      exclude_labels=exclude_labels, val_fraction=val_fraction,
                                      task_strategy=task_strategy, min_samples=min_samples,
                                      replay=replay, seed=seed)
-    train_src, val_src, spec, report = sources
-    base = load_base_model(model)
+    if on_sources is not None:
+        on_sources(sources)
+    spec = sources.spec
+    base = load_base_model(model, dequantize=dequantize)
     adapter = cls.attach(base, config or {})
     ckpt = reg.checkpoint_path(name, registry)
     if on_start is not None:
         on_start()
-    result = run(adapter, cfg, train_src, val_source=val_src, meta_steps=meta_steps,
-                 meta_batch=meta_batch, seed=seed, eval_every=eval_every,
+    result = run(adapter, cfg, sources.train, val_source=sources.validation,
+                 meta_steps=meta_steps, meta_batch=meta_batch, seed=seed, eval_every=eval_every,
                  eval_episodes=eval_episodes, checkpoint=ckpt, checkpoint_every=checkpoint_every,
                  resume=resume, vectorise=vectorise, compile=compile, spec=spec, on_step=on_step)
     meta = version_metadata(adapter, cfg, result, spec=spec, meta_steps=meta_steps,
                             meta_batch=meta_batch, hyper={"ways": ways, "shots": shots,
                                                           "query": query, "seed": seed})
     version, path = reg.save_version(name, adapter.flat(result.best_theta), meta, registry)
-    try:
-        Path(ckpt).unlink()  # the run is complete and published
-    except FileNotFoundError:
-        pass
+    Path(ckpt).unlink(missing_ok=True)  # the run is complete and published
     result.version, result.path = version, str(path)
-    result.extra.update({"report": report, "spec": spec, "adapter": adapter, "config": cfg})
-    if record_experience and result.val_accuracies and val_src is not None:
-        # One record: the meta-learned init on held-out validation episodes after inner_steps.
-        val_task = val_src.sample(0)
-        summary = AdaptReport(
-            method=method, steps_to_target=None, final_accuracy=max(result.val_accuracies),
-            accuracies=result.val_accuracies, losses=result.meta_losses, target_reached=False,
-            num_support=len(val_task.support), num_query=len(val_task.query),
-            seconds=round(result.seconds, 3),
-            extra={"model": base.model_id, "peak_memory_mb": float("nan"),
-                   "trainable_parameters": adapter.num_trainable(result.best_theta),
-                   "train_seconds": result.seconds, "meta_weights": f"{name}@{version}"})
-        _record(summary, val_task, base, "meta-train",
-                {**cfg.to_dict(), "meta_steps": meta_steps, "meta_batch": meta_batch,
-                 **adapter.config.to_dict()})
-    return result
+    report = MetaTrainReport(name=name, version=version, path=str(path), method=method,
+                             algorithm=algorithm,
+                             vectorised=vectorise and result.fallback_reason is None,
+                             result=result, sources=sources, adapter=adapter, config=cfg)
+    if record_experience and result.val_accuracies and sources.validation is not None:
+        _record_meta_init(report, base, meta_steps=meta_steps, meta_batch=meta_batch)
+    return report
+
+
+def _record_meta_init(report: MetaTrainReport, base, *, meta_steps: int, meta_batch: int) -> None:
+    """One experience record: the published init on held-out validation episodes after
+    ``inner_steps`` (its best validation accuracy, the one that chose it)."""
+    import math
+
+    from metapeft.train import AdaptResult
+
+    res, adapter = report.result, report.adapter
+    val_task = report.sources.validation.sample(0)
+    summary = AdaptReport.from_result(
+        AdaptResult(params=res.best_theta, losses=res.meta_losses,
+                    accuracies=[max(res.val_accuracies)], steps_to_target=None,
+                    target_reached=False, seconds=res.seconds, train_seconds=res.seconds,
+                    peak_memory_mb=math.nan, tokens_per_second=0.0),
+        method=report.method, adapter=adapter, num_support=len(val_task.support),
+        num_query=len(val_task.query), model=base.model_id,
+        meta_weights=f"{report.name}@{report.version}")
+    record_run(summary, val_task, base, "meta-train",
+               {**report.config.to_dict(), "meta_steps": meta_steps, "meta_batch": meta_batch,
+                **adapter.config.to_dict()})
+
+
+# --------------------------------------------------------------------------------------------
+# Task profiles and method selection
+# --------------------------------------------------------------------------------------------
+
+def _task_features(task, model: str, dequantize: str, task_options: dict):
+    """(Task, its feature dict) on ``model``."""
+    from metapeft.models import load_base_model
+    from metapeft.select.features import task_features
+
+    t = load_task_arg(task, **task_options)
+    return t, task_features(t, load_base_model(model, dequantize=dequantize))
+
+
+def profile(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
+            shots: int | None = None, query: int | None = None, ways: int | None = None,
+            seed: int = 0, text_field: str = "text", label_field: str = "label") -> ProfileReport:
+    """A task's features: size, shots, classes, lengths, vocabulary, zero-shot difficulty, a
+    Fisher statistic of a fresh probe adapter, and its domain."""
+    from metapeft.select.features import task_domain
+
+    t, feats = _task_features(task, model, dequantize, dict(
+        shots=shots, query=query, ways=ways, seed=seed, text_field=text_field,
+        label_field=label_field))
+    return ProfileReport(task=t.name, domain=task_domain(t), features=feats, model=model)
+
+
+def select(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto", top: int | None = None,
+           k: int = 5, selector: str | Path | None = None, experience: str | Path | None = None,
+           shots: int | None = None, query: int | None = None, ways: int | None = None,
+           seed: int = 0, text_field: str = "text", label_field: str = "label") -> SelectReport:
+    """Rank the PEFT methods for a task: a trained selector (``selector``, default
+    ``<registry root>/selector``), else one trained now from the experience store, else priors."""
+    from metapeft.experience import ExperienceStore
+    from metapeft.select.selector import select as answer
+
+    if top is not None and top < 1:
+        raise UserError("--top must be at least 1", field="top")
+    t, feats = _task_features(task, model, dequantize, dict(
+        shots=shots, query=query, ways=ways, seed=seed, text_field=text_field,
+        label_field=label_field))
+    res = answer(feats, selector_dir=selector, store=ExperienceStore(experience), top=top, k=k)
+    return SelectReport(task=t.name, **res)
+
+
+def train_selector(*, experience: str | Path | None = None, out: str | Path | None = None,
+                   epochs: int = 400, seed: int = 0) -> SelectorReport:
+    """Train the task embedder and the method selector from the experience store and save them
+    (default ``<registry root>/selector``, where ``select`` looks)."""
+    from metapeft.experience import ExperienceStore
+    from metapeft.select.selector import default_selector_dir, train_selector as fit
+
+    store = ExperienceStore(experience)
+    recs = store.load()
+    sel = fit(recs, epochs=epochs, seed=seed, info={"trained_on": str(store.path)})
+    paths = sel.save(out or default_selector_dir())
+    return SelectorReport(tasks=len(sel.ref_info), records=len(recs), methods=sel.methods,
+                          temperature=sel.temperature,
+                          embedder_loss=sel.embedder.info.get("final_loss"), paths=paths,
+                          selector=sel)
+
+
+def sweep(data: str = "synthetic", *, methods="all", tasks: int = 10,
+          model: str = DEFAULT_MODEL, dequantize: str = "auto", steps: int = 10, seed: int = 0,
+          max_shots: int = 50, max_ways: int = 20, query: int = 5, eval_every: int | None = None,
+          inits: dict[str, str] | None = None, experience: str | Path | None = None,
+          on_start: Callable[[int, int], None] | None = None,
+          on_run: Callable | None = None) -> SweepReport:
+    """Build experience: run every method (``"all"``, a comma list or a list) on ``tasks``
+    sampled tasks (1 to ``max_shots`` shots, 2 to ``max_ways`` ways), and also from meta-weights
+    ``inits[method]``; append one record per run to the experience store.
+
+    ``on_start(num_tasks, num_runs)`` is called once the tasks are drawn, ``on_run(task_index,
+    method, accuracy or None)`` after each run."""
+    from metapeft.adapters import parse_methods
+    from metapeft.data.episodes import sample_sweep_tasks
+    from metapeft.experience import ExperienceStore
+    from metapeft.sweep import run_sweep
+
+    ms = parse_methods(methods)
+    ts = sample_sweep_tasks(data, tasks, seed=seed, max_shots=max_shots, max_ways=max_ways,
+                            query=query)
+    store = ExperienceStore(experience)
+    if on_start is not None:
+        on_start(len(ts), len(ts) * (len(ms) + len([m for m in inits or {} if m in ms])))
+    summary = run_sweep(ts, ms, model=model, dequantize=dequantize, steps=steps, seed=seed,
+                        store=store, inits=inits, eval_every=eval_every, on_run=on_run)
+    return SweepReport(**summary, experience=str(store.path))
+
+
+# --------------------------------------------------------------------------------------------
+# Hyperparameter search
+# --------------------------------------------------------------------------------------------
+
+def tune(task=None, *, model: str = DEFAULT_MODEL, dequantize: str = "auto", methods="all",
+         trials: int = 20, time_budget: float | None = None, steps: int | None = None,
+         objectives: str | list[str] | None = "accuracy,seconds,memory", init: str | None = None,
+         name: str | None = None, resume: str | None = None, registry: str | Path | None = None,
+         space: str | Path | None = None, seed: int = 0, n_initial: int | None = None,
+         acq_func: str = "EI", warm_start: bool = True, k: int = 3, record: bool = True,
+         compile: bool = False, shots: int | None = None, query: int | None = None,
+         ways: int | None = None, text_field: str = "text", label_field: str = "label",
+         plot: str | Path | None = None, on_start=None, on_trial=None) -> TuneReport:
+    """Bayesian search (skopt GP; ParEGO for several objectives) over PEFT configurations: a
+    new study ``name`` on ``task``, or continue study ``resume``. ``plot``: also write a PNG of
+    the front (``TuneReport.plot`` stays None without matplotlib)."""
+    from metapeft.tune import plot as tune_plot, search
+
+    if resume is None and task is None:
+        raise UserError("give a TASK (or --resume STUDY)", field="task")
+    if resume is None and not name:
+        raise UserError("a new study needs --name (or continue one with --resume)", field="name")
+    res = search.tune(task, model=model, dequantize=dequantize, methods=methods, trials=trials,
+                      time_budget=time_budget, steps=steps, objectives=objectives, init=init,
+                      name=name, resume=resume, registry=registry, space_file=space, seed=seed,
+                      n_initial=n_initial, acq_func=acq_func, warm_start=warm_start, k=k,
+                      record=record, compile=compile, shots=shots, query=query, ways=ways,
+                      text_field=text_field, label_field=label_field, on_trial=on_trial,
+                      on_start=on_start)
+    written = tune_plot.plot_study(res.study, plot) if plot is not None else None
+    return TuneReport(result=res, plot=written)
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters, experience store, meta-weights registry
+# --------------------------------------------------------------------------------------------
+
+def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str = "peft") -> Path:
+    """Convert an adapter directory to another ecosystem's layout (``peft``: HF peft)."""
+    from metapeft.export import export_peft
+
+    if fmt != "peft":
+        raise UserError(f"unknown format {fmt!r}; supported: peft", field="format")
+    return export_peft(adapter_dir, out)
+
+
+def _store(experience: str | Path | None):
+    from metapeft.experience import ExperienceStore
+
+    return ExperienceStore(experience)
+
+
+def list_experience(experience: str | Path | None = None, *, limit: int = 50
+                    ) -> ExperienceListing:
+    """The last ``limit`` records of the experience store (0: all), oldest first."""
+    store = _store(experience)
+    recs = store.load()
+    return ExperienceListing(path=store.path, total=len(recs),
+                             records=recs[-limit:] if limit else recs)
+
+
+def experience_record(record_id: str, experience: str | Path | None = None) -> dict:
+    """One record (by id or a unique id prefix) as JSON, features by name."""
+    from metapeft.select.features import FEATURE_NAMES
+
+    return _store(experience).get(record_id).to_json(FEATURE_NAMES)
+
+
+def import_experience(file: str | Path, experience: str | Path | None = None
+                      ) -> tuple[list[str], Path]:
+    """Append the records of a JSONL file (ids already present are skipped): (new ids, store)."""
+    store = _store(experience)
+    return store.import_jsonl(file), store.path
+
+
+def export_experience(out: str | Path, experience: str | Path | None = None,
+                      fmt: str = "jsonl") -> int:
+    """Write every record as one JSON object per line; returns the number written."""
+    if fmt != "jsonl":
+        raise UserError(f"unknown format {fmt!r}; supported: jsonl", field="format")
+    return _store(experience).export_jsonl(out)
+
+
+def rollback_weights(name: str, version: int | str, registry: str | Path | None = None) -> int:
+    """Make an earlier version (3 or v3) the latest (nothing is deleted); returns its number."""
+    from metapeft.registry import parse_spec, rollback
+
+    path = rollback(name, version if isinstance(version, int) else str(version), registry)
+    return parse_spec(f"{name}@{path.stem}")[1]

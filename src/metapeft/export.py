@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metapeft.artifacts import atomic_write_json, load_safetensors, save_safetensors
+from metapeft.adapter_io import WEIGHTS_FILE, read_adapter
+from metapeft.artifacts import atomic_write_json, save_safetensors
 from metapeft.errors import UserError
 
 
@@ -21,12 +22,7 @@ def export_peft(adapter_dir: str | Path, out: str | Path) -> Path:
         # peft's adapter_config.json would overwrite mlx-lm's, and mlx_lm.load would then fail
         raise UserError("--out must differ from the adapter directory (both layouts use "
                         "adapter_config.json)", path=str(out), field="out")
-    weights = adapter_dir / "adapters.safetensors"
-    arrays, meta = load_safetensors(weights)
-    method = meta.get("method")
-    if method is None:
-        raise UserError("no 'method' in the safetensors header; not a metapeft adapter",
-                        path=str(weights), field="method")
+    weights, arrays, meta, method = read_adapter(adapter_dir / WEIGHTS_FILE)
     converted = get_adapter_class(method).to_peft(arrays, meta, str(weights))
     if converted is None:
         raise UserError(f"'{method}' adapters have no HF peft equivalent to export to",

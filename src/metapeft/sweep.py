@@ -1,4 +1,4 @@
-"""Sweeps: run every method on every task with ``api.adapt`` and record each run as experience.
+"""Sweeps: run every method on every task with ``adapt`` and record each run as experience.
 
 The tasks come from ``data.episodes.sample_sweep_tasks``; the records go to an
 ``experience.ExperienceStore`` (source ``sweep``).
@@ -8,24 +8,26 @@ from __future__ import annotations
 
 from metapeft.errors import UserError
 from metapeft.experience import ExperienceStore, hyperparameters_of, record_from_report
+from metapeft.models import DEFAULT_MODEL
 
 
-def run_sweep(tasks: list, methods: list[str], *, model: str = "tiny", steps: int = 10,
-              seed: int = 0, target: float | None = 0.8, batch_size: int = 32,
+def run_sweep(tasks: list, methods: list[str], *, model: str = DEFAULT_MODEL,
+              dequantize: str = "auto", steps: int = 10, seed: int = 0,
+              target: float | None = 0.8, batch_size: int = 32,
               inits: dict[str, str] | None = None, store: ExperienceStore | None = None,
               eval_every: int | None = None, on_run=None) -> dict:
-    """Run every method on every task with ``api.adapt`` (default config per method, and
+    """Run every method on every task with ``adapt`` (default config per method, and
     additionally from meta-weights ``inits[method]`` where given) and append one record per run
     (source ``sweep``) to ``store`` after each task. Returns a summary with per-task results.
 
     ``eval_every``: score the query set only every that many steps (0: only after the last step),
     which makes runs much cheaper; ``steps_to_target`` is then the first evaluated step that
     reached the target."""
-    from metapeft.api import adapt
+    from metapeft.adapt import adapt
     from metapeft.models import load_base_model
     from metapeft.select.features import task_features
 
-    base = load_base_model(model)
+    base = load_base_model(model, dequantize=dequantize)
     eval_at = None
     if eval_every is not None:
         eval_at = ({steps} if eval_every <= 0

@@ -19,6 +19,8 @@ _REGISTRY = {
     "ptuning": "metapeft.adapters.ptuning:PTuning",
 }
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
+# The method a command or call uses when none is named (`metapeft adapt`, `meta-train`).
+DEFAULT_METHOD = "lora"
 # The documented prior ranking `metapeft select` falls back to without experience (measured on the
 # synthetic sweep of benchmarks/select_eval.py; see metapeft.select.selector).
 PRIOR_ORDER: tuple[str, ...] = ("lora", "adalora", "dora", "prefix", "ptuning", "prompt")
@@ -35,3 +37,17 @@ def get_adapter_class(method: str):
                         field="method") from None
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def parse_methods(value) -> list[str]:
+    """``"all"``, a comma list or a list of method names -> the names, checked, in order."""
+    if isinstance(value, str):
+        if value.strip() == "all":
+            return list(METHODS)
+        value = value.split(",")
+    out = [m.strip() for m in value if m.strip()]
+    bad = [m for m in out if m not in METHODS]
+    if bad or not out:
+        raise UserError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)} or 'all'",
+                        field="methods")
+    return out

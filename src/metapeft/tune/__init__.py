@@ -6,7 +6,7 @@ One module per job:
 - ``pareto``: non-dominated sets, 2-D hypervolume, knee point, ParEGO scalarisation;
 - ``study``: a study's settings and trials, its ask/tell loop and its file (``Study``);
 - ``warm_start``: seed points from similar past tasks (the selector's similarity search);
-- ``search``: the evaluator (``api.adapt`` per trial) and ``tune()``;
+- ``search``: the evaluator (``adapt`` per trial) and ``tune()``;
 - ``plot``: the front and the best-so-far curve as a PNG.
 
 Importing this package is cheap; skopt and MLX load inside the functions that need them.

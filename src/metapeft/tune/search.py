@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from metapeft.errors import UserError
+from metapeft.models import DEFAULT_MODEL
 from metapeft.tune.space import load_space, split_params
 from metapeft.tune.study import Study, as_float, parse_objectives, study_path
 from metapeft.tune.warm_start import experience_path, task_feature_vector, warm_start_points
@@ -34,8 +35,8 @@ def record_experience(report, task, *, registry=None, features=None, base=None) 
 def adapt_evaluator(task, *, model: str, steps: int, init: str | None = None,
                     init_method: str | None = None, seed: int = 0, batch_size: int = 64,
                     on_report: Callable | None = None, adapt_fn: Callable | None = None,
-                    compile: bool = False):
-    """``evaluate(method, params)`` running ``api.adapt`` on ``task`` with that configuration.
+                    compile: bool = False, dequantize: str = "auto"):
+    """``evaluate(method, params)`` running ``adapt`` on ``task`` with that configuration.
 
     Options not searched are not passed, so they keep the adapter's defaults, exactly as in
     ``metapeft adapt``; ``lr``/``steps`` go to adapt.
@@ -47,12 +48,12 @@ def adapt_evaluator(task, *, model: str, steps: int, init: str | None = None,
     """
 
     def evaluate(method: str, params: dict) -> dict:
-        from metapeft import api
+        from metapeft.adapt import adapt
 
         train, config = split_params(params)
         n_steps = int(train.get("steps", steps))
         lr = train.get("lr")
-        fn = adapt_fn or api.adapt
+        fn = adapt_fn or adapt
         import mlx.core as mx
 
         if not compile:
@@ -62,7 +63,8 @@ def adapt_evaluator(task, *, model: str, steps: int, init: str | None = None,
             # step (adapt's default) made a 10-step trial ~2x slower
             report = fn(task, model=model, method=method, steps=n_steps, target=None,
                         init=init if (init and method == init_method) else None, config=config,
-                        lr=lr, seed=seed, batch_size=batch_size, eval_at={n_steps})
+                        lr=lr, seed=seed, batch_size=batch_size, eval_at={n_steps},
+                        dequantize=dequantize)
         finally:
             if not compile:
                 mx.enable_compile()
@@ -94,22 +96,17 @@ class TuneResult:
 
 
 def _init_method_and_config(init: str, registry=None) -> tuple[str | None, dict]:
+    from metapeft.adapter_io import init_path
     from metapeft.artifacts import json_field, read_metadata
 
-    p = Path(init)
-    if p.is_dir():
-        p = p / "adapters.safetensors"
-    if not p.exists():
-        from metapeft.registry import resolve
-
-        p = resolve(init, registry)
-    meta = read_metadata(p)
+    meta = read_metadata(init_path(init, registry))
     cfg = json_field(meta, "config") or {}
     return json_field(meta, "method"), cfg if isinstance(cfg, dict) else {}
 
 
-def tune(task, *, model: str = "tiny", methods: list[str] | str | None = None,
-         trials: int = 20, time_budget: float | None = None, steps: int | None = None,
+def tune(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
+         methods: list[str] | str | None = None, trials: int = 20,
+         time_budget: float | None = None, steps: int | None = None,
          objectives: str | list[str] | None = None, init: str | None = None,
          name: str | None = None, resume: str | None = None, registry=None,
          space_file: str | Path | None = None, seed: int = 0, n_initial: int | None = None,
@@ -123,7 +120,7 @@ def tune(task, *, model: str = "tiny", methods: list[str] | str | None = None,
     ``trials`` is the total number of evaluated trials the study should have; a resumed study
     keeps its space, objectives, task, model, steps and seed and only runs the missing trials.
     """
-    from metapeft import api
+    from metapeft.adapt import load_task_arg
     from metapeft.adapters import get_adapter_class
     from metapeft.config import run_defaults
 
@@ -144,7 +141,7 @@ def tune(task, *, model: str = "tiny", methods: list[str] | str | None = None,
         if task is None and t.get("in_memory"):
             raise UserError(f"study {study.name!r} was run on an in-memory task; pass the task "
                             "again to resume it", field="task")
-        task_obj = api.load_task_arg(task if task is not None else t.get("task"),
+        task_obj = load_task_arg(task if task is not None else t.get("task"),
                                      shots=t.get("shots"), query=t.get("query"),
                                      ways=t.get("ways"), seed=t.get("seed", 0),
                                      text_field=t.get("text_field", "text"),
@@ -158,7 +155,7 @@ def tune(task, *, model: str = "tiny", methods: list[str] | str | None = None,
                             "another --name", path=str(path), field="name")
         objs = parse_objectives(objectives)
         space = load_space(space_file, methods)
-        task_obj = api.load_task_arg(task, shots=shots, query=query, ways=ways, seed=seed,
+        task_obj = load_task_arg(task, shots=shots, query=query, ways=ways, seed=seed,
                                      text_field=text_field, label_field=label_field)
         init_method = None
         if init:
@@ -181,7 +178,7 @@ def tune(task, *, model: str = "tiny", methods: list[str] | str | None = None,
     if (record or warm_start) and evaluate is None:
         from metapeft.models import load_base_model
 
-        base = load_base_model(study.model)
+        base = load_base_model(study.model, dequantize=dequantize)
         features = task_feature_vector(task_obj, base)
     warm = (warm_start_points(task_obj, study.space.methods, k, base=base, registry=registry,
                               features=features) if warm_start and not study.trials else [])
@@ -197,7 +194,7 @@ def tune(task, *, model: str = "tiny", methods: list[str] | str | None = None,
                                    init=study.init,
                                    init_method=study.task.get("init_method"), seed=study.seed,
                                    batch_size=batch_size, on_report=on_report,
-                                   adapt_fn=adapt_fn, compile=compile)
+                                   adapt_fn=adapt_fn, compile=compile, dequantize=dequantize)
     if not study.trials:
         study.save()
     study.run(evaluate, trials=trials, time_budget=time_budget, warm=warm, on_trial=on_trial,

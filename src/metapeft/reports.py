@@ -1,0 +1,214 @@
+"""What every ``metapeft.api`` call returns: one dataclass per command, each with ``to_json()``,
+the exact object that the command's ``--json`` prints.
+
+Some reports wrap a lower layer's result (``train.AdaptResult``, ``meta.run.MetaTrainResult``,
+``tune.search.TuneResult``) in ``result`` and add what the run was (method, task sizes, name and
+version, ...); the wrapped result's attributes read through, so ``report.accuracies`` is
+``report.result.accuracies``. Importing this module is cheap: nothing here loads MLX.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from metapeft.meta.learner import MetaConfig
+    from metapeft.meta.run import MetaTrainResult
+    from metapeft.meta.sources import MetaSources
+    from metapeft.train import AdaptResult
+
+
+def json_safe(obj):
+    """JSON-safe: non-finite floats become null (in nested dicts and lists too)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+class _Wraps:
+    """A report around a lower layer's ``result``: attributes the report does not define read
+    through to it."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "result":
+            raise AttributeError(name)
+        return getattr(self.result, name)
+
+
+@dataclass
+class AdaptReport(_Wraps):
+    """``adapt``: the training loop's ``AdaptResult`` (``params``, ``losses``, ``accuracies``,
+    ``steps_to_target``, ``final_accuracy``, timings) plus the run's method, task sizes and
+    adapter. ``extra`` holds the run's options and measurements (lr, objective, train_seconds,
+    peak_memory_mb, tokens_per_second, trainable_parameters, task, labels, model, eval_steps)."""
+
+    method: str
+    result: AdaptResult
+    num_support: int
+    num_query: int
+    adapter: Any = None
+    extra: dict = field(default_factory=dict)
+
+    JSON_KEYS = ("steps_to_target", "final_accuracy", "accuracies", "losses", "target_reached",
+                 "num_support", "num_query", "seconds", "method")
+
+    @classmethod
+    def from_result(cls, result: AdaptResult, *, method: str, adapter, num_support: int,
+                    num_query: int, **context) -> AdaptReport:
+        """The one place a report is built from a training result: ``context`` (lr, task, model,
+        ...) joins the result's measurements in ``extra``."""
+        extra = {**context, "train_seconds": result.train_seconds,
+                 "peak_memory_mb": result.peak_memory_mb,
+                 "tokens_per_second": result.tokens_per_second,
+                 "trainable_parameters": adapter.num_trainable(result.params),
+                 "eval_steps": result.extra.get("eval_steps", [])}
+        return cls(method=method, result=result, num_support=num_support, num_query=num_query,
+                   adapter=adapter, extra=extra)
+
+    def to_json(self) -> dict:
+        """Exactly the documented keys of ``metapeft adapt --json``."""
+        rounded = {"accuracies": [round(a, 6) for a in self.accuracies],
+                   "losses": [round(v, 6) for v in self.losses], "seconds": round(self.seconds, 3)}
+        return {k: rounded[k] if k in rounded else getattr(self, k) for k in self.JSON_KEYS}
+
+
+@dataclass
+class MetaTrainReport(_Wraps):
+    """``meta_train``: the published version (``name``, ``version``, ``path``) and the run's
+    ``MetaTrainResult`` (curves, ``best_theta``, ``seconds``, ...)."""
+
+    name: str
+    version: int
+    path: str
+    method: str
+    algorithm: str
+    vectorised: bool  # the meta-batch ran under mx.vmap (no fallback to a loop)
+    result: MetaTrainResult
+    sources: MetaSources
+    adapter: Any = None
+    config: MetaConfig | None = None
+
+    def to_json(self) -> dict:
+        """Exactly the keys of ``metapeft meta-train --json``."""
+        r = self.result
+        return {"name": self.name, "version": self.version, "path": self.path,
+                "method": self.method, "algorithm": self.algorithm, "meta_steps": r.steps_done,
+                "best_step": r.best_step, "meta_loss": r.meta_losses,
+                "meta_accuracy": r.meta_accuracies, "val_steps": r.val_steps,
+                "val_accuracy": r.val_accuracies, "seconds": round(r.seconds, 3),
+                "vectorised": self.vectorised}
+
+
+@dataclass
+class ProfileReport:
+    """``profile``: a task's feature vector (``select.features.FEATURE_NAMES``) and domain."""
+
+    task: str
+    domain: str
+    features: dict
+    model: str
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "domain": self.domain, "features": self.features}
+
+
+@dataclass
+class SelectReport:
+    """``select``: the methods ranked for a task, the nearest past tasks, and where the answer
+    came from (``source``: a trained selector, one trained now from experience, or priors)."""
+
+    task: str
+    features: dict
+    ranking: list
+    similar_tasks: list
+    source: str
+    reason: str
+
+    @property
+    def from_priors(self) -> bool:
+        return self.source == "priors"
+
+    def to_json(self) -> dict:
+        """Exactly the documented keys of ``metapeft select --json``."""
+        from metapeft.select.selector import public_json
+
+        return public_json({"features": self.features, "ranking": self.ranking,
+                            "similar_tasks": self.similar_tasks})
+
+
+@dataclass
+class SweepReport:
+    """``sweep``: how many tasks and records, the runs that failed, and per task its domain,
+    features and each method's final accuracy."""
+
+    tasks: int
+    records: int
+    failures: list
+    results: list
+    experience: str
+
+    def best_method_counts(self) -> list[tuple[str, int]]:
+        """(method, tasks it won), most wins first."""
+        wins = Counter(max(r["accuracy"], key=r["accuracy"].get)
+                       for r in self.results if r["accuracy"])
+        return wins.most_common()
+
+    def to_json(self) -> dict:
+        return {"tasks": self.tasks, "records": self.records, "failures": self.failures,
+                "experience": self.experience,
+                "results": [{k: r[k] for k in ("task", "domain", "accuracy")}
+                            for r in self.results]}
+
+
+@dataclass
+class SelectorReport:
+    """``train_selector``: what the selector was trained on and the files it wrote."""
+
+    tasks: int
+    records: int
+    methods: list
+    temperature: float
+    embedder_loss: float | None
+    paths: dict  # {"embedder": Path, "selector": Path}
+    selector: Any = None
+
+    def to_json(self) -> dict:
+        return {"tasks": self.tasks, "records": self.records, "methods": self.methods,
+                "temperature": self.temperature, "embedder_loss": self.embedder_loss,
+                **{k: str(v) for k, v in self.paths.items()}}
+
+
+@dataclass
+class TuneReport(_Wraps):
+    """``tune``: the ``TuneResult`` (``study``, ``summary``, ``experience_records``,
+    ``warm_points``) and the plot written, if one was asked for and matplotlib is installed."""
+
+    result: Any  # tune.search.TuneResult (not imported: tune.search runs adapt, which needs us)
+    plot: Path | None = None
+
+    def to_json(self) -> dict:
+        """``{pareto, recommended, trials}``, non-finite numbers as null."""
+        s = self.summary
+        return json_safe({k: s[k] for k in ("pareto", "recommended", "trials")})
+
+
+@dataclass
+class ExperienceListing:
+    """``list_experience``: the store's path, its record count and the records shown."""
+
+    path: Path
+    total: int
+    records: list
+
+    def to_json(self) -> list:
+        from metapeft.select.features import FEATURE_NAMES
+
+        return [r.to_json(FEATURE_NAMES) for r in self.records]
