@@ -110,3 +110,66 @@ def test_quickstart_and_export(tmp_path):
     w = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     a = w["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
     assert a.shape == (8, 64)
+
+
+def _commands(cmd, path=()):
+    """(command path, click command) for every leaf command of the app."""
+    subs = getattr(cmd, "commands", None)
+    if subs is None:
+        yield " ".join(path), cmd
+        return
+    for name, sub in subs.items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_every_command_that_loads_a_model_takes_dequantize():
+    import typer
+
+    from metapeft.cli import app
+
+    with_model = set()
+    for path, cmd in _commands(typer.main.get_command(app)):
+        opts = {o for p in cmd.params for o in p.opts}
+        if "--model" in opts:
+            with_model.add(path)
+            assert "--dequantize" in opts, path
+    assert with_model == {"adapt", "meta-train", "profile", "select", "sweep", "tune"}
+
+
+def test_dequantize_flag(task_dir):
+    ok = run("adapt", str(task_dir), "--steps", "1", "--dequantize", "never", "--json")
+    assert ok.returncode == 0, ok.stderr
+    bad = run("adapt", str(task_dir), "--steps", "1", "--dequantize", "sometimes")
+    assert bad.returncode == 2 and "dequantize" in bad.stderr and "Traceback" not in bad.stderr
+
+
+META = ["--meta-steps", "1", "--ways", "3", "--shots", "2", "--query", "2", "--inner-steps", "1",
+        "--meta-batch", "2", "--eval-every", "1", "--eval-episodes", "2"]
+
+
+def test_meta_train_json_is_the_api_report(tmp_path):
+    """`meta-train --json` prints the api report's to_json(), with the keys it always had."""
+    from metapeft import api
+    from metapeft.meta.sources import MetaSources
+    from metapeft.train import AdaptResult
+
+    r = run("meta-train", "--name", "j", "--registry", str(tmp_path / "reg"), *META, "--json",
+            env={"METAPEFT_HOME": str(tmp_path / "home")})
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert list(obj) == ["name", "version", "path", "method", "algorithm", "meta_steps",
+                         "best_step", "meta_loss", "meta_accuracy", "val_steps", "val_accuracy",
+                         "seconds", "vectorised"]
+    assert obj["version"] == 1 and obj["meta_steps"] == 1 and obj["vectorised"] is True
+    rep = api.meta_train("synthetic", name="j", registry=tmp_path / "reg", ways=3, shots=2,
+                         query=2, inner_steps=1, meta_batch=2, meta_steps=1, eval_every=1,
+                         eval_episodes=2)
+    assert isinstance(rep.sources, MetaSources) and rep.sources.num_validation > 0
+    assert rep.meta_losses is rep.result.meta_losses  # the run's result reads through
+    got = rep.to_json()
+    assert got["version"] == 2 and got["meta_loss"] == obj["meta_loss"]
+    assert set(got) == set(obj)
+    # the adapt report wraps the training loop's result; its JSON keeps the documented keys
+    a = api.adapt(rep.sources.train.sample(0), steps=1, init=rep.path)
+    assert isinstance(a.result, AdaptResult) and a.accuracies is a.result.accuracies
+    assert list(a.to_json()) == list(a.JSON_KEYS)

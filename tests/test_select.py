@@ -43,7 +43,7 @@ def home(tmp_path, monkeypatch):
 
 
 def runner_app():
-    from metapeft.commands.select_cmds import register
+    from metapeft.cli.select import register
 
     app = typer.Typer()
     register(app)

@@ -390,7 +390,7 @@ def _task_dir(task, d):
 
 
 def _app():
-    from metapeft.commands.tune_cmds import register
+    from metapeft.cli.tune import register
 
     app = typer.Typer()
 

@@ -1,0 +1,183 @@
+"""What the command modules share: the one-line error handler, the lazy progress bar, adapter
+options from ``--set``/``--config``, and the options several commands take (task, model,
+``--dequantize``, ``--json``, ...).
+
+Only typer (and metapeft's light modules) load here; rich, MLX and mlx-lm load inside the
+commands, so ``metapeft --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from metapeft.adapters import DEFAULT_METHOD, METHODS
+from metapeft.console import err_console, out_console
+from metapeft.models import DEFAULT_MODEL
+
+METHOD_HELP = ", ".join(METHODS[:-1]) + " or " + METHODS[-1]
+
+
+class Dequantize(str, Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+# Options that several commands take, declared once (typer accepts one OptionInfo in many places).
+TASK_ARG = typer.Argument(..., help="Task: a directory (train.jsonl + valid/test.jsonl) or a "
+                                    "JSONL/CSV pool (with --shots).")
+MODEL_OPT = typer.Option(DEFAULT_MODEL, "--model", "-m", help="mlx-lm model path or HF id; "
+                         f"'{DEFAULT_MODEL}' is the embedded default.")
+DEQUANTIZE_OPT = typer.Option(Dequantize.auto, "--dequantize", help="Quantized checkpoints: "
+                              "auto (dequantise to float32 on CPU, where MLX has no fast "
+                              "quantized matmul), always or never.")
+METHOD_OPT = typer.Option(DEFAULT_METHOD, "--method", help=METHOD_HELP)
+SHOTS_OPT = typer.Option(None, "--shots", help="Single-file tasks: examples per class.")
+QUERY_OPT = typer.Option(None, "--query", help="Single-file tasks: query examples per class.")
+WAYS_OPT = typer.Option(None, "--ways", help="Single-file tasks: number of classes.")
+TEXT_FIELD_OPT = typer.Option("text", "--text-field", help="Name of the text field.")
+LABEL_FIELD_OPT = typer.Option("label", "--label-field", help="Name of the label field.")
+CONFIG_OPT = typer.Option(None, "--config", help="YAML/JSON file of adapter options.")
+SET_OPT = typer.Option(None, "--set", help="Adapter option key=value (repeatable), e.g. rank=4.")
+JSON_OPT = typer.Option(False, "--json", help="Print one JSON object.")
+REGISTRY_OPT = typer.Option(None, "--registry", help="Registry dir (default $METAPEFT_HOME or "
+                                                     "the user data dir).")
+EXPERIENCE_OPT = typer.Option(None, "--experience", "-e", help="Experience store (default "
+                              "<METAPEFT_HOME or user data dir>/experience.safetensors).")
+
+
+def option_group(into: str, options: dict, *, after_arguments: bool = False):
+    """A decorator giving a command the ``options`` ({name: (type, typer option)}), declared
+    once here instead of in every command that takes them. The command receives their values as
+    one dict in its parameter ``into`` (enums as their strings), ready to pass to the api."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+
+    def decorate(command):
+        sig = inspect.signature(command)
+        own = [p.replace(kind=keyword) for p in sig.parameters.values() if p.name != into]
+        added = [inspect.Parameter(name, keyword, default=option, annotation=kind)
+                 for name, (kind, option) in options.items()]
+        at = (sum(isinstance(p.default, typer.models.ArgumentInfo) for p in own)
+              if after_arguments else len(own))
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            values = {name: kwargs.pop(name) for name in options}
+            return command(**{into: {k: v.value if isinstance(v, Enum) else v
+                                     for k, v in values.items()}}, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=own[:at] + added + own[at:])
+        return wrapper
+
+    return decorate
+
+
+# Every command that loads a model takes --model and --dequantize (passed on as `model_options`).
+with_model_options = option_group("model_options", {"model": (str, MODEL_OPT),
+                                                    "dequantize": (Dequantize, DEQUANTIZE_OPT)},
+                                  after_arguments=True)
+# Every command that reads a TASK path takes how to read it (passed on as `task_options`).
+with_task_options = option_group("task_options", {
+    "shots": (Optional[int], SHOTS_OPT), "query": (Optional[int], QUERY_OPT),
+    "ways": (Optional[int], WAYS_OPT), "text_field": (str, TEXT_FIELD_OPT),
+    "label_field": (str, LABEL_FIELD_OPT)})
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn expected failures into a one-line message and exit status 2 (no traceback)."""
+    from metapeft.errors import UserError
+
+    try:
+        yield
+    except UserError as e:
+        err_console.print(f"[red]error:[/red] {e.one_line()}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/yellow]; artifacts saved so far are intact")
+        raise typer.Exit(130) from None
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, default=str))
+
+
+def parse_sets(values: list[str] | None, config_file: Path | None) -> dict:
+    """Adapter options from --config FILE (YAML/JSON) and repeated --set key=value."""
+    import yaml
+
+    from metapeft.errors import UserError
+
+    out: dict = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise UserError("config file does not exist", path=str(config_file)) from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise UserError(f"invalid YAML: {getattr(e, 'problem', e)}", path=str(config_file),
+                            line=None if mark is None else mark.line + 1) from None
+        if not isinstance(loaded, dict):
+            raise UserError("config must be a mapping of option: value", path=str(config_file))
+        out.update(loaded)
+    for item in values or []:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got {item!r}", field="set")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def csv_list(values: list[str] | None) -> list[str] | None:
+    """Repeated and/or comma-separated values as one list (None when none given)."""
+    if not values:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def progress(total: int, description: str, console):
+    """A rich progress bar with ``loss`` and ``acc`` fields (rich loads here, not at import)."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=getattr(console, "real", console), transient=False)
+
+
+class LazyBar:
+    """A progress bar that appears only when the run calls ``start`` (once its inputs are
+    validated and work begins), so a bad input's one-line error never follows an empty bar.
+    ``total`` may be given at ``start`` when only the run knows it."""
+
+    def __init__(self, total: int | None, description: str, console):
+        self.total, self.description, self.console = total, description, console
+        self.progress = self.task = None
+
+    def start(self, total: int | None = None) -> None:
+        if self.task is None:
+            self.progress = progress(total or self.total, self.description, self.console)
+            self.progress.start()
+            self.task = self.progress.add_task(self.description, total=total or self.total,
+                                               loss="-", acc="-")
+
+    def update(self, **fields) -> None:
+        self.start()
+        self.progress.update(self.task, **fields)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.task is not None:
+            self.progress.stop()

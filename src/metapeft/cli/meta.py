@@ -1,0 +1,154 @@
+"""``metapeft meta-train`` and ``metapeft quickstart``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from metapeft.cli._common import (CONFIG_OPT, JSON_OPT, METHOD_OPT, REGISTRY_OPT, SET_OPT,
+                                  LazyBar, csv_list, err_console, out_console, parse_sets,
+                                  print_json, progress, user_errors, with_model_options)
+
+
+def _print_replay_stats(stats: dict, data: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"replay distribution of {data} ({stats['examples']} rows)")
+    for c in ("category", "rows", "weight", "sampling share"):
+        t.add_column(c)
+    for cat in stats["counts"]:
+        t.add_row(cat, str(stats["counts"][cat]), f"{stats['weights'][cat]:g}",
+                  f"{stats['shares'][cat]:.1%}")
+    out_console.print(t)
+
+
+@with_model_options
+def meta_train(
+    data: str = typer.Option("synthetic", help="Pool JSONL/CSV (episodes), a directory of task "
+                                               "folders/files, a feedback log (with "
+                                               "--task-strategy), or 'synthetic'."),
+    method: str = METHOD_OPT,
+    algorithm: str = typer.Option("reptile", help="reptile, fomaml or maml (second order)."),
+    name: str = typer.Option(..., help="Registry name for the meta-weights."),
+    registry: Optional[Path] = REGISTRY_OPT,
+    ways: int = typer.Option(5, help="Classes per episode."),
+    shots: int = typer.Option(5, help="Support examples per class."),
+    query: int = typer.Option(15, help="Query examples per class."),
+    meta_steps: int = typer.Option(100, help="Meta-iterations."),
+    meta_batch: int = typer.Option(4, help="Tasks per meta-iteration."),
+    inner_steps: int = typer.Option(5, help="Inner-loop steps per task."),
+    inner_lr: Optional[float] = typer.Option(None, help="Inner learning rate."),
+    inner_optimizer: Optional[str] = typer.Option(None, help="adam or sgd (default: sgd for "
+                                                              "maml, adam otherwise)."),
+    outer_lr: Optional[float] = typer.Option(None, help="Reptile ε (default 1.0, annealed); "
+                                                        "FOMAML/MAML outer Adam lr (1e-3)."),
+    domains: Optional[list[str]] = typer.Option(None, help="Keep only these domains (comma "
+                                                           "list or repeated)."),
+    exclude_domains: Optional[list[str]] = typer.Option(None, help="Drop these domains (keep "
+                                                                   "meta-test classes out)."),
+    labels_from: Optional[Path] = typer.Option(None, help="Keep only labels listed in this file."),
+    exclude_labels: Optional[list[str]] = typer.Option(None, help="Drop these labels."),
+    val_fraction: float = typer.Option(0.2, help="Share of meta-train classes held out for "
+                                                 "validation."),
+    eval_every: int = typer.Option(10, help="Validate every N meta-steps (0: never)."),
+    eval_episodes: int = typer.Option(8, help="Validation episodes."),
+    task_strategy: Optional[str] = typer.Option(None, help="Feedback logs: project, intent, "
+                                                           "temporal or mixed."),
+    min_samples: int = typer.Option(20, help="Feedback groups with this many rows or fewer are "
+                                             "dropped."),
+    replay: bool = typer.Option(True, help="Weight sampling by rating (failed x3, positive x1, "
+                                           "other negative x0.5)."),
+    replay_failed: float = typer.Option(3.0, help="Replay weight of failed rows (rating -1)."),
+    replay_positive: float = typer.Option(1.0, help="Replay weight of positive rows."),
+    replay_negative: float = typer.Option(0.5, help="Replay weight of other negative rows."),
+    replay_stats: bool = typer.Option(False, "--replay-stats", help="Show the replay "
+                                                                    "distribution and exit."),
+    seed: int = typer.Option(0, help="Seed for init and the task stream."),
+    resume: bool = typer.Option(False, help="Continue from this name's checkpoint."),
+    sequential: bool = typer.Option(False, help="Run a meta-batch's tasks one by one instead of "
+                                                "under mx.vmap."),
+    compile_: bool = typer.Option(False, "--compile", help="mx.compile the vectorised step."),
+    config: Optional[Path] = CONFIG_OPT,
+    set_: Optional[list[str]] = SET_OPT,
+    as_json: bool = JSON_OPT,
+    model_options: dict = None,
+):
+    """Meta-learn an adapter initialisation across many tasks; publish versioned meta-weights."""
+    with user_errors():
+        from metapeft import api
+        from metapeft.data.feedback import ReplayWeights
+
+        rw = ReplayWeights(failed=replay_failed, positive=replay_positive,
+                           other_negative=replay_negative) if replay else None
+        if replay_stats:
+            stats = api.replay_stats(data, rw)
+            if as_json:
+                print_json(stats)
+            else:
+                _print_replay_stats(stats, data)
+            return
+        console = err_console if as_json else out_console
+
+        def on_sources(sources):
+            if sources.extraction_report is not None and not as_json:
+                from metapeft.data.feedback import format_report
+
+                out_console.print(format_report(sources.extraction_report))
+            console.print(f"meta-train classes: {sources.num_train_classes}   validation: "
+                          f"{sources.num_validation}")
+
+        with LazyBar(meta_steps, f"meta-train {method}/{algorithm}", console) as bar:
+            def on_step(t, loss, acc, val):
+                bar.update(completed=t, loss=f"{loss:.3f}",
+                           acc=f"{acc:.1%}" + ("" if val is None else f" val {val:.1%}"))
+
+            res = api.meta_train(
+                data, **model_options, method=method, algorithm=algorithm, name=name, registry=registry,
+                config=parse_sets(set_, config), ways=ways, shots=shots, query=query,
+                meta_steps=meta_steps, meta_batch=meta_batch, inner_steps=inner_steps,
+                inner_lr=inner_lr, inner_optimizer=inner_optimizer, outer_lr=outer_lr,
+                seed=seed, eval_every=eval_every, eval_episodes=eval_episodes,
+                val_fraction=val_fraction, domains=csv_list(domains),
+                exclude_domains=csv_list(exclude_domains),
+                labels_from=str(labels_from) if labels_from else None,
+                exclude_labels=csv_list(exclude_labels), task_strategy=task_strategy,
+                min_samples=min_samples, replay=rw, resume=resume, vectorise=not sequential,
+                compile=compile_, on_sources=on_sources, on_start=bar.start, on_step=on_step,
+                record_experience=True)
+        if as_json:
+            print_json(res.to_json())
+            return
+        out_console.print(f"published [bold]{name}@{res.version}[/bold] -> {res.path}")
+        if res.val_accuracies:
+            out_console.print(f"validation accuracy (held-out classes, after {inner_steps} inner "
+                              f"steps): best {max(res.val_accuracies):.1%} at step "
+                              f"{res.best_step}")
+        out_console.print(f"next: metapeft adapt TASK --method {method} --init {name}")
+
+
+def quickstart(
+    out: Optional[Path] = typer.Option(None, help="Where to write the registry, demo task and "
+                                                  "adapter (default: the metapeft cache dir)."),
+    steps: int = typer.Option(10, help="Adaptation steps per held-out task."),
+    tasks: int = typer.Option(8, help="Held-out tasks to adapt on."),
+    meta_steps: int = typer.Option(30, help="Reptile meta-iterations."),
+    as_json: bool = JSON_OPT,
+):
+    """The whole story on the embedded default, offline: meta-train, then adapt held-out tasks
+    from the meta-learned init and from a fresh init, and compare."""
+    with user_errors():
+        from metapeft.quickstart import run_quickstart
+
+        console = err_console if as_json else out_console
+        result = run_quickstart(out=out, steps=steps, tasks=tasks, meta_steps=meta_steps,
+                                console=console,
+                                progress=lambda total, desc: progress(total, desc, console))
+        if as_json:
+            print_json(result)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(quickstart)
+    app.command("meta-train")(meta_train)
