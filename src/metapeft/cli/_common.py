@@ -20,15 +20,13 @@ import typer
 
 from metapeft.adapters import DEFAULT_METHOD, METHODS
 from metapeft.console import err_console, out_console
-from metapeft.models import DEFAULT_MODEL
+from metapeft.models import DEFAULT_MODEL, DEQUANTIZE
 
 METHOD_HELP = ", ".join(METHODS[:-1]) + " or " + METHODS[-1]
 
 
-class Dequantize(str, Enum):
-    auto = "auto"
-    always = "always"
-    never = "never"
+# --dequantize's choices, from models.load_base_model's modes (typer shows an Enum as choices)
+Dequantize = Enum("Dequantize", {mode: mode for mode in DEQUANTIZE}, type=str)
 
 
 # Options that several commands take, declared once (typer accepts one OptionInfo in many places).
