@@ -27,6 +27,7 @@ from typing import Callable
 from metapeft.adapt import DEFAULT_OBJECTIVE, adapt, load_task_arg, record_run
 from metapeft.adapter_io import load_adapter, save_adapter
 from metapeft.adapters import DEFAULT_METHOD
+from metapeft.config import META_RECIPE
 from metapeft.errors import UserError
 from metapeft.models import DEFAULT_MODEL
 from metapeft.registry import compare as compare_weights
@@ -71,10 +72,14 @@ def replay_stats(data: str | Path, weights=None) -> dict:
 def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                method: str = DEFAULT_METHOD, algorithm: str = "reptile", name: str = "default",
                registry: str | Path | None = None, config: dict | None = None, ways: int = 5,
-               shots: int = 5, query: int = 15, meta_steps: int = 100, meta_batch: int = 4,
-               inner_steps: int = 5, inner_lr: float | None = None,
+               shots: int = 5, query: int = META_RECIPE["query"],
+               meta_steps: int = META_RECIPE["meta_steps"],
+               meta_batch: int = META_RECIPE["meta_batch"],
+               inner_steps: int = META_RECIPE["inner_steps"], inner_lr: float | None = None,
                inner_optimizer: str | None = None, outer_lr: float | None = None, seed: int = 0,
-               eval_every: int = 10, eval_episodes: int = 8, val_fraction: float = 0.2,
+               eval_every: int = META_RECIPE["eval_every"],
+               eval_episodes: int = META_RECIPE["eval_episodes"],
+               val_fraction: float = META_RECIPE["val_fraction"],
                domains=None, exclude_domains=None, labels_from=None, exclude_labels=None,
                task_strategy: str | None = None, min_samples: int = 20, replay=None,
                resume: bool = False, vectorise: bool = True, compile: bool = False,
@@ -82,6 +87,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                on_sources: Callable | None = None, sources=None,
                record_experience: bool = False) -> MetaTrainReport:
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
+    The defaults are the measured recipe (``config.META_RECIPE``); the inner lr defaults to the
+    method's own ``default_lr`` with Adam (3x it with second-order MAML's plain SGD).
 
     ``sources`` (a ``MetaSources``) replaces building them from ``data`` and its options;
     ``on_sources(sources)`` is called once they are built, ``on_start()`` once the inputs are
@@ -96,7 +103,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     reg.validate_name(name)
     cls = get_adapter_class(method)
     cfg = MetaConfig(algorithm=algorithm, inner_steps=inner_steps,
-                     inner_lr=inner_lr if inner_lr is not None else cls.default_lr * 3,
+                     inner_lr=inner_lr if inner_lr is not None else cls.default_lr * (
+                         3 if inner_optimizer == "sgd" or (inner_optimizer is None
+                                                           and algorithm == "maml") else 1),
                      inner_optimizer=inner_optimizer or ("sgd" if algorithm == "maml" else "adam"),
                      outer_lr=outer_lr if outer_lr is not None else (1.0 if algorithm == "reptile" else 1e-3))
     cfg.validate()

@@ -10,6 +10,7 @@ import typer
 from metapeft.cli._common import (CONFIG_OPT, JSON_OPT, METHOD_OPT, REGISTRY_OPT, SET_OPT,
                                   LazyBar, csv_list, err_console, out_console, parse_sets,
                                   print_json, progress, user_errors, with_model_options)
+from metapeft.config import META_RECIPE
 
 
 def _print_replay_stats(stats: dict, data: str) -> None:
@@ -35,11 +36,12 @@ def meta_train(
     registry: Optional[Path] = REGISTRY_OPT,
     ways: int = typer.Option(5, help="Classes per episode."),
     shots: int = typer.Option(5, help="Support examples per class."),
-    query: int = typer.Option(15, help="Query examples per class."),
-    meta_steps: int = typer.Option(100, help="Meta-iterations."),
-    meta_batch: int = typer.Option(4, help="Tasks per meta-iteration."),
-    inner_steps: int = typer.Option(5, help="Inner-loop steps per task."),
-    inner_lr: Optional[float] = typer.Option(None, help="Inner learning rate."),
+    query: int = typer.Option(META_RECIPE["query"], help="Query examples per class."),
+    meta_steps: int = typer.Option(META_RECIPE["meta_steps"], help="Meta-iterations."),
+    meta_batch: int = typer.Option(META_RECIPE["meta_batch"], help="Tasks per meta-iteration."),
+    inner_steps: int = typer.Option(META_RECIPE["inner_steps"], help="Inner-loop steps per task."),
+    inner_lr: Optional[float] = typer.Option(None, help="Inner learning rate (default: the "
+                                                        "method's lr; 3x with maml's SGD)."),
     inner_optimizer: Optional[str] = typer.Option(None, help="adam or sgd (default: sgd for "
                                                               "maml, adam otherwise)."),
     outer_lr: Optional[float] = typer.Option(None, help="Reptile ε (default 1.0, annealed); "
@@ -50,10 +52,11 @@ def meta_train(
                                                                    "meta-test classes out)."),
     labels_from: Optional[Path] = typer.Option(None, help="Keep only labels listed in this file."),
     exclude_labels: Optional[list[str]] = typer.Option(None, help="Drop these labels."),
-    val_fraction: float = typer.Option(0.2, help="Share of meta-train classes held out for "
-                                                 "validation."),
-    eval_every: int = typer.Option(10, help="Validate every N meta-steps (0: never)."),
-    eval_episodes: int = typer.Option(8, help="Validation episodes."),
+    val_fraction: float = typer.Option(META_RECIPE["val_fraction"], help="Share of meta-train "
+                                       "classes held out for validation."),
+    eval_every: int = typer.Option(META_RECIPE["eval_every"], help="Validate every N "
+                                   "meta-steps (0: never)."),
+    eval_episodes: int = typer.Option(META_RECIPE["eval_episodes"], help="Validation episodes."),
     task_strategy: Optional[str] = typer.Option(None, help="Feedback logs: project, intent, "
                                                            "temporal or mixed."),
     min_samples: int = typer.Option(20, help="Feedback groups with this many rows or fewer are "
