@@ -28,7 +28,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from metapeft.adapters.base import Adapter
 from metapeft.data.tasks import Example, Task
@@ -83,6 +83,25 @@ def evaluate(adapter: Adapter, params: dict, buckets: list[Batch]) -> tuple[floa
     return h.item() / max(n, 1), l_.item() / max(n, 1)
 
 
+# Trained adapter weights are O(1) (LoRA's B starts at 0; virtual tokens are embedding-sized);
+# a value past this means the optimizer ran away, even when the loss stayed finite (a saturated
+# softmax gives a constant loss of log C while the weights grow without bound).
+DIVERGED = 1e4
+
+
+def check_diverged(params: dict, steps: int, lr: float, optimizer: str) -> None:
+    """Raise ``FloatingPointError`` when the trained parameters are non-finite or blew up."""
+    leaves = [v for _, v in tree_flatten(params) if v.size]
+    if not leaves:
+        return
+    biggest = mx.max(mx.stack([mx.max(mx.abs(v.astype(mx.float32))) for v in leaves]))
+    big = biggest.item()
+    if not np.isfinite(big) or big > DIVERGED:
+        raise FloatingPointError(f"training diverged: the largest adapter weight is {big:.3g} "
+                                 f"after {steps} steps; lower the learning rate (now {lr:g} "
+                                 f"with {optimizer})")
+
+
 @dataclass
 class EncodedTask:
     """A task tokenised once: support and query as length buckets (see ``encode_buckets``)."""
@@ -92,10 +111,19 @@ class EncodedTask:
     support_examples: list[Example]
     support: list[Batch]
     query: list[Batch]
+    _prepared: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_support(self) -> int:
         return len(self.support_examples)
+
+    def prepared(self, adapter: Adapter, which: str) -> list[Batch]:
+        """``support`` or ``query`` through ``adapter.prepare``, computed once per base model and
+        frozen depth: several inits adapted on the same task share one frozen-trunk pass."""
+        key = (which, adapter.base.fingerprint, adapter.base.dequantized, adapter.frozen_blocks)
+        if key not in self._prepared:
+            self._prepared[key] = [adapter.prepare(b) for b in getattr(self, which)]
+        return self._prepared[key]
 
     @property
     def num_query(self) -> int:
@@ -145,18 +173,16 @@ class _Minibatches:
         self.n = data.num_support
         self.bs = min(batch_size, self.n)
         self.order, self.cursor = self.rng.permutation(self.n), 0
-        self.full: list[Batch] | None = None
 
-    def next(self, prepare) -> list[Batch]:
-        if self.bs == self.n:  # the whole support set: prepared once, reused every step
-            if self.full is None:
-                self.full = [prepare(b) for b in self.data.support]
-            return self.full
+    def next(self, adapter: Adapter) -> list[Batch]:
+        if self.bs == self.n:  # the whole support set: prepared once per task, reused every step
+            return self.data.prepared(adapter, "support")
         if self.cursor + self.bs > self.n:
             self.order, self.cursor = self.rng.permutation(self.n), 0
         picked = [self.data.support_examples[j] for j in self.order[self.cursor:self.cursor + self.bs]]
         self.cursor += self.bs
-        return [prepare(b) for b in self.data.encoder.encode_buckets(picked, None, BUCKET_SIZE)]
+        return [adapter.prepare(b)
+                for b in self.data.encoder.encode_buckets(picked, None, BUCKET_SIZE)]
 
 
 def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, evaluate_query: bool = True,
@@ -190,7 +216,7 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
     hook_state = adapter.init_state(params)
     batches = _Minibatches(data, batch_size, seed)
     # the frozen trunk's states (when the adapter trains only the top blocks), once per task
-    query = [adapter.prepare(b) for b in data.query] if evaluate_query and data.query else None
+    query = data.prepared(adapter, "query") if evaluate_query and data.query else None
 
     losses: list[float] = []
     accs: list[float] = []
@@ -215,7 +241,7 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
     tokens = 0
     adapter.set_training(True)
     for i in range(1, steps + 1):
-        buckets = batches.next(adapter.prepare)
+        buckets = batches.next(adapter)
         ts = time.perf_counter()
         loss, grads = step([tuple(b) for b in buckets])
         mx.eval(loss, state)
@@ -233,6 +259,7 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
         acc = score(i)
         if on_step is not None:
             on_step(i, loss_v, acc)
+    check_diverged(holder["params"], steps, lr, optimizer)
     peak = mx.get_peak_memory() / 2**20 if hasattr(mx, "get_peak_memory") else float("nan")
     return AdaptResult(params=holder["params"], losses=losses, accuracies=accs,
                        steps_to_target=hit_at, target_reached=hit_at is not None,
