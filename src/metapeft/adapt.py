@@ -41,7 +41,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
           eval_at: set[int] | None = None, record_experience: bool = False) -> AdaptReport:
     """Train one adapter on a task's support set; query accuracy at step 0 and after every step.
     ``on_start`` is called once the inputs are validated, right before training."""
-    from metapeft.adapter_io import resolve_init, save_adapter
+    from metapeft.adapter_io import describe_init, resolve_init, save_adapter
     from metapeft.adapters import get_adapter_class
     from metapeft.models import load_base_model
     from metapeft.scoring import OBJECTIVES
@@ -58,6 +58,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     base = load_base_model(model, dequantize=dequantize)
     adapter = cls.attach(base, config or {})
     params = resolve_init(init, adapter)
+    init_name = describe_init(init)  # provenance: NAME@VERSION as resolved now
     if params is None:
         params = adapter.init_params(seed)
     data = encode_task(task, base.tokenizer)
@@ -75,12 +76,32 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         num_query=data.num_query, lr=lr, objective=objective, task=task.name,
         labels=list(task.labels), model=base.model_id)
     if out is not None:
-        save_adapter(out, adapter, res.params, extra={
-            "task": task.name, "steps": steps, "lr": lr, "final_accuracy": report.final_accuracy,
-            "labels": list(task.labels), "template": data.encoder.template})
+        save_adapter(out, adapter, res.params, extra=describe_run(
+            report, data.encoder, task=task.name, objective=objective, init=init_name, seed=seed,
+            lr=lr, optimizer=optimizer, batch_size=batch_size, target=target))
     if record_experience:
         record_run(report, task, base, "adapt", {"lr": lr, **adapter.config.to_dict()})
     return report
+
+
+def describe_run(report: AdaptReport, encoder, *, task: str, objective: str, init: str | None,
+                 seed: int, lr: float, optimizer: str, batch_size: int,
+                 target: float | None) -> dict:
+    """What an adapter directory says about the run that wrote it (``adapter_io.AdapterInfo``):
+    the label set in order with the text scored for each, the prompt, the objective, and the
+    provenance (init, seed, steps run, final query accuracy, ...)."""
+    from datetime import datetime, timezone
+
+    return {"task": task, "labels": list(encoder.labels),
+            "verbalisations": list(encoder.verbalisations), "template": encoder.template,
+            "max_prompt_tokens": encoder.max_prompt_tokens, "objective": objective,
+            "provenance": {
+                "init": init, "seed": seed, "steps": len(report.losses),
+                "final_accuracy": report.final_accuracy,
+                "steps_to_target": report.steps_to_target, "target": target, "lr": lr,
+                "optimizer": optimizer, "batch_size": batch_size,
+                "num_support": report.num_support, "num_query": report.num_query,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
 
 
 def record_run(report: AdaptReport, task, base, source: str, hyperparameters: dict) -> None:

@@ -3,13 +3,21 @@
 
 ``save_adapter`` writes what ``adapt --out`` produces; for methods with an mlx-lm equivalent
 (``Adapter.mlx_lm_config``) the config is mlx-lm's own, so ``mlx_lm.load(model, adapter_path=out)``
-works. ``load_adapter`` reads it back; ``init_path`` / ``resolve_init`` turn ``--init`` (a file,
-an adapter directory or registry ``NAME[@VERSION]``) into a file and into parameters.
+works. ``load_adapter`` reads any method back, on the base model it was trained on (a different
+model is refused by fingerprint); ``init_path`` / ``resolve_init`` turn ``--init`` (a file, an
+adapter directory or registry ``NAME[@VERSION]``) into a file and into parameters.
+
+A directory written by ``adapt --out`` describes itself (``read_adapter_info``): method and
+config, base model id and fingerprint, the label set in order with the text scored for each
+label (``verbalisations``), the prompt template, the training objective, and ``provenance``
+(init ``NAME@VERSION`` or path, seed, steps, final query accuracy, ...). The safetensors header
+holds it all; ``adapter_config.json`` repeats it next to mlx-lm's keys, which ignore the rest.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from metapeft import __version__
@@ -44,8 +52,22 @@ def resolve_init(init: str | Path | None, adapter, registry: str | Path | None =
     return adapter.check_compatible(adapter.unflat(arrays), meta, str(path))
 
 
+def describe_init(init: str | Path | None, registry: str | Path | None = None) -> str | None:
+    """How an adapter's provenance names its init: None (fresh), ``NAME@VERSION`` for a registry
+    version (the version ``NAME`` or ``NAME@latest`` resolved to), else the path given."""
+    if init is None:
+        return None
+    if Path(init).exists():
+        return str(init)
+    from metapeft.registry import parse_spec
+
+    name, _ = parse_spec(str(init))
+    return f"{name}@{parse_spec(f'{name}@{init_path(init, registry).stem}')[1]}"
+
+
 def save_adapter(out: str | Path, adapter, params: dict, extra: dict | None = None) -> Path:
-    """Write ``out/adapters.safetensors`` (metadata in the header) and ``out/adapter_config.json``."""
+    """Write ``out/adapters.safetensors`` (metadata in the header) and ``out/adapter_config.json``;
+    ``extra`` (what the directory says about itself, see ``AdapterInfo``) goes into both."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError("output path exists and is not a directory", path=str(out), field="out")
@@ -55,6 +77,7 @@ def save_adapter(out: str | Path, adapter, params: dict, extra: dict | None = No
     config = {"metapeft_version": __version__, "method": adapter.method,
               "config": adapter.config.to_dict(), "model": adapter.base.path,
               "base_model": adapter.base.model_id, "base_model_hash": adapter.base.fingerprint}
+    config.update({k: v for k, v in (extra or {}).items() if k not in config})
     config.update(adapter.mlx_lm_config() or {})
     atomic_write_json(out / CONFIG_FILE, config)
     return out
@@ -72,15 +95,91 @@ def read_adapter(path: str | Path) -> tuple[Path, dict, dict, str]:
     return weights, arrays, meta, method
 
 
+def check_base_model(meta: dict, base, source: str) -> None:
+    """Refuse, in one line, a base model other than the one an adapter was trained on (their
+    fingerprints differ)."""
+    fp = meta.get("base_model_hash")
+    if fp is not None and fp != base.fingerprint:
+        raise UserError(f"adapter was trained on base model '{meta.get('base_model')}' "
+                        f"(fingerprint {fp}), not '{base.model_id}' (fingerprint "
+                        f"{base.fingerprint}); pass that model to --model, or leave --model out",
+                        path=source, field="model")
+
+
 def load_adapter(path: str | Path, model: str | None = None, *, dequantize: str = "auto"):
-    """(adapter, params) from a directory (or weights file) written by ``save_adapter``, attached
-    to ``model`` (default: the base model named in the file's header)."""
+    """(adapter, params) from a directory (or weights file) written by ``save_adapter``, any
+    method, attached to ``model`` (default: the base model named in the file's header); a model
+    with another fingerprint than the one it was trained on is refused."""
     from metapeft.adapters import get_adapter_class
     from metapeft.models import DEFAULT_MODEL, load_base_model
 
     weights, arrays, meta, method = read_adapter(path)
     cls = get_adapter_class(method)
-    config = json.loads(meta.get("config", "{}"))
+    config = json_header(meta, "config", dict, str(weights)) or {}
     base = load_base_model(model or meta.get("base_model") or DEFAULT_MODEL, dequantize=dequantize)
+    check_base_model(meta, base, str(weights))
     adapter = cls.attach(base, cls.Config.from_dict(config, source=str(weights)))
     return adapter, adapter.check_compatible(adapter.unflat(arrays), meta, str(weights))
+
+
+def json_header(meta: dict, key: str, kind: type, source: str):
+    """Header field ``key`` decoded from JSON and checked to be a ``kind``; None when absent."""
+    if key not in meta:
+        return None
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError:
+        raise UserError("header value is not valid JSON", path=source, field=key) from None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise UserError(f"header value should be a {kind.__name__}, got {value!r}", path=source,
+                        field=key)
+    return value
+
+
+@dataclass
+class AdapterInfo:
+    """What an adapter directory says about itself (``read_adapter_info``). Fields after
+    ``base_model_hash`` are None in directories written before metapeft recorded them."""
+
+    path: str  # the weights file
+    method: str
+    config: dict
+    base_model: str | None
+    base_model_hash: str | None
+    labels: list[str] | None = None  # the candidates, in score order
+    verbalisations: list[str] | None = None  # the text scored for each label
+    template: str | None = None  # the prompt, with {text}
+    max_prompt_tokens: int | None = None
+    objective: str | None = None
+    task: str | None = None
+    provenance: dict = field(default_factory=dict)  # init, seed, steps, final_accuracy, ...
+    metapeft_version: str | None = None
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def read_adapter_info(path: str | Path) -> AdapterInfo:
+    """The self-description of an adapter directory (or weights file), from its header alone:
+    no model is loaded."""
+    weights, _, meta, method = read_adapter(path)
+    src = str(weights)
+    labels = json_header(meta, "labels", list, src)
+    verbal = json_header(meta, "verbalisations", list, src)
+    for key, values in (("labels", labels), ("verbalisations", verbal)):
+        if values is not None and not all(isinstance(v, str) and v for v in values):
+            raise UserError("expected a list of non-empty strings", path=src, field=key)
+    if labels is not None and verbal is not None and len(verbal) != len(labels):
+        raise UserError(f"{len(verbal)} verbalisations for {len(labels)} labels", path=src,
+                        field="verbalisations")
+    template = meta.get("template")
+    if template is not None and "{text}" not in template:
+        raise UserError("the prompt template has no {text}", path=src, field="template")
+    return AdapterInfo(
+        path=src, method=method, config=json_header(meta, "config", dict, src) or {},
+        base_model=meta.get("base_model"), base_model_hash=meta.get("base_model_hash"),
+        labels=labels, verbalisations=verbal, template=template,
+        max_prompt_tokens=json_header(meta, "max_prompt_tokens", int, src),
+        objective=meta.get("objective"), task=meta.get("task"),
+        provenance=json_header(meta, "provenance", dict, src) or {},
+        metapeft_version=meta.get("metapeft_version"))

@@ -55,12 +55,20 @@ class TaskEncoder:
     """Tokenises a task's prompts and candidate labels once, then builds packed batches."""
 
     def __init__(self, tokenizer, labels: list[str], template: str = DEFAULT_TEMPLATE,
-                 max_prompt_tokens: int = MAX_PROMPT_TOKENS):
+                 max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+                 verbalisations: list[str] | None = None):
         self.tokenizer = tokenizer
         self.labels = list(labels)
         self.template = template
         self.max_prompt_tokens = max_prompt_tokens
-        self.label_tokens = [self._label_tokens(verbalise(lab)) for lab in self.labels]
+        # the text scored for each label (default ``verbalise(label)``; an adapter directory
+        # records the ones it was trained with)
+        self.verbalisations = ([verbalise(lab) for lab in self.labels] if verbalisations is None
+                               else list(verbalisations))
+        if len(self.verbalisations) != len(self.labels):
+            raise ValueError(f"{len(self.verbalisations)} verbalisations for "
+                             f"{len(self.labels)} labels")
+        self.label_tokens = [self._label_tokens(v) for v in self.verbalisations]
         lm = max(len(t) for t in self.label_tokens)
         self._label_arr = np.zeros((len(labels), lm), np.int32)
         for c, t in enumerate(self.label_tokens):
@@ -94,18 +102,20 @@ class TaskEncoder:
         """Sort by prompt length and split into chunks of at most ``max_size``, each padded only to
         its own longest prompt. Attention costs O(L^2) and MLX's CPU softmax is the bottleneck, so
         trimming padding this way cuts a step's time markedly (see benchmarks/adapt_methods.py)."""
+        return [self.encode([examples[i] for i in idx],
+                            None if weights is None else [weights[i] for i in idx])
+                for idx in self.bucket_order(examples, max_size)]
+
+    def bucket_order(self, examples: list[Example], max_size: int = 32) -> list[list[int]]:
+        """The indices of ``examples`` in each of ``encode_buckets``' chunks: sorted (stably) by
+        prompt length, split into balanced chunks of at most ``max_size``."""
         if not examples:
             return []
         lengths = [len(self.prompt_tokens(e.text)) for e in examples]  # memoised
         order = sorted(range(len(examples)), key=lambda i: lengths[i])
         k = -(-len(order) // max_size)
         size = -(-len(order) // k)  # balanced chunks
-        out = []
-        for s in range(0, len(order), size):
-            idx = order[s:s + size]
-            w = None if weights is None else [weights[i] for i in idx]
-            out.append(self.encode([examples[i] for i in idx], w))
-        return out
+        return [order[s:s + size] for s in range(0, len(order), size)]
 
     def encode(self, examples: list[Example], weights: list[float] | None = None,
                pad_multiple: int = 4) -> Batch:
