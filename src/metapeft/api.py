@@ -9,7 +9,7 @@ arguments and prints, so a notebook can do everything a command does:
     api.meta_train("synthetic", name="mine", meta_steps=50).version
 
 Commands: ``adapt``, ``meta_train``, ``profile``, ``select``, ``sweep``, ``train_selector``,
-``tune``, ``export_adapter``. Helpers: ``load_task_arg``, ``build_meta_sources``,
+``tune``, ``export_adapter``, ``predict``, ``evaluate``. Helpers: ``load_task_arg``, ``build_meta_sources``,
 ``replay_stats``, ``save_adapter`` / ``load_adapter``, the experience store (``list_experience``,
 ``experience_record``, ``import_experience``, ``export_experience``) and the meta-weights registry
 (``list_weights``, ``show_weights``, ``compare_weights``, ``rollback_weights``,
@@ -34,8 +34,9 @@ from metapeft.registry import compare as compare_weights
 from metapeft.registry import delete as delete_weights
 from metapeft.registry import list_weights, registry_root
 from metapeft.registry import show as show_weights
-from metapeft.reports import (AdaptReport, ExperienceListing, MetaTrainReport, ProfileReport,
-                              SelectorReport, SelectReport, SweepReport, TuneReport)
+from metapeft.reports import (AdaptReport, EvaluateReport, ExperienceListing, MetaTrainReport,
+                              PredictReport, ProfileReport, SelectorReport, SelectReport,
+                              SweepReport, TuneReport)
 
 __all__ = [
     "DEFAULT_OBJECTIVE", "AdaptReport", "ExperienceListing", "MetaTrainReport", "ProfileReport",
@@ -44,6 +45,7 @@ __all__ = [
     "export_experience", "import_experience", "list_experience", "list_weights", "load_adapter",
     "load_task_arg", "meta_train", "profile", "registry_root", "replay_stats", "rollback_weights",
     "save_adapter", "select", "show_weights", "sweep", "train_selector", "tune",
+    "EvaluateReport", "PredictReport", "evaluate", "predict",
 ]
 
 
@@ -297,6 +299,85 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, fmt: str = "peft") 
     if fmt != "peft":
         raise UserError(f"unknown format {fmt!r}; supported: peft", field="format")
     return export_peft(adapter_dir, out)
+
+
+def predict(adapter: str | Path, inputs, *, model: str | None = None,
+            dequantize: str = "auto", out: str | Path | None = None, top_k: int | None = None,
+            batch_size: int = 32, text_field: str = "text",
+            on_start: Callable[[int], None] | None = None,
+            on_batch: Callable[[int], None] | None = None) -> PredictReport:
+    """Classify texts with an adapter directory written by ``adapt --out`` (any method), on the
+    base model it was trained on (``model`` must be that model). ``inputs``: a JSONL or CSV file
+    with a ``text_field``, ``"-"`` for standard input, or a list of texts. Every prediction holds
+    the row's ``id`` (else its text), the label and the probabilities (softmax over the
+    candidates' scores; the ``top_k`` most likely, all by default), in input order; ``out``:
+    also write them as JSON lines. ``on_start(n)`` is called once the inputs are read and the
+    adapter is loaded, ``on_batch(k)`` after each batch of k texts."""
+    import json
+    import time
+
+    from metapeft.artifacts import atomic_write_text
+    from metapeft.classify import Classifier, check_out_file, prediction, read_inputs
+    from metapeft.data.tasks import Example
+
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {top_k}", field="top_k")
+    out = None if out is None else check_out_file(out)
+    t0 = time.perf_counter()
+    if isinstance(inputs, (list, tuple)):
+        rows = [e if isinstance(e, Example) else Example(text=str(e), label="") for e in inputs]
+    else:
+        rows = read_inputs(inputs, text_field=text_field)
+    clf = Classifier.load(adapter, model, dequantize=dequantize)
+    if on_start is not None:
+        on_start(len(rows))
+    probs = clf.probabilities(rows, batch_size=batch_size, on_batch=on_batch)
+    preds = [prediction(e, p, clf.labels, top_k) for e, p in zip(rows, probs)]
+    if out is not None:
+        atomic_write_text(out, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+    return PredictReport(adapter=str(adapter), model=clf.model_id, labels=clf.labels,
+                         predictions=preds, seconds=time.perf_counter() - t0, out=out)
+
+
+def evaluate(adapter: str | Path, test: str | Path, *, model: str | None = None,
+             dequantize: str = "auto", batch_size: int = 32, text_field: str = "text",
+             label_field: str = "label", plot: str | Path | None = None,
+             on_start: Callable[[int], None] | None = None,
+             on_batch: Callable[[int], None] | None = None) -> EvaluateReport:
+    """Measure an adapter directory on a labelled JSONL/CSV file: accuracy, macro and micro
+    precision/recall/F1, per-class precision/recall/F1/support, the confusion matrix, and the
+    expected calibration error over 15 equal-width confidence bins (``metapeft.metrics``).
+    ``plot``: also write ``confusion_matrix.png`` and ``reliability.png`` there (needs the
+    ``plot`` extra, matplotlib; a one-line error without it). Every gold label must be one of
+    the adapter's."""
+    import time
+
+    from metapeft.adapter_io import read_adapter_info
+    from metapeft.classify import Classifier, gold_indices, read_inputs
+    from metapeft.metrics import classification_metrics
+
+    if plot is not None:
+        from metapeft.metrics_plot import require_matplotlib
+
+        require_matplotlib()
+    t0 = time.perf_counter()
+    rows = read_inputs(test, text_field=text_field, label_field=label_field, require_label=True)
+    info = read_adapter_info(adapter)
+    if info.labels:  # a label outside the set fails before the model loads
+        gold_indices(rows, info.labels, str(test), label_field)
+    clf = Classifier.load(adapter, model, dequantize=dequantize)
+    gold = gold_indices(rows, clf.labels, str(test), label_field)
+    if on_start is not None:
+        on_start(len(rows))
+    probs = clf.probabilities(rows, batch_size=batch_size, on_batch=on_batch)
+    metrics = classification_metrics(gold, probs, clf.labels)
+    plots = {}
+    if plot is not None:
+        from metapeft.metrics_plot import plot_evaluation
+
+        plots = plot_evaluation(metrics, plot, f"{info.method} on {Path(str(test)).name}")
+    return EvaluateReport(adapter=str(adapter), test=str(test), model=clf.model_id,
+                          metrics=metrics, seconds=time.perf_counter() - t0, plots=plots)
 
 
 def _store(experience: str | Path | None):

@@ -212,3 +212,51 @@ class ExperienceListing:
         from metapeft.select.features import FEATURE_NAMES
 
         return [r.to_json(FEATURE_NAMES) for r in self.records]
+
+
+@dataclass
+class PredictReport:
+    """``predict``: one prediction per input row, in input order (``predictions``: the text or
+    the row's id, the label, the probabilities), and where they were written (``out``)."""
+
+    adapter: str
+    model: str
+    labels: list
+    predictions: list
+    seconds: float
+    out: Path | None = None
+
+    def lines(self) -> list[dict]:
+        """What ``metapeft predict`` writes: one JSON object per input."""
+        return self.predictions
+
+    def to_json(self) -> dict:
+        """The summary ``metapeft predict --out FILE --json`` prints."""
+        counts = Counter(p["label"] for p in self.predictions)
+        return {"adapter": self.adapter, "model": self.model, "labels": self.labels,
+                "count": len(self.predictions), "out": None if self.out is None else str(self.out),
+                "predicted": {lab: counts[lab] for lab in self.labels if counts[lab]},
+                "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class EvaluateReport:
+    """``evaluate``: ``metrics.classification_metrics`` of an adapter on a labelled file (accuracy,
+    macro/micro and per-class precision/recall/F1, confusion matrix, ECE over 15 equal-width
+    bins, reliability table), and the PNGs written for ``plot``."""
+
+    adapter: str
+    test: str
+    model: str
+    metrics: dict
+    seconds: float
+    plots: dict = field(default_factory=dict)  # name -> Path
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics["accuracy"]
+
+    def to_json(self) -> dict:
+        return json_safe({"adapter": self.adapter, "test": self.test, "model": self.model,
+                          **self.metrics, "plots": {k: str(v) for k, v in self.plots.items()},
+                          "seconds": round(self.seconds, 3)})

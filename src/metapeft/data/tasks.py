@@ -46,27 +46,40 @@ def read_lines(path: Path) -> list[str]:
         raise UserError("file does not exist", path=str(path)) from None
     except IsADirectoryError:
         raise UserError("is a directory, expected a file", path=str(path)) from None
+    return decode_lines(raw, str(path))
+
+
+def decode_lines(raw: bytes, source: str) -> list[str]:
+    """``raw`` (a file's or standard input's bytes) as UTF-8 lines; a bad byte raises
+    ``UserError`` naming ``source`` and the line."""
     lines = raw.split(b"\n")
     out = []
     for i, line in enumerate(lines, start=1):
         try:
             out.append(line.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise UserError(f"text is not valid UTF-8 (byte {e.start})", path=str(path), line=i) from None
+            raise UserError(f"text is not valid UTF-8 (byte {e.start})", path=source, line=i) from None
     return out
 
 
 def read_rows(path: str | Path, *, text_field: str = "text", label_field: str = "label",
-              require_label: bool = True) -> list[Example]:
-    """Read a JSONL or CSV file of labelled rows, validating every line."""
+              require_label: bool = True, lines: list[str] | None = None,
+              fmt: str | None = None, with_lines: bool = False) -> list[Example]:
+    """Read a JSONL or CSV file of labelled rows, validating every line.
+
+    ``require_label=False`` reads unlabelled rows (their label is ""). ``lines`` (standard
+    input's, say) are read instead of the file, and ``path`` only names them in errors; ``fmt``
+    (``jsonl`` or ``csv``) overrides the suffix; ``with_lines`` keeps each row's line number in
+    ``extra["_line"]``."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError("is a directory, expected a .jsonl or .csv file", path=str(path))
-    lines = read_lines(path)
+    if lines is None:
+        if path.is_dir():
+            raise UserError("is a directory, expected a .jsonl or .csv file", path=str(path))
+        lines = read_lines(path)
     if not any(line.strip() for line in lines):
         raise UserError("file is empty", path=str(path))
     rows: list[tuple[int, dict]] = []
-    if path.suffix.lower() == ".csv":
+    if (fmt or path.suffix.lower().lstrip(".")) == "csv":
         reader = csv.DictReader(lines)
         if reader.fieldnames is None:
             raise UserError("CSV has no header row", path=str(path), line=1)
@@ -95,6 +108,8 @@ def read_rows(path: str | Path, *, text_field: str = "text", label_field: str = 
                 raise UserError("missing label", path=str(path), line=line_no, field=label_field)
             label = ""
         extra = {k: v for k, v in obj.items() if k not in (text_field, label_field)}
+        if with_lines:
+            extra["_line"] = line_no
         examples.append(Example(text=text.strip(), label=str(label).strip(), extra=extra))
     return examples
 
