@@ -247,3 +247,29 @@ def test_clinc_round_trip_on_stories260k(stories, clinc_dir, tmp_path):
                                                     "--steps", "2", "--lr", "1e-2")
     assert predicted == evaluated == reported
     assert ev["model"] == stories.model_id and ev["num_examples"] == 20
+
+
+def test_stop_at_target(task_dir, tmp_path):
+    """adapt --stop-at-target ends the run at the first step that reaches --target, reports that
+    step, and the adapter written is the one of that step."""
+    from metapeft import api
+    from metapeft.adapter_io import read_adapter_info
+
+    full = api.adapt(task_dir, steps=6, lr=1e-2, target=None)
+    target = max(full.accuracies[1:])
+    k = full.accuracies.index(target)
+    r = cli("adapt", task_dir, "--steps", "6", "--lr", "1e-2", "--target", target,
+            "--stop-at-target", "--out", tmp_path / "a", "--json")
+    assert r.exit_code == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert obj["steps_to_target"] == k and obj["target_reached"]
+    assert obj["accuracies"] == pytest.approx(full.accuracies[:k + 1], abs=1e-6)
+    assert len(obj["losses"]) == k
+    assert read_adapter_info(tmp_path / "a").provenance["steps"] == k
+    e = cli("evaluate", tmp_path / "a", task_dir / "valid.jsonl", "--json")
+    assert json.loads(e.stdout)["accuracy"] == obj["final_accuracy"] >= target
+    # reached by the init itself: no step runs; the human output says where it stopped
+    h = cli("adapt", task_dir, "--steps", "3", "--target", "0", "--stop-at-target")
+    assert h.exit_code == 0 and "stopped at step 0" in h.stdout, h.stderr
+    with pytest.raises(Exception, match="needs a --target"):
+        api.adapt(task_dir, steps=1, target=None, stop_at_target=True)

@@ -38,8 +38,11 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
           text_field: str = "text", label_field: str = "label", dequantize: str = "auto",
           on_step: Callable[[int, float, float | None], None] | None = None,
           on_start: Callable[[], None] | None = None,
-          eval_at: set[int] | None = None, record_experience: bool = False) -> AdaptReport:
+          eval_at: set[int] | None = None, record_experience: bool = False,
+          stop_at_target: bool = False) -> AdaptReport:
     """Train one adapter on a task's support set; query accuracy at step 0 and after every step.
+    ``stop_at_target``: end the run at the first step whose query accuracy reaches ``target``
+    (that step is ``steps_to_target``; the curve stops there).
     ``on_start`` is called once the inputs are validated, right before training."""
     from metapeft.adapter_io import describe_init, resolve_init, save_adapter
     from metapeft.adapters import get_adapter_class
@@ -49,6 +52,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
 
     if target is not None and not 0.0 <= target <= 1.0:
         raise UserError(f"target must be in [0, 1], got {target}", field="target")
+    if stop_at_target and target is None:
+        raise UserError("--stop-at-target needs a --target", field="target")
     if objective not in OBJECTIVES:
         raise UserError(f"unknown loss {objective!r}; choose from {', '.join(OBJECTIVES)}",
                         field="loss")
@@ -68,7 +73,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     try:
         res = train(adapter, params, data, steps=steps, lr=lr, optimizer=optimizer,
                     batch_size=batch_size, seed=seed, target=target, objective=objective,
-                    on_step=on_step, eval_at=eval_at)
+                    on_step=on_step, eval_at=eval_at, stop_at_target=stop_at_target)
     except FloatingPointError as e:
         raise UserError(str(e), field="lr") from None
     report = AdaptReport.from_result(

@@ -189,10 +189,11 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
           lr: float = 3e-3, optimizer: str = "adam", batch_size: int = 64, seed: int = 0,
           target: float | None = None, compile: bool = True, objective: str = "ce",
           on_step: Callable[[int, float, float | None], None] | None = None,
-          eval_at: set[int] | None = None) -> AdaptResult:
+          eval_at: set[int] | None = None, stop_at_target: bool = False) -> AdaptResult:
     """Train for ``steps`` optimizer steps; evaluate the query set at step 0 and after each step
     (or only at the steps in ``eval_at``: then ``accuracies`` holds those, in order, and
-    ``extra["eval_steps"]`` says which steps they are)."""
+    ``extra["eval_steps"]`` says which steps they are). ``stop_at_target``: stop after the first
+    evaluation that reaches ``target`` (``extra["stopped_at"]`` is then that step, else None)."""
     if steps < 0:
         raise UserError("--steps must be >= 0", field="steps")
     t0 = time.perf_counter()
@@ -240,7 +241,11 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
     train_time = 0.0
     tokens = 0
     adapter.set_training(True)
+    stopped_at = None
     for i in range(1, steps + 1):
+        if stop_at_target and hit_at is not None:
+            stopped_at = hit_at
+            break
         buckets = batches.next(adapter)
         ts = time.perf_counter()
         loss, grads = step([tuple(b) for b in buckets])
@@ -266,4 +271,5 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
                        seconds=time.perf_counter() - t0, train_seconds=train_time,
                        peak_memory_mb=peak,
                        tokens_per_second=tokens / train_time if train_time > 0 else 0.0,
-                       extra={"eval_steps": evaluated, "hook_state": hook_state})
+                       extra={"eval_steps": evaluated, "hook_state": hook_state,
+                              "stopped_at": stopped_at})

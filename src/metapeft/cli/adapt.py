@@ -28,6 +28,9 @@ def _print_report(report, out: Path | None) -> None:
                       f"final accuracy: {report.final_accuracy:.1%}   seconds: "
                       f"{report.seconds:.1f}   trainable params: "
                       f"{report.extra.get('trainable_parameters')}")
+    stopped = report.result.extra.get("stopped_at")
+    if stopped is not None:
+        out_console.print(f"stopped at step {stopped}: query accuracy reached the target")
     if out is not None:
         out_console.print(f"adapter written to [bold]{out}[/bold]")
 
@@ -39,6 +42,8 @@ def adapt(
     method: str = METHOD_OPT,
     steps: int = typer.Option(20, help="Optimizer steps on the support set."),
     target: float = typer.Option(0.8, help="Query accuracy that counts as reached."),
+    stop_at_target: bool = typer.Option(False, "--stop-at-target", help="End the run at the "
+                                        "first step whose query accuracy reaches --target."),
     init: Optional[str] = typer.Option(None, help="Initial adapter: a safetensors file, an "
                                                   "adapter dir, or registry NAME[@VERSION]."),
     out: Optional[Path] = typer.Option(None, help="Write adapters.safetensors and "
@@ -68,7 +73,8 @@ def adapt(
             report = api.adapt(task, **model_options, method=method, steps=steps, target=target, init=init, out=out, config=options,
                                lr=lr, optimizer=optimizer, batch_size=batch_size, objective=loss,
                                seed=seed, **task_options,
-                               on_start=bar.start, on_step=on_step, record_experience=True)
+                               on_start=bar.start, on_step=on_step, record_experience=True,
+                               stop_at_target=stop_at_target)
         if as_json:
             print_json(report.to_json())
         else:
