@@ -134,7 +134,8 @@ def test_every_command_that_loads_a_model_takes_dequantize():
         if "--model" in opts:
             with_model.add(path)
             assert "--dequantize" in opts, path
-    assert with_model == {"adapt", "meta-train", "profile", "select", "sweep", "tune"}
+    assert with_model == {"adapt", "meta-train", "profile", "select", "sweep", "tune",
+                          "predict", "evaluate"}
 
 
 def test_dequantize_flag(task_dir):
