@@ -13,7 +13,7 @@ Commands: ``adapt``, ``meta_train``, ``profile``, ``select``, ``sweep``, ``train
 ``replay_stats``, ``save_adapter`` / ``load_adapter``, the experience store (``list_experience``,
 ``experience_record``, ``import_experience``, ``export_experience``) and the meta-weights registry
 (``list_weights``, ``show_weights``, ``compare_weights``, ``rollback_weights``,
-``delete_weights``).
+``delete_weights_plan``, ``delete_weights``).
 
 Every call that loads a model takes ``dequantize`` (``auto``, ``always`` or ``never``; see
 ``models.load_base_model``). Importing this module is cheap; MLX loads inside the calls.
@@ -32,6 +32,7 @@ from metapeft.errors import UserError
 from metapeft.models import DEFAULT_MODEL
 from metapeft.registry import compare as compare_weights
 from metapeft.registry import delete as delete_weights
+from metapeft.registry import delete_plan as delete_weights_plan
 from metapeft.registry import list_weights, registry_root
 from metapeft.registry import show as show_weights
 from metapeft.reports import (AdaptReport, EvaluateReport, ExperienceListing, MetaTrainReport,
@@ -41,7 +42,7 @@ from metapeft.reports import (AdaptReport, EvaluateReport, ExperienceListing, Me
 __all__ = [
     "DEFAULT_OBJECTIVE", "AdaptReport", "ExperienceListing", "MetaTrainReport", "ProfileReport",
     "SelectReport", "SelectorReport", "SweepReport", "TuneReport", "adapt", "build_meta_sources",
-    "compare_weights", "delete_weights", "experience_record", "export_adapter",
+    "compare_weights", "delete_weights", "delete_weights_plan", "experience_record", "export_adapter",
     "export_experience", "import_experience", "list_experience", "list_weights", "load_adapter",
     "load_task_arg", "meta_train", "profile", "registry_root", "replay_stats", "rollback_weights",
     "save_adapter", "select", "show_weights", "sweep", "train_selector", "tune",
@@ -260,7 +261,7 @@ def sweep(data: str = "synthetic", *, methods="all", tasks: int = 10,
 # --------------------------------------------------------------------------------------------
 
 def tune(task=None, *, model: str = DEFAULT_MODEL, dequantize: str = "auto", methods="all",
-         trials: int = 20, time_budget: float | None = None, steps: int | None = None,
+         trials: int | None = None, time_budget: float | None = None, steps: int | None = None,
          objectives: str | list[str] | None = "accuracy,seconds,memory", init: str | None = None,
          name: str | None = None, resume: str | None = None, registry: str | Path | None = None,
          space: str | Path | None = None, seed: int = 0, n_initial: int | None = None,

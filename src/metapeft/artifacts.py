@@ -29,6 +29,13 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write, tmp_suffix: str | None = None) -> Path:
     """Run ``write(tmp)`` on a temp file next to ``path``, fsync it and rename it over ``path``.
 
@@ -41,6 +48,7 @@ def _atomic(path: Path, write, tmp_suffix: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.",
                                suffix=tmp_suffix or ".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; artifacts follow the umask
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

@@ -14,7 +14,9 @@ class LazyConsole:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(stderr=self._stderr)
+            # soft_wrap: a long line (a command to paste, a path) is never broken by inserted
+            # newlines; the terminal wraps it. Tables still fit the width.
+            self._console = Console(stderr=self._stderr, soft_wrap=True)
         return self._console
 
     def __getattr__(self, name):

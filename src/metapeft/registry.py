@@ -57,6 +57,7 @@ __all__ = [
     "checkpoint_path",
     "compare",
     "delete",
+    "delete_plan",
     "latest_version",
     "list_versions",
     "list_weights",
@@ -396,6 +397,28 @@ def rollback(name: str, version: int | str, registry: str | Path | None = None) 
             raise _missing(f"{name}@{version}", name, version, registry)
         atomic_write_text(d / "LATEST", f"{version}\n")
     return d / f"v{version:04d}.safetensors"
+
+
+def delete_plan(spec: str, registry: str | Path | None = None) -> dict[str, Any]:
+    """What ``delete(spec)`` would do, without doing it: ``{"name", "deleted": [versions],
+    "latest": the latest now, "latest_after": the latest afterwards (None: no version left)}``;
+    a one-line UserError when ``spec`` names nothing."""
+    name, version = parse_spec(spec)
+    d = name_dir(name, registry)
+    versions = _scan(d)
+    if not versions:
+        raise _missing(spec, name, version, registry, "spec")
+    latest = _latest_in(d, versions)
+    if "@" in spec:
+        v = latest if version is None else version
+        if v not in versions:
+            raise _missing(spec, name, version, registry, "spec")
+        targets = [v]
+    else:
+        targets = list(versions)
+    remaining = [v for v in versions if v not in targets]
+    after = latest if latest in remaining else (remaining[-1] if remaining else None)
+    return {"name": name, "deleted": targets, "latest": latest, "latest_after": after}
 
 
 def delete(spec: str, registry: str | Path | None = None) -> dict[str, Any]:

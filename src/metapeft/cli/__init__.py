@@ -30,9 +30,23 @@ for _module in (adapt, predict, meta, weights, select, tune):
     _module.register(app)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from metapeft import __version__
+
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version,
+                                          is_eager=True, help="Print the version and exit.")):
+    """Meta-learned PEFT for MLX: pick a method, start from a meta-learned init, tune it."""
+
+
 @app.command()
 def version():
-    """Print the metapeft version."""
+    """Print the metapeft version (as does --version)."""
     from metapeft import __version__
 
     print(__version__)

@@ -104,6 +104,27 @@ def user_errors():
         raise typer.Exit(130) from None
 
 
+def compact_table(title: str | None, columns) -> "rich.table.Table":  # noqa: F821
+    """A rich Table that reads at 80 columns: light rules, one space between columns, and cells
+    that fold onto a second line rather than being cut to "…". A column is a name or
+    (name, justify) or (name, justify, no_wrap)."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), title_justify="left",
+              collapse_padding=True, pad_edge=False)
+    for c in columns:
+        name, justify, no_wrap = (c, "left", False) if isinstance(c, str) else (*c, False)[:3]
+        t.add_column(name, justify=justify, no_wrap=no_wrap, overflow="fold")
+    return t
+
+
+def short_time(iso) -> str:
+    """``2026-05-01T14:02:33+00:00`` -> ``2026-05-01 14:02`` (UTC, as stored)."""
+    text = str(iso or "")
+    return text[:16].replace("T", " ") if len(text) >= 16 else text or "-"
+
+
 def print_json(obj) -> None:
     print(json.dumps(obj, default=str))
 
@@ -142,8 +163,77 @@ def csv_list(values: list[str] | None) -> list[str] | None:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+class PlainProgress:
+    """Progress as plain lines, for when the console is not a terminal (a log file, a pipe, CI):
+    one line when a task starts, then at most one every ``METAPEFT_PROGRESS_SECONDS`` (default
+    10) seconds, and one when it ends, as pip and uv do. The part of rich's ``Progress`` API
+    that metapeft uses: ``add_task``, ``update``, ``start``, ``stop`` and the context manager."""
+
+    def __init__(self, console):
+        import os
+        import time
+
+        self.file = getattr(getattr(console, "real", console), "file", None)
+        try:
+            self.every = float(os.environ.get("METAPEFT_PROGRESS_SECONDS", "10"))
+        except ValueError:
+            self.every = 10.0
+        self.clock = time.monotonic
+        self.tasks: list[dict] = []
+
+    def add_task(self, description: str, total=None, **fields) -> int:
+        now = self.clock()
+        self.tasks.append({"description": description, "total": total, "completed": 0,
+                           "fields": fields, "start": now, "printed": now, "dirty": False})
+        self._line(self.tasks[-1], "started")
+        return len(self.tasks) - 1
+
+    def update(self, task_id: int, *, completed=None, advance=None, total=None, **fields):
+        t = self.tasks[task_id]
+        if total is not None:
+            t["total"] = total
+        if completed is not None:
+            t["completed"] = completed
+        if advance:
+            t["completed"] += advance
+        t["fields"].update(fields)
+        t["dirty"] = True
+        if self.clock() - t["printed"] >= self.every:
+            self._line(t)
+
+    def _line(self, t: dict, note: str = "") -> None:
+        t["printed"], t["dirty"] = self.clock(), False
+        total = "?" if t["total"] is None else t["total"]
+        f = t["fields"]
+        extra = "" if note else "".join(f"  {k} {f[k]}" for k in ("loss", "acc") if k in f)
+        seconds = self.clock() - t["start"]
+        print(f"{t['description']}: {t['completed']}/{total}{extra}  {seconds:.0f} s"
+              + (f"  {note}" if note else ""), file=self.file, flush=True)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        for t in self.tasks:
+            if t["dirty"]:
+                self._line(t)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def is_terminal(console) -> bool:
+    return bool(getattr(getattr(console, "real", console), "is_terminal", False))
+
+
 def progress(total: int, description: str, console):
-    """A rich progress bar with ``loss`` and ``acc`` fields (rich loads here, not at import)."""
+    """A rich progress bar with ``loss`` and ``acc`` fields (rich loads here, not at import);
+    plain periodic lines (``PlainProgress``) when the console is not a terminal."""
+    if not is_terminal(console):
+        return PlainProgress(console)
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 

@@ -16,9 +16,9 @@ from typing import Optional
 
 import typer
 
-from metapeft.cli._common import (EXPERIENCE_OPT, JSON_OPT, TASK_ARG, LazyBar, err_console,
-                                  out_console, print_json, user_errors, with_model_options,
-                                  with_task_options)
+from metapeft.cli._common import (EXPERIENCE_OPT, JSON_OPT, TASK_ARG, LazyBar, compact_table,
+                                  err_console, out_console, print_json, short_time, user_errors,
+                                  with_model_options, with_task_options)
 
 EPISODE_SEED_OPT = typer.Option(0, "--seed", help="Seed for the episode.")
 
@@ -33,18 +33,9 @@ def _fmt(v, pct: bool = False) -> str:
     return str(v)
 
 
-def _hp_str(hp: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in hp.items())
-
-
 def _table(title: str, columns, rows) -> None:
-    """Print a table; a column is a name or (name, justify)."""
-    from rich.table import Table
-
-    t = Table(title=title)
-    for c in columns:
-        name, justify = (c, "left") if isinstance(c, str) else c
-        t.add_column(name, justify=justify)
+    """Print a table (``compact_table``: readable at 80 columns)."""
+    t = compact_table(title, columns)
     for r in rows:
         t.add_row(*r)
     out_console.print(t)
@@ -87,11 +78,11 @@ def exp_list(experience: Optional[Path] = EXPERIENCE_OPT,
         shown = listing.records
         _table(f"{listing.total} records in {listing.path}"
                + (f" (last {len(shown)})" if len(shown) < listing.total else ""),
-               ("id", "created", "source", "task", "domain", "method", "accuracy",
-                "steps to target", "seconds"),
-               [(r.id, r.created, r.source, r.task, r.domain, r.method,
-                 _fmt(r.final_accuracy, True), _fmt(r.steps_to_target), _fmt(r.seconds))
-                for r in shown])
+               (("id", "left", True), ("created (UTC)", "left", True), "source", "task",
+                "domain", "method", ("acc", "right"), ("seconds", "right")),
+               [(r.id, short_time(r.created), r.source, r.task, r.domain, r.method,
+                 _fmt(r.final_accuracy, True),
+                 "-" if r.seconds != r.seconds else f"{r.seconds:.1f}") for r in shown])
 
 
 def exp_show(record_id: str = typer.Argument(..., help="A record id (or a unique prefix)."),
@@ -208,17 +199,40 @@ def train_selector(
                               f"{rep.paths['selector']}")
 
 
+def _set_flags(method: str, hp: dict) -> str:
+    """The hyperparameters that differ from what ``adapt --method METHOD`` runs with by
+    default, as flags to paste (``--set`` takes lr, steps and optimizer too)."""
+    from metapeft.select.selector import default_hyperparameters
+
+    defaults = default_hyperparameters(method)
+    flags = []
+    for k, v in hp.items():
+        if defaults.get(k, object()) == v:
+            continue
+        if isinstance(v, list):
+            v = ",".join(map(str, v))
+        elif isinstance(v, float):
+            v = f"{v:g}"
+        flags.append(f"--set {k}={v}")
+    return " ".join(flags) or "(its defaults)"
+
+
 def _print_selection(rep) -> None:
     _table(f"methods for {rep.task} ({'priors' if rep.from_priors else rep.source})",
-           ("rank", "method", "predicted accuracy", "confidence", "uncertainty",
-            "recommended hyperparameters"),
+           (("rank", "right"), "method", ("predicted acc", "right"), ("confidence", "right"),
+            ("uncertainty", "right")),
            [(str(i), r["method"], _fmt(r["predicted_accuracy"], True),
              _fmt(r["confidence"], True),
-             "-" if r["uncertainty"] is None else f"±{r['uncertainty']:.1%}",
-             _hp_str(r["hyperparameters"]) + f"  [dim]({r['hyperparameters_from']})[/dim]")
+             "-" if r["uncertainty"] is None else f"±{r['uncertainty']:.1%}")
             for i, r in enumerate(rep.ranking, start=1)])
+    out_console.print("recommended hyperparameters (for metapeft adapt --method METHOD):",
+                      highlight=False)
+    for r in rep.ranking:
+        out_console.print(f"  {r['method']}: {_set_flags(r['method'], r['hyperparameters'])}  "
+                          f"[dim]({r['hyperparameters_from']})[/dim]", highlight=False)
     if rep.similar_tasks:
-        _table("nearest past tasks", ("id", "task", "domain", "distance", "best method"),
+        _table("nearest past tasks", (("id", "left", True), "task", "domain",
+                                      ("distance", "right"), "best method"),
                [(s["id"], str(s.get("task")), str(s.get("domain")), f"{s['distance']:.3f}",
                  str(s["best_method"])) for s in rep.similar_tasks])
     out_console.print(("[yellow]priors:[/yellow] " if rep.from_priors else "reason: ")

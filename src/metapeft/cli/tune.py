@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from metapeft.cli._common import (REGISTRY_OPT, err_console, out_console, print_json,
-                                  user_errors, with_model_options, with_task_options)
+from metapeft.cli._common import (REGISTRY_OPT, err_console, is_terminal, out_console,
+                                  print_json, user_errors, with_model_options, with_task_options)
 
 
 def _fmt_params(params: dict | None) -> str:
@@ -69,8 +69,9 @@ def tune(
                                          "--shots). Optional with --resume."),
     methods: str = typer.Option("all", help="Comma list of methods to search over (the "
                                             "method is itself a dimension), or 'all'."),
-    trials: int = typer.Option(20, help="Total trials in the study (a resumed study runs "
-                                        "only the missing ones)."),
+    trials: Optional[int] = typer.Option(None, help="Total trials in the study (default 20; "
+                                                    "a resumed study keeps its own and runs "
+                                                    "only the missing ones)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Seconds; no "
                                                 "new trial starts after this."),
     steps: Optional[int] = typer.Option(None, help="Training steps per trial (default: "
@@ -117,8 +118,18 @@ def tune(
         def on_start(study, trial):
             live.update(trials_table(study, running=trial))
 
+        plain = not is_terminal(console)  # a log file or pipe: one plain line per trial
+
         def on_trial(study, trial):
             live.update(trials_table(study))
+            if plain:
+                acc = trial.get("accuracy")
+                result = (f"accuracy {_num(acc, '.1%')}, {_num(trial.get('seconds'), '.2f')} s"
+                          if trial.get("status") == "ok" else
+                          f"failed: {str(trial.get('reason', ''))[:80]}")
+                print(f"trial {trial['index']}: {trial.get('method')} "
+                      f"{_fmt_params(trial.get('params'))} -> {result}",
+                      file=getattr(console, "real", console).file, flush=True)
 
         with live:
             rep = api.tune(task, **model_options, methods=methods,
@@ -157,7 +168,11 @@ def _print_summary(res, console) -> None:
     if rec is None:
         console.print("[red]no trial finished[/red]: see the reasons above")
     else:
-        console.print(f"recommended (knee): trial {rec['index']}: [bold]{rec['method']}[/bold] "
+        from metapeft.tune.study import RECOMMEND_RULE
+
+        rule = RECOMMEND_RULE if "accuracy" in s["objectives"] else "the knee of the front"
+        console.print(f"recommended ({rule}): trial {rec['index']}: "
+                      f"[bold]{rec['method']}[/bold] "
                       f"{_fmt_params(rec.get('params'))} -> accuracy "
                       f"{_num(rec.get('accuracy'), '.1%')}, {_num(rec.get('seconds'), '.2f')} s, "
                       f"{_num(rec.get('memory_mb'), '.1f')} MB")

@@ -8,11 +8,10 @@ from typing import Optional
 
 import typer
 
-from metapeft.cli._common import REGISTRY_OPT, out_console, print_json, user_errors
+from metapeft.cli._common import (REGISTRY_OPT, compact_table, out_console, print_json,
+                                  short_time, user_errors)
 
 JSON_LIST_OPT = typer.Option(False, "--json", help="Print JSON.")
-LIST_COLUMNS = ("name", "version", "latest", "method", "algorithm", "base_model", "created",
-                "num_tasks")
 
 
 def _print_object(obj, as_json: bool) -> None:
@@ -23,43 +22,123 @@ def _print_object(obj, as_json: bool) -> None:
 
 
 def weights_list(registry: Optional[Path] = REGISTRY_OPT, as_json: bool = JSON_LIST_OPT):
-    """List every name and version."""
+    """List every name and version (* marks the one NAME resolves to)."""
     with user_errors():
-        from rich.table import Table
-
         from metapeft import api
 
         rows = api.list_weights(registry)
         if as_json:
             print_json(rows)
             return
-        t = Table(title=f"meta-weights in {api.registry_root(registry)}")
-        for c in LIST_COLUMNS:
-            t.add_column(c)
+        t = compact_table(f"meta-weights in {api.registry_root(registry)}",
+                          [("version", "left", True), ("", "left", True), "method",
+                           "base model", ("created (UTC)", "left", True),
+                           ("tasks", "right"), ("val acc", "right")])
         for r in rows:
-            t.add_row(*[str(r.get(c, "")) for c in LIST_COLUMNS])
-        out_console.print(t)
+            val = r.get("val_accuracy")
+            t.add_row(f"{r['name']}@{r['version']}", "*" if r.get("latest") else "",
+                      f"{r.get('method')}/{r.get('algorithm')}",
+                      Path(str(r.get("base_model") or "-")).name, short_time(r.get("created")),
+                      str(r.get("num_tasks") or "-"),
+                      "-" if not isinstance(val, (int, float)) else f"{val:.1%}")
+        out_console.print(t if rows else "no meta-weights yet (metapeft meta-train --name NAME)")
 
 
-def weights_show(spec: str, registry: Optional[Path] = REGISTRY_OPT,
+FULL_OPT = typer.Option(False, "--full", help="Print every metadata field and tensor.")
+
+
+def _short(value, width: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _print_show_summary(d: dict) -> None:
+    m = d["metadata"]
+    val = m.get("val_accuracy") or []
+    lines = [f"[bold]{d['name']}@{d['version']}[/bold]" + (" (latest)" if d["latest"] else ""),
+             f"  file        {d['path']} ({d['size_bytes'] / 2**20:.1f} MB)",
+             f"  method      {m.get('method')}/{m.get('algorithm')} on {m.get('base_model')}",
+             f"  created     {short_time(m.get('created'))} UTC, "
+             f"{m.get('duration_seconds', '-')} s, {m.get('num_tasks', '-')} tasks",
+             f"  validation  best {max(val):.1%} at step {m.get('best_step')}" if val else
+             "  validation  none (no held-out classes, or --eval-every 0)",
+             f"  parameters  {d['num_parameters']:,} in {d['num_tensors']} tensors"]
+    hyper = m.get("hyperparameters")
+    if isinstance(hyper, dict):
+        lines.append("  settings    " + _short(", ".join(f"{k}={v}" for k, v in hyper.items()),
+                                               200))
+    lines.append("[dim](--full: every metadata field and tensor; --json: all of it as JSON)"
+                 "[/dim]")
+    for line in lines:
+        out_console.print(line, highlight=False)
+
+
+def weights_show(spec: str = typer.Argument(..., help="NAME or NAME@VERSION."),
+                 registry: Optional[Path] = REGISTRY_OPT, full: bool = FULL_OPT,
                  as_json: bool = JSON_LIST_OPT):
-    """Show one version's metadata (NAME or NAME@VERSION)."""
+    """Show one version: a summary, or every field with --full."""
     with user_errors():
         from metapeft import api
 
-        _print_object(api.show_weights(spec, registry), as_json)
+        d = api.show_weights(spec, registry)
+        if as_json or full:
+            _print_object(d, as_json)
+        else:
+            _print_show_summary(d)
 
 
-def weights_compare(a: str, b: str, registry: Optional[Path] = REGISTRY_OPT,
+def _print_compare_summary(d: dict) -> None:
+    out_console.print(f"a = {d['a']['name']}@{d['a']['version']}   "
+                      f"b = {d['b']['name']}@{d['b']['version']}", highlight=False)
+    if d["compatible"]:
+        worst = d.get("max_abs_diff") or {}
+        cos = d.get("cosine_similarity")
+        out_console.print(
+            f"parameters: {d['num_parameters']:,}, same shapes; L2 distance "
+            f"{d['l2_distance']:.4g}, cosine {'-' if cos is None else f'{cos:.4f}'}; largest "
+            f"difference {worst.get('max', 0):.3g} ({worst.get('tensor', '-')}), "
+            f"{worst.get('identical_tensors', 0)} of {len(d['per_tensor_max_abs_diff'])} "
+            "tensors identical", highlight=False)
+    else:
+        out_console.print(f"not comparable: {len(d['only_in_a'])} tensors only in a, "
+                          f"{len(d['only_in_b'])} only in b, {len(d['shape_mismatch'])} with "
+                          "different shapes", highlight=False)
+    diff = []  # (key, a, b), one level into mappings (hyperparameters, data, config)
+    for k, v in d["metadata_diff"].items():
+        va, vb = v["a"], v["b"]
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diff += [(f"{k}.{sub}", va.get(sub), vb.get(sub)) for sub in sorted(set(va) | set(vb))
+                     if va.get(sub) != vb.get(sub)]
+        else:
+            diff.append((k, va, vb))
+    out_console.print(f"metadata differences: {len(diff) or 'none'}", highlight=False)
+    for k, va, vb in diff[:12]:
+        out_console.print(f"  {k}: {_short(va, 30)} -> {_short(vb, 30)}", highlight=False)
+    if len(diff) > 12:
+        out_console.print(f"  … and {len(diff) - 12} more", highlight=False)
+    out_console.print("[dim](--full: every field and tensor; --json: all of it as JSON)[/dim]")
+
+
+def weights_compare(a: str = typer.Argument(..., help="NAME[@VERSION]."),
+                    b: str = typer.Argument(..., help="NAME[@VERSION]."),
+                    registry: Optional[Path] = REGISTRY_OPT, full: bool = FULL_OPT,
                     as_json: bool = JSON_LIST_OPT):
-    """Compare two versions: metadata differences and parameter distance."""
+    """Compare two versions: a summary of the parameter distance and metadata differences,
+    or every field with --full."""
     with user_errors():
         from metapeft import api
 
-        _print_object(api.compare_weights(a, b, registry), as_json)
+        d = api.compare_weights(a, b, registry)
+        if as_json or full:
+            _print_object(d, as_json)
+        else:
+            _print_compare_summary(d)
 
 
-def weights_rollback(name: str, version: str, registry: Optional[Path] = REGISTRY_OPT):
+def weights_rollback(name: str = typer.Argument(..., help="A meta-weights NAME."),
+                     version: str = typer.Argument(..., help="The version to make latest "
+                                                             "(3 or v3)."),
+                     registry: Optional[Path] = REGISTRY_OPT):
     """Make an earlier version the latest (nothing is deleted)."""
     with user_errors():
         from metapeft import api
@@ -67,12 +146,37 @@ def weights_rollback(name: str, version: str, registry: Optional[Path] = REGISTR
         out_console.print(f"{name}: latest is now v{api.rollback_weights(name, version, registry)}")
 
 
-def weights_delete(spec: str, registry: Optional[Path] = REGISTRY_OPT):
-    """Delete NAME@VERSION, or every version of NAME."""
+def weights_delete(spec: str = typer.Argument(..., help="NAME@VERSION, or NAME for every "
+                                                         "version."),
+                   registry: Optional[Path] = REGISTRY_OPT,
+                   yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for "
+                                                                       "confirmation.")):
+    """Delete NAME@VERSION, or every version of NAME (asks first unless --yes). Version numbers
+    are never reused."""
     with user_errors():
-        from metapeft import api
+        import sys
 
-        out_console.print(f"deleted {api.delete_weights(spec, registry)}")
+        from metapeft import api
+        from metapeft.errors import UserError
+
+        plan = api.delete_weights_plan(spec, registry)
+        name, after = plan["name"], plan["latest_after"]
+        what = ", ".join(f"{name}@{v}" for v in plan["deleted"])
+        then = ("no version of it will be left" if after is None else
+                f"latest stays v{after}" if after == plan["latest"] else
+                f"latest becomes v{after} (was v{plan['latest']})")
+        if not yes:
+            if not sys.stdin.isatty():
+                raise UserError(f"would delete {what} ({then}); pass --yes to confirm when "
+                                "not at a terminal", field="yes")
+            if not typer.confirm(f"delete {what}? {then}", default=False):
+                out_console.print("nothing deleted")
+                raise typer.Exit(1)
+        done = api.delete_weights(spec, registry)
+        left = ("no versions left" if done["latest"] is None
+                else f"latest is v{done['latest']}")
+        out_console.print(f"deleted {', '.join(f'{name}@{v}' for v in done['deleted'])}; "
+                          f"{name}: {left}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -104,8 +104,11 @@ def _init_method_and_config(init: str, registry=None) -> tuple[str | None, dict]
     return json_field(meta, "method"), cfg if isinstance(cfg, dict) else {}
 
 
+DEFAULT_TRIALS = 20
+
+
 def tune(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
-         methods: list[str] | str | None = None, trials: int = 20,
+         methods: list[str] | str | None = None, trials: int | None = None,
          time_budget: float | None = None, steps: int | None = None,
          objectives: str | list[str] | None = None, init: str | None = None,
          name: str | None = None, resume: str | None = None, registry=None,
@@ -117,14 +120,15 @@ def tune(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
          evaluate=None) -> TuneResult:
     """Run (or resume) a study; returns the study and its summary (pareto/recommended/trials).
 
-    ``trials`` is the total number of evaluated trials the study should have; a resumed study
-    keeps its space, objectives, task, model, steps and seed and only runs the missing trials.
+    ``trials`` is the total number of evaluated trials the study should have (default 20); a
+    resumed study keeps its space, objectives, task, model, steps, seed and ``trials`` (unless
+    ``trials`` is given, which then becomes the study's) and only runs the missing trials.
     """
     from metapeft.adapt import load_task_arg
     from metapeft.adapters import get_adapter_class
     from metapeft.config import run_defaults
 
-    if trials < 1:
+    if trials is not None and trials < 1:
         raise UserError(f"trials must be >= 1, got {trials}", field="trials")
     if time_budget is not None and time_budget <= 0:
         raise UserError(f"time budget must be > 0 seconds, got {time_budget}",
@@ -137,6 +141,8 @@ def tune(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
         if not path.exists():
             raise UserError("no such study to resume", path=str(path), field="resume")
         study = Study.load(path)
+        if trials is not None:
+            study.target_trials = trials
         t = study.task
         if task is None and t.get("in_memory"):
             raise UserError(f"study {study.name!r} was run on an in-memory task; pass the task "
@@ -163,6 +169,7 @@ def tune(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
             if init_method in space.methods:
                 structural = get_adapter_class(init_method).structural
                 space.fix(init_method, {k: v for k, v in init_cfg.items() if k in structural})
+        trials = DEFAULT_TRIALS if trials is None else trials
         n_init = n_initial if n_initial is not None else max(3, min(10, trials // 3))
         study = Study(name=name, path=path, space=space, objectives=objs,
                       task={"task": str(task) if not hasattr(task, "support") else task.name,
@@ -172,7 +179,8 @@ def tune(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
                             "in_memory": hasattr(task, "support")},
                       model=model,
                       steps=int(steps if steps is not None else run_defaults()["steps"]),
-                      seed=seed, n_initial=n_init, acq_func=acq_func, init=init)
+                      seed=seed, n_initial=n_init, acq_func=acq_func, init=init,
+                      target_trials=trials)
     base = None
     features = None
     if (record or warm_start) and evaluate is None:
@@ -197,7 +205,7 @@ def tune(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
                                    adapt_fn=adapt_fn, compile=compile, dequantize=dequantize)
     if not study.trials:
         study.save()
-    study.run(evaluate, trials=trials, time_budget=time_budget, warm=warm, on_trial=on_trial,
+    study.run(evaluate, trials=study.target_trials, time_budget=time_budget, warm=warm, on_trial=on_trial,
               on_start=on_start)
     return TuneResult(study=study, summary=study.summary(), experience_records=counter["n"],
                       warm_points=len(warm))

@@ -57,6 +57,10 @@ OBJECTIVES: dict[str, tuple[str, str]] = {"accuracy": ("max", "accuracy"),
                                           "seconds": ("min", "seconds"),
                                           "memory": ("min", "memory_mb")}
 ALL_OBJECTIVES = ("accuracy", "seconds", "memory")
+# `recommended`: the most accurate trial, or one within this much accuracy of it that is faster
+ACCURACY_TOLERANCE = 0.01
+RECOMMEND_RULE = ("the most accurate trial; of those within 1 point of it, the fastest, then "
+                  "the smallest")
 FAILURES = (UserError, FloatingPointError, MemoryError, ValueError, RuntimeError, OverflowError)
 
 
@@ -141,6 +145,7 @@ class Study:
     n_initial: int = 5
     acq_func: str = "EI"
     init: str | None = None
+    target_trials: int = 20  # the --trials it was asked for: a resumed study runs up to it
     trials: list[dict] = field(default_factory=list)
     created: str = field(default_factory=_now)
 
@@ -154,6 +159,7 @@ class Study:
                 "objectives": self.objectives, "task": self.task, "model": self.model,
                 "steps": self.steps, "seed": self.seed, "n_initial": self.n_initial,
                 "acq_func": self.acq_func, "init": self.init, "space": self.space.to_dict(),
+                "target_trials": self.target_trials,
                 "trials": self.trials, "num_trials": len(self.trials), "created": self.created,
                 "updated": _now()}
 
@@ -186,6 +192,7 @@ class Study:
                        model=get("model", "tiny"), steps=int(get("steps", 20)),
                        seed=int(get("seed", 0)), n_initial=int(get("n_initial", 5)),
                        acq_func=get("acq_func", "EI"), init=get("init"),
+                       target_trials=int(get("target_trials", 20)),
                        trials=list(get("trials") or []), created=get("created") or _now())
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"corrupt study metadata: {e}", path=str(path)) from None
@@ -207,10 +214,25 @@ class Study:
         return [idx[i] for i in front]
 
     def recommended(self) -> int | None:
-        """The knee of the front (single objective: the best, ties to fewer seconds)."""
+        """The trial to use (``RECOMMEND_RULE``): with accuracy among the objectives, the most
+        accurate trial of the front, traded only for a real saving: of the trials within
+        ``ACCURACY_TOLERANCE`` of the best accuracy, the fastest (then the smallest). Without
+        accuracy, the knee of the front (single objective: the best, ties to fewer seconds)."""
         front = self.pareto()
         if not front:
             return None
+        if "accuracy" in self.objectives:
+            acc = {i: as_float(self.trials[i].get("accuracy")) for i in front}
+            finite = [i for i in front if math.isfinite(acc[i])]
+            if finite:
+                best = max(acc[i] for i in finite)
+                near = [i for i in finite if acc[i] >= best - ACCURACY_TOLERANCE]
+                def cost(i: int, key: str) -> float:
+                    v = as_float(self.trials[i].get(key))
+                    return v if math.isfinite(v) else math.inf
+
+                return min(near, key=lambda i: (cost(i, "seconds"), cost(i, "memory_mb"),
+                                                -acc[i], i))
         if len(self.objectives) == 1:
             s = 1.0 if self.senses[0] == "max" else -1.0
             return max(front, key=lambda i: (s * as_float(self.trials[i].get(
