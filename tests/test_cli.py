@@ -79,7 +79,9 @@ def test_bad_input_is_one_line_exit_2(task_dir, tmp_path, args, needle):
     subs = {"{bad}": str(bad), "{task}": str(task_dir), "{missing}": str(tmp_path / "nope.jsonl"),
             "{empty}": str(tmp_path / "empty.jsonl"), "{single}": str(tmp_path / "single.jsonl"),
             "{few}": str(tmp_path / "few.jsonl"), "{latin1}": str(tmp_path / "latin1.jsonl")}
-    r = run(*[subs.get(a, a) for a in args], "--shots", "1", "--steps", "1")
+    # --shots draws an episode from a file; on a task directory it is refused, not ignored
+    shots = [] if "{task}" in args else ["--shots", "1"]
+    r = run(*[subs.get(a, a) for a in args], *shots, "--steps", "1")
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr

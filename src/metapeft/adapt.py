@@ -30,6 +30,49 @@ def load_task_arg(task, *, shots=None, query=None, ways=None, seed=0, text_field
                      text_field=text_field, label_field=label_field)
 
 
+# Run options that `select` recommends next to the adapter's own
+# (selector.default_hyperparameters), so `--set` takes them too:
+# (adapt's argument, its default, its type, its flag).
+RUN_OPTIONS = {"lr": ("lr", None, float, "--lr"), "steps": ("steps", 20, int, "--steps"),
+               "optimizer": ("optimizer", "adam", str, "--optimizer"),
+               "objective": ("objective", "ce", str, "--loss"),
+               "loss": ("objective", "ce", str, "--loss")}
+
+
+def split_run_options(config: dict | None, **given) -> tuple[dict, dict]:
+    """(adapter options, run options) from ``--set``/``--config`` values: ``lr``, ``steps``,
+    ``optimizer`` and ``objective``/``loss`` there set the run's own option, unless the
+    matching flag was given with a different value (then a one-line error)."""
+    from metapeft.adapters.base import typed_value
+
+    run = dict(given)
+    if config is not None and not isinstance(config, dict):  # an AdapterConfig, as is
+        return config, run
+    config = dict(config or {})
+    for key, (arg, default, kind, flag) in RUN_OPTIONS.items():
+        if key not in config:
+            continue
+        value = typed_value(key, config.pop(key), kind)
+        if given[arg] not in (default, value):
+            raise UserError(f"--set {key}={value} disagrees with {flag} {given[arg]}; give one "
+                            "of them", field=key)
+        run[arg] = value
+    return config, run
+
+
+def check_run_options(*, steps: int | None = None, lr: float | None = None,
+                      batch_size: int | None = None) -> None:
+    """One-line errors for training options no run can use (before anything loads)."""
+    import math
+
+    if steps is not None and steps < 0:
+        raise UserError(f"--steps must be >= 0, got {steps}", field="steps")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr must be a positive number, got {lr}", field="lr")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}", field="batch_size")
+
+
 def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, steps: int = 20,
           target: float | None = 0.8, init: str | None = None, out: str | Path | None = None,
           config: dict | None = None, lr: float | None = None, optimizer: str = "adam",
@@ -50,13 +93,26 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     from metapeft.scoring import OBJECTIVES
     from metapeft.train import encode_task, train
 
+    from metapeft.train import OPTIMIZERS
+
     if target is not None and not 0.0 <= target <= 1.0:
         raise UserError(f"target must be in [0, 1], got {target}", field="target")
     if stop_at_target and target is None:
         raise UserError("--stop-at-target needs a --target", field="target")
+    config, run = split_run_options(config, lr=lr, steps=steps, optimizer=optimizer,
+                                    objective=objective)
+    lr, steps, optimizer, objective = run["lr"], run["steps"], run["optimizer"], run["objective"]
     if objective not in OBJECTIVES:
         raise UserError(f"unknown loss {objective!r}; choose from {', '.join(OBJECTIVES)}",
                         field="loss")
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}",
+                        field="optimizer")
+    check_run_options(steps=steps, lr=lr, batch_size=batch_size)
+    if out is not None:
+        from metapeft.artifacts import writable_dir
+
+        writable_dir(out, field="out")  # before training: a result is never lost to a bad --out
     task = load_task_arg(task, shots=shots, query=query, ways=ways, seed=seed,
                          text_field=text_field, label_field=label_field)
     cls = get_adapter_class(method)
@@ -67,6 +123,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     if params is None:
         params = adapter.init_params(seed)
     data = encode_task(task, base.tokenizer)
+    _check_memory(adapter, data, batch_size)
     lr = cls.default_lr if lr is None else lr
     if on_start is not None:
         on_start()
@@ -84,9 +141,29 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         save_adapter(out, adapter, res.params, extra=describe_run(
             report, data.encoder, task=task.name, objective=objective, init=init_name, seed=seed,
             lr=lr, optimizer=optimizer, batch_size=batch_size, target=target))
-    if record_experience:
+    if record_experience and not report.accuracies:
+        print("note: not recorded in the experience store: no query set was scored",
+              file=sys.stderr)
+    elif record_experience:
         record_run(report, task, base, "adapt", {"lr": lr, **adapter.config.to_dict()})
     return report
+
+
+def _check_memory(adapter, data, batch_size: int) -> None:
+    """Refuse a step that cannot fit in memory (``scoring.check_memory``): a step scores its
+    minibatch of support examples against every label of the task."""
+    from metapeft.scoring import check_memory
+
+    if not data.support:
+        return
+    examples = min(batch_size, data.num_support)
+    labels = data.support[0].label_tokens.shape[0]
+    virtual = int(getattr(adapter.config, "num_virtual_tokens", 0) or 0)
+    check_memory(adapter.base.model, examples * labels,
+                 max(b.prompt.shape[1] for b in data.support) + virtual,
+                 data.support[0].label_tokens.shape[1],
+                 what=f"a step of {examples} examples x {labels} labels",
+                 hint="lower --batch-size or --ways", field="batch_size")
 
 
 def describe_run(report: AdaptReport, encoder, *, task: str, objective: str, init: str | None,

@@ -103,7 +103,10 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     from metapeft.meta.run import meta_train as run, version_metadata
     from metapeft.models import load_base_model
 
+    from metapeft.artifacts import writable_dir
+
     reg.validate_name(name)
+    writable_dir(reg.name_dir(name, registry), field="registry")
     cls = get_adapter_class(method)
     cfg = MetaConfig(algorithm=algorithm, inner_steps=inner_steps,
                      inner_lr=inner_lr if inner_lr is not None else cls.default_lr * (
@@ -118,11 +121,12 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                                      exclude_labels=exclude_labels, val_fraction=val_fraction,
                                      task_strategy=task_strategy, min_samples=min_samples,
                                      replay=replay, seed=seed)
-    if on_sources is not None:
-        on_sources(sources)
     spec = sources.spec
     base = load_base_model(model, dequantize=dequantize)
     adapter = cls.attach(base, config or {})
+    _check_meta_memory(adapter, sources.train, meta_batch=meta_batch, seed=seed)
+    if on_sources is not None:
+        on_sources(sources)
     ckpt = reg.checkpoint_path(name, registry)
     if on_start is not None:
         on_start()
@@ -140,31 +144,94 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                              algorithm=algorithm,
                              vectorised=vectorise and result.fallback_reason is None,
                              result=result, sources=sources, adapter=adapter, config=cfg)
-    if record_experience and result.val_accuracies and sources.validation is not None:
-        _record_meta_init(report, base, meta_steps=meta_steps, meta_batch=meta_batch)
+    if record_experience:
+        _record_meta_init(report, base, meta_steps=meta_steps, meta_batch=meta_batch,
+                          eval_episodes=eval_episodes, seed=seed)
     return report
 
 
-def _record_meta_init(report: MetaTrainReport, base, *, meta_steps: int, meta_batch: int) -> None:
-    """One experience record: the published init on held-out validation episodes after
-    ``inner_steps`` (its best validation accuracy, the one that chose it)."""
+def _check_meta_memory(adapter, source, *, meta_batch: int, seed: int) -> None:
+    """Refuse a meta-step that cannot fit in memory (``scoring.check_memory``), sized on the
+    first episode: every task of the meta-batch scores its support and query examples against
+    all of its labels at once."""
+    from metapeft.meta.batch import encode_episode
+    from metapeft.scoring import check_memory
+
+    if meta_batch < 1:
+        return  # meta.run refuses it with its own message
+    ep = encode_episode(source.sample(seed * 1_000_003), adapter.base.tokenizer)
+    examples = ep.support.size + ep.query.size
+    labels = ep.support.label_tokens.shape[0]
+    virtual = int(getattr(adapter.config, "num_virtual_tokens", 0) or 0)
+    check_memory(adapter.base.model, meta_batch * examples * labels,
+                 max(ep.support.prompt.shape[1], ep.query.prompt.shape[1]) + virtual,
+                 ep.support.label_tokens.shape[1],
+                 what=f"a meta-step of {meta_batch} tasks x {examples} examples x {labels} labels",
+                 hint="lower --ways, --shots/--query or --meta-batch", field="ways")
+
+
+def _source_domains(source) -> set[str]:
+    """The domains a meta-train source draws from (its examples' ``domain`` field, or each
+    fixed task's domain); empty when the data names none."""
+    from metapeft.select.features import task_domain
+
+    if source is None:
+        return set()
+    if hasattr(source, "sources"):  # MixtureSource
+        return set().union(*(_source_domains(s) for s in source.sources))
+    if hasattr(source, "tasks"):  # FixedTasks
+        return {d for d in (task_domain(t) for t in source.tasks) if d != "unknown"}
+    classes = set(getattr(source, "classes", []))
+    return {str(e.extra["domain"]) for e in getattr(source, "pool", [])
+            if e.label in classes and e.extra.get("domain")}
+
+
+def _record_meta_init(report: MetaTrainReport, base, *, meta_steps: int, meta_batch: int,
+                      eval_episodes: int, seed: int) -> None:
+    """One experience record for every meta-train run: the published init's accuracy after
+    ``inner_steps`` on held-out validation episodes (its best validation accuracy, the one that
+    chose it; with ``eval_every=0`` it is validated once now), or, without validation classes,
+    its last meta-batch's query accuracy on meta-train tasks (``accuracy_on`` says which). A run
+    over several domains is recorded as domain ``mixed``, with the list in ``domains``."""
+    import copy
     import math
 
+    from metapeft.meta.batch import encode_episode
+    from metapeft.meta.run import validate_theta
     from metapeft.train import AdaptResult
 
-    res, adapter = report.result, report.adapter
-    val_task = report.sources.validation.sample(0)
+    res, adapter, sources = report.result, report.adapter, report.sources
+    if res.val_accuracies:
+        accuracy, on, source = max(res.val_accuracies), "validation episodes", sources.validation
+    elif sources.validation is not None:
+        episodes = [encode_episode(sources.validation.sample(10_000_019 * (seed + 1) + i),
+                                   base.tokenizer, prepare=adapter.prepare)
+                    for i in range(max(eval_episodes, 1))]
+        accuracy = validate_theta(adapter, report.config, res.best_theta, episodes)
+        on, source = "validation episodes", sources.validation
+    elif res.meta_accuracies:
+        accuracy, on, source = res.meta_accuracies[-1], "meta-train tasks", sources.train
+    else:
+        return
+    task = copy.copy(source.sample(0))
+    task.meta = {k: v for k, v in (task.meta or {}).items() if k != "family"}
+    domains = sorted(_source_domains(sources.train) | _source_domains(sources.validation))
+    if len(domains) > 1:
+        task.meta["domain"] = "mixed"
+    elif domains:
+        task.meta["domain"] = domains[0]
     summary = AdaptReport.from_result(
         AdaptResult(params=res.best_theta, losses=res.meta_losses,
-                    accuracies=[max(res.val_accuracies)], steps_to_target=None,
+                    accuracies=[accuracy], steps_to_target=None,
                     target_reached=False, seconds=res.seconds, train_seconds=res.seconds,
                     peak_memory_mb=math.nan, tokens_per_second=0.0),
-        method=report.method, adapter=adapter, num_support=len(val_task.support),
-        num_query=len(val_task.query), model=base.model_id,
+        method=report.method, adapter=adapter, num_support=len(task.support),
+        num_query=len(task.query), model=base.model_id,
         meta_weights=f"{report.name}@{report.version}")
-    record_run(summary, val_task, base, "meta-train",
+    record_run(summary, task, base, "meta-train",
                {**report.config.to_dict(), "meta_steps": meta_steps, "meta_batch": meta_batch,
-                **adapter.config.to_dict()})
+                **adapter.config.to_dict(), "accuracy_on": on,
+                **({"domains": domains} if len(domains) > 1 else {})})
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +285,9 @@ def train_selector(*, experience: str | Path | None = None, out: str | Path | No
     from metapeft.experience import ExperienceStore
     from metapeft.select.selector import default_selector_dir, train_selector as fit
 
+    from metapeft.artifacts import writable_dir
+
+    writable_dir(out or default_selector_dir(), field="out")
     store = ExperienceStore(experience)
     recs = store.load()
     sel = fit(recs, epochs=epochs, seed=seed, info={"trained_on": str(store.path)})
@@ -245,6 +315,12 @@ def sweep(data: str = "synthetic", *, methods="all", tasks: int = 10,
     from metapeft.experience import ExperienceStore
     from metapeft.sweep import run_sweep
 
+    for flag, value, least in (("tasks", tasks, 1), ("steps", steps, 1),
+                               ("max-shots", max_shots, 1), ("max-ways", max_ways, 2),
+                               ("query", query, 1)):
+        if value < least:
+            raise UserError(f"--{flag} must be at least {least}, got {value}",
+                            field=flag.replace("-", "_"))
     ms = parse_methods(methods)
     ts = sample_sweep_tasks(data, tasks, seed=seed, max_shots=max_shots, max_ways=max_ways,
                             query=query)
@@ -278,6 +354,10 @@ def tune(task=None, *, model: str = DEFAULT_MODEL, dequantize: str = "auto", met
         raise UserError("give a TASK (or --resume STUDY)", field="task")
     if resume is None and not name:
         raise UserError("a new study needs --name (or continue one with --resume)", field="name")
+    if plot is not None:
+        from metapeft.artifacts import writable_file
+
+        writable_file(plot, field="plot")
     res = search.tune(task, model=model, dequantize=dequantize, methods=methods, trials=trials,
                       time_budget=time_budget, steps=steps, objectives=objectives, init=init,
                       name=name, resume=resume, registry=registry, space_file=space, seed=seed,
@@ -413,8 +493,11 @@ def import_experience(file: str | Path, experience: str | Path | None = None
 def export_experience(out: str | Path, experience: str | Path | None = None,
                       fmt: str = "jsonl") -> int:
     """Write every record as one JSON object per line; returns the number written."""
+    from metapeft.artifacts import writable_file
+
     if fmt != "jsonl":
         raise UserError(f"unknown format {fmt!r}; supported: jsonl", field="format")
+    writable_file(out, field="out")
     return _store(experience).export_jsonl(out)
 
 

@@ -29,6 +29,39 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def writable_dir(path: str | Path, *, field: str = "out") -> Path:
+    """Check, before any work is done, that directory ``path`` can be created (or exists) and
+    written to; a one-line UserError otherwise. Nothing is left behind: the check creates and
+    removes one temporary directory in the nearest existing ancestor."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError("exists and is not a directory", path=str(path), field=field)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot create it: {probe} is not a directory", path=str(path),
+                        field=field)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".metapeft-write-check-", dir=probe))
+    except OSError as e:
+        raise UserError(f"cannot write here ({e.strerror or e})", path=str(path),
+                        field=field) from None
+    return path
+
+
+def writable_file(path: str | Path, *, field: str = "out") -> Path:
+    """Check that file ``path`` can be written (see ``writable_dir``): not a directory, and its
+    directory can be created and written to."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError("is a directory, expected a file name", path=str(path), field=field)
+    writable_dir(path.parent, field=field)
+    return path
+
+
 def _umask() -> int:
     """The process umask (read by setting and restoring it: there is no getter)."""
     mask = os.umask(0o022)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from metapeft.adapter_io import WEIGHTS_FILE, read_adapter
-from metapeft.artifacts import atomic_write_json, save_safetensors
+from metapeft.artifacts import atomic_write_json, save_safetensors, writable_dir
 from metapeft.errors import UserError
 
 
@@ -23,6 +23,7 @@ def export_peft(adapter_dir: str | Path, out: str | Path) -> Path:
         raise UserError("--out must differ from the adapter directory (both layouts use "
                         "adapter_config.json)", path=str(out), field="out")
     weights, arrays, meta, method = read_adapter(adapter_dir / WEIGHTS_FILE)
+    writable_dir(out, field="out")
     converted = get_adapter_class(method).to_peft(arrays, meta, str(weights))
     if converted is None:
         raise UserError(f"'{method}' adapters have no HF peft equivalent to export to",

@@ -45,3 +45,20 @@ def preload_blas() -> str | None:
             BLAS_LOADED = path
             return path
     return None
+
+
+def memory_budget_bytes() -> tuple[int | None, str]:
+    """(bytes a run may plan to use, where that number comes from): ``METAPEFT_MAX_MEMORY_GB``
+    when set, else the machine's physical memory (None where it cannot be read)."""
+    raw = os.environ.get("METAPEFT_MAX_MEMORY_GB", "").strip()
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if value > 0:
+            return int(value * 2**30), "METAPEFT_MAX_MEMORY_GB"
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine's memory"
+    except (ValueError, OSError, AttributeError):
+        return None, ""

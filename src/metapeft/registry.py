@@ -217,26 +217,29 @@ def save_version(name: str, arrays: dict, metadata: dict[str, Any] | None = None
     return version, path
 
 
-def _missing(spec: str, name: str, version: int | None, registry) -> UserError:
+def _missing(spec: str, name: str, version: int | None, registry,
+             field: str = "init") -> UserError:
+    """The one-line error for a spec that names nothing; ``field`` is the argument that gave
+    it (``--init`` for a run, ``spec``/``name`` for the ``weights`` commands)."""
     root = registry_root(registry)
     versions = list_versions(name, registry)
     if versions:
         avail = ", ".join(str(v) for v in versions)
         return UserError(f"meta-weights {spec!r} not found in registry {root}: "
-                         f"available versions of {name}: {avail}", field="init")
+                         f"available versions of {name}: {avail}", field=field)
     names = [n for n in _names(registry) if _scan(weights_dir(registry) / n)]
     hint = f"available: {', '.join(names)}" if names else "the registry has no meta-weights"
-    return UserError(f"no meta-weights named {name!r} in registry {root} ({hint})", field="init")
+    return UserError(f"no meta-weights named {name!r} in registry {root} ({hint})", field=field)
 
 
-def _resolve(spec: str, registry) -> tuple[str, int, Path]:
+def _resolve(spec: str, registry, field: str = "init") -> tuple[str, int, Path]:
     name, version = parse_spec(spec)
     d = name_dir(name, registry)
     versions = _scan(d)
     if version is None:
         version = _latest_in(d, versions)
     if version is None or version not in versions:
-        raise _missing(spec, name, version, registry)
+        raise _missing(spec, name, version, registry, field)
     return name, version, d / f"v{version:04d}.safetensors"
 
 
@@ -298,7 +301,7 @@ def _header(path: Path) -> dict[str, Any]:
 
 def show(spec: str, registry: str | Path | None = None) -> dict[str, Any]:
     """Decoded metadata plus tensor names/shapes/dtypes and the parameter count (header only)."""
-    name, version, path = _resolve(spec, registry)
+    name, version, path = _resolve(spec, registry, "spec")
     header = _header(path)
     meta = dict(header.pop("__metadata__", None) or {})
     tensors = {k: {"shape": list(v.get("shape", [])), "dtype": v.get("dtype")}
@@ -329,7 +332,7 @@ def compare(spec_a: str, spec_b: str, registry: str | Path | None = None) -> dic
     out: dict[str, Any] = {}
     loaded = []
     for key, spec in (("a", spec_a), ("b", spec_b)):
-        name, version, path = _resolve(spec, registry)
+        name, version, path = _resolve(spec, registry, "spec")
         arrays, meta = load_safetensors(path)
         loaded.append((arrays, meta))
         out[key] = {"spec": spec, "name": name, "version": version, "path": str(path)}
@@ -392,9 +395,11 @@ def rollback(name: str, version: int | str, registry: str | Path | None = None) 
         raise UserError(f"invalid version {version!r}: expected a positive number",
                         field="version")
     d = name_dir(name, registry)
+    if version not in _scan(d):  # checked before _locked, which would create the directory
+        raise _missing(f"{name}@{version}", name, version, registry, "name")
     with _locked(d):
         if version not in _scan(d):
-            raise _missing(f"{name}@{version}", name, version, registry)
+            raise _missing(f"{name}@{version}", name, version, registry, "name")
         atomic_write_text(d / "LATEST", f"{version}\n")
     return d / f"v{version:04d}.safetensors"
 
@@ -432,16 +437,16 @@ def delete(spec: str, registry: str | Path | None = None) -> dict[str, Any]:
     explicit = "@" in spec
     d = name_dir(name, registry)
     if not d.is_dir() or not _scan(d):
-        raise _missing(spec, name, version, registry)
+        raise _missing(spec, name, version, registry, "spec")
     with _locked(d):
         versions = _scan(d)
         latest = _latest_in(d, versions)
         if not versions:
-            raise _missing(spec, name, version, registry)
+            raise _missing(spec, name, version, registry, "spec")
         if explicit:
             v = latest if version is None else version
             if v not in versions:
-                raise _missing(spec, name, version, registry)
+                raise _missing(spec, name, version, registry, "spec")
             targets = [v]
         else:
             targets = list(versions)

@@ -77,7 +77,9 @@ class AdaptReport(_Wraps):
         """Exactly the documented keys of ``metapeft adapt --json``."""
         rounded = {"accuracies": [round(a, 6) for a in self.accuracies],
                    "losses": [round(v, 6) for v in self.losses], "seconds": round(self.seconds, 3)}
-        return {k: rounded[k] if k in rounded else getattr(self, k) for k in self.JSON_KEYS}
+        # no query set (--query 0): final_accuracy is null, never NaN (which is not JSON)
+        return json_safe({k: rounded[k] if k in rounded else getattr(self, k)
+                          for k in self.JSON_KEYS})
 
 
 @dataclass

@@ -24,6 +24,9 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -69,6 +72,55 @@ def copy_and_check_targets(base_model: nn.Module, target_modules: list[str],
     return model, n if num_layers < 0 else min(num_layers, n)
 
 
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+          list: "a list", dict: "a mapping", type(None): "null"}
+
+
+def typed_value(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the type ``hint`` of option ``name`` says, or a one-line UserError.
+
+    ints take integral numbers (2, 2.0; not 2.5 or true), floats take finite numbers, bools only
+    true/false, strings any scalar but a boolean, and ``list[str]`` a list of strings or one
+    comma-separated string (``target_modules=self_attn.q_proj,self_attn.v_proj``); ``X | None``
+    also takes null."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return typed_value(name, value, inner[0]) if len(inner) == 1 else value
+    want = _KINDS.get(hint, "a list of strings")
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    bad = UserError(f"expected {want}, got {shown} "
+                    f"({_KINDS.get(type(value), type(value).__name__)})", field=name)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            raise bad
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise bad
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad
+        return str(value)
+    if typing.get_origin(hint) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad
+        return list(value)
+    return value
+
+
 @dataclass
 class AdapterConfig:
     """Base for per-method config dataclasses."""
@@ -78,11 +130,17 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict, *, source: str = "config") -> "AdapterConfig":
+        """A validated config from ``d`` (``--set``/``--config`` values, or a file's header):
+        every value is checked against its field's type (``typed_value``) before ``validate``."""
+        if not isinstance(d, dict):
+            raise UserError(f"options must be a mapping of option: value, got {d!r}",
+                            path=source)
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(str(k) for k in set(d) - names)
         if unknown:
             raise UserError(f"unknown option(s) {unknown}; valid: {sorted(names)}", path=source)
-        out = cls(**d)
+        hints = typing.get_type_hints(cls)
+        out = cls(**{k: typed_value(k, v, hints[k]) for k, v in d.items()})
         out.validate()
         return out
 

@@ -107,6 +107,7 @@ class LoRA(Adapter):
         import numpy as np
 
         cfg = json.loads(metadata.get("config", "{}"))
+        _check_lora_shapes(arrays, cfg.get("rank"), source)
         tensors = {}
         for name, value in arrays.items():
             module, leaf = name.rsplit(".", 1)
@@ -132,6 +133,27 @@ class LoRA(Adapter):
             "inference_mode": True,
         }
         return tensors, config
+
+
+def _check_lora_shapes(arrays: dict, rank, source: str) -> None:
+    """Refuse an adapter file whose A (in, r) and B (r, out) do not pair up: each module needs
+    both, with the same rank r, which is the config's ``rank`` when it names one."""
+    modules: dict[str, dict] = {}
+    for name, value in arrays.items():
+        module, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        modules.setdefault(module, {})[leaf] = tuple(value.shape)
+    for module, leaves in sorted(modules.items()):
+        a, b = leaves.get("lora_a"), leaves.get("lora_b")
+        if a is None or b is None:
+            raise UserError(f"'{module}' has {'lora_b' if a is None else 'lora_a'} without "
+                            f"{'lora_a' if a is None else 'lora_b'}", path=source,
+                            field="tensors")
+        if len(a) != 2 or len(b) != 2 or a[1] != b[0]:
+            raise UserError(f"'{module}': lora_a {a} and lora_b {b} do not pair up (expected "
+                            "(in, r) and (r, out))", path=source, field="shape")
+        if isinstance(rank, int) and a[1] != rank:
+            raise UserError(f"'{module}': rank {a[1]} but the config says rank {rank}",
+                            path=source, field="shape")
 
 
 class DoRA(LoRA):

@@ -20,10 +20,45 @@ import os
 os.environ.setdefault("TYPER_USE_RICH", "0")
 
 import typer  # noqa: E402
+import typer.core  # noqa: E402
 
 from metapeft.cli import adapt, meta, predict, select, tune, weights  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class _OneLineErrors(typer.core.TyperGroup):
+    """Click's own errors (a missing argument, an unknown option, a bad number) as one line on
+    stderr too, exit status 2, like every UserError: ``error: Missing argument 'TASK'. (see
+    'metapeft adapt --help')``. No arguments at all still prints the help."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        # Typer vendors its own click (typer._click), so its exceptions are recognised by what
+        # they are (a ClickException has format_message and exit_code), not by import.
+        import sys
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Exception as e:
+            kinds = {c.__name__ for c in type(e).__mro__}
+            if "NoArgsIsHelpError" in kinds:
+                e.show()
+                sys.exit(e.exit_code)
+            if "ClickException" in kinds:
+                from metapeft.cli._common import error_line
+
+                ctx = getattr(e, "ctx", None)
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                error_line(e.format_message() + hint)
+                sys.exit(e.exit_code)
+            if "Abort" in kinds:
+                print("aborted", file=sys.stderr)
+                sys.exit(1)
+            raise
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   help="Meta-learned PEFT for MLX: pick a method, start from a meta-learned "
                        "init, tune it.")
 for _module in (adapt, predict, meta, weights, select, tune):

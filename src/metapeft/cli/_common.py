@@ -89,6 +89,14 @@ with_task_options = option_group("task_options", {
     "label_field": (str, LABEL_FIELD_OPT)})
 
 
+def error_line(text: str) -> None:
+    """``error: TEXT`` as one line on stderr (the text is the user's, never rich markup)."""
+    from rich.markup import escape
+
+    err_console.print(f"[red]error:[/red] {escape(' '.join(text.split()))}", highlight=False,
+                      soft_wrap=True)
+
+
 @contextlib.contextmanager
 def user_errors():
     """Turn expected failures into a one-line message and exit status 2 (no traceback)."""
@@ -97,7 +105,11 @@ def user_errors():
     try:
         yield
     except UserError as e:
-        err_console.print(f"[red]error:[/red] {e.one_line()}", highlight=False, soft_wrap=True)
+        error_line(e.one_line())
+        raise typer.Exit(2) from None
+    except OSError as e:  # a path the checks could not foresee (disk full, permissions, ...)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        error_line(f"{where}{e.strerror or e}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]; artifacts saved so far are intact")
@@ -126,7 +138,10 @@ def short_time(iso) -> str:
 
 
 def print_json(obj) -> None:
-    print(json.dumps(obj, default=str))
+    """One line of strict JSON: non-finite numbers are printed as null, never NaN."""
+    from metapeft.reports import json_safe
+
+    print(json.dumps(json_safe(obj), default=str, allow_nan=False))
 
 
 def parse_sets(values: list[str] | None, config_file: Path | None) -> dict:
@@ -152,7 +167,10 @@ def parse_sets(values: list[str] | None, config_file: Path | None) -> dict:
         if "=" not in item:
             raise UserError(f"--set expects key=value, got {item!r}", field="set")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:  # typed as YAML (4, 0.1, true, [a, b]); what YAML cannot read stays a string
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            out[k.strip()] = v
     return out
 
 

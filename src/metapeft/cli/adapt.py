@@ -17,15 +17,20 @@ def _print_report(report, out: Path | None) -> None:
 
     accs = report.accuracies
     marks = sorted({0, 1, 5, 10, 20, 50, len(accs) - 1} & set(range(len(accs))))
-    t = Table(title=f"{report.method}: query accuracy ({report.num_support} support, "
-                    f"{report.num_query} query)")
-    for m in marks:
-        t.add_column(f"step {m}", justify="right")
-    t.add_row(*[f"{accs[m]:.1%}" for m in marks])
-    out_console.print(t)
+    if marks:
+        t = Table(title=f"{report.method}: query accuracy ({report.num_support} support, "
+                        f"{report.num_query} query)")
+        for m in marks:
+            t.add_column(f"step {m}", justify="right")
+        t.add_row(*[f"{accs[m]:.1%}" for m in marks])
+        out_console.print(t)
+    else:
+        out_console.print(f"{report.method}: {report.num_support} support examples, no query "
+                          "set to score (--query 0)")
     stt = report.steps_to_target
+    final = report.final_accuracy
     out_console.print(f"steps to target: {'not reached' if stt is None else stt}   "
-                      f"final accuracy: {report.final_accuracy:.1%}   seconds: "
+                      f"final accuracy: {'-' if final != final else f'{final:.1%}'}   seconds: "
                       f"{report.seconds:.1f}   trainable params: "
                       f"{report.extra.get('trainable_parameters')}")
     stopped = report.result.extra.get("stopped_at")

@@ -172,6 +172,10 @@ def _check_counts(counts: Mapping[str, int], labels: Iterable[str], shots: int, 
 def sample_episode(pool: list[Example], *, ways: int | None, shots: int, query: int, seed: int,
                    source: str = "pool", labels: list[str] | None = None) -> Task:
     """Draw a stratified N-way K-shot episode with ``query`` examples per class."""
+    if shots < 1:
+        raise UserError(f"--shots must be at least 1, got {shots}", field="shots")
+    if query < 0:
+        raise UserError(f"--query must be non-negative, got {query}", field="query")
     by_label = group_by_label(pool)
     rng = random.Random(seed)
     available = sorted(by_label) if labels is None else list(labels)
@@ -380,6 +384,13 @@ def load_task(path: str | Path, *, shots: int | None = None, query: int | None =
     if not path.exists():
         raise UserError("task path does not exist", path=str(path))
     if path.is_dir():
+        given = [f"--{k}" for k, v in (("shots", shots), ("query", query), ("ways", ways))
+                 if v is not None]
+        if given:  # refused, not ignored: the run would not be the one asked for
+            raise UserError(f"{'/'.join(given)} draw an episode from a single file; a task "
+                            "directory is used as it is (train.jsonl is the support set, "
+                            "valid.jsonl or test.jsonl the query set)", path=str(path),
+                            field=given[0][2:])
         return read_task_dir(path, text_field=text_field, label_field=label_field)
     pool = read_rows(path, text_field=text_field, label_field=label_field)
     check_classes(pool, path)

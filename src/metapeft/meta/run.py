@@ -86,6 +86,10 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
     spec = dict(spec or {})
     ident = {"method": adapter.method, "base_model_hash": adapter.base.fingerprint,
              "algorithm": cfg.algorithm, "config": adapter.config.to_dict()}
+    # what a resumed run must share with the checkpoint for it to be the same run: the number
+    # of meta-steps sets Reptile's ε schedule, meta-batch and seed the task stream
+    schedule = {"meta_steps": meta_steps, "meta_batch": meta_batch, "seed": seed,
+                **{k: v for k, v in cfg.to_dict().items() if k != "algorithm"}}
     theta = init if init is not None else adapter.init_params(seed)
     learner.init_outer(theta)
     best_theta, best_val, best_step = theta, -math.inf, 0
@@ -102,6 +106,15 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
             if saved.get(k) != ident[k]:
                 raise UserError(f"checkpoint was made with {k}={saved.get(k)!r}, this run has "
                                 f"{ident[k]!r}", path=str(checkpoint), field=k)
+        was = json.loads(meta.get("schedule", "{}"))  # absent in older checkpoints
+        changed = [k for k in schedule if k in was and was[k] != schedule[k]]
+        if changed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {was[k]}" for k in changed)
+            now = ", ".join(f"{schedule[k]}" for k in changed)
+            raise UserError(f"the checkpoint was made with {flags}, this run has {now}; resume "
+                            "with the same settings (they set the ε schedule and the task "
+                            "stream), or start over without --resume", path=str(checkpoint),
+                            field=changed[0])
         theta = _unflat("theta", arrays)
         best_theta = _unflat("best", arrays) or theta
         if learner.outer is not None:
@@ -132,7 +145,8 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
                   "val_accuracy": val_accs, "best_val": best_val if best_val > -math.inf else None,
                   "best_step": best_step}
         save_safetensors(checkpoint, arrays, {
-            "kind": "meta-checkpoint", "step": str(step), "identity": ident, "curves": curves,
+            "kind": "meta-checkpoint", "step": str(step), "identity": ident,
+            "schedule": schedule, "curves": curves,
             "spec": spec, "seconds": str(elapsed_before + time.perf_counter() - t0)})
 
     for t in range(start, meta_steps):

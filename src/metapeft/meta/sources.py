@@ -110,7 +110,12 @@ def _pool_sources(data, spec: dict, *, ways, shots, query, domains, exclude_doma
     weights = None
     if replay is not None and any("rating" in e.extra for e in pool):
         weights = replay_weights(pool, replay)
-    tr = EpisodeSource(pool, train_labels, ways=min(ways, len(train_labels)), shots=shots,
+    if ways > len(train_labels):  # refused, never capped: a capped run is not the one asked for
+        held = f", {len(val_labels)} held out by --val-fraction" if val_labels else ""
+        raise UserError(f"--ways {ways} but only {len(train_labels)} meta-train classes are "
+                        f"available ({len(labels)} labels{held})", path=str(data), field="ways")
+    # validation episodes use every held-out class when there are fewer than --ways of them
+    tr = EpisodeSource(pool, train_labels, ways=ways, shots=shots,
                        query=query, weights=weights, name=str(data))
     va = (EpisodeSource(pool, val_labels, ways=min(ways, len(val_labels)), shots=shots,
                         query=query, name=f"{data} (validation classes)")
@@ -125,7 +130,8 @@ def _task_dir_sources(data, spec: dict, *, ways, shots, query, val_fraction, see
 
     entries = sorted(p for p in Path(data).iterdir()
                      if p.is_dir() or p.suffix.lower() in (".jsonl", ".csv"))
-    tasks = [load_task(p, shots=shots if p.is_file() else None, query=query, ways=ways,
+    tasks = [load_task(p, shots=shots if p.is_file() else None,
+                       query=query if p.is_file() else None, ways=ways if p.is_file() else None,
                        seed=seed, text_field=text_field, label_field=label_field)
              for p in entries]
     if len(tasks) < 2:

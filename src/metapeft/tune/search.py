@@ -156,6 +156,9 @@ def tune(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
         if not name:
             raise UserError("a study needs a name (--name)", field="name")
         path = study_path(name, registry)
+        from metapeft.artifacts import writable_file
+
+        writable_file(path, field="name")
         if path.exists():
             raise UserError(f"study {name!r} exists; continue it with --resume {name} or pick "
                             "another --name", path=str(path), field="name")
