@@ -386,3 +386,52 @@ def test_end_to_end_in_processes(world):
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, \
             (line, r.returncode, r.stderr[-800:])
+
+
+# --------------------------------------------------------------------------------------------
+# faults: kill -9 in the middle of a run
+# --------------------------------------------------------------------------------------------
+
+KILLED_RUN = """
+import sys, time
+from metapeft import api
+
+def on_step(t, *a):
+    if t == 3:  # steps 1-2 are checkpointed; stop here, mid-run, and wait for SIGKILL
+        print("ready", flush=True)
+        time.sleep(120)
+
+api.meta_train("synthetic", name="k", registry=sys.argv[1], ways=3, shots=2, query=2,
+               inner_steps=1, meta_batch=1, meta_steps=4, eval_every=0, checkpoint_every=1,
+               on_step=on_step, record_experience=True)
+"""
+
+
+def test_kill_9_keeps_every_earlier_artifact_and_resume_finishes(world, tmp_path):
+    import shutil
+    import signal
+
+    from metapeft import api
+    from metapeft import registry as reg
+    from metapeft.artifacts import load_safetensors
+
+    home = tmp_path / "home"
+    shutil.copytree(world["{home}"], home)
+    before = {p: p.read_bytes() for p in home.rglob("*") if p.is_file()}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(home)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "METAPEFT_HOME": str(home)})
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    for p, data in before.items():  # every earlier artifact is byte-identical
+        assert p.read_bytes() == data, p
+    ck = reg.checkpoint_path("k", home)
+    arrays, meta = load_safetensors(ck)  # the last checkpoint is whole
+    assert meta["step"] == "2" and not reg.list_versions("k", home)
+    res = api.meta_train("synthetic", name="k", registry=home, ways=3, shots=2, query=2,
+                         inner_steps=1, meta_batch=1, meta_steps=4, eval_every=0, resume=True)
+    assert res.version == 1 and len(res.meta_losses) == 4 and not ck.exists()
