@@ -15,6 +15,17 @@ from typer.testing import CliRunner
 NARROW = {"COLUMNS": "80", "METAPEFT_EXPERIENCE": "off"}
 
 
+@pytest.fixture(autouse=True)
+def fresh_consoles():
+    """rich reads COLUMNS when a Console is made, and metapeft makes its consoles once per
+    process: drop them so each in-process run here sees its own 80 columns."""
+    from metapeft.console import err_console, out_console
+
+    out_console._console = err_console._console = None
+    yield
+    out_console._console = err_console._console = None
+
+
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """A registry with two versions of `a-rather-long-meta-weights-name`, and a task."""
