@@ -30,7 +30,11 @@ class LoRAConfig(AdapterConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
-    num_layers: int = -1  # last N transformer blocks; -1 = all
+    # Last N transformer blocks (-1 = all). 16, by benchmarks/depth_ablation.py on SmolLM2-135M
+    # (30 blocks; 8 meta-train-domain CLINC150 tasks, never the test domains): top-16 matched full
+    # depth at steps 5/10 (94.5/96.5% vs 93.5/95.0%) at 1.8x less time per step, top-8 was 2
+    # points lower. Models with at most 16 blocks (stories260K, the tiny model) adapt every block.
+    num_layers: int = 16
     use_rslora: bool = False
     use_dora: bool = False
 
