@@ -414,16 +414,21 @@ def delete_plan(spec: str, registry: str | Path | None = None) -> dict[str, Any]
     if not versions:
         raise _missing(spec, name, version, registry, "spec")
     latest = _latest_in(d, versions)
-    if "@" in spec:
-        v = latest if version is None else version
-        if v not in versions:
-            raise _missing(spec, name, version, registry, "spec")
-        targets = [v]
-    else:
-        targets = list(versions)
+    targets = _delete_targets(spec, name, version, versions, latest, registry)
     remaining = [v for v in versions if v not in targets]
     after = latest if latest in remaining else (remaining[-1] if remaining else None)
     return {"name": name, "deleted": targets, "latest": latest, "latest_after": after}
+
+
+def _delete_targets(spec: str, name: str, version, versions: list[int], latest,
+                    registry) -> list[int]:
+    """The versions ``spec`` deletes: the one it names (``@latest`` resolved), or all of them."""
+    if "@" not in spec:
+        return list(versions)
+    v = latest if version is None else version
+    if v not in versions:
+        raise _missing(spec, name, version, registry, "spec")
+    return [v]
 
 
 def delete(spec: str, registry: str | Path | None = None) -> dict[str, Any]:
@@ -434,7 +439,6 @@ def delete(spec: str, registry: str | Path | None = None) -> dict[str, Any]:
     Returns ``{"name", "deleted": [versions], "paths": [...], "latest": int | None}``.
     """
     name, version = parse_spec(spec)
-    explicit = "@" in spec
     d = name_dir(name, registry)
     if not d.is_dir() or not _scan(d):
         raise _missing(spec, name, version, registry, "spec")
@@ -443,13 +447,7 @@ def delete(spec: str, registry: str | Path | None = None) -> dict[str, Any]:
         latest = _latest_in(d, versions)
         if not versions:
             raise _missing(spec, name, version, registry, "spec")
-        if explicit:
-            v = latest if version is None else version
-            if v not in versions:
-                raise _missing(spec, name, version, registry, "spec")
-            targets = [v]
-        else:
-            targets = list(versions)
+        targets = _delete_targets(spec, name, version, versions, latest, registry)
         paths = []
         for v in targets:
             p = d / f"v{v:04d}.safetensors"
