@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -17,6 +16,24 @@ STORIES = SHARED / "models" / "stories260K"
 SMOL = SHARED / "models" / "SmolLM2-135M-Instruct"  # the headline model (MLX 4-bit on disk)
 CLINC = SHARED / "data" / "clinc150"
 HELD_OUT_DOMAINS = ["banking", "travel"]
+
+
+def real_model_run(ap, **extra):
+    """Parse ``ap`` plus the common --model/--seed/--json options of the SmolLM2 benchmarks, check
+    that the model and CLINC150 are there, and return (args, the loaded base model, a 5-way 5-shot
+    episode source over the meta-train domains' train split, 10 query examples per class)."""
+    ap.add_argument("--model", default=str(SMOL))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    require(Path(args.model), "the model")
+    require(CLINC, "CLINC150")
+    from metapeft.data.episodes import EpisodeSource
+    from metapeft.models import load_base_model
+
+    source = EpisodeSource(clinc_pool("train", exclude=HELD_OUT_DOMAINS), ways=5, shots=5,
+                           query=10, name="clinc-train-meta-train-domains")
+    return args, load_base_model(args.model), source
 
 
 def require(path: Path, what: str) -> Path:

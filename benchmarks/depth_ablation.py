@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from _common import CLINC, HELD_OUT_DOMAINS, SMOL, clinc_pool, fmt, mean_ci, require, write_json
+from _common import fmt, mean_ci, real_model_run, write_json
 
 import numpy as np
 
@@ -26,22 +25,12 @@ MARKS = (0, 1, 5, 10)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default=str(SMOL))
     ap.add_argument("--tasks", type=int, default=10)
     ap.add_argument("--depths", default="4,8,16,30")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    require(Path(args.model), "the model")
-    require(CLINC, "CLINC150")
+    args, base, src = real_model_run(ap)
     from metapeft.adapters import get_adapter_class
-    from metapeft.data.episodes import EpisodeSource
-    from metapeft.models import load_base_model
     from metapeft.train import encode_task, train
 
-    base = load_base_model(args.model)
-    src = EpisodeSource(clinc_pool("train", exclude=HELD_OUT_DOMAINS), ways=5, shots=5, query=10,
-                        name="clinc-train-meta-train-domains")
     depths = [int(d) for d in args.depths.split(",")]
     cls = get_adapter_class("lora")
     acc = {k: {m: [] for m in MARKS} for k in depths}

@@ -25,12 +25,10 @@ import os
 import statistics
 import time
 from functools import partial
-from pathlib import Path
 
-from _common import CLINC, HELD_OUT_DOMAINS, SMOL, clinc_pool, require, write_json
+from _common import real_model_run, write_json
 
 import mlx.core as mx
-import numpy as np
 
 
 
@@ -63,23 +61,14 @@ def _linears(layer):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default=str(SMOL))
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    require(Path(args.model), "the model")
-    require(CLINC, "CLINC150")
+    args, base, source = real_model_run(ap)
     import metapeft.scoring as sc
     from metapeft.adapters import get_adapter_class
-    from metapeft.data.episodes import EpisodeSource
-    from metapeft.models import load_base_model
     from metapeft.train import batch_loss, encode_task, make_optimizer
 
-    base = load_base_model(args.model)
-    task = EpisodeSource(clinc_pool("train", exclude=HELD_OUT_DOMAINS), ways=5, shots=5,
-                         query=10, name="clinc-train").sample(args.seed)
+    task = source.sample(args.seed)
     data = encode_task(task, base.tokenizer)
     L = base.num_layers
     arms = {"full/model-call": (-1, False, False), "full/blocks": (-1, True, False),
@@ -126,7 +115,7 @@ def main() -> None:
           f"fp32 GEMM {peak:.1f} GFLOP/s")
     rows = {}
     base_med = statistics.median(times["full/model-call"])
-    print(f"| step | median s | speed-up | setup s (once per task) | ~GFLOP/s | % of GEMM peak |")
+    print("| step | median s | speed-up | setup s (once per task) | ~GFLOP/s | % of GEMM peak |")
     print("|---|---|---|---|---|---|")
     for name, (k, blocks, trunk) in arms.items():
         med = statistics.median(times[name])
