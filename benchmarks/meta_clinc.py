@@ -226,7 +226,8 @@ def report(header: dict, records: list[dict], json_path: str | None) -> None:
                 return m
         return None
 
-    print(f"\n## meta_clinc: {args['method']}/{args['algorithm']} on stories260K; meta-test "
+    model = Path(args.get("model") or "stories260K").name
+    print(f"\n## meta_clinc: {args['method']}/{args['algorithm']} on {model}; meta-test "
           f"{len(records)} tasks (5-way 5-shot, query 10/class) from the CLINC150 test split of "
           f"{', '.join(HELD_OUT_DOMAINS)}; steps 15-50 on the first {n_long}\n")
     shown = [m for m in marks_long if m in (0, 1, 2, 3, 5, 10, 20, 50)]
