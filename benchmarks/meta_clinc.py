@@ -24,6 +24,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from _baselines import in_context_accuracy, logistic_regression_accuracy
 from _common import (CLINC, HELD_OUT_DOMAINS, STORIES, clinc_pool, fmt, mean_ci,
                      nearest_class_mean_accuracy, require, write_json)
 
@@ -92,6 +93,17 @@ def main() -> None:
                          "then --merge their JSON files)")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="combine the per-task results of sharded runs' JSON files and report")
+    ap.add_argument("--calibrate", default=None, metavar="DIR",
+                    help="adapt the meta and multitask inits at the test-time lr chosen for each "
+                         "on the run's validation tasks (metapeft.meta.stepsize), cached as "
+                         "DIR/<init>.json; meta-weights that carry adapt_lr use it")
+    ap.add_argument("--calibrate-inits", default="meta,multitask",
+                    help="which inits this process calibrates when DIR lacks them (two "
+                         "processes can split the work)")
+    ap.add_argument("--baselines", default="ncm,logreg,icl",
+                    help="training-free arms per task: ncm (nearest class mean), logreg "
+                         "(logistic regression on frozen features), icl (the support set as "
+                         "in-context demonstrations)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--resume", action="store_true",
                     help="keep the per-task records already in --json (same inits and settings) "
@@ -125,6 +137,7 @@ def main() -> None:
     t0 = time.perf_counter()
     from metapeft.artifacts import json_field, load_safetensors
 
+    meta = {}
     if args.meta_weights:
         arrays, meta = load_safetensors(args.meta_weights)
         val_steps, val_accs = json_field(meta, "val_steps"), json_field(meta, "val_accuracy")
@@ -142,7 +155,7 @@ def main() -> None:
                                  on_step=lambda t, l, a, v: print(
                                      f"  meta-step {t}: loss {l:.3f} acc {a:.2f}"
                                      + ("" if v is None else f" val {v:.3f}"), flush=True))
-            arrays, _ = load_safetensors(res.path)
+            arrays, meta = load_safetensors(res.path)
         val_steps, val_accs, best_step = res.val_steps, res.val_accuracies, res.best_step
         meta_seconds = time.perf_counter() - t0
     adapter = get_adapter_class(args.method).attach(base, options)
@@ -166,6 +179,36 @@ def main() -> None:
                               "seconds": str(mt_seconds)})
     print(f"meta-train {meta_seconds:.0f} s (best val step {best_step}: {val_accs}); "
           f"multitask {mt_steps} steps {mt_seconds:.0f} s", flush=True)
+    lrs = {name: lr for name in inits}  # the test-time Adam lr of each init
+    calibration = {}
+    if args.calibrate:
+        import json
+
+        from metapeft.meta.run import validation_tasks
+        from metapeft.meta.stepsize import calibrate_adapt_lr
+
+        cal_dir = Path(args.calibrate)
+        cal_dir.mkdir(parents=True, exist_ok=True)
+        wanted = set(args.calibrate_inits.split(","))
+        if meta.get("adapt_lr_calibration"):
+            calibration["meta"] = json.loads(meta["adapt_lr_calibration"])
+        for name in ("meta", "multitask"):
+            f = cal_dir / f"{name}.json"
+            if name in calibration:
+                continue
+            if f.exists():
+                calibration[name] = json.loads(f.read_text())
+            elif name in wanted:
+                tc = time.perf_counter()
+                cal = calibrate_adapt_lr(
+                    adapter, inits[name], validation_tasks(sources.validation, 0, 6), lr,
+                    on_trial=lambda fct, row, n=name: print(f"  {n} lr x{fct}: {row}", flush=True))
+                cal["seconds"] = round(time.perf_counter() - tc, 1)
+                write_json(str(f), cal)
+                calibration[name] = cal
+        for name, cal in calibration.items():
+            lrs[name] = cal["adapt_lr"]
+        print(f"test-time lr per init: {lrs}", flush=True)
     if args.tasks == 0:  # inits only (meta-weights in --registry, --multitask-weights)
         return
 
@@ -174,7 +217,7 @@ def main() -> None:
     header = {"args": vars(args), "spec": spec, "meta_seconds": meta_seconds,
               "val_steps": val_steps, "val_accuracy": val_accs, "best_step": best_step,
               "multitask_steps": mt_steps, "multitask_seconds": mt_seconds,
-              "inits": list(inits)}
+              "inits": list(inits), "lr": lrs, "calibration": calibration}
     # by default every step to 10: steps-to-accuracy at step resolution
     marks_short = sorted({0, 10} | {int(m) for m in args.marks.split(",") if int(m) <= 10})
     marks_long = marks_short + ([15, 20, 30, 50] if args.long_tasks > 0 else [])
@@ -190,11 +233,20 @@ def main() -> None:
     for n_done, i in enumerate(mine, 1):
         task = test_src.sample(30_000 + i)
         data = encode_task(task, base.tokenizer)
-        rec = {"i": i, "ncm": nearest_class_mean_accuracy(base, data), "acc": {}}
+        rec = {"i": i, "acc": {}, "seconds": {}}
+        free = {"ncm": lambda: nearest_class_mean_accuracy(base, data),
+                "logreg": lambda: logistic_regression_accuracy(base, data),
+                "icl": lambda: in_context_accuracy(base, task, seed=i)}
+        for name in filter(None, args.baselines.split(",")):
+            tb = time.perf_counter()
+            rec[name] = free[name]()
+            rec["seconds"][name] = round(time.perf_counter() - tb, 2)
         marks = marks_long if i < args.long_tasks else marks_short
         for name, init in inits.items():
-            r = train(adapter, init, data, steps=marks[-1], lr=lr, eval_at=set(marks))
+            tb = time.perf_counter()
+            r = train(adapter, init, data, steps=marks[-1], lr=lrs[name], eval_at=set(marks))
             rec["acc"][name] = dict(zip(r.extra["eval_steps"], r.accuracies))
+            rec["seconds"][name] = round(time.perf_counter() - tb, 2)
         records.append(rec)
         if n_done % 10 == 0:
             print(f"  {n_done}/{len(mine)} tasks: " + "  ".join(
@@ -214,7 +266,12 @@ def report(header: dict, records: list[dict], json_path: str | None) -> None:
     marks_long = sorted({int(m) for r in records for m in r["acc"][inits[0]]})
     acc = {k: {m: [r["acc"][k][m] for r in records if m in r["acc"][k]] for m in marks_long}
            for k in inits}
-    ncm = [r["ncm"] for r in records]
+    free_names = {"ncm": "nearest class mean (training-free)",
+                  "logreg": "logistic regression on frozen features (training-free)",
+                  "icl": "in-context learning, support set as demonstrations (training-free)"}
+    free = {k: [r[k] for r in records if k in r] for k in free_names}
+    free = {k: v for k, v in free.items() if v}
+    ncm = free.get("ncm", [])
     n_long = sum(1 for r in records if 50 in r["acc"][inits[0]])
 
     def steps_to(name, level, first_n=None):
@@ -236,7 +293,16 @@ def report(header: dict, records: list[dict], json_path: str | None) -> None:
     for name in inits:
         cells = [fmt(acc[name][m]) if acc[name][m] else "-" for m in shown]
         print(f"| {name} | " + " | ".join(cells) + f" | {steps_to(name, 0.8)} |")
-    print(f"| nearest class mean (training-free) | {fmt(ncm)} |" + " - |" * len(shown))
+    for k, v in free.items():
+        print(f"| {free_names[k]} | {fmt(v)} |" + " - |" * len(shown))
+    secs = {k: [r["seconds"][k] for r in records if k in r.get("seconds", {})]
+            for k in list(inits) + list(free)}
+    if any(secs.values()):
+        print("\nwall-clock seconds per task (adapt to the last mark incl. its evaluations, or "
+              "the training-free fit + predict): " + ", ".join(
+                  f"{k} {fmt(v, pct=False)}" for k, v in secs.items() if v))
+    if header.get("lr"):
+        print(f"test-time Adam lr per init: {header['lr']}")
     # speed-up: the steps fresh init needs for a level, over the steps each init needs for it
     # (first mark whose mean accuracy, over the tasks run to that mark, reaches the level)
     print("\n| fresh init's level | " + " | ".join(f"{k} steps" for k in inits if k != "fresh")
@@ -270,7 +336,14 @@ def report(header: dict, records: list[dict], json_path: str | None) -> None:
         paired[name] = {m: mean_ci(d) for m, d in diffs.items()}
         print(f"| meta − {name} | " + " | ".join(
             "%+.1f ± %.1f" % tuple(100 * x for x in paired[name][m]) for m in full) + " |")
+    for name in free:  # a training-free arm has one accuracy; meta at step m minus it
+        rows = [r for r in records if name in r]
+        diffs = {m: [r["acc"]["meta"][m] - r[name] for r in rows] for m in full}
+        paired[name] = {m: mean_ci(d) for m, d in diffs.items()}
+        print(f"| meta − {name} | " + " | ".join(
+            "%+.1f ± %.1f" % tuple(100 * x for x in paired[name][m]) for m in full) + " |")
     write_json(json_path, {**header, "nearest_class_mean": mean_ci(ncm) + (len(ncm),),
+                           "training_free": {k: mean_ci(v) + (len(v),) for k, v in free.items()},
                            "steps_to_fresh_level": speedups, "paired_meta_minus": paired,
                            "accuracy": {k: {m: mean_ci(v) + (len(v),) for m, v in d.items() if v}
                                         for k, d in acc.items()},

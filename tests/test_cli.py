@@ -163,7 +163,8 @@ def test_meta_train_json_is_the_api_report(tmp_path):
     obj = json.loads(r.stdout)
     assert list(obj) == ["name", "version", "path", "method", "algorithm", "meta_steps",
                          "best_step", "meta_loss", "meta_accuracy", "val_steps", "val_accuracy",
-                         "seconds", "vectorised"]
+                         "seconds", "vectorised", "adapt_lr"]
+    assert obj["adapt_lr"] > 0  # chosen on the validation tasks (meta.stepsize)
     assert obj["version"] == 1 and obj["meta_steps"] == 1 and obj["vectorised"] is True
     rep = api.meta_train("synthetic", name="j", registry=tmp_path / "reg", ways=3, shots=2,
                          query=2, inner_steps=1, meta_batch=2, meta_steps=1, eval_every=1,

@@ -232,3 +232,46 @@ def test_weights_cli(tmp_path):
     assert shown["version"] == 1
     bad = run_cli("weights", "show", "nope@3", home=home)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_adapt_lr_is_calibrated_on_validation_and_used_by_adapt(tmp_path):
+    """meta-train publishes the test-time lr it chose on its validation tasks (the best mean
+    accuracy over the marks, every candidate's row kept); adapt --init uses it unless --lr is
+    given."""
+    from metapeft import api
+    from metapeft import registry as reg
+
+    home = tmp_path / "home"
+    trials = []
+    res = api.meta_train("synthetic", name="c", registry=home, ways=3, shots=2, query=2,
+                         inner_steps=2, meta_batch=2, meta_steps=2, eval_every=2, eval_episodes=2,
+                         on_calibrate=lambda f, row: trials.append((f, row["mean"])))
+    cal = res.result.extra["adapt_lr"]
+    assert [f for f, _ in trials] == [2.0, 1.0, 0.5, 0.2] and cal["num_tasks"] == 2
+    best = max(m for _, m in trials)
+    assert cal["table"][str(cal["factor"])]["mean"] == best
+    assert cal["adapt_lr"] == pytest.approx(cal["base_lr"] * cal["factor"])
+    meta = reg.show("c", home)["metadata"]
+    assert float(meta["adapt_lr"]) == pytest.approx(cal["adapt_lr"])
+    assert meta["adapt_lr_calibration"]["factor"] == cal["factor"]
+    from metapeft.quickstart import write_task_dir
+
+    task = tmp_path / "task"
+    write_task_dir(generate_task(7, family="intent", ways=3, shots=2, query=2), task)
+    used = api.adapt(str(task), steps=1, init=res.path)
+    assert used.extra["lr"] == pytest.approx(cal["adapt_lr"])
+    assert api.adapt(str(task), steps=1, init=res.path, lr=5e-4).extra["lr"] == 5e-4
+    assert api.adapt(str(task), steps=1).extra["lr"] == get_adapter_class("lora").default_lr
+    shown = run_cli("weights", "show", "c", home=home)
+    assert shown.returncode == 0 and "adapt lr" in shown.stdout
+
+
+def test_calibration_never_picks_a_diverging_lr(tiny):
+    """A candidate lr that blows the adapter up scores nothing; the others are compared."""
+    from metapeft.meta.stepsize import calibrate_adapt_lr
+
+    adapter = get_adapter_class("lora").attach(tiny, {})
+    tasks = [generate_task(s, family="intent", ways=3, shots=2, query=2) for s in (1, 2)]
+    cal = calibrate_adapt_lr(adapter, adapter.init_params(0), tasks, 1e-3,
+                             factors=(1e9, 1.0), marks=(1, 2))
+    assert cal["factor"] == 1.0 and cal["table"]["1000000000.0"]["diverged"]

@@ -87,7 +87,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     ``stop_at_target``: end the run at the first step whose query accuracy reaches ``target``
     (that step is ``steps_to_target``; the curve stops there).
     ``on_start`` is called once the inputs are validated, right before training."""
-    from metapeft.adapter_io import describe_init, resolve_init, save_adapter
+    from metapeft.adapter_io import describe_init, init_adapt_lr, resolve_init, save_adapter
     from metapeft.adapters import get_adapter_class
     from metapeft.models import load_base_model
     from metapeft.scoring import OBJECTIVES
@@ -124,7 +124,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         params = adapter.init_params(seed)
     data = encode_task(task, base.tokenizer)
     _check_memory(adapter, data, batch_size)
-    lr = cls.default_lr if lr is None else lr
+    if lr is None:  # a learned init brings the step size chosen for it on validation tasks
+        lr = (init_adapt_lr(init) if optimizer == "adam" else None) or cls.default_lr
     if on_start is not None:
         on_start()
     try:

@@ -52,6 +52,20 @@ def resolve_init(init: str | Path | None, adapter, registry: str | Path | None =
     return adapter.check_compatible(adapter.unflat(arrays), meta, str(path))
 
 
+def init_adapt_lr(init: str | Path | None, registry: str | Path | None = None) -> float | None:
+    """The Adam lr that ``adapt`` should use from ``init``: the one its meta-training run chose on
+    validation tasks (``meta.stepsize``), or None (fresh init, or weights published before it)."""
+    if init is None:
+        return None
+    from metapeft.artifacts import read_metadata
+
+    value = read_metadata(init_path(init, registry)).get("adapt_lr")
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def describe_init(init: str | Path | None, registry: str | Path | None = None) -> str | None:
     """How an adapter's provenance names its init: None (fresh), ``NAME@VERSION`` for a registry
     version (the version ``NAME`` or ``NAME@latest`` resolved to), else the path given."""

@@ -88,7 +88,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                resume: bool = False, vectorise: bool = True, compile: bool = False,
                checkpoint_every: int = 5, dequantize: str = "auto", on_step=None, on_start=None,
                on_sources: Callable | None = None, sources=None,
-               record_experience: bool = False) -> MetaTrainReport:
+               record_experience: bool = False, calibrate_lr: bool = True,
+               on_calibrate=None) -> MetaTrainReport:
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
     The defaults are the measured recipe (``config.META_RECIPE``); the inner lr defaults to the
     method's own ``default_lr`` with Adam (3x it with second-order MAML's plain SGD).
@@ -96,6 +97,10 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     ``sources`` (a ``MetaSources``) replaces building them from ``data`` and its options;
     ``on_sources(sources)`` is called once they are built, ``on_start()`` once the inputs are
     validated, right before the first meta-step, and ``on_step(t, loss, acc, val)`` after each.
+
+    ``calibrate_lr``: after training, choose the test-time Adam lr for the published init on the
+    validation tasks (``meta.stepsize``; ``on_calibrate(factor, row)`` after each candidate) and
+    store it as ``adapt_lr``, which ``adapt --init`` then uses unless ``--lr`` is given.
     """
     from metapeft import registry as reg
     from metapeft.adapters import get_adapter_class
@@ -140,6 +145,17 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     version, path = reg.save_version(name, adapter.flat(result.best_theta), meta, registry)
     Path(ckpt).unlink(missing_ok=True)  # the run is complete and published
     result.version, result.path = version, str(path)
+    if calibrate_lr and sources.validation is not None and eval_episodes > 0:
+        import json
+
+        from metapeft.meta.run import validation_tasks
+        from metapeft.meta.stepsize import calibrate_adapt_lr
+
+        cal = calibrate_adapt_lr(adapter, result.best_theta,
+                                 validation_tasks(sources.validation, seed, eval_episodes),
+                                 cls.default_lr, on_trial=on_calibrate)
+        meta.update(adapt_lr=str(cal["adapt_lr"]), adapt_lr_calibration=json.dumps(cal))
+        result.extra["adapt_lr"] = cal
     report = MetaTrainReport(name=name, version=version, path=str(path), method=method,
                              algorithm=algorithm,
                              vectorised=vectorise and result.fallback_reason is None,

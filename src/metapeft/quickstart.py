@@ -68,6 +68,7 @@ def run_quickstart(out: Path | None = None, steps: int = 10, tasks: int = 8, met
             name="quickstart", registry=out / "registry", algorithm="reptile", meta_steps=meta_steps,
             meta_batch=4, inner_steps=5, inner_lr=3e-3, outer_lr=1.0, eval_every=10,
             eval_episodes=4, ways=4, shots=4, query=4, sources=sources,
+            calibrate_lr=False,  # both arms below adapt at one fixed lr, for a like-for-like table
             on_step=(lambda i, loss, acc, val: p.update(
                 t, completed=i, loss=f"{loss:.3f}",
                 acc=f"{acc:.1%}" + ("" if val is None else f" val {val:.1%}"))) if p else None)

@@ -106,7 +106,8 @@ class MetaTrainReport(_Wraps):
                 "best_step": r.best_step, "meta_loss": r.meta_losses,
                 "meta_accuracy": r.meta_accuracies, "val_steps": r.val_steps,
                 "val_accuracy": r.val_accuracies, "seconds": round(r.seconds, 3),
-                "vectorised": self.vectorised}
+                "vectorised": self.vectorised,
+                "adapt_lr": (r.extra.get("adapt_lr") or {}).get("adapt_lr")}
 
 
 @dataclass

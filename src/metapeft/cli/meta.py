@@ -73,6 +73,9 @@ def meta_train(
     sequential: bool = typer.Option(False, help="Run a meta-batch's tasks one by one instead of "
                                                 "under mx.vmap."),
     compile_: bool = typer.Option(False, "--compile", help="mx.compile the vectorised step."),
+    calibrate_lr: bool = typer.Option(True, help="After training, choose the test-time lr for "
+                                                 "the init on the validation tasks (adapt --init "
+                                                 "then uses it unless --lr is given)."),
     config: Optional[Path] = CONFIG_OPT,
     set_: Optional[list[str]] = SET_OPT,
     as_json: bool = JSON_OPT,
@@ -119,7 +122,11 @@ def meta_train(
                 exclude_labels=csv_list(exclude_labels), task_strategy=task_strategy,
                 min_samples=min_samples, replay=rw, resume=resume, vectorise=not sequential,
                 compile=compile_, on_sources=on_sources, on_start=bar.start, on_step=on_step,
-                record_experience=True)
+                record_experience=True, calibrate_lr=calibrate_lr,
+                on_calibrate=lambda f, row: console.print(
+                    f"  test-time lr x{f}: mean validation accuracy "
+                    + ("diverged" if row.get("mean") in (None, float("-inf"))
+                       else f"{row['mean']:.1%}")))
         if as_json:
             print_json(res.to_json())
             return
@@ -128,6 +135,10 @@ def meta_train(
             out_console.print(f"validation accuracy (held-out classes, after {inner_steps} inner "
                               f"steps): best {max(res.val_accuracies):.1%} at step "
                               f"{res.best_step}")
+        cal = res.result.extra.get("adapt_lr")
+        if cal:
+            out_console.print(f"test-time lr for this init: {cal['adapt_lr']:g} (x{cal['factor']} "
+                              f"of {method}'s default; chosen on the validation tasks)")
         out_console.print(f"next: metapeft adapt TASK --method {method} --init {name}")
 
 

@@ -63,6 +63,12 @@ def _print_show_summary(d: dict) -> None:
              f"  validation  best {max(val):.1%} at step {m.get('best_step')}" if val else
              "  validation  none (no held-out classes, or --eval-every 0)",
              f"  parameters  {d['num_parameters']:,} in {d['num_tensors']} tensors"]
+    cal = m.get("adapt_lr_calibration")
+    if isinstance(cal, dict):  # the test-time lr chosen on the validation tasks (meta.stepsize)
+        rows = ", ".join(f"x{f}: {r['mean']:.1%}" if r.get("mean") is not None else f"x{f}: diverged"
+                         for f, r in cal.get("table", {}).items())
+        lines.append(f"  adapt lr    {cal['adapt_lr']:g} (x{cal['factor']} of {cal['base_lr']:g}; "
+                     f"mean val accuracy over steps {cal['marks']}: {rows})")
     hyper = m.get("hyperparameters")
     if isinstance(hyper, dict):
         lines.append("  settings    " + _short(", ".join(f"{k}={v}" for k, v in hyper.items()),

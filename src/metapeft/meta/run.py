@@ -58,6 +58,12 @@ def _unflat(prefix: str, arrays: dict):
     return tree_unflatten(items) if items else None
 
 
+def validation_tasks(val_source, seed: int, count: int) -> list:
+    """The fixed validation episodes of a run with ``seed`` (early stopping and the test-time lr
+    calibration both use these)."""
+    return [val_source.sample(10_000_019 * (seed + 1) + i) for i in range(count)]
+
+
 def validate_theta(adapter, cfg: MetaConfig, theta: dict, episodes) -> float:
     """Mean query accuracy after ``cfg.inner_steps`` inner steps from θ on fixed val episodes."""
     accs = []
@@ -132,8 +138,8 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
 
     val_eps = []
     if val_source is not None and eval_every > 0:
-        val_eps = [encode_episode(val_source.sample(10_000_019 * (seed + 1) + i), tok,
-                                  prepare=adapter.prepare) for i in range(eval_episodes)]
+        val_eps = [encode_episode(task, tok, prepare=adapter.prepare)
+                   for task in validation_tasks(val_source, seed, eval_episodes)]
 
     def save_checkpoint(step: int) -> None:
         if checkpoint is None:
