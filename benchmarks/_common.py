@@ -70,25 +70,11 @@ def write_json(path: str | None, obj) -> None:
 
 
 def nearest_class_mean_accuracy(base, data) -> float:
-    """The training-free baseline: cosine nearest class mean of the frozen model's mean-pooled
-    final hidden states over the prompt tokens (support means, query predictions)."""
-    import mlx.core as mx
+    """The training-free baseline: the library's ``prototype`` method (the cosine nearest class
+    mean of the frozen model's mean-pooled final hidden states) fitted on the support set and
+    scored on the query set, uncentred (``center: false``) as the README's tables measured it."""
+    from metapeft.adapters import get_adapter_class
+    from metapeft.train import evaluate
 
-    def pooled(batches):
-        feats, labels = [], []
-        for b in batches:
-            h = base.model.model(b.prompt)  # (B, L, d) after the final norm
-            mask = (mx.arange(b.prompt.shape[1])[None, :] < b.prompt_len[:, None])[..., None]
-            v = (h * mask).sum(axis=1) / b.prompt_len[:, None].astype(h.dtype)
-            feats.append(np.asarray(v.astype(mx.float32)))
-            labels.append(np.asarray(b.labels))
-        f = np.concatenate(feats)
-        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8), np.concatenate(labels)
-
-    fs, ys = pooled(data.support)
-    fq, yq = pooled(data.query)
-    classes = np.unique(ys)
-    means = np.stack([fs[ys == c].mean(0) for c in classes])
-    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-8)
-    pred = classes[np.argmax(fq @ means.T, axis=1)]
-    return float((pred == yq).mean())
+    adapter = get_adapter_class("prototype").attach(base, {"center": False})
+    return evaluate(adapter, adapter.fit(adapter.init_params(), data.support), data.query)[0]

@@ -90,7 +90,10 @@ def test_round_trip_every_method(task_dir, tmp_path, method):
     assert info.base_model == "tiny" and info.base_model_hash == cfg["base_model_hash"]
     prov = info.provenance
     assert prov == cfg["provenance"]
-    assert prov["seed"] == 1 and prov["steps"] == 2 and prov["init"] is None
+    from metapeft.adapters import get_adapter_class
+
+    steps = 0 if get_adapter_class(method).training_free else 2  # prototype: no optimizer step
+    assert prov["seed"] == 1 and prov["steps"] == steps and prov["init"] is None
     assert prov["final_accuracy"] == reported
 
 
@@ -247,6 +250,55 @@ def test_clinc_round_trip_on_stories260k(stories, clinc_dir, tmp_path):
                                                     "--steps", "2", "--lr", "1e-2")
     assert predicted == evaluated == reported
     assert ev["model"] == stories.model_id and ev["num_examples"] == 20
+
+
+def test_prototype_round_trip(task_dir, tmp_path):
+    """The training-free method: adapt --method prototype runs no step and saves the class
+    means (one unit row per label, in the directory's label order) with the usual header;
+    predict's probabilities are softmax(cosine / temperature); evaluate reproduces adapt."""
+    import numpy as np
+
+    from metapeft.adapter_io import read_adapter_info
+    from metapeft.artifacts import load_safetensors
+
+    out = tmp_path / "proto"
+    reported, predicted, evaluated, ev = round_trip(task_dir, out, "--method", "prototype",
+                                                    "--steps", "5")
+    assert predicted == evaluated == reported
+    info = read_adapter_info(out)
+    assert info.method == "prototype" and info.provenance["steps"] == 0
+    assert info.provenance["lr"] is None and info.config == {"pooling": "mean", "center": True,
+                                                             "temperature": 0.1}
+    arrays, meta = load_safetensors(out / "adapters.safetensors")
+    means = np.asarray(arrays["means"])
+    assert set(arrays) == {"means", "center"} and means.shape == (3, 64)
+    np.testing.assert_allclose(np.linalg.norm(means, axis=1), 1.0, atol=1e-5)
+    assert meta["kind"] == "adapter" and meta["base_model"] == "tiny"
+    # the probabilities are a softmax over cosines / 0.1: log-ratios within [-20, 20]
+    from metapeft import api
+
+    probs = api.predict(out, ["rain forecast storm umbrella"]).predictions[0]["probabilities"]
+    p = np.array(list(probs.values()))
+    assert p.sum() == pytest.approx(1, abs=1e-5) and np.log(p.max() / p.min()) <= 20 + 1e-3
+    # nothing to start from, and nothing to meta-learn
+    one_line_error(cli("adapt", task_dir, "--method", "prototype", "--init", out),
+                   "training-free")
+    with pytest.raises(Exception, match="training-free"):
+        api.meta_train("synthetic", method="prototype", name="nope", meta_steps=1)
+
+
+def test_prototype_on_clinc_stories260k(stories, clinc_dir, tmp_path):
+    """On a CLINC150 episode with stories260K the nearest class mean is far above chance, and
+    evaluate reproduces the accuracy adapt reported."""
+    from metapeft.data import load_task
+    from metapeft.quickstart import write_task_dir
+
+    task = load_task(clinc_dir / "train.jsonl", ways=5, shots=5, query=10, seed=3)
+    d = write_task_dir(task, tmp_path / "clinc")
+    reported, predicted, evaluated, ev = round_trip(d, tmp_path / "p", "--model", stories.path,
+                                                    "--method", "prototype")
+    assert predicted == evaluated == reported and ev["num_examples"] == 50
+    assert reported >= 0.5  # chance is 0.2
 
 
 def test_stop_at_target(task_dir, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "metapeft"
 # Spelled out rather than imported from metapeft.adapters: the test must not trust the registry
 # it is checking. A new method is added here too.
-METHOD_NAMES = {"lora", "dora", "adalora", "prompt", "prefix", "ptuning"}
+METHOD_NAMES = {"lora", "dora", "adalora", "prompt", "prefix", "ptuning", "prototype"}
 
 
 def _modules() -> dict[str, Path]:

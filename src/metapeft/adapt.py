@@ -116,6 +116,9 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     task = load_task_arg(task, shots=shots, query=query, ways=ways, seed=seed,
                          text_field=text_field, label_field=label_field)
     cls = get_adapter_class(method)
+    if cls.training_free and init is not None:
+        raise UserError(f"{method} is training-free: it starts from no init (drop --init)",
+                        field="init")
     base = load_base_model(model, dequantize=dequantize)
     adapter = cls.attach(base, config or {})
     params = resolve_init(init, adapter)
@@ -126,6 +129,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     _check_memory(adapter, data, batch_size)
     if lr is None:  # a learned init brings the step size chosen for it on validation tasks
         lr = (init_adapt_lr(init) if optimizer == "adam" else None) or cls.default_lr
+    if cls.training_free:  # the parameters come from the support set; no optimizer step runs
+        params, steps, eval_at = adapter.fit(params, data.prepared(adapter, "support")), 0, None
     if on_start is not None:
         on_start()
     try:
@@ -134,6 +139,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
                     on_step=on_step, eval_at=eval_at, stop_at_target=stop_at_target)
     except FloatingPointError as e:
         raise UserError(str(e), field="lr") from None
+    if cls.training_free:
+        lr = None  # trained by no optimizer: no learning rate to report or record
     report = AdaptReport.from_result(
         res, method=method, adapter=adapter, num_support=data.num_support,
         num_query=data.num_query, lr=lr, objective=objective, task=task.name,
@@ -155,7 +162,7 @@ def _check_memory(adapter, data, batch_size: int) -> None:
     minibatch of support examples against every label of the task."""
     from metapeft.scoring import check_memory
 
-    if not data.support:
+    if not data.support or adapter.training_free:  # one forward pass per text, no step
         return
     examples = min(batch_size, data.num_support)
     labels = data.support[0].label_tokens.shape[0]

@@ -113,6 +113,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     reg.validate_name(name)
     writable_dir(reg.name_dir(name, registry), field="registry")
     cls = get_adapter_class(method)
+    if cls.training_free:
+        raise UserError(f"{method} is training-free: it has no parameters to meta-learn",
+                        field="method")
     cfg = MetaConfig(algorithm=algorithm, inner_steps=inner_steps,
                      inner_lr=inner_lr if inner_lr is not None else cls.default_lr * (
                          3 if inner_optimizer == "sgd" or (inner_optimizer is None

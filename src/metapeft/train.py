@@ -189,11 +189,14 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
           lr: float = 3e-3, optimizer: str = "adam", batch_size: int = 64, seed: int = 0,
           target: float | None = None, compile: bool = True, objective: str = "ce",
           on_step: Callable[[int, float, float | None], None] | None = None,
-          eval_at: set[int] | None = None, stop_at_target: bool = False) -> AdaptResult:
+          eval_at: set[int] | None = None, stop_at_target: bool = False,
+          stop: Callable[[int], bool] | None = None) -> AdaptResult:
     """Train for ``steps`` optimizer steps; evaluate the query set at step 0 and after each step
     (or only at the steps in ``eval_at``: then ``accuracies`` holds those, in order, and
     ``extra["eval_steps"]`` says which steps they are). ``stop_at_target``: stop after the first
-    evaluation that reaches ``target`` (``extra["stopped_at"]`` is then that step, else None)."""
+    evaluation that reaches ``target`` (``extra["stopped_at"]`` is then that step, else None).
+    ``stop(step)`` is asked before every optimizer step (1-based); True ends the run before it
+    (``extra["stopped_early_at"]`` is then the last step run, else None): a time budget."""
     if steps < 0:
         raise UserError("--steps must be >= 0", field="steps")
     t0 = time.perf_counter()
@@ -241,10 +244,13 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
     train_time = 0.0
     tokens = 0
     adapter.set_training(True)
-    stopped_at = None
+    stopped_at = stopped_early_at = None
     for i in range(1, steps + 1):
         if stop_at_target and hit_at is not None:
             stopped_at = hit_at
+            break
+        if stop is not None and stop(i):
+            stopped_early_at = i - 1
             break
         buckets = batches.next(adapter)
         ts = time.perf_counter()
@@ -272,4 +278,4 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
                        peak_memory_mb=peak,
                        tokens_per_second=tokens / train_time if train_time > 0 else 0.0,
                        extra={"eval_steps": evaluated, "hook_state": hook_state,
-                              "stopped_at": stopped_at})
+                              "stopped_at": stopped_at, "stopped_early_at": stopped_early_at})

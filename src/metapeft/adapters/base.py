@@ -9,13 +9,16 @@ loop, the meta-learner, the selector and the tuner only ever see this surface:
     params = adapter.init_params(seed)          # fresh trainable tree
     scores = adapter.scores(params, batch)      # (B, C) candidate log-probabilities
     loss = adapter.regularizer(params)          # method-specific extra loss (None for most)
+    params = adapter.fit(params, support)       # training-free methods: params from the support set
     state = adapter.init_state(params)          # optax-style hook state (AdaLoRA's allocator)
     params, state = adapter.on_step(params, grads, state, step, total)
 
 The class also describes the method to everything else, so nothing outside ``adapters/`` names
-one: ``default_lr``, ``structural`` (options that fix the tree's shapes), ``Config`` (defaults,
-``validate``, ``repair``), ``default_hyperparameters()``, and the export formats
-``mlx_lm_config()`` / ``to_peft()``, which return None where the format does not apply.
+one: ``default_lr``, ``structural`` (options that fix the tree's shapes), ``training_free``
+(parameters computed by ``fit`` from the support set, no optimizer steps, nothing to
+meta-learn), ``Config`` (defaults, ``validate``, ``repair``), ``default_hyperparameters()``, and
+the export formats ``mlx_lm_config()`` / ``to_peft()``, which return None where the format does
+not apply.
 """
 
 from __future__ import annotations
@@ -180,6 +183,9 @@ class Adapter:
     Config: ClassVar[type[AdapterConfig]]
     default_lr: ClassVar[float] = 1e-3  # the learning rate `adapt` uses when none is given
     structural: ClassVar[tuple[str, ...]] = ()  # options that fix the trainable tree's shapes
+    # True: ``fit`` computes the parameters from the support set; `adapt` runs no optimizer step
+    # (and takes no lr or init), `meta-train` refuses the method.
+    training_free: ClassVar[bool] = False
     frozen_blocks: int = 0  # bottom blocks the adapter leaves untouched (set by _attach)
 
     def __init__(self, base: BaseModel, config: AdapterConfig):
@@ -199,7 +205,10 @@ class Adapter:
 
     @classmethod
     def default_hyperparameters(cls) -> dict:
-        """What `adapt` runs with when nothing is given: the learning rate and every option."""
+        """What `adapt` runs with when nothing is given: the learning rate (none for a
+        training-free method) and every option."""
+        if cls.training_free:
+            return cls.Config.defaults()
         return {"lr": cls.default_lr, **cls.Config.defaults()}
 
     # --- to implement -----------------------------------------------------------------------
@@ -224,6 +233,11 @@ class Adapter:
         return trunk_states(self.base.model, batch, self.frozen_blocks)
 
     # --- optional hooks ---------------------------------------------------------------------
+    def fit(self, params: dict, support: list[Batch]) -> dict:
+        """The parameters computed from the support set's (prepared) length buckets, before any
+        optimizer step: what a ``training_free`` method learns; the others return ``params``."""
+        return params
+
     def regularizer(self, params: dict) -> mx.array | None:
         return None
 

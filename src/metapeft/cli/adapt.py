@@ -33,6 +33,9 @@ def _print_report(report, out: Path | None) -> None:
                       f"final accuracy: {'-' if final != final else f'{final:.1%}'}   seconds: "
                       f"{report.seconds:.1f}   trainable params: "
                       f"{report.extra.get('trainable_parameters')}")
+    if getattr(report.adapter, "training_free", False):
+        out_console.print(f"{report.method} is training-free: its parameters come from the "
+                          "support set, no optimizer step ran")
     stopped = report.result.extra.get("stopped_at")
     if stopped is not None:
         out_console.print(f"stopped at step {stopped}: query accuracy reached the target")
@@ -68,8 +71,11 @@ def adapt(
     """Train an adapter on a task's support set and report query accuracy at every step."""
     with user_errors():
         from metapeft import api
+        from metapeft.adapters import METHODS, get_adapter_class
 
         options = parse_sets(set_, config)
+        # a training-free method runs no optimizer step: no progress bar
+        free = method in METHODS and get_adapter_class(method).training_free
         with LazyBar(steps, f"adapt {method}", err_console if as_json else out_console) as bar:
             def on_step(i, loss_, acc):
                 bar.update(completed=i, loss=f"{loss_:.3f}",
@@ -78,7 +84,8 @@ def adapt(
             report = api.adapt(task, **model_options, method=method, steps=steps, target=target, init=init, out=out, config=options,
                                lr=lr, optimizer=optimizer, batch_size=batch_size, objective=loss,
                                seed=seed, **task_options,
-                               on_start=bar.start, on_step=on_step, record_experience=True,
+                               on_start=None if free else bar.start, on_step=on_step,
+                               record_experience=True,
                                stop_at_target=stop_at_target)
         if as_json:
             print_json(report.to_json())
