@@ -8,19 +8,13 @@ import numpy as np
 
 
 def frozen_features(base, batches):
-    """L2-normalised mean-pooled final hidden states over the prompt tokens, and the labels (the
-    features the nearest-class-mean baseline uses)."""
-    import mlx.core as mx
+    """L2-normalised mean-pooled final hidden states over the prompt tokens (the library's
+    ``prototype`` features, uncentred), and the labels."""
+    from metapeft.adapters.prototype import pooled_states
 
-    feats, labels = [], []
-    for b in batches:
-        h = base.model.model(b.prompt)  # (B, L, d) after the final norm
-        mask = (mx.arange(b.prompt.shape[1])[None, :] < b.prompt_len[:, None])[..., None]
-        v = (h * mask).sum(axis=1) / b.prompt_len[:, None].astype(h.dtype)
-        feats.append(np.asarray(v.astype(mx.float32)))
-        labels.append(np.asarray(b.labels))
-    f = np.concatenate(feats)
-    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8), np.concatenate(labels)
+    f = np.concatenate([np.asarray(pooled_states(base.model, b)) for b in batches])
+    labels = np.concatenate([np.asarray(b.labels) for b in batches])
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8), labels
 
 
 def logistic_regression_accuracy(base, data, C: float = 10.0) -> float:
