@@ -209,6 +209,8 @@ CASES = [
     ("weights delete w@1", "pass --yes"),
     ("weights rollback w 0", "version"),
     ("experience show nosuch-id", "no record"),
+    ("experience stats --by task", "--by must be one of method, domain, project, init"),
+    ("experience stats --since soon", "--since must be a duration"),
     ("experience import {missing}", "does not exist"),
     ("experience import {records.jsonl}", "records.jsonl:1"),
     ("experience export --format csv --out {root}/x.csv", "unknown format"),

@@ -144,7 +144,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     report = AdaptReport.from_result(
         res, method=method, adapter=adapter, num_support=data.num_support,
         num_query=data.num_query, lr=lr, objective=objective, task=task.name,
-        labels=list(task.labels), model=base.model_id)
+        labels=list(task.labels), model=base.model_id, target=target, init=init_name)
     if out is not None:
         save_adapter(out, adapter, res.params, extra=describe_run(
             report, data.encoder, task=task.name, objective=objective, init=init_name, seed=seed,

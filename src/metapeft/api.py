@@ -11,9 +11,9 @@ arguments and prints, so a notebook can do everything a command does:
 Commands: ``adapt``, ``meta_train``, ``profile``, ``select``, ``sweep``, ``train_selector``,
 ``tune``, ``export_adapter``, ``predict``, ``evaluate``. Helpers: ``load_task_arg``, ``build_meta_sources``,
 ``replay_stats``, ``save_adapter`` / ``load_adapter``, the experience store (``list_experience``,
-``experience_record``, ``import_experience``, ``export_experience``) and the meta-weights registry
-(``list_weights``, ``show_weights``, ``compare_weights``, ``rollback_weights``,
-``delete_weights_plan``, ``delete_weights``).
+``experience_record``, ``experience_stats``, ``import_experience``, ``export_experience``) and the
+meta-weights registry (``list_weights``, ``show_weights``, ``compare_weights``,
+``rollback_weights``, ``delete_weights_plan``, ``delete_weights``).
 
 Every call that loads a model takes ``dequantize`` (``auto``, ``always`` or ``never``; see
 ``models.load_base_model``). Importing this module is cheap; MLX loads inside the calls.
@@ -35,9 +35,9 @@ from metapeft.registry import delete as delete_weights
 from metapeft.registry import delete_plan as delete_weights_plan
 from metapeft.registry import list_weights, registry_root
 from metapeft.registry import show as show_weights
-from metapeft.reports import (AdaptReport, EvaluateReport, ExperienceListing, MetaTrainReport,
-                              PredictReport, ProfileReport, SelectorReport, SelectReport,
-                              SweepReport, TuneReport)
+from metapeft.reports import (AdaptReport, EvaluateReport, ExperienceListing,
+                              ExperienceStatsReport, MetaTrainReport, PredictReport, ProfileReport,
+                              SelectorReport, SelectReport, SweepReport, TuneReport)
 
 __all__ = [
     "DEFAULT_OBJECTIVE", "AdaptReport", "ExperienceListing", "MetaTrainReport", "ProfileReport",
@@ -46,7 +46,8 @@ __all__ = [
     "export_experience", "import_experience", "list_experience", "list_weights", "load_adapter",
     "load_task_arg", "meta_train", "profile", "registry_root", "replay_stats", "rollback_weights",
     "save_adapter", "select", "show_weights", "sweep", "train_selector", "tune",
-    "EvaluateReport", "PredictReport", "evaluate", "predict",
+    "EvaluateReport", "PredictReport", "evaluate", "predict", "ExperienceStatsReport",
+    "experience_stats",
 ]
 
 
@@ -493,6 +494,23 @@ def list_experience(experience: str | Path | None = None, *, limit: int = 50
     recs = store.load()
     return ExperienceListing(path=store.path, total=len(recs),
                              records=recs[-limit:] if limit else recs)
+
+
+def experience_stats(experience: str | Path | None = None, *, by: str = "method",
+                     since: str | None = None) -> ExperienceStatsReport:
+    """Per method, domain, project or init (``by``), over the records created within ``since``
+    (``30d``, ``12h``, ``2w`` or an ISO date; all when None): run count, success rate (target
+    reached), mean and median steps to target, mean final accuracy."""
+    from metapeft.experience import STATS_BY, experience_stats as stats
+
+    if by not in STATS_BY:  # before the store is read
+        raise UserError(f"--by must be one of {', '.join(STATS_BY)}, got {by!r}", field="by")
+    if since is not None:
+        from metapeft.experience import parse_since
+
+        parse_since(since)
+    store = _store(experience)
+    return ExperienceStatsReport(path=store.path, stats=stats(store.load(), by=by, since=since))
 
 
 def experience_record(record_id: str, experience: str | Path | None = None) -> dict:

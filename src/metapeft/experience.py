@@ -10,7 +10,15 @@ registry root being ``$METAPEFT_HOME`` or the user data dir, see ``registry.regi
   ``peak_memory_mb``, ``trainable_parameters``;
 - header metadata: ``format`` = ``metapeft-experience``, ``schema`` = 1, ``feature_names``
   (JSON list), and ``records``: a JSON list with each record's strings and configs
-  (``id``, ``task``, ``domain``, ``method``, ``hyperparameters``, ``source``, ``created``).
+  (``id``, ``task``, ``domain``, ``method``, ``hyperparameters``, ``source``, ``created``, and
+  ``run`` where recorded).
+
+``run`` says what the run was (``run_details``): the query ``curve`` at the ``eval_steps`` it was
+measured at, the ``target`` (null: the run had none), the ``init`` (``NAME@VERSION``, a path, or
+null for a fresh init), the base ``model``, the task's ``project`` (null when unknown) and, for
+``adapt --method auto``, the ``decision`` it took. Records written before metapeft recorded it
+have no ``run``; ``experience stats`` leaves them out of the statistics that need it and says
+how many.
 
 Appends are read-modify-write under an exclusive ``fcntl.flock`` on the sidecar
 ``experience.safetensors.lock``, and the file itself is replaced atomically
@@ -58,6 +66,7 @@ class ExperienceRecord:
     embedding: list[float] | None = None
     id: str = ""
     created: str = ""
+    run: dict | None = None  # curve, eval_steps, target, init, model, project, decision
 
     def to_json(self, feature_names: Iterable[str] | None = None) -> dict:
         """A JSON-safe dict (NaN -> null); features as a {name: value} dict when names given."""
@@ -118,6 +127,9 @@ def make_record(d: dict, *, feature_names=None, where: str = "record") -> Experi
         if not isinstance(emb, (list, tuple)):
             raise UserError("embedding must be a list of numbers", path=where, field="embedding")
         emb = [_num(v, "embedding", where, allow_none=False) for v in emb]
+    run = d.get("run")
+    if run is not None and not isinstance(run, dict):
+        raise UserError("run must be an object", path=where, field="run")
     source = d.get("source", "import")
     if source not in SOURCES:
         raise UserError(f"source must be one of {', '.join(SOURCES)}, got {source!r}",
@@ -134,7 +146,7 @@ def make_record(d: dict, *, feature_names=None, where: str = "record") -> Experi
         seconds=_num(d.get("seconds"), "seconds", where),
         peak_memory_mb=_num(d.get("peak_memory_mb"), "peak_memory_mb", where),
         trainable_parameters=_num(d.get("trainable_parameters"), "trainable_parameters", where),
-        source=source, embedding=emb)
+        source=source, embedding=emb, run=run)
 
 
 def _f32(x) -> float:
@@ -214,7 +226,7 @@ class ExperienceStore:
                 seconds=_f32(cols["seconds"][i]),
                 peak_memory_mb=_f32(cols["peak_memory_mb"][i]),
                 trainable_parameters=_f32(cols["trainable_parameters"][i]),
-                embedding=emb_l))
+                embedding=emb_l, run=r.get("run")))
         return out
 
     def get(self, record_id: str) -> ExperienceRecord:
@@ -246,7 +258,8 @@ class ExperienceStore:
                 v = getattr(r, k)
                 metrics[k][i] = np.nan if v is None else v
         rows = [{"id": r.id, "created": r.created, "task": r.task, "domain": r.domain,
-                 "method": r.method, "hyperparameters": r.hyperparameters, "source": r.source}
+                 "method": r.method, "hyperparameters": r.hyperparameters, "source": r.source,
+                 **({} if r.run is None else {"run": r.run})}
                 for r in records]
         save_safetensors(self.path, {"features": feats, "embedding": emb, **metrics},
                          {"format": FORMAT, "schema": SCHEMA,
@@ -337,6 +350,32 @@ def hyperparameters_of(report) -> dict:
     return json.loads(json.dumps(hp, default=str))
 
 
+def task_project(task) -> str | None:
+    """The task's project: its ``project`` meta, else its support rows' ``project`` field (most
+    common), else None."""
+    from collections import Counter
+
+    if (task.meta or {}).get("project"):
+        return str(task.meta["project"])
+    projects = Counter(str(e.extra["project"]) for e in task.support
+                       if e.extra.get("project") not in (None, ""))
+    return projects.most_common(1)[0][0] if projects else None
+
+
+def run_details(report, task) -> dict:
+    """A record's ``run`` (see the module docstring) from an ``AdaptReport``: the curve and the
+    steps it was measured at, the target, the init, the model, the project, the decision."""
+    ex = report.extra or {}
+    curve = [round(float(a), 6) for a in report.accuracies]
+    steps = list(ex.get("eval_steps") or range(len(curve)))
+    run = {"curve": curve, "eval_steps": [int(i) for i in steps], "target": ex.get("target"),
+           "init": ex.get("init") or ex.get("meta_weights"), "model": ex.get("model"),
+           "project": task_project(task)}
+    if ex.get("decision") is not None:
+        run["decision"] = ex["decision"]
+    return json.loads(json.dumps(run, default=str))
+
+
 def record_from_report(report, task, features: dict | list | None = None, *, base=None,
                        source: str = "adapt", hyperparameters: dict | None = None,
                        embedding: list[float] | None = None) -> ExperienceRecord:
@@ -360,7 +399,7 @@ def record_from_report(report, task, features: dict | list | None = None, *, bas
         seconds=float(report.seconds),
         peak_memory_mb=float(report.extra.get("peak_memory_mb", float("nan"))),
         trainable_parameters=float(report.extra.get("trainable_parameters", float("nan"))),
-        source=source, embedding=embedding)
+        source=source, embedding=embedding, run=run_details(report, task))
 
 
 def record_adapt(report, task, features: dict | list | None = None, *, source: str = "adapt",
@@ -381,3 +420,102 @@ def record_adapt(report, task, features: dict | list | None = None, *, source: s
     rec = record_from_report(report, task, features, base=base, source=source,
                              hyperparameters=hyperparameters)
     return store.append([rec])[0]
+
+
+# ----------------------------------------------------------------------------- statistics
+
+STATS_BY: tuple[str, ...] = ("method", "domain", "project", "init")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, now: _dt.datetime | None = None) -> _dt.datetime:
+    """``--since``: a duration back from ``now`` (``30d``, ``12h``, ``2w``, ``90m``, ``45s``) or
+    an ISO date/time (UTC when it names no zone) -> the UTC cut-off; a one-line UserError
+    otherwise."""
+    import re
+
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    text = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", text)
+    if m:
+        return now - _dt.timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        cut = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"--since must be a duration such as 30d, 12h, 2w or 90m, or an ISO "
+                        f"date such as 2026-01-31, got {text!r}", field="since") from None
+    return cut if cut.tzinfo else cut.replace(tzinfo=_dt.timezone.utc)
+
+
+def _created(r: ExperienceRecord) -> _dt.datetime | None:
+    try:
+        t = _dt.datetime.fromisoformat(r.created)
+    except (TypeError, ValueError):
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+
+
+def stats_group(r: ExperienceRecord, by: str) -> str:
+    """The group a record falls in for ``experience stats --by``: its method or domain; its
+    project (``unknown`` when not recorded); its init (``NAME@VERSION`` or a path, ``fresh``, or
+    ``unknown`` for records written before inits were recorded)."""
+    if by == "method":
+        return r.method
+    if by == "domain":
+        return r.domain or "unknown"
+    if by == "project":
+        return str((r.run or {}).get("project") or "unknown")
+    if r.run is not None:
+        return str(r.run.get("init") or "fresh")
+    return str(r.hyperparameters.get("init") or "unknown")  # sweeps kept it there before
+
+
+def _mean(xs) -> float | None:
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+def experience_stats(records: list[ExperienceRecord], *, by: str = "method",
+                     since: str | None = None, now: _dt.datetime | None = None) -> dict:
+    """Per group (``by``: method, domain, project or init) of the records created since
+    ``since``: the run count, the success rate (runs that reached their target, over the runs
+    that recorded one), the mean and median steps to the target (over the runs that reached
+    it), and the mean final accuracy. Records that lack a field are left out of the statistics
+    that need it, and the counts say how many were used."""
+    import statistics
+
+    if by not in STATS_BY:
+        raise UserError(f"--by must be one of {', '.join(STATS_BY)}, got {by!r}", field="by")
+    cut = None if since is None else parse_since(since, now)
+    kept, older, undated = [], 0, 0
+    for r in records:
+        if cut is not None:
+            t = _created(r)
+            if t is None:
+                undated += 1
+                continue
+            if t < cut:
+                older += 1
+                continue
+        kept.append(r)
+    groups: dict[str, list[ExperienceRecord]] = {}
+    for r in kept:
+        groups.setdefault(stats_group(r, by), []).append(r)
+    rows = []
+    for name, rs in groups.items():
+        with_target = [r for r in rs if r.run is not None and r.run.get("target") is not None]
+        reached = [float(r.steps_to_target) for r in with_target
+                   if r.steps_to_target is not None and not math.isnan(r.steps_to_target)]
+        accs = [r.final_accuracy for r in rs if not math.isnan(r.final_accuracy)]
+        rows.append({
+            "group": name, "runs": len(rs), "runs_with_target": len(with_target),
+            "reached_target": len(reached),
+            "success_rate": len(reached) / len(with_target) if with_target else None,
+            "mean_steps_to_target": _mean(reached),
+            "median_steps_to_target": float(statistics.median(reached)) if reached else None,
+            "runs_with_accuracy": len(accs), "mean_final_accuracy": _mean(accs)})
+    rows.sort(key=lambda g: (-g["runs"], g["group"]))
+    return {"by": by, "since": None if cut is None else cut.isoformat(timespec="seconds"),
+            "records": len(records), "included": len(kept), "older": older, "undated": undated,
+            "without_target": sum(1 for r in kept if r.run is None
+                                  or r.run.get("target") is None),
+            "without_run": sum(1 for r in kept if r.run is None), "groups": rows}

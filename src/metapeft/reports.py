@@ -218,6 +218,19 @@ class ExperienceListing:
 
 
 @dataclass
+class ExperienceStatsReport:
+    """``experience_stats``: per group of records (``by``), the run count, success rate (target
+    reached), mean and median steps to target and mean final accuracy, with how many records
+    each statistic used (``experience.experience_stats``)."""
+
+    path: Path
+    stats: dict
+
+    def to_json(self) -> dict:
+        return json_safe({"experience": str(self.path), **self.stats})
+
+
+@dataclass
 class PredictReport:
     """``predict``: one prediction per input row, in input order (``predictions``: the text or
     the row's id, the label, the probabilities), and where they were written (``out``)."""

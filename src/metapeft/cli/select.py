@@ -1,7 +1,8 @@
 """Task profiles, the experience store and method selection:
 
     metapeft profile TASK [--model M] [--json]
-    metapeft experience list | show ID | import FILE | export --format jsonl --out FILE
+    metapeft experience list | show ID | stats [--since 30d] [--by method] | import FILE |
+        export --format jsonl --out FILE
     metapeft sweep --data POOL|synthetic --methods all --tasks N [--model M] [--steps S] [--seed]
     metapeft train-selector [--experience FILE] [--out DIR]
     metapeft select TASK [--model M] [--top K] [--json]
@@ -92,6 +93,48 @@ def exp_show(record_id: str = typer.Argument(..., help="A record id (or a unique
         from metapeft import api
 
         print(json.dumps(api.experience_record(record_id, experience), indent=2))
+
+
+def _print_stats(rep) -> None:
+    st = rep.stats
+    title = (f"{st['included']} records in {rep.path} by {st['by']}"
+             + (f", created since {short_time(st['since'])} UTC" if st["since"] else ""))
+    _table(title, (st["by"], ("runs", "right"), ("target reached", "right"),
+                   ("success", "right"), ("mean steps", "right"), ("median steps", "right"),
+                   ("mean acc", "right")),
+           [(g["group"], str(g["runs"]), f"{g['reached_target']} / {g['runs_with_target']}",
+             _fmt(g["success_rate"], True), _fmt(g["mean_steps_to_target"]),
+             _fmt(g["median_steps_to_target"]), _fmt(g["mean_final_accuracy"], True))
+            for g in st["groups"]])
+    notes = []
+    if st["without_target"]:
+        notes.append(f"{st['without_target']} of {st['included']} runs recorded no target "
+                     "(tune trials, meta-train validation, older records): counted in runs and "
+                     "mean acc only")
+    if st["older"] or st["undated"]:
+        notes.append(f"left out: {st['older']} older records"
+                     + (f", {st['undated']} without a date" if st["undated"] else ""))
+    for note in notes:
+        out_console.print(f"[dim]{note}[/dim]", highlight=False)
+
+
+def exp_stats(
+    since: Optional[str] = typer.Option(None, "--since", help="Only records created within "
+                                        "this long (30d, 12h, 2w, 90m) or since an ISO date."),
+    by: str = typer.Option("method", "--by", help="Group by method, domain, project or init."),
+    experience: Optional[Path] = EXPERIENCE_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Per group: runs, success rate (target reached), mean and median steps to target, mean
+    final accuracy."""
+    with user_errors():
+        from metapeft import api
+
+        rep = api.experience_stats(experience, by=by, since=since)
+        if as_json:
+            print_json(rep.to_json())
+        else:
+            _print_stats(rep)
 
 
 def exp_import(file: Path = typer.Argument(..., help="JSONL written by `experience export`."),
@@ -272,8 +315,8 @@ def register(app: typer.Typer) -> None:
     app.command("profile")(profile)
     group = typer.Typer(help="The experience store: every adapt/meta-train/tune/sweep run.",
                         no_args_is_help=True)
-    for name, fn in (("list", exp_list), ("show", exp_show), ("import", exp_import),
-                     ("export", exp_export)):
+    for name, fn in (("list", exp_list), ("show", exp_show), ("stats", exp_stats),
+                     ("import", exp_import), ("export", exp_export)):
         group.command(name)(fn)
     app.add_typer(group, name="experience")
     app.command("sweep")(sweep)
