@@ -193,6 +193,7 @@ CASES = [
     ("adapt {task} --model /no/such/model", "model path does not exist"),
     ("adapt {task} --method nope", "unknown method"),
     ("adapt {task} --method prototype --init w", "training-free: it starts from no init"),
+    ("adapt {task} --budget-seconds -5", "--budget-seconds must be > 0"),
     ("adapt {task} --method prototype --set pooling=max", "pooling must be one of mean, last"),
     ("meta-train --name a --method prototype " + " ".join(META), "training-free"),
     ("meta-train --name bad/name " + " ".join(META), "invalid meta-weights name"),

@@ -2,7 +2,9 @@
 step (``adapt``), reading the task from a path or taking a ``Task`` (``load_task_arg``).
 
 ``metapeft.api.adapt`` is this function. It lives below the API because sweeps (``sweep.py``)
-and the tuner's evaluator (``tune.search``) run it too, and the API calls those.
+and the tuner's evaluator (``tune.search``) run it too, and the API calls those. With
+``method="auto"`` it lets ``metapeft.auto`` choose the method, its hyperparameters and an init
+first; ``budget_seconds`` bounds the whole run.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from metapeft.adapters import DEFAULT_METHOD
+from metapeft.adapters import AUTO_METHOD, DEFAULT_METHOD
 from metapeft.errors import UserError
 from metapeft.models import DEFAULT_MODEL
 from metapeft.reports import AdaptReport
@@ -82,11 +84,22 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
           on_step: Callable[[int, float, float | None], None] | None = None,
           on_start: Callable[[], None] | None = None,
           eval_at: set[int] | None = None, record_experience: bool = False,
-          stop_at_target: bool = False) -> AdaptReport:
+          stop_at_target: bool = False, budget_seconds: float | None = None,
+          on_decision: Callable[[dict], None] | None = None) -> AdaptReport:
     """Train one adapter on a task's support set; query accuracy at step 0 and after every step.
     ``stop_at_target``: end the run at the first step whose query accuracy reaches ``target``
     (that step is ``steps_to_target``; the curve stops there).
-    ``on_start`` is called once the inputs are validated, right before training."""
+    ``on_start`` is called once the inputs are validated, right before training.
+
+    ``method="auto"``: profile the task, rank the methods (``select``), and run the top one with
+    its recommended hyperparameters (``lr``/``steps``/``optimizer``/``objective`` given with
+    other than their defaults, and ``config`` options, win) from the newest valid registry
+    meta-weights for it and this model, if any (``auto.decide``); ``on_decision(decision)`` is
+    called before training, and the report's ``extra["decision"]`` says what was chosen and why.
+    ``budget_seconds`` limits the whole run, profiling included: no optimizer step starts that
+    the last one's time says would end past it (``extra["budget"]`` reports it)."""
+    import time
+
     from metapeft.adapter_io import describe_init, init_adapt_lr, resolve_init, save_adapter
     from metapeft.adapters import get_adapter_class
     from metapeft.models import load_base_model
@@ -95,6 +108,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
 
     from metapeft.train import OPTIMIZERS
 
+    t_start = time.monotonic()
     if target is not None and not 0.0 <= target <= 1.0:
         raise UserError(f"target must be in [0, 1], got {target}", field="target")
     if stop_at_target and target is None:
@@ -109,12 +123,29 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         raise UserError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}",
                         field="optimizer")
     check_run_options(steps=steps, lr=lr, batch_size=batch_size)
+    if budget_seconds is not None and not budget_seconds > 0:
+        raise UserError(f"--budget-seconds must be > 0, got {budget_seconds}",
+                        field="budget_seconds")
     if out is not None:
         from metapeft.artifacts import writable_dir
 
         writable_dir(out, field="out")  # before training: a result is never lost to a bad --out
     task = load_task_arg(task, shots=shots, query=query, ways=ways, seed=seed,
                          text_field=text_field, label_field=label_field)
+    decision = features = None
+    if method == AUTO_METHOD:
+        from metapeft.auto import decide
+
+        decision, features = decide(task, load_base_model(model, dequantize=dequantize),
+                                    init=init)
+        method, init = decision["method"], decision["init"]
+        config, run = apply_decision(decision, config, run)
+        lr, steps, optimizer, objective = (run["lr"], run["steps"], run["optimizer"],
+                                           run["objective"])
+        if objective not in OBJECTIVES or optimizer not in OPTIMIZERS:
+            raise UserError(f"the recommended loss {objective!r} or optimizer {optimizer!r} is "
+                            "unknown; give --loss and --optimizer", field="method")
+        check_run_options(steps=steps, lr=lr)
     cls = get_adapter_class(method)
     if cls.training_free and init is not None:
         raise UserError(f"{method} is training-free: it starts from no init (drop --init)",
@@ -131,12 +162,21 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         lr = (init_adapt_lr(init) if optimizer == "adam" else None) or cls.default_lr
     if cls.training_free:  # the parameters come from the support set; no optimizer step runs
         params, steps, eval_at = adapter.fit(params, data.prepared(adapter, "support")), 0, None
+    if decision is not None:  # what runs, as resolved now
+        decision["hyperparameters"] = {
+            **({} if cls.training_free else {"lr": lr, "optimizer": optimizer,
+                                             "objective": objective}),
+            "steps": steps, **adapter.config.to_dict()}
+        if on_decision is not None:
+            on_decision(decision)
     if on_start is not None:
         on_start()
     try:
         res = train(adapter, params, data, steps=steps, lr=lr, optimizer=optimizer,
                     batch_size=batch_size, seed=seed, target=target, objective=objective,
-                    on_step=on_step, eval_at=eval_at, stop_at_target=stop_at_target)
+                    on_step=on_step, eval_at=eval_at, stop_at_target=stop_at_target,
+                    stop=None if budget_seconds is None else _budget_stop(t_start,
+                                                                          budget_seconds))
     except FloatingPointError as e:
         raise UserError(str(e), field="lr") from None
     if cls.training_free:
@@ -144,17 +184,73 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     report = AdaptReport.from_result(
         res, method=method, adapter=adapter, num_support=data.num_support,
         num_query=data.num_query, lr=lr, objective=objective, task=task.name,
-        labels=list(task.labels), model=base.model_id, target=target, init=init_name)
+        labels=list(task.labels), model=base.model_id, target=target, init=init_name,
+        **({} if decision is None else {"decision": decision}))
     if out is not None:
         save_adapter(out, adapter, res.params, extra=describe_run(
             report, data.encoder, task=task.name, objective=objective, init=init_name, seed=seed,
-            lr=lr, optimizer=optimizer, batch_size=batch_size, target=target))
+            lr=lr, optimizer=optimizer, batch_size=batch_size, target=target,
+            decision=decision))
+    if budget_seconds is not None:
+        used = time.monotonic() - t_start
+        report.extra["budget"] = {
+            "seconds": budget_seconds, "used": round(used, 3), "exceeded": used > budget_seconds,
+            "stopped_after_step": res.extra.get("stopped_early_at"), "steps": steps}
     if record_experience and not report.accuracies:
         print("note: not recorded in the experience store: no query set was scored",
               file=sys.stderr)
     elif record_experience:
-        record_run(report, task, base, "adapt", {"lr": lr, **adapter.config.to_dict()})
+        record_run(report, task, base, "adapt", {"lr": lr, **adapter.config.to_dict()},
+                   features=features)
     return report
+
+
+def apply_decision(decision: dict, config, run: dict) -> tuple[dict, dict]:
+    """(adapter options, run options) for an ``auto`` run: the recommended hyperparameters,
+    under the init's own options (it was meta-learned with them), under the caller's ``config``
+    and the run settings given with other than their defaults. With an init and no experience
+    behind the recommendation, the learning rate is left to the init (its calibrated one, else
+    the method's). ``hyperparameters_from`` then says where the parts came from."""
+    from metapeft.adapters import get_adapter_class
+    from metapeft.adapters.base import typed_value
+    from metapeft.select.selector import DEFAULTS_SOURCE
+
+    known = get_adapter_class(decision["method"]).Config.defaults()
+    rec = decision["hyperparameters"]
+    init_options = decision.pop("init_options", None) or {}
+    if not isinstance(config, dict):  # an AdapterConfig, as is
+        config = config.to_dict()
+    options = {**{k: v for k, v in rec.items() if k in known}, **init_options, **config}
+    given = {arg for arg, default, _, _ in RUN_OPTIONS.values() if run[arg] != default}
+    run = dict(run)
+    for key, (arg, _default, kind, _flag) in RUN_OPTIONS.items():
+        if key == "lr" and decision["init"] and decision["hyperparameters_from"] == DEFAULTS_SOURCE:
+            continue
+        if key in rec and rec[key] is not None and arg not in given:
+            run[arg] = typed_value(key, rec[key], kind)
+    sources = [decision["hyperparameters_from"]]
+    if init_options:
+        sources.append(f"the options of {decision['init']}")
+    if config or given:
+        sources.append("your options")
+    decision["hyperparameters_from"] = " + ".join(sources)
+    return options, run
+
+
+def _budget_stop(t_start: float, budget: float) -> Callable[[int], bool]:
+    """``train``'s ``stop``: True before a step that, taking as long as the previous one (with its
+    evaluation), would end past ``budget`` seconds after ``t_start``."""
+    import time
+
+    last = [None]
+
+    def stop(step: int) -> bool:
+        now = time.monotonic()
+        previous = 0.0 if last[0] is None else now - last[0]
+        last[0] = now
+        return now - t_start + previous > budget
+
+    return stop
 
 
 def _check_memory(adapter, data, batch_size: int) -> None:
@@ -176,7 +272,7 @@ def _check_memory(adapter, data, batch_size: int) -> None:
 
 def describe_run(report: AdaptReport, encoder, *, task: str, objective: str, init: str | None,
                  seed: int, lr: float, optimizer: str, batch_size: int,
-                 target: float | None) -> dict:
+                 target: float | None, decision: dict | None = None) -> dict:
     """What an adapter directory says about the run that wrote it (``adapter_io.AdapterInfo``):
     the label set in order with the text scored for each, the prompt, the objective, and the
     provenance (init, seed, steps run, final query accuracy, ...)."""
@@ -191,14 +287,18 @@ def describe_run(report: AdaptReport, encoder, *, task: str, objective: str, ini
                 "steps_to_target": report.steps_to_target, "target": target, "lr": lr,
                 "optimizer": optimizer, "batch_size": batch_size,
                 "num_support": report.num_support, "num_query": report.num_query,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **({} if decision is None else {"decision": decision})}}
 
 
-def record_run(report: AdaptReport, task, base, source: str, hyperparameters: dict) -> None:
-    """Append a run to the experience store; a failure to record never fails the run itself."""
+def record_run(report: AdaptReport, task, base, source: str, hyperparameters: dict,
+               features: dict | None = None) -> None:
+    """Append a run to the experience store; a failure to record never fails the run itself.
+    ``features``: the task's, when already computed (else they are computed now)."""
     from metapeft.experience import record_adapt
 
     try:
-        record_adapt(report, task, base=base, source=source, hyperparameters=hyperparameters)
+        record_adapt(report, task, features, base=base, source=source,
+                     hyperparameters=hyperparameters)
     except (UserError, OSError) as e:
         print(f"warning: not recorded in the experience store: {e}", file=sys.stderr)

@@ -22,6 +22,8 @@ _REGISTRY = {
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
 # The method a command or call uses when none is named (`metapeft adapt`, `meta-train`).
 DEFAULT_METHOD = "lora"
+# `adapt --method auto`: not a method; the selector picks one for the task (metapeft.auto).
+AUTO_METHOD = "auto"
 # The documented prior ranking `metapeft select` falls back to without experience (measured on the
 # synthetic sweep of benchmarks/select_eval.py; see metapeft.select.selector). The training-free
 # prototype is second: level with LoRA at 8 steps on that sweep and far ahead of it on CLINC150

@@ -7,9 +7,35 @@ from typing import Optional
 
 import typer
 
-from metapeft.cli._common import (CONFIG_OPT, JSON_OPT, METHOD_OPT, SET_OPT, TASK_ARG, LazyBar,
+from metapeft.adapters import AUTO_METHOD, DEFAULT_METHOD
+from metapeft.cli._common import (CONFIG_OPT, JSON_OPT, METHOD_HELP, SET_OPT, TASK_ARG, LazyBar,
                                   err_console, out_console, parse_sets, print_json, user_errors,
                                   with_model_options, with_task_options)
+
+ADAPT_METHOD_OPT = typer.Option(DEFAULT_METHOD, "--method", help=f"{METHOD_HELP}; or "
+                                f"{AUTO_METHOD}: profile the task, rank the methods (`select`) "
+                                "and run the top one with its recommended settings, from the "
+                                "newest matching meta-weights in the registry if any.")
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.0%}"
+
+
+def print_decision(d: dict, console) -> None:
+    """What ``--method auto`` chose, in a few lines (before training starts)."""
+    alts = ", ".join(f"{a['method']} {_pct(a['confidence'])}" for a in d["alternatives"][:3])
+    predicted = ("" if d["predicted_accuracy"] is None
+                 else f", predicted accuracy {_pct(d['predicted_accuracy'])}")
+    console.print(f"auto: [bold]{d['method']}[/bold] (confidence {_pct(d['confidence'])}"
+                  f"{predicted}, from {d['source']})" + (f"; next: {alts}" if alts else ""),
+                  highlight=False)
+    hp = d["hyperparameters"]
+    shown = ", ".join(f"{k} {hp[k]:g}" if isinstance(hp[k], float) else f"{k} {hp[k]}"
+                      for k in ("lr", "steps") if k in hp)
+    console.print(f"  settings: {shown} ({d['hyperparameters_from']})", highlight=False)
+    console.print(f"  init: {d['init'] or 'fresh'} ({d['init_reason']})", highlight=False)
+    console.print(f"  reason: {d['reason']}", highlight=False)
 
 
 def _print_report(report, out: Path | None) -> None:
@@ -39,6 +65,13 @@ def _print_report(report, out: Path | None) -> None:
     stopped = report.result.extra.get("stopped_at")
     if stopped is not None:
         out_console.print(f"stopped at step {stopped}: query accuracy reached the target")
+    budget = report.extra.get("budget")
+    if budget is not None:
+        after = budget["stopped_after_step"]
+        out_console.print(f"budget {budget['seconds']:g} s: {budget['used']:.1f} s used"
+                          + ("" if after is None else
+                             f"; training stopped after step {after} of {budget['steps']}")
+                          + ("; exceeded" if budget["exceeded"] else ""), highlight=False)
     if out is not None:
         out_console.print(f"adapter written to [bold]{out}[/bold]")
 
@@ -47,7 +80,7 @@ def _print_report(report, out: Path | None) -> None:
 @with_task_options
 def adapt(
     task: Path = TASK_ARG,
-    method: str = METHOD_OPT,
+    method: str = ADAPT_METHOD_OPT,
     steps: int = typer.Option(20, help="Optimizer steps on the support set."),
     target: float = typer.Option(0.8, help="Query accuracy that counts as reached."),
     stop_at_target: bool = typer.Option(False, "--stop-at-target", help="End the run at the "
@@ -61,6 +94,9 @@ def adapt(
     loss: str = typer.Option("ce", help="Training loss: ce (cross-entropy over the candidates' "
                                         "scores), nll, ce_mean or ce_nll."),
     batch_size: int = typer.Option(64, help="Support examples per step."),
+    budget_seconds: Optional[float] = typer.Option(None, "--budget-seconds", help="Limit the "
+                                                   "whole run (profiling included): no step "
+                                                   "starts that would end past it."),
     seed: int = typer.Option(0, help="Seed for the episode, the init and the batch order."),
     config: Optional[Path] = CONFIG_OPT,
     set_: Optional[list[str]] = SET_OPT,
@@ -74,19 +110,29 @@ def adapt(
         from metapeft.adapters import METHODS, get_adapter_class
 
         options = parse_sets(set_, config)
+        console = err_console if as_json else out_console
         # a training-free method runs no optimizer step: no progress bar
-        free = method in METHODS and get_adapter_class(method).training_free
-        with LazyBar(steps, f"adapt {method}", err_console if as_json else out_console) as bar:
+        free = [method in METHODS and get_adapter_class(method).training_free]
+        with LazyBar(steps, f"adapt {method}", console) as bar:
             def on_step(i, loss_, acc):
                 bar.update(completed=i, loss=f"{loss_:.3f}",
                            acc="-" if acc is None else f"{acc:.1%}")
 
+            def on_decision(d):
+                print_decision(d, console)
+                free[0] = get_adapter_class(d["method"]).training_free
+                bar.total, bar.description = d["hyperparameters"]["steps"], f"adapt {d['method']}"
+
+            def on_start():
+                if not free[0]:
+                    bar.start()
+
             report = api.adapt(task, **model_options, method=method, steps=steps, target=target, init=init, out=out, config=options,
                                lr=lr, optimizer=optimizer, batch_size=batch_size, objective=loss,
                                seed=seed, **task_options,
-                               on_start=None if free else bar.start, on_step=on_step,
-                               record_experience=True,
-                               stop_at_target=stop_at_target)
+                               on_start=on_start, on_step=on_step, on_decision=on_decision,
+                               record_experience=True, stop_at_target=stop_at_target,
+                               budget_seconds=budget_seconds)
         if as_json:
             print_json(report.to_json())
         else:
