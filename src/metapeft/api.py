@@ -418,22 +418,21 @@ def predict(adapter: str | Path, inputs, *, model: str | None = None,
     import time
 
     from metapeft.artifacts import atomic_write_text
-    from metapeft.classify import Classifier, check_out_file, prediction, read_inputs
-    from metapeft.data.tasks import Example
+    from metapeft.classify import (Classifier, check_out_file, predictions, read_inputs,
+                                   text_examples)
 
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}", field="top_k")
     out = None if out is None else check_out_file(out)
     t0 = time.perf_counter()
     if isinstance(inputs, (list, tuple)):
-        rows = [e if isinstance(e, Example) else Example(text=str(e), label="") for e in inputs]
+        rows = text_examples(inputs)
     else:
         rows = read_inputs(inputs, text_field=text_field)
     clf = Classifier.load(adapter, model, dequantize=dequantize)
     if on_start is not None:
         on_start(len(rows))
-    probs = clf.probabilities(rows, batch_size=batch_size, on_batch=on_batch)
-    preds = [prediction(e, p, clf.labels, top_k) for e, p in zip(rows, probs)]
+    preds = predictions(clf, rows, top_k=top_k, batch_size=batch_size, on_batch=on_batch)
     if out is not None:
         atomic_write_text(out, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
     return PredictReport(adapter=str(adapter), model=clf.model_id, labels=clf.labels,

@@ -136,6 +136,20 @@ def prediction(example: Example, probs: np.ndarray, labels: list[str],
             "probabilities": {labels[int(c)]: round(float(probs[c]), 6) for c in order}}
 
 
+def text_examples(texts) -> list[Example]:
+    """A list of texts (or ``Example``s) as the rows ``predict`` scores."""
+    return [e if isinstance(e, Example) else Example(text=str(e), label="") for e in texts]
+
+
+def predictions(clf: Classifier, rows: list[Example], *, top_k: int | None = None,
+                batch_size: int = BATCH_SIZE,
+                on_batch: Callable[[int], None] | None = None) -> list[dict]:
+    """``predict``'s output for ``rows``: one ``prediction`` per row, in input order, scored
+    in ``batch_size`` batches. ``api.predict`` and ``serve`` both answer through here."""
+    probs = clf.probabilities(rows, batch_size=batch_size, on_batch=on_batch)
+    return [prediction(e, p, clf.labels, top_k) for e, p in zip(rows, probs)]
+
+
 def gold_indices(examples: list[Example], labels: list[str], source: str,
                  label_field: str = "label") -> np.ndarray:
     """Each example's gold label as an index into ``labels``; a label outside the adapter's set

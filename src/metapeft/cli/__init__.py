@@ -1,10 +1,10 @@
 """The ``metapeft`` command line: thin Typer commands over ``metapeft.api``.
 
 Each module registers one group of commands (``register(app)``): ``adapt`` (adapt, export),
-``predict`` (predict, evaluate), ``meta`` (meta-train, quickstart), ``weights`` (the meta-weights
-registry), ``select`` (profile, select, train-selector, sweep, experience) and ``tune``;
-``_common`` holds what they share. A command parses its arguments, makes one ``api`` call and
-prints the result (``--json``: the report's ``to_json()``).
+``predict`` (predict, evaluate), ``serve``, ``meta`` (meta-train, quickstart), ``weights`` (the
+meta-weights registry), ``select`` (profile, select, train-selector, sweep, experience) and
+``tune``; ``_common`` holds what they share. A command parses its arguments, makes one ``api``
+call and prints the result (``--json``: the report's ``to_json()``).
 
 Only typer loads at import; rich, MLX, mlx-lm and transformers load inside the commands, so
 ``metapeft --help`` answers instantly. Every ``UserError`` becomes one line on stderr and exit
@@ -22,7 +22,7 @@ os.environ.setdefault("TYPER_USE_RICH", "0")
 import typer  # noqa: E402
 import typer.core  # noqa: E402
 
-from metapeft.cli import adapt, meta, predict, select, tune, weights  # noqa: E402
+from metapeft.cli import adapt, meta, predict, select, serve, tune, weights  # noqa: E402
 
 class _OneLineErrors(typer.core.TyperGroup):
     """Click's own errors (a missing argument, an unknown option, a bad number) as one line on
@@ -61,7 +61,7 @@ app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True
                   pretty_exceptions_enable=False,
                   help="Meta-learned PEFT for MLX: pick a method, start from a meta-learned "
                        "init, tune it.")
-for _module in (adapt, predict, meta, weights, select, tune):
+for _module in (adapt, predict, serve, meta, weights, select, tune):
     _module.register(app)
 
 
