@@ -81,10 +81,14 @@ def read_rows(path: str | Path, *, text_field: str = "text", label_field: str = 
     rows: list[tuple[int, dict]] = []
     if (fmt or path.suffix.lower().lstrip(".")) == "csv":
         reader = csv.DictReader(lines)
-        if reader.fieldnames is None:
-            raise UserError("CSV has no header row", path=str(path), line=1)
-        for row in reader:
-            rows.append((reader.line_num, dict(row)))
+        try:
+            if reader.fieldnames is None:
+                raise UserError("CSV has no header row", path=str(path), line=1)
+            for row in reader:
+                rows.append((reader.line_num, dict(row)))
+        except csv.Error as e:  # e.g. a bare carriage return inside an unquoted field
+            raise UserError(f"malformed CSV ({e})", path=str(path),
+                            line=reader.line_num or 1) from None
     else:
         for i, line in enumerate(lines, start=1):
             if not line.strip():
