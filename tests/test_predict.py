@@ -325,3 +325,19 @@ def test_stop_at_target(task_dir, tmp_path):
     assert h.exit_code == 0 and "stopped at step 0" in h.stdout, h.stderr
     with pytest.raises(Exception, match="needs a --target"):
         api.adapt(task_dir, steps=1, target=None, stop_at_target=True)
+
+
+@pytest.mark.parametrize("method", ["lora", "prototype"])
+def test_clinc_round_trip_on_smollm2(smol, clinc_dir, tmp_path, method):
+    """The headline model: adapt --out on a CLINC150 episode (SmolLM2-135M, dequantised on the
+    CPU), then predict and evaluate reproduce the accuracy adapt reported; the directory names
+    the original checkpoint."""
+    from metapeft.data import load_task
+    from metapeft.quickstart import write_task_dir
+
+    task = load_task(clinc_dir / "train.jsonl", ways=3, shots=2, query=2, seed=5)
+    d = write_task_dir(task, tmp_path / "clinc")
+    reported, predicted, evaluated, ev = round_trip(d, tmp_path / method, "--model", smol.path,
+                                                    "--method", method, "--steps", "1")
+    assert predicted == evaluated == reported
+    assert ev["model"] == smol.model_id and ev["num_examples"] == 6
