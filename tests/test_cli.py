@@ -137,7 +137,7 @@ def test_every_command_that_loads_a_model_takes_dequantize():
             with_model.add(path)
             assert "--dequantize" in opts, path
     assert with_model == {"adapt", "meta-train", "profile", "select", "sweep", "tune",
-                          "predict", "evaluate", "serve"}
+                          "predict", "evaluate", "serve", "weights check"}
 
 
 def test_dequantize_flag(task_dir):

@@ -13,7 +13,8 @@ Commands: ``adapt``, ``meta_train``, ``profile``, ``select``, ``sweep``, ``train
 ``replay_stats``, ``save_adapter`` / ``load_adapter``, the experience store (``list_experience``,
 ``experience_record``, ``experience_stats``, ``import_experience``, ``export_experience``) and the
 meta-weights registry (``list_weights``, ``show_weights``, ``compare_weights``,
-``rollback_weights``, ``delete_weights_plan``, ``delete_weights``).
+``rollback_weights``, ``delete_weights_plan``, ``delete_weights``, and the drift gate
+``check_weights``).
 
 Every call that loads a model takes ``dequantize`` (``auto``, ``always`` or ``never``; see
 ``models.load_base_model``). Importing this module is cheap; MLX loads inside the calls.
@@ -47,7 +48,7 @@ __all__ = [
     "load_task_arg", "meta_train", "profile", "registry_root", "replay_stats", "rollback_weights",
     "save_adapter", "select", "show_weights", "sweep", "train_selector", "tune",
     "EvaluateReport", "PredictReport", "evaluate", "predict", "ExperienceStatsReport",
-    "experience_stats",
+    "experience_stats", "check_weights",
 ]
 
 
@@ -543,3 +544,15 @@ def rollback_weights(name: str, version: int | str, registry: str | Path | None 
 
     path = rollback(name, version if isinstance(version, int) else str(version), registry)
     return parse_spec(f"{name}@{path.stem}")[1]
+
+
+def check_weights(new: str, against: str, data: str | Path, **options):
+    """The drift gate: registry version ``new`` against ``against`` on the same fixed probe
+    tasks from ``data``, each adapted at its own stored lr; a ``drift.DriftReport`` (mean
+    accuracies, the paired delta with its 95% CI, the mean KL between their predictive
+    distributions, ``passed``, ``reasons``, the ``rollback`` command). ``options`` are
+    ``drift.check``'s (model, dequantize, registry, tasks, steps, ways, shots, query, seed,
+    tolerance, max_drift, domains, ...)."""
+    from metapeft.drift import check
+
+    return check(new, against, data, **options)

@@ -8,8 +8,9 @@ from typing import Optional
 
 import typer
 
-from metapeft.cli._common import (REGISTRY_OPT, compact_table, out_console, print_json,
-                                  short_time, user_errors)
+from metapeft.cli._common import (REGISTRY_OPT, LazyBar, compact_table, csv_list,
+                                  err_console, out_console, print_json, short_time, user_errors,
+                                  with_model_options)
 
 JSON_LIST_OPT = typer.Option(False, "--json", help="Print JSON.")
 
@@ -185,10 +186,96 @@ def weights_delete(spec: str = typer.Argument(..., help="NAME@VERSION, or NAME f
                           f"{name}: {left}", highlight=False)
 
 
+def _pm(d: dict, pct: bool = True) -> str:
+    """``mean ± ci`` of a ``drift.mean_ci`` dict (points when ``pct``)."""
+    if d.get("mean") is None:
+        return "-"
+    if pct:
+        return f"{d['mean']:.1%}" + ("" if d.get("ci") is None else f" ± {d['ci']:.1%}")
+    return f"{d['mean']:.3f}" + ("" if d.get("ci") is None else f" ± {d['ci']:.3f}")
+
+
+def print_check(d: dict, console=out_console) -> None:
+    """A drift report (``drift.DriftReport.to_json()``) in a few lines."""
+    new, old = d["new"], d["old"]
+    console.print(f"{new['spec']} against {old['spec']}: {d['num_tasks']} probe tasks"
+                  f"{' from ' + d['data'] if d.get('data') else ''}, {d['steps']} steps each "
+                  f"(lr {new['lr']:g} from {new['lr_from']} / {old['lr']:g} from "
+                  f"{old['lr_from']})", highlight=False)
+    delta = d["delta"]
+    shown = "-" if delta["mean"] is None else f"{delta['mean']:+.1%}"
+    if delta.get("low") is not None:
+        shown += f" [{delta['low']:+.1%}, {delta['high']:+.1%}]"
+    console.print(f"  accuracy   new {_pm(d['accuracy_new'])}   old {_pm(d['accuracy_old'])}   "
+                  f"delta {shown} (tolerance {d['tolerance']:.1%})", highlight=False)
+    drift = d["drift"]
+    agree = d["agreement"]
+    console.print(f"  drift      {'-' if drift is None else f'{drift:.3f}'} mean KL(old || new) "
+                  f"over {d['num_queries']} probe queries (max {d['max_drift']:g}); same label "
+                  f"on {'-' if agree is None else f'{agree:.1%}'}", highlight=False)
+    for key in ("new", "old"):
+        if d["diverged"][key]:
+            console.print(f"  {key} diverged on probe tasks {d['diverged'][key]}",
+                          highlight=False)
+    if d["passed"]:
+        console.print("[green]passed[/green]")
+        return
+    console.print(f"[red]failed[/red]: {'; '.join(d['reasons'])}", highlight=False)
+    if d.get("rollback"):
+        console.print(f"roll back with: {d['rollback']}", highlight=False)
+
+
+@with_model_options
+def weights_check(
+    new: str = typer.Argument(..., help="The new version, NAME[@VERSION]."),
+    against: str = typer.Option(..., "--against", help="The version it would replace, "
+                                                       "NAME[@VERSION]."),
+    data: str = typer.Option(..., "--data", help="Where the probe tasks come from: a pool "
+                                                 "JSONL/CSV, a task directory or 'synthetic'."),
+    domains: Optional[list[str]] = typer.Option(None, help="Probe only these domains (comma "
+                                                           "list or repeated)."),
+    tasks: int = typer.Option(20, help="Probe tasks (seeded episodes: the same every time)."),
+    steps: int = typer.Option(5, help="Adaptation steps per version and task."),
+    ways: int = typer.Option(5, help="Classes per probe task."),
+    shots: int = typer.Option(5, help="Support examples per class."),
+    query: int = typer.Option(5, help="Query examples per class."),
+    tolerance: float = typer.Option(0.02, help="Largest accepted drop in mean accuracy "
+                                                "(absolute: 0.02 = 2 points)."),
+    max_drift: float = typer.Option(0.3, help="Largest accepted mean KL(old || new) of the "
+                                              "predictive distributions."),
+    seed: int = typer.Option(0, help="Seed of the probe tasks and the runs."),
+    registry: Optional[Path] = REGISTRY_OPT,
+    as_json: bool = JSON_LIST_OPT,
+    model_options: dict = None,
+):
+    """Drift gate: adapt NEW and --against on the same probe tasks; exit 3 (and print the
+    rollback command) when accuracy drops by more than --tolerance or drift exceeds
+    --max-drift."""
+    with user_errors():
+        from metapeft import api
+        from metapeft.drift import GATE_FAILED
+
+        console = err_console if as_json else out_console
+        with LazyBar(tasks, f"check {new}", console) as bar:
+            res = api.check_weights(new, against, data, **model_options, registry=registry,
+                                    tasks=tasks, steps=steps, ways=ways, shots=shots,
+                                    query=query, seed=seed, tolerance=tolerance,
+                                    max_drift=max_drift, domains=csv_list(domains),
+                                    on_start=bar.start,
+                                    on_task=lambda i, row: bar.update(completed=i + 1))
+        d = res.to_json()
+        if as_json:
+            print_json(d)
+        else:
+            print_check(d)
+        if not res.passed:
+            raise typer.Exit(GATE_FAILED)
+
+
 def register(app: typer.Typer) -> None:
     group = typer.Typer(help="Manage meta-weights in the local registry.", no_args_is_help=True)
     for name, fn in (("list", weights_list), ("show", weights_show),
                      ("compare", weights_compare), ("rollback", weights_rollback),
-                     ("delete", weights_delete)):
+                     ("delete", weights_delete), ("check", weights_check)):
         group.command(name)(fn)
     app.add_typer(group, name="weights")

@@ -1,0 +1,319 @@
+"""The drift gate: may a new meta-weights version replace the old one?
+
+``check(NEW, OLD, data)`` adapts both versions on the same fixed probe tasks (episodes drawn from
+``data`` with fixed seeds, so every check on the same data sees the same tasks) for ``steps``
+optimizer steps each, at the version's own stored test-time lr (``adapt_lr``, chosen by
+``meta.stepsize`` when it was published) or else its method's default, exactly as ``adapt --init``
+would; then it scores every probe query with both adapted versions and reports:
+
+* each version's mean query accuracy after ``steps`` steps, with a 95% CI over the tasks;
+* the paired accuracy delta (new − old, task by task) with its 95% CI (1.96·sd/√n);
+* behavioural drift: the mean, over every probe query, of KL(p_old ‖ p_new), where p is a
+  version's predictive distribution (the softmax over the candidate labels' scores, as
+  ``predict`` computes it), and the share of queries on which both predict the same label.
+
+The gate fails when the new version's mean accuracy is below the old one's by more than
+``tolerance``, when drift exceeds ``max_drift`` (default 0.3 nats), or when the new version
+diverges on a probe task; ``passed`` and ``reasons`` say which, and ``rollback`` is the command
+that makes the old version the latest again. ``meta-train --gate`` runs the same comparison on
+its candidate (``compare``) before publishing it.
+
+A version checked against itself gives delta 0 and drift 0 exactly: training and scoring are
+deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from metapeft.errors import UserError
+
+DEFAULT_TASKS = 20
+DEFAULT_STEPS = 5
+DEFAULT_TOLERANCE = 0.02  # absolute accuracy (2 points)
+DEFAULT_MAX_DRIFT = 0.3  # nats of KL(p_old || p_new), averaged over the probe queries
+PROBE_SEED = 90_000_049  # probe task i is episode PROBE_SEED * (seed + 1) + i
+GATE_FAILED = 3  # the exit status of a failed check (bad input stays 2)
+
+
+@dataclass
+class Contender:
+    """One version to adapt on the probe tasks: its adapter (on the shared base model), its
+    parameters and the lr it adapts with."""
+
+    label: str  # NAME@V, or "candidate"
+    adapter: Any
+    params: dict
+    lr: float
+    lr_from: str  # "adapt_lr" (stored with the version) or "method default"
+    name: str | None = None
+    version: int | None = None
+    path: str | None = None
+
+    def describe(self) -> dict:
+        return {"spec": self.label, "name": self.name, "version": self.version,
+                "path": self.path, "method": self.adapter.method, "lr": self.lr,
+                "lr_from": self.lr_from}
+
+
+def stored_lr(meta: dict) -> float | None:
+    """The ``adapt_lr`` in a version's header (``adapter_io.init_adapt_lr``'s rule), or None."""
+    try:
+        value = float(meta["adapt_lr"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def load_contender(spec: str, base, registry: str | Path | None = None, *,
+                   field: str = "new") -> Contender:
+    """Registry version ``spec`` (``NAME[@V]``) as an adapter on ``base``, with its own adapter
+    options; a one-line error when it was trained on another base model or does not fit."""
+    from metapeft.adapter_io import check_base_model
+    from metapeft.adapters import get_adapter_class
+    from metapeft.artifacts import json_field, load_safetensors
+    from metapeft.registry import parse_spec, resolve
+
+    name, _ = parse_spec(spec)
+    path = resolve(spec, registry)
+    arrays, meta = load_safetensors(path)
+    method = meta.get("method")
+    if method is None:
+        raise UserError("no 'method' in the header; not metapeft meta-weights", path=str(path),
+                        field=field)
+    check_base_model(meta, base, str(path))
+    cls = get_adapter_class(method)
+    if cls.training_free:
+        raise UserError(f"{method} is training-free: there is nothing to check", path=str(path),
+                        field=field)
+    adapter = cls.attach(base, json_field(meta, "config") or {})
+    params = adapter.check_compatible(adapter.unflat(arrays), meta, str(path))
+    lr = stored_lr(meta)
+    version = int(path.stem.lstrip("v"))
+    return Contender(label=f"{name}@{version}", adapter=adapter, params=params,
+                     lr=lr if lr is not None else cls.default_lr,
+                     lr_from="adapt_lr" if lr is not None else "method default", name=name,
+                     version=version, path=str(path))
+
+
+def probe_tasks(data: str | Path, *, tasks: int = DEFAULT_TASKS, ways: int = 5, shots: int = 5,
+                query: int = 5, seed: int = 0, domains=None, exclude_domains=None,
+                labels_from=None, exclude_labels=None, text_field: str = "text",
+                label_field: str = "label") -> list:
+    """The fixed probe tasks: ``tasks`` seeded episodes over every class of ``data`` (a pool
+    file or ``synthetic``, after the domain/label filters), or the first ``tasks`` tasks of a
+    task directory. The same arguments always give the same tasks."""
+    from metapeft.meta.sources import SYNTHETIC, FixedTasks, build_meta_sources
+
+    if tasks < 1:
+        raise UserError(f"--tasks must be at least 1, got {tasks}", field="tasks")
+    if str(data) != SYNTHETIC and not Path(data).exists():
+        raise UserError("probe data does not exist (a pool file, a task directory, or "
+                        f"'{SYNTHETIC}')", path=str(data), field="data")
+    sources = build_meta_sources(data, ways=ways, shots=shots, query=query, domains=domains,
+                                 exclude_domains=exclude_domains, labels_from=labels_from,
+                                 exclude_labels=exclude_labels, val_fraction=0.0, seed=seed,
+                                 text_field=text_field, label_field=label_field)
+    src = sources.train
+    if isinstance(src, FixedTasks):  # a task directory: its tasks, in order
+        return list(src.tasks[:tasks])
+    return [src.sample(PROBE_SEED * (seed + 1) + i) for i in range(tasks)]
+
+
+def _log_softmax(scores: np.ndarray) -> np.ndarray:
+    s = np.asarray(scores, np.float64)
+    m = s.max(axis=1, keepdims=True)
+    return s - m - np.log(np.exp(s - m).sum(axis=1, keepdims=True))
+
+
+def adapt_and_score(c: Contender, enc, steps: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Adapt ``c`` on an encoded task's support set for ``steps`` Adam steps at its lr, then the
+    (n, C) log-probabilities of its query examples (eval mode, as ``predict`` scores) and their
+    gold label indices. ``FloatingPointError`` when training diverges."""
+    import mlx.core as mx
+
+    from metapeft.train import train
+
+    res = train(c.adapter, c.params, enc, steps=steps, lr=c.lr, seed=seed, evaluate_query=False)
+    params = c.adapter.scoring_params(res.params)
+    logp, gold = [], []
+    with c.adapter.scoring_mode():
+        for b in enc.prepared(c.adapter, "query"):
+            s = c.adapter.scores(params, b).astype(mx.float32)
+            labels = np.array(b.labels)
+            keep = labels >= 0
+            logp.append(_log_softmax(np.array(s))[keep])
+            gold.append(labels[keep])
+    return np.concatenate(logp), np.concatenate(gold)
+
+
+def mean_ci(values) -> dict:
+    """``{"mean", "ci"}``: the mean and its 95% CI half-width (1.96·sd/√n; None for n < 2)."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return {"mean": None, "ci": None}
+    half = float(1.96 * v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else None
+    return {"mean": float(v.mean()), "ci": half}
+
+
+@dataclass
+class DriftReport:
+    """What ``check``/``compare`` measured, and the verdict (``passed``, ``reasons``)."""
+
+    new: dict
+    old: dict
+    data: str | None
+    num_tasks: int
+    steps: int
+    tolerance: float
+    max_drift: float
+    accuracy_new: dict  # {"mean", "ci"}
+    accuracy_old: dict
+    delta: dict  # {"mean", "ci", "low", "high"}: new − old, paired by task
+    drift: float | None  # mean KL(p_old || p_new) over every probe query
+    drift_per_task: dict  # {"mean", "ci"} over the tasks' own means
+    agreement: float | None  # share of probe queries with the same predicted label
+    num_queries: int
+    diverged: dict  # {"new": [task indices], "old": [...]}
+    passed: bool
+    reasons: list[str]
+    rollback: str | None  # the command that makes the old version the latest again
+    seconds: float
+    per_task: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        from metapeft.reports import json_safe
+
+        return json_safe({k: getattr(self, k) for k in self.__dataclass_fields__})
+
+
+def rollback_command(new: Contender, old: Contender, registry=None) -> str | None:
+    """``metapeft weights rollback NAME V`` when both are versions of one name, else None."""
+    if new.name is None or old.name is None or new.name != old.name or old.version is None:
+        return None
+    reg = f" --registry {registry}" if registry is not None else ""
+    return f"metapeft weights rollback {old.name} {old.version}{reg}"
+
+
+def compare(new: Contender, old: Contender, tasks: list, *, steps: int = DEFAULT_STEPS,
+            tolerance: float = DEFAULT_TOLERANCE, max_drift: float = DEFAULT_MAX_DRIFT,
+            seed: int = 0, data: str | None = None, registry=None,
+            on_task: Callable[[int, dict], None] | None = None) -> DriftReport:
+    """Adapt both on every task in ``tasks`` and compare (see the module doc)."""
+    from metapeft.train import encode_task
+
+    check_thresholds(steps=steps, tolerance=tolerance, max_drift=max_drift)
+    if new.adapter.method != old.adapter.method:
+        raise UserError(f"{new.label} is {new.adapter.method} meta-weights and {old.label} is "
+                        f"{old.adapter.method}: only versions of one method can be compared",
+                        field="against")
+    t0 = time.perf_counter()
+    per_task, kl_all, agree_all = [], [], []
+    diverged = {"new": [], "old": []}
+    tok = new.adapter.base.tokenizer
+    for i, task in enumerate(tasks):
+        enc = encode_task(task, tok)
+        row: dict = {"task": task.name, "num_query": enc.num_query}
+        out = {}
+        for key, c in (("new", new), ("old", old)):
+            try:
+                out[key] = adapt_and_score(c, enc, steps, seed)
+            except FloatingPointError:
+                diverged[key].append(i)
+                out[key] = None
+        if out["new"] is not None and out["old"] is not None:
+            (lp_new, gold), (lp_old, _) = out["new"], out["old"]
+            acc_new = float(np.mean(lp_new.argmax(1) == gold)) if gold.size else math.nan
+            acc_old = float(np.mean(lp_old.argmax(1) == gold)) if gold.size else math.nan
+            kl = (np.exp(lp_old) * (lp_old - lp_new)).sum(axis=1)
+            kl = np.maximum(kl, 0.0)  # rounding can leave -1e-17
+            same = lp_new.argmax(1) == lp_old.argmax(1)
+            kl_all.append(kl)
+            agree_all.append(same)
+            row.update(accuracy_new=acc_new, accuracy_old=acc_old, delta=acc_new - acc_old,
+                       drift=float(kl.mean()) if kl.size else 0.0,
+                       agreement=float(same.mean()) if same.size else None)
+        else:
+            row.update(diverged=[k for k in ("new", "old") if out[k] is None])
+        per_task.append(row)
+        if on_task is not None:
+            on_task(i, row)
+    ok = [r for r in per_task if "delta" in r]
+    delta = mean_ci([r["delta"] for r in ok])
+    if delta["mean"] is not None:
+        half = delta["ci"]
+        delta.update(low=None if half is None else delta["mean"] - half,
+                     high=None if half is None else delta["mean"] + half)
+    kl_flat = np.concatenate(kl_all) if kl_all else np.zeros(0)
+    drift = float(kl_flat.mean()) if kl_flat.size else None
+    agree = np.concatenate(agree_all) if agree_all else np.zeros(0, bool)
+    reasons = []
+    if diverged["new"]:
+        reasons.append(f"the new version diverged on {len(diverged['new'])} of {len(tasks)} "
+                       f"probe tasks at lr {new.lr:g}")
+    if not ok:
+        reasons.append("no probe task could be compared")
+    if delta["mean"] is not None and delta["mean"] < -tolerance:
+        reasons.append(f"accuracy dropped by {-delta['mean']:.1%} (tolerance {tolerance:.1%})")
+    if drift is not None and drift > max_drift:
+        reasons.append(f"drift {drift:.3f} exceeds {max_drift:g}")
+    passed = not reasons
+    return DriftReport(
+        new=new.describe(), old=old.describe(), data=None if data is None else str(data),
+        num_tasks=len(tasks), steps=steps, tolerance=tolerance, max_drift=max_drift,
+        accuracy_new=mean_ci([r["accuracy_new"] for r in ok]),
+        accuracy_old=mean_ci([r["accuracy_old"] for r in ok]), delta=delta, drift=drift,
+        drift_per_task=mean_ci([r["drift"] for r in ok]),
+        agreement=float(agree.mean()) if agree.size else None, num_queries=int(kl_flat.size),
+        diverged=diverged, passed=passed, reasons=reasons,
+        rollback=None if passed else rollback_command(new, old, registry),
+        seconds=time.perf_counter() - t0, per_task=per_task)
+
+
+def check_thresholds(*, steps: int, tolerance: float, max_drift: float) -> None:
+    """One-line errors for thresholds no check can use (before anything loads)."""
+    if steps < 0:
+        raise UserError(f"--steps must be >= 0, got {steps}", field="steps")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise UserError(f"--tolerance must be a number >= 0, got {tolerance}", field="tolerance")
+    if not (math.isfinite(max_drift) and max_drift >= 0):
+        raise UserError(f"--max-drift must be a number >= 0, got {max_drift}", field="max_drift")
+
+
+def check(new: str, old: str, data: str | Path, *, model: str | None = None,
+          dequantize: str = "auto", registry: str | Path | None = None,
+          tasks: int = DEFAULT_TASKS, steps: int = DEFAULT_STEPS, ways: int = 5, shots: int = 5,
+          query: int = 5, seed: int = 0, tolerance: float = DEFAULT_TOLERANCE,
+          max_drift: float = DEFAULT_MAX_DRIFT, domains=None, exclude_domains=None,
+          labels_from=None, exclude_labels=None, text_field: str = "text",
+          label_field: str = "label", on_start: Callable[[int], None] | None = None,
+          on_task: Callable[[int, dict], None] | None = None) -> DriftReport:
+    """Registry version ``new`` against ``old`` (``NAME[@V]`` each) on probe tasks from
+    ``data`` (see ``probe_tasks``), on base ``model`` (default: the embedded one)."""
+    from metapeft.models import DEFAULT_MODEL, load_base_model
+    from metapeft.registry import resolve
+
+    check_thresholds(steps=steps, tolerance=tolerance, max_drift=max_drift)
+    for spec, flag in ((new, "new"), (old, "against")):  # a missing version fails before work
+        try:
+            resolve(spec, registry)
+        except UserError as e:
+            e.field = flag
+            raise
+    probes = probe_tasks(data, tasks=tasks, ways=ways, shots=shots, query=query, seed=seed,
+                         domains=domains, exclude_domains=exclude_domains,
+                         labels_from=labels_from, exclude_labels=exclude_labels,
+                         text_field=text_field, label_field=label_field)
+    base = load_base_model(model or DEFAULT_MODEL, dequantize=dequantize)
+    a = load_contender(new, base, registry, field="new")
+    b = load_contender(old, base, registry, field="against")
+    if on_start is not None:
+        on_start(len(probes))
+    return compare(a, b, probes, steps=steps, tolerance=tolerance, max_drift=max_drift,
+                   seed=seed, data=str(data), registry=registry, on_task=on_task)

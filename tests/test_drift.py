@@ -1,0 +1,141 @@
+"""The drift gate (``metapeft weights check`` and ``meta-train --gate``): a version against itself
+passes with drift 0 and delta 0; a damaged version fails with exit 3 and the rollback command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import metapeft  # noqa: F401  (preloads OpenBLAS before mlx)
+
+# isort: split
+import mlx.core as mx
+import pytest
+
+from metapeft import drift
+from metapeft import registry as reg
+from metapeft.artifacts import load_safetensors
+from metapeft.errors import UserError
+
+SMALL = dict(ways=3, shots=2, query=2)
+PROBE = ["--tasks", "4", "--steps", "2", "--ways", "3", "--shots", "2", "--query", "2"]
+META = dict(ways=3, shots=2, query=2, inner_steps=2, meta_batch=2, meta_steps=3, eval_every=1,
+            eval_episodes=2)
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "metapeft.cli", *args], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "COLUMNS": "200",
+                                                       **(env or {})})
+
+
+def damage(root, spec: str = "d@1", scale: float = 1.0, name: str = "d") -> int:
+    """A new version of ``name``: ``spec``'s weights with Gaussian noise of std ``scale``."""
+    arrays, meta = load_safetensors(reg.resolve(spec, root))
+    mx.random.seed(0)
+    noisy = {k: v + scale * mx.random.normal(v.shape) for k, v in arrays.items()}
+    return reg.save_version(name, noisy, meta, root)[0]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A registry with d@1 (meta-trained on the synthetic families) and d@2 (d@1 + noise)."""
+    from metapeft import api
+
+    root = tmp_path_factory.mktemp("reg")
+    api.meta_train("synthetic", name="d", registry=root, **META)
+    assert damage(root) == 2
+    return root
+
+
+def test_a_version_against_itself_passes_with_zero_drift(root):
+    r = drift.check("d@1", "d@1", "synthetic", registry=root, tasks=4, steps=2, **SMALL)
+    assert r.passed and r.reasons == [] and r.rollback is None
+    assert r.drift == 0.0 and r.agreement == 1.0
+    assert r.delta["mean"] == 0.0 and r.delta["ci"] == 0.0
+    assert r.accuracy_new == r.accuracy_old
+    assert r.num_tasks == 4 and r.num_queries == 4 * 3 * 2
+    # the stored test-time lr is the one each version adapts with
+    meta = load_safetensors(reg.resolve("d@1", root))[1]
+    assert r.new["lr"] == pytest.approx(float(meta["adapt_lr"])) and r.new["lr_from"] == "adapt_lr"
+    json.dumps(r.to_json(), allow_nan=False)
+
+
+def test_a_damaged_version_fails(root):
+    r = drift.check("d", "d@1", "synthetic", registry=root, tasks=4, steps=2, **SMALL)
+    assert r.new["version"] == 2 and not r.passed
+    assert r.drift > drift.DEFAULT_MAX_DRIFT
+    assert any("drift" in why for why in r.reasons)
+    assert r.rollback == f"metapeft weights rollback d 1 --registry {root}"
+    # every per-task row is paired: the delta is the mean of the per-task deltas
+    deltas = [row["delta"] for row in r.per_task]
+    assert r.delta["mean"] == pytest.approx(sum(deltas) / len(deltas))
+    assert r.delta["low"] <= r.delta["mean"] <= r.delta["high"]
+    # generous thresholds let it pass
+    ok = drift.check("d", "d@1", "synthetic", registry=root, tasks=4, steps=2, tolerance=1.0,
+                     max_drift=100.0, **SMALL)
+    assert ok.passed and ok.drift == pytest.approx(r.drift)
+
+
+def test_a_slightly_perturbed_version_drifts_a_little(root):
+    v = damage(root, scale=0.01, name="small")
+    r = drift.check(f"small@{v}", "d@1", "synthetic", registry=root, tasks=4, steps=2, **SMALL)
+    assert 0.0 < r.drift < 0.05 and r.agreement > 0.8
+    assert r.rollback is None  # another name: no rollback command, whatever the verdict
+
+
+def test_probe_tasks_are_fixed():
+    a = drift.probe_tasks("synthetic", tasks=3, **SMALL)
+    b = drift.probe_tasks("synthetic", tasks=3, **SMALL)
+    assert [t.name for t in a] == [t.name for t in b]
+    assert [[e.text for e in t.query] for t in a] == [[e.text for e in t.query] for t in b]
+    c = drift.probe_tasks("synthetic", tasks=3, seed=1, **SMALL)
+    assert [t.name for t in c] != [t.name for t in a]
+
+
+def test_without_a_stored_lr_the_method_default_is_used(root, tiny):
+    from metapeft.adapters import get_adapter_class
+
+    arrays, meta = load_safetensors(reg.resolve("d@1", root))
+    meta = {k: v for k, v in meta.items() if k not in ("adapt_lr", "adapt_lr_calibration")}
+    v, _ = reg.save_version("nolr", arrays, meta, root)
+    c = drift.load_contender(f"nolr@{v}", tiny, root)
+    assert c.lr_from == "method default"
+    assert c.lr == get_adapter_class(meta["method"]).default_lr
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"tolerance": -0.1}, "tolerance"), ({"max_drift": float("nan")}, "max-drift"),
+    ({"steps": -1}, "steps"), ({"tasks": 0}, "tasks"), ({"ways": 99}, "ways"),
+])
+def test_bad_options(root, kwargs, needle):
+    args = {"tasks": 2, "steps": 1, **SMALL, **kwargs}
+    with pytest.raises(UserError, match=needle):
+        drift.check("d@1", "d@1", "synthetic", registry=root, **args)
+
+
+def test_cli_exit_codes(root):
+    ok = run("weights", "check", "d@1", "--against", "d@1", "--data", "synthetic",
+             "--registry", str(root), *PROBE)
+    assert ok.returncode == 0, ok.stderr
+    assert "passed" in ok.stdout and "drift      0.000" in ok.stdout
+
+    bad = run("weights", "check", "d", "--against", "d@1", "--data", "synthetic",
+              "--registry", str(root), *PROBE)
+    assert bad.returncode == drift.GATE_FAILED == 3, bad.stderr
+    assert "failed" in bad.stdout
+    assert f"roll back with: metapeft weights rollback d 1 --registry {root}" in bad.stdout
+
+    js = run("weights", "check", "d", "--against", "d@1", "--data", "synthetic",
+             "--registry", str(root), *PROBE, "--json")
+    assert js.returncode == 3
+    obj = json.loads(js.stdout)
+    assert obj["passed"] is False and obj["rollback"].startswith("metapeft weights rollback d 1")
+
+    for args, needle in ((["d@9", "--against", "d@1", "--data", "synthetic"], "d@9"),
+                         (["d", "--against", "d@1", "--data", "/no/such.jsonl"], "probe data"),
+                         (["d", "--against", "d@1"], "--data")):
+        r = run("weights", "check", *args, "--registry", str(root), *PROBE)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
