@@ -103,9 +103,15 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     ``calibrate_lr``: after training, choose the test-time Adam lr for the published init on the
     validation tasks (``meta.stepsize``; ``on_calibrate(factor, row)`` after each candidate) and
     store it as ``adapt_lr``, which ``adapt --init`` then uses unless ``--lr`` is given.
+
+    Under ``mlx.launch`` (``mx.distributed``, see ``meta.distributed``) the meta-steps, the
+    validation and the calibration are split over the processes; rank 0 alone writes the
+    checkpoints, the published version and the experience record, and every rank returns the
+    same report.
     """
     from metapeft import registry as reg
     from metapeft.adapters import get_adapter_class
+    from metapeft.meta import distributed as dist
     from metapeft.meta.learner import MetaConfig
     from metapeft.meta.run import meta_train as run, version_metadata
     from metapeft.models import load_base_model
@@ -138,17 +144,21 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     if on_sources is not None:
         on_sources(sources)
     ckpt = reg.checkpoint_path(name, registry)
+    group = dist.world()  # this process alone unless started by mlx.launch
     if on_start is not None:
         on_start()
     result = run(adapter, cfg, sources.train, val_source=sources.validation,
                  meta_steps=meta_steps, meta_batch=meta_batch, seed=seed, eval_every=eval_every,
                  eval_episodes=eval_episodes, checkpoint=ckpt, checkpoint_every=checkpoint_every,
-                 resume=resume, vectorise=vectorise, compile=compile, spec=spec, on_step=on_step)
+                 resume=resume, vectorise=vectorise, compile=compile, spec=spec, on_step=on_step,
+                 group=group)
     meta = version_metadata(adapter, cfg, result, spec=spec, meta_steps=meta_steps,
                             meta_batch=meta_batch, hyper={"ways": ways, "shots": shots,
                                                           "query": query, "seed": seed})
-    version, path = reg.save_version(name, adapter.flat(result.best_theta), meta, registry)
-    Path(ckpt).unlink(missing_ok=True)  # the run is complete and published
+    version = path = None
+    if dist.is_root(group):  # rank 0 publishes for every rank
+        version, path = reg.save_version(name, adapter.flat(result.best_theta), meta, registry)
+        Path(ckpt).unlink(missing_ok=True)  # the run is complete and published
     result.version, result.path = version, str(path)
     if calibrate_lr and sources.validation is not None and eval_episodes > 0:
         import json
@@ -158,16 +168,20 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
 
         cal = calibrate_adapt_lr(adapter, result.best_theta,
                                  validation_tasks(sources.validation, seed, eval_episodes),
-                                 cls.default_lr, on_trial=on_calibrate)
+                                 cls.default_lr, on_trial=on_calibrate, group=group)
         meta.update(adapt_lr=str(cal["adapt_lr"]), adapt_lr_calibration=json.dumps(cal))
         result.extra["adapt_lr"] = cal
     report = MetaTrainReport(name=name, version=version, path=str(path), method=method,
                              algorithm=algorithm,
                              vectorised=vectorise and result.fallback_reason is None,
                              result=result, sources=sources, adapter=adapter, config=cfg)
-    if record_experience:
+    if record_experience and dist.is_root(group):
         _record_meta_init(report, base, meta_steps=meta_steps, meta_batch=meta_batch,
                           eval_episodes=eval_episodes, seed=seed)
+    if dist.size_of(group) > 1:  # the other ranks wait for rank 0's writes; it tells the version
+        version = int(dist.barrier(group, version or 0))
+        path = reg.version_path(name, version, registry)
+        report.version, report.path = result.version, result.path = version, str(path)
     return report
 
 

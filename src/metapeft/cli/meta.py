@@ -76,12 +76,16 @@ def meta_train(
     calibrate_lr: bool = typer.Option(True, help="After training, choose the test-time lr for "
                                                  "the init on the validation tasks (adapt --init "
                                                  "then uses it unless --lr is given)."),
+    processes: int = typer.Option(1, help="Data-parallel processes on this machine: re-run this "
+                                          "command under mlx.launch (ring backend, localhost); "
+                                          "each adapts its share of every meta-batch."),
     config: Optional[Path] = CONFIG_OPT,
     set_: Optional[list[str]] = SET_OPT,
     as_json: bool = JSON_OPT,
     model_options: dict = None,
 ):
-    """Meta-learn an adapter initialisation across many tasks; publish versioned meta-weights."""
+    """Meta-learn an adapter initialisation across many tasks; publish versioned meta-weights.
+    Under mlx.launch (or with --processes N) the work is split over the processes."""
     with user_errors():
         from metapeft import api
         from metapeft.data.feedback import ReplayWeights
@@ -95,17 +99,39 @@ def meta_train(
             else:
                 _print_replay_stats(stats, data)
             return
-        console = err_console if as_json else out_console
+        if processes != 1:
+            from metapeft import registry as reg
+            from metapeft.cli.launch import relaunch
+
+            code = relaunch(processes, "meta-train",
+                            checkpoint=reg.checkpoint_path(name, registry))
+            if code:
+                raise typer.Exit(code)
+            return
+
+        from rich.console import Console
+
+        from metapeft.cli.launch import rank_outcome
+        from metapeft.meta.distributed import world
+
+        rank = world().rank()  # 0 unless under mlx.launch: the other ranks print nothing
+        if rank:
+            import os
+
+            console = out = Console(file=open(os.devnull, "w"), quiet=True)  # noqa: SIM115
+        else:
+            console, out = (err_console if as_json else out_console), out_console
 
         def on_sources(sources):
             if sources.extraction_report is not None and not as_json:
                 from metapeft.data.feedback import format_report
 
-                out_console.print(format_report(sources.extraction_report))
+                out.print(format_report(sources.extraction_report))
             console.print(f"meta-train classes: {sources.num_train_classes}   validation: "
                           f"{sources.num_validation}")
 
-        with LazyBar(meta_steps, f"meta-train {method}/{algorithm}", console) as bar:
+        with rank_outcome(rank), \
+                LazyBar(meta_steps, f"meta-train {method}/{algorithm}", console) as bar:
             def on_step(t, loss, acc, val):
                 bar.update(completed=t, loss=f"{loss:.3f}",
                            acc=f"{acc:.1%}" + ("" if val is None else f" val {val:.1%}"))
@@ -127,6 +153,8 @@ def meta_train(
                     f"  test-time lr x{f}: mean validation accuracy "
                     + ("diverged" if row.get("mean") in (None, float("-inf"))
                        else f"{row['mean']:.1%}")))
+        if rank:
+            return
         if as_json:
             print_json(res.to_json())
             return

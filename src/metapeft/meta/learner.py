@@ -16,6 +16,10 @@ A meta-batch runs either sequentially (a Python loop over tasks) or vectorised: 
 function under ``mx.vmap`` over stacked task batches (θ shared, ``in_axes=None``), optionally under
 ``mx.compile``. Both paths call the same ``task_contribution``. Nothing inside a transformed
 function calls ``mx.eval``; the inner optimizer state is created inside the traced function.
+
+Data parallel (``meta.distributed``): given an ``mx.distributed`` group, ``step`` receives only
+this rank's tasks and adds every rank's sums (contributions, losses, accuracies, task counts)
+with one ``all_sum`` before dividing by the total task count, whatever the algorithm.
 """
 
 from __future__ import annotations
@@ -145,10 +149,13 @@ class MetaLearner:
     """Holds θ's outer optimizer and applies one meta-step per meta-batch.
 
     ``step(theta, groups, t, total)`` takes groups of stacked (support, query) Batches (each group
-    shares shapes) and returns (new θ, mean query loss, mean query accuracy).
+    shares shapes) and returns (new θ, mean query loss, mean query accuracy). With a distributed
+    ``group`` of size > 1 the groups are this rank's share of the meta-batch (possibly none) and
+    the means are over every rank's tasks, so all ranks return the same θ.
     """
 
-    def __init__(self, adapter, cfg: MetaConfig, vectorise: bool = True, compile: bool = True):
+    def __init__(self, adapter, cfg: MetaConfig, vectorise: bool = True, compile: bool = True,
+                 group=None):
         cfg.validate()
         self.adapter = adapter
         self.cfg = cfg
@@ -156,6 +163,7 @@ class MetaLearner:
         self.compile = compile and vectorise
         self.outer = None
         self.fallback_reason: str | None = None
+        self.group = group  # an mx.distributed group; None or size 1: this process alone
         self.vectorised_groups = 0  # meta-batch groups that really ran under vmap
         if cfg.algorithm != "reptile":
             self.outer = make_optimizer(cfg.outer_optimizer, cfg.outer_lr)
@@ -199,6 +207,14 @@ class MetaLearner:
             ls, ac, cs, k = self._group_sums(theta, support, query)
             loss_sum, acc_sum, n = loss_sum + ls, acc_sum + ac, n + k
             contrib_sum = cs if contrib_sum is None else tree_map(lambda a, b: a + b, contrib_sum, cs)
+        if self.group is not None and self.group.size() > 1:
+            from metapeft.meta.distributed import all_sum_tree
+
+            if contrib_sum is None:  # this rank drew no task of the meta-batch
+                contrib_sum = tree_map(mx.zeros_like, theta)
+            contrib_sum, loss_sum, acc_sum, n = all_sum_tree(contrib_sum, self.group, loss_sum,
+                                                             acc_sum, float(n))
+            n = int(n.item())
         mean = tree_map(lambda c: c / n, contrib_sum)
         if self.cfg.algorithm == "reptile":
             eps = self.cfg.outer_lr * ((1.0 - t / max(total_steps, 1)) if self.cfg.anneal else 1.0)

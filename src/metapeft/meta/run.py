@@ -6,6 +6,10 @@ is written atomically every ``checkpoint_every`` meta-steps, so a run killed at 
 from the last checkpoint with ``resume=True``; tasks are drawn from ``seed`` and the step number,
 so a resumed run sees the same task stream. A NaN/inf meta-loss stops the run with a
 ``MetaDivergence`` and leaves the last good checkpoint in place.
+
+Under ``mlx.launch`` the run is data parallel (``meta.distributed``): each rank adapts its share
+of every meta-batch and of the validation episodes, the sums are all-reduced, and only rank 0
+writes checkpoints. With one process nothing changes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from metapeft import __version__
 from metapeft.errors import UserError
+from metapeft.meta import distributed as dist
 from metapeft.meta.batch import encode_episode, group_by_signature, stack_episodes
 from metapeft.meta.learner import MetaConfig, MetaLearner, query_accuracy, inner_adapt
 
@@ -64,14 +69,17 @@ def validation_tasks(val_source, seed: int, count: int) -> list:
     return [val_source.sample(10_000_019 * (seed + 1) + i) for i in range(count)]
 
 
-def validate_theta(adapter, cfg: MetaConfig, theta: dict, episodes) -> float:
-    """Mean query accuracy after ``cfg.inner_steps`` inner steps from θ on fixed val episodes."""
-    accs = []
-    for e in episodes:
+def validate_theta(adapter, cfg: MetaConfig, theta: dict, episodes, group=None) -> float:
+    """Mean query accuracy after ``cfg.inner_steps`` inner steps from θ on fixed val episodes.
+    With a distributed ``group`` each rank adapts its share and every rank gets the same mean."""
+    accs = {}
+    for i in dist.mine(len(episodes), group):
+        e = episodes[i]
         phi = inner_adapt(adapter, theta, e.support, cfg)
         acc = query_accuracy(adapter, phi, e.query)
         mx.eval(acc)
-        accs.append(acc.item())
+        accs[i] = acc.item()
+    accs = dist.gather_slots(accs, len(episodes), group)
     return float(np.mean(accs)) if accs else float("nan")
 
 
@@ -80,15 +88,18 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
                checkpoint: Path | None = None, checkpoint_every: int = 5, resume: bool = False,
                vectorise: bool = True, compile: bool = False, spec: dict | None = None,
                init: dict | None = None,
-               on_step: Callable[[int, float, float, float | None], None] | None = None
-               ) -> MetaTrainResult:
+               on_step: Callable[[int, float, float, float | None], None] | None = None,
+               group=None) -> MetaTrainResult:
+    """``group``: the ``mx.distributed`` group to split the work over (default
+    ``mx.distributed.init()``: this process alone unless started by ``mlx.launch``)."""
     from metapeft.artifacts import load_safetensors, save_safetensors
 
     if meta_steps < 1 or meta_batch < 1:
         raise UserError("meta-steps and meta-batch must be >= 1", field="meta_steps")
     t0 = time.perf_counter()
     tok = adapter.base.tokenizer
-    learner = MetaLearner(adapter, cfg, vectorise=vectorise, compile=compile)
+    group = dist.world() if group is None else group
+    learner = MetaLearner(adapter, cfg, vectorise=vectorise, compile=compile, group=group)
     spec = dict(spec or {})
     ident = {"method": adapter.method, "base_model_hash": adapter.base.fingerprint,
              "algorithm": cfg.algorithm, "config": adapter.config.to_dict()}
@@ -135,6 +146,12 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
         best_step = curves["best_step"]
         start = int(meta["step"])
         elapsed_before = float(meta.get("seconds", 0.0))
+    if dist.size_of(group) > 1 and dist.barrier(group, start) != start * dist.size_of(group):
+        raise dist.DistributedError(
+            f"rank {dist.rank_of(group)} starts at meta-step {start} but not every rank does: "
+            "each rank reads the checkpoint from its own registry, which must be the same one "
+            "(share it, or copy the checkpoint)", path=str(checkpoint), field="resume")
+    last_saved = start if resume else None
 
     val_eps = []
     if val_source is not None and eval_every > 0:
@@ -142,7 +159,7 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
                    for task in validation_tasks(val_source, seed, eval_episodes)]
 
     def save_checkpoint(step: int) -> None:
-        if checkpoint is None:
+        if checkpoint is None or not dist.is_root(group):  # rank 0 writes for every rank
             return
         arrays = {**_flat("theta", theta), **_flat("best", best_theta)}
         if learner.outer is not None:
@@ -155,42 +172,53 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
             "schedule": schedule, "curves": curves,
             "spec": spec, "seconds": str(elapsed_before + time.perf_counter() - t0)})
 
-    for t in range(start, meta_steps):
-        tasks = [train_source.sample(seed * 1_000_003 + t * meta_batch + i) for i in range(meta_batch)]
-        episodes = [encode_episode(task, tok) for task in tasks]
-        if vectorise:
-            groups = [stack_episodes(g, prepare=adapter.prepare)
-                      for g in group_by_signature(episodes)]
-        else:  # one task per group: no padding to the meta-batch's longest prompt
-            groups = [stack_episodes([e], prepare=adapter.prepare) for e in episodes]
-        new_theta, loss, acc = learner.step(theta, groups, t, meta_steps)
-        if not (math.isfinite(loss) and all(bool(mx.all(mx.isfinite(v)).item())
-                                            for _, v in tree_flatten(new_theta))):
-            raise MetaDivergence(f"meta-loss became {loss} at meta-step {t + 1}; stopped. The last "
-                                 f"good checkpoint is kept; lower --inner-lr/--outer-lr and "
-                                 f"--resume", path=str(checkpoint) if checkpoint else None,
-                                 field="meta_loss")
-        theta = new_theta
-        losses.append(round(loss, 6))
-        accs.append(round(acc, 6))
-        val = None
-        if val_eps and ((t + 1) % eval_every == 0 or t + 1 == meta_steps):
-            val = validate_theta(adapter, cfg, theta, val_eps)
-            val_steps.append(t + 1)
-            val_accs.append(round(val, 6))
-            if val > best_val:
-                best_val, best_step, best_theta = val, t + 1, theta
-        if not val_eps:
-            best_theta, best_step = theta, t + 1
-        if on_step is not None:
-            on_step(t + 1, loss, acc, val)
-        if checkpoint is not None and ((t + 1) % checkpoint_every == 0 or t + 1 == meta_steps):
-            save_checkpoint(t + 1)
+    t = start
+    try:
+        for t in range(start, meta_steps):
+            # every rank draws the same task indices and adapts its share (one process: all)
+            tasks = [train_source.sample(seed * 1_000_003 + t * meta_batch + i)
+                     for i in dist.mine(meta_batch, group)]
+            episodes = [encode_episode(task, tok) for task in tasks]
+            if vectorise:
+                groups = [stack_episodes(g, prepare=adapter.prepare)
+                          for g in group_by_signature(episodes)]
+            else:  # one task per group: no padding to the meta-batch's longest prompt
+                groups = [stack_episodes([e], prepare=adapter.prepare) for e in episodes]
+            new_theta, loss, acc = learner.step(theta, groups, t, meta_steps)
+            if not (math.isfinite(loss) and all(bool(mx.all(mx.isfinite(v)).item())
+                                                for _, v in tree_flatten(new_theta))):
+                raise MetaDivergence(f"meta-loss became {loss} at meta-step {t + 1}; stopped. The "
+                                     f"last good checkpoint is kept; lower --inner-lr/--outer-lr "
+                                     f"and --resume", path=str(checkpoint) if checkpoint else None,
+                                     field="meta_loss")
+            theta = new_theta
+            losses.append(round(loss, 6))
+            accs.append(round(acc, 6))
+            val = None
+            if val_eps and ((t + 1) % eval_every == 0 or t + 1 == meta_steps):
+                val = validate_theta(adapter, cfg, theta, val_eps, group)
+                val_steps.append(t + 1)
+                val_accs.append(round(val, 6))
+                if val > best_val:
+                    best_val, best_step, best_theta = val, t + 1, theta
+            if not val_eps:
+                best_theta, best_step = theta, t + 1
+            if on_step is not None:
+                on_step(t + 1, loss, acc, val)
+            if checkpoint is not None and ((t + 1) % checkpoint_every == 0 or t + 1 == meta_steps):
+                save_checkpoint(t + 1)
+                last_saved = t + 1
+    except dist.DistributedError as e:  # a peer died: say where the run can be picked up
+        kept = (f"the last checkpoint (meta-step {last_saved}) is kept: rerun with --resume"
+                if checkpoint is not None and last_saved else "no checkpoint was written yet")
+        raise dist.DistributedError(f"{e.message} during meta-step {t + 1}; {kept}",
+                                    path=str(checkpoint) if checkpoint else None) from None
     return MetaTrainResult(theta=theta, best_theta=best_theta, best_step=best_step,
                            meta_losses=losses, meta_accuracies=accs, val_steps=val_steps,
                            val_accuracies=val_accs,
                            seconds=elapsed_before + time.perf_counter() - t0,
-                           steps_done=meta_steps, fallback_reason=learner.fallback_reason)
+                           steps_done=meta_steps, fallback_reason=learner.fallback_reason,
+                           extra={"processes": dist.size_of(group)})
 
 
 def version_metadata(adapter, cfg: MetaConfig, result: MetaTrainResult, *, spec: dict,

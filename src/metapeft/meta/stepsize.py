@@ -11,6 +11,9 @@ f, exactly as ``adapt`` would (``train.train``), and keep the factor with the hi
 accuracy over the marks (steps 1, 2, 5, 10 by default: the area under the early curve, the regime
 a "handful of steps" user lives in). Ties go to the factor closest to 1. The whole table is stored,
 so ``weights show`` can say why.
+
+In a distributed run (``meta.distributed``) each rank adapts its share of the tasks for every
+factor and the curves are gathered exactly, so every rank chooses the same lr as one process.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ DEFAULT_MARKS = (1, 2, 5, 10)
 
 def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
                        factors=DEFAULT_FACTORS, marks=DEFAULT_MARKS, optimizer: str = "adam",
-                       on_trial=None) -> dict:
+                       on_trial=None, group=None) -> dict:
     """Choose the test-time lr for ``params`` on validation ``tasks`` (``Task`` objects).
 
     Returns ``{"adapt_lr", "factor", "base_lr", "marks", "num_tasks", "table"}`` where ``table``
     maps each factor (as a string) to its mean accuracy at each mark and overall."""
+    from metapeft.meta import distributed as dist
     from metapeft.train import encode_task, train
 
     if not tasks:
@@ -37,17 +41,22 @@ def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
     marks = sorted({int(m) for m in marks})
     encoded = [encode_task(t, adapter.base.tokenizer) for t in tasks]
     table = {}
+    n, k = len(encoded), len(marks)
     for f in factors:
-        curves = []
+        slots = {}  # (task i, mark j) -> accuracy at slot i*k + j; slot n*k counts divergences
         try:
-            for data in encoded:
-                r = train(adapter, params, data, steps=marks[-1], lr=base_lr * f,
+            for i in dist.mine(n, group):
+                r = train(adapter, params, encoded[i], steps=marks[-1], lr=base_lr * f,
                           optimizer=optimizer, eval_at=set(marks))
-                curves.append(r.accuracies)
+                slots.update({i * k + j: a for j, a in enumerate(r.accuracies)})
         except FloatingPointError:  # this lr diverges from this init: never the one to use
+            slots[n * k] = 1.0
+        gathered = dist.gather_slots(slots, n * k + 1, group)
+        if gathered[-1] > 0:
             table[f] = {"mean": float("-inf"), "diverged": True}
         else:
-            per_mark = np.mean(np.asarray(curves, dtype=float), axis=0)
+            curves = np.asarray(gathered[:-1], dtype=float).reshape(n, k)
+            per_mark = np.mean(curves, axis=0)
             table[f] = {"mean": round(float(per_mark.mean()), 6),
                         **{str(m): round(float(a), 6) for m, a in zip(marks, per_mark)}}
         if on_trial is not None:

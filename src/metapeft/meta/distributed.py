@@ -1,0 +1,128 @@
+"""Data-parallel meta-training on MLX's own distributed engine (``mx.distributed``).
+
+Start a run under ``mlx.launch`` (``mlx.launch -n 2 --backend ring -- metapeft meta-train ...``,
+or ``metapeft meta-train --processes 2``, which does exactly that on localhost). Every process
+calls ``mx.distributed.init()`` as mlx-lm's trainer does; with one process it returns a group of
+size 1 and nothing here communicates, so a plain run is unchanged.
+
+How the work is split (``meta.run.meta_train``):
+
+- Meta-step t draws the same ``meta_batch`` task indices on every rank; rank r adapts the tasks
+  ``i`` with ``i % size == r``. A meta-batch that ``size`` does not divide is allowed: the first
+  ``meta_batch % size`` ranks get one task more, the others wait for them in the all-reduce (and
+  a rank with no task contributes zeros). The update is the same either way.
+- Each rank sums its tasks' contributions (Reptile's φ − θ, FOMAML's or MAML's gradient; the
+  meta-learner never names the algorithm here), its query losses, accuracies and task count; one
+  ``mx.distributed.all_sum`` adds them over the ranks and the sum is divided by the total task
+  count, so every rank applies the same mean to the same θ (and the same outer optimizer state):
+  θ is identical on every rank after every meta-step.
+- Validation episodes and the test-time lr calibration's tasks are split the same way; each rank
+  writes its results into its slots of a zero vector and the all_sum gathers them, so every rank
+  sees exactly the numbers a single process computes (and picks the same best step).
+- Only rank 0 writes: checkpoints, the published version, the experience record. The other
+  ranks wait at a barrier (an all_sum of a scalar) that also hands them the version number.
+
+A process that dies ends the run: its peers' next all_sum fails ("connection to a peer was lost")
+and becomes a one-line ``DistributedError``, or ``mlx.launch`` terminates them when the dead
+process exits non-zero. Checkpoints are written atomically by rank 0, so the last one stays whole
+and ``--resume`` continues it, with the same or a different number of processes (the task stream
+depends on the seed and the step only). Every rank reads the checkpoint from its own registry
+path: across machines the registry must be shared, or the checkpoint copied.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from metapeft.errors import UserError
+
+
+class DistributedError(UserError):
+    """A peer process of a distributed run was lost (or another communication failure)."""
+
+
+def world():
+    """The global group (``mx.distributed.init()``): size 1 unless started by ``mlx.launch``."""
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile and os.path.isfile(hostfile) and not Path(hostfile).read_text().strip():
+        # ``mlx.launch -n 1`` hands its one process an empty ring hostfile, which init() cannot
+        # parse (MLX 0.32): one process is a group of one
+        del os.environ["MLX_HOSTFILE"]
+    return mx.distributed.init()
+
+
+def size_of(group) -> int:
+    return 1 if group is None else group.size()
+
+
+def rank_of(group) -> int:
+    return 0 if group is None else group.rank()
+
+
+def is_root(group) -> bool:
+    return rank_of(group) == 0
+
+
+def mine(count: int, group) -> list[int]:
+    """The indices ``i < count`` this rank handles: ``i % size == rank``."""
+    size, rank = size_of(group), rank_of(group)
+    return [i for i in range(count) if i % size == rank]
+
+
+def all_sum(arrays: list, group) -> list:
+    """Sum each array over the group in one all-reduce, packed into one buffer as
+    ``mlx.nn.average_gradients`` does (a LoRA tree has dozens of small leaves). Evaluated here, so
+    a lost peer surfaces as a ``DistributedError`` at this call. With one process: unchanged."""
+    arrays = [a if isinstance(a, mx.array) else mx.array(a, dtype=mx.float32) for a in arrays]
+    if size_of(group) == 1 or not arrays:
+        return arrays
+    dtypes = [a.dtype for a in arrays]
+    common = dtypes[0] if all(d == dtypes[0] for d in dtypes) else mx.float32
+    shapes, sizes = [a.shape for a in arrays], [a.size for a in arrays]
+    with mx.stream(mx.cpu):  # the ring backend reduces on the CPU (as mlx-lm's trainer asks)
+        flat = mx.concatenate([a.reshape(-1).astype(common) for a in arrays])
+        try:
+            total = mx.distributed.all_sum(flat, group=group)
+            mx.eval(total)
+        except RuntimeError as e:
+            raise DistributedError(f"rank {group.rank()} of {group.size()}: the distributed run "
+                                   f"lost a process ({str(e).splitlines()[0]})") from None
+        out, start = [], 0
+        for shape, n, dt in zip(shapes, sizes, dtypes):
+            out.append(total[start:start + n].reshape(shape).astype(dt))
+            start += n
+    return out
+
+
+def all_sum_tree(tree, group, *scalars):
+    """(tree summed over the group, *scalars summed), all in one all-reduce."""
+    flat = tree_flatten(tree)
+    summed = all_sum([*scalars, *(v for _, v in flat)], group)
+    k = len(scalars)
+    return (tree_unflatten([(key, v) for (key, _), v in zip(flat, summed[k:])]), *summed[:k])
+
+
+def gather_slots(values: dict[int, float], count: int, group) -> list[float]:
+    """Every rank's ``{index: value}`` (indices < ``count``) as one list on every rank: each rank
+    fills its slots of a float64 zero vector and the all_sum adds them, which is exact where the
+    ranks' indices are disjoint (a slot several ranks fill gets the sum of their values)."""
+    vec = [0.0] * count
+    for i, v in values.items():
+        vec[i] = v
+    if size_of(group) == 1:
+        return vec
+    (total,) = all_sum([mx.array(vec, dtype=mx.float64)], group)  # float64: exact gather
+    return total.tolist()
+
+
+def barrier(group, value: float = 0.0) -> float:
+    """Wait for every rank; returns the sum of ``value`` over them (rank 0 hands out a number
+    by passing it while the others pass 0)."""
+    if size_of(group) == 1:
+        return value
+    (total,) = all_sum([mx.array(float(value), dtype=mx.float64)], group)
+    return total.item()
