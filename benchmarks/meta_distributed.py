@@ -52,14 +52,14 @@ def worker(args) -> None:
 
 
 def launch(n: int, args, model: str, work: Path) -> dict:
-    from metapeft.cli.launch import free_ports, launcher
+    from metapeft.cli.launch import ring_command
 
     out = work / f"n{n}.json"
-    cmd = [*launcher(), "-n", str(n), "--backend", "ring", "--hosts", "127.0.0.1",
-           "--starting-port", str(free_ports(n)), "--", sys.executable, __file__, "--worker",
-           "--model", model, "--registry", str(work / f"reg{n}"), "--out", str(out),
-           "--meta-steps", str(args.meta_steps), "--meta-batch", str(args.meta_batch),
-           "--inner-steps", str(args.inner_steps), "--algorithm", args.algorithm]
+    cmd = ring_command(n, [sys.executable, __file__, "--worker", "--model", model,
+                           "--registry", str(work / f"reg{n}"), "--out", str(out),
+                           "--meta-steps", str(args.meta_steps),
+                           "--meta-batch", str(args.meta_batch),
+                           "--inner-steps", str(args.inner_steps), "--algorithm", args.algorithm])
     t = time.perf_counter()
     subprocess.run(cmd, check=True)
     if not out.exists():

@@ -72,6 +72,12 @@ def free_ports(count: int) -> int:
                     field="processes")
 
 
+def ring_command(processes: int, command: list[str]) -> list[str]:
+    """``mlx.launch`` running ``command`` as ``processes`` ranks, ring backend, on 127.0.0.1."""
+    return [*launcher(), "-n", str(processes), "--backend", "ring", "--hosts", "127.0.0.1",
+            "--starting-port", str(free_ports(processes)), "--", *command]
+
+
 def _command_args(argv: list[str], command: str) -> list[str]:
     """The arguments after ``command`` in ``argv``, without ``--processes N``."""
     if command not in argv:
@@ -114,14 +120,11 @@ def relaunch(processes: int, command: str = "meta-train", *, checkpoint: Path | 
                         "--processes to the first command only", field="processes")
     import mlx.core as mx
 
-    launch = launcher()
-    if launch is None or not mx.distributed.is_available("ring"):
+    if launcher() is None or not mx.distributed.is_available("ring"):
         raise UserError("--processes needs mlx.launch and MLX's ring backend, which this MLX "
                         "does not have", field="processes")
     args = _command_args(sys.argv if argv is None else argv, command)
-    cmd = [*launch, "-n", str(processes), "--backend", "ring", "--hosts", "127.0.0.1",
-           "--starting-port", str(free_ports(processes)), "--",
-           sys.executable, "-m", "metapeft.cli", command, *args]
+    cmd = ring_command(processes, [sys.executable, "-m", "metapeft.cli", command, *args])
     with tempfile.TemporaryDirectory(prefix="metapeft-ranks-") as status:
         env = {**os.environ, STATUS_ENV: status}
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
