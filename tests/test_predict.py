@@ -239,15 +239,17 @@ def test_stdin_and_exit_status(lora_dir, tmp_path):
     assert "predict" in long.stderr and "300/300" in long.stderr
 
 
-def test_clinc_round_trip_on_stories260k(stories, clinc_dir, tmp_path):
-    """A CLINC150 episode on stories260K: adapt --out, predict and evaluate agree."""
+@pytest.mark.parametrize("method", METHODS)
+def test_clinc_round_trip_on_stories260k(stories, clinc_dir, tmp_path, method):
+    """A CLINC150 episode on stories260K: adapt --out, predict and evaluate agree, every method."""
     from metapeft.data import load_task
     from metapeft.quickstart import write_task_dir
 
     task = load_task(clinc_dir / "train.jsonl", ways=5, shots=4, query=4, seed=3)
     d = write_task_dir(task, tmp_path / "clinc")
     reported, predicted, evaluated, ev = round_trip(d, tmp_path / "a", "--model", stories.path,
-                                                    "--steps", "2", "--lr", "1e-2")
+                                                    "--method", method, "--steps", "2",
+                                                    "--lr", "1e-2")
     assert predicted == evaluated == reported
     assert ev["model"] == stories.model_id and ev["num_examples"] == 20
 
@@ -327,7 +329,7 @@ def test_stop_at_target(task_dir, tmp_path):
         api.adapt(task_dir, steps=1, target=None, stop_at_target=True)
 
 
-@pytest.mark.parametrize("method", ["lora", "prototype"])
+@pytest.mark.parametrize("method", METHODS)
 def test_clinc_round_trip_on_smollm2(smol, clinc_dir, tmp_path, method):
     """The headline model: adapt --out on a CLINC150 episode (SmolLM2-135M, dequantised on the
     CPU), then predict and evaluate reproduce the accuracy adapt reported; the directory names
