@@ -7,9 +7,11 @@ readers see either the previous file or the new one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,32 @@ def _fsync_dir(d: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, *, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive ``fcntl.flock`` on the file ``path`` (created if missing) for the body.
+    Yields True once held; with ``blocking=False`` it yields False at once when another open
+    file holds it (another process, or another ``file_lock`` here). The kernel drops the lock
+    when its holder exits, however it exits (``kill -9`` included), so a lock is never stale.
+    Where ``fcntl`` is missing (not POSIX) it yields True without locking."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield True
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def writable_dir(path: str | Path, *, field: str = "out") -> Path:

@@ -2,8 +2,10 @@
 
 Each module registers one group of commands (``register(app)``): ``adapt`` (adapt, export),
 ``predict`` (predict, evaluate), ``serve``, ``meta`` (meta-train, quickstart), ``weights`` (the
-meta-weights registry), ``select`` (profile, select, train-selector, sweep, experience) and
-``tune``; ``_common`` holds what they share. A command parses its arguments, makes one ``api``
+meta-weights registry and its drift gate), ``select`` (profile, select, train-selector, sweep,
+experience), ``tune``, ``runs`` (the run records) and ``schedule`` (recurring runs); ``_common``
+holds what they share, including the run record every command that trains or evaluates
+leaves (``record_runs``). A command parses its arguments, makes one ``api``
 call and prints the result (``--json``: the report's ``to_json()``).
 
 Only typer loads at import; rich, MLX, mlx-lm and transformers load inside the commands, so
@@ -22,7 +24,9 @@ os.environ.setdefault("TYPER_USE_RICH", "0")
 import typer  # noqa: E402
 import typer.core  # noqa: E402
 
-from metapeft.cli import adapt, meta, predict, select, serve, tune, weights  # noqa: E402
+from metapeft.cli import (adapt, meta, predict, runs, schedule, select, serve,  # noqa: E402
+                          tune, weights)
+from metapeft.cli._common import record_runs  # noqa: E402
 
 class _OneLineErrors(typer.core.TyperGroup):
     """Click's own errors (a missing argument, an unknown option, a bad number) as one line on
@@ -34,6 +38,9 @@ class _OneLineErrors(typer.core.TyperGroup):
         # they are (a ClickException has format_message and exit_code), not by import.
         import sys
 
+        from metapeft.cli import _common
+
+        _common.ARGV = list(sys.argv[1:] if args is None else args)  # for the run records
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
@@ -61,8 +68,9 @@ app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True
                   pretty_exceptions_enable=False,
                   help="Meta-learned PEFT for MLX: pick a method, start from a meta-learned "
                        "init, tune it.")
-for _module in (adapt, predict, serve, meta, weights, select, tune):
+for _module in (adapt, predict, serve, meta, weights, select, tune, runs, schedule):
     _module.register(app)
+record_runs(app)  # every command that trains or evaluates leaves a run record (runs list)
 
 
 def _print_version(value: bool) -> None:

@@ -90,11 +90,14 @@ with_task_options = option_group("task_options", {
 
 
 def error_line(text: str) -> None:
-    """``error: TEXT`` as one line on stderr (the text is the user's, never rich markup)."""
+    """``error: TEXT`` as one line on stderr (the text is the user's, never rich markup); the
+    run record of the command (``recorded``) keeps it as its ``error``."""
     from rich.markup import escape
 
-    err_console.print(f"[red]error:[/red] {escape(' '.join(text.split()))}", highlight=False,
-                      soft_wrap=True)
+    line = " ".join(text.split())
+    if _RUNS:
+        _RUNS[-1].error = line
+    err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -114,6 +117,120 @@ def user_errors():
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]; artifacts saved so far are intact")
         raise typer.Exit(130) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Run records (metapeft.runs): every command that trains or evaluates leaves runs/ID.json
+# --------------------------------------------------------------------------------------------
+
+_RUNS: list = []  # the runs.Recorder of the command running in this process (at most one)
+ARGV: list[str] | None = None  # the command line after `metapeft`, set by the app's main()
+
+
+def _observed(recorder, name: str, fn):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if hasattr(out, "to_json"):
+            recorder.call(name, out)
+        return out
+
+    return call
+
+
+@contextlib.contextmanager
+def _observe_api(recorder):
+    """While a recorded command runs, every ``metapeft.api`` call it makes hands its report to
+    ``recorder`` (the curves and results of the record), then the api is restored."""
+    from metapeft import api
+
+    originals = {n: getattr(api, n) for n in api.__all__
+                 if inspect.isfunction(getattr(api, n, None))}
+    for n, fn in originals.items():
+        setattr(api, n, _observed(recorder, n, fn))
+    try:
+        yield
+    finally:
+        for n, fn in originals.items():
+            setattr(api, n, fn)
+
+
+def _distributed_rank() -> bool:
+    """A process of a distributed run that is not the one recording it: a rank started by
+    ``--processes`` (the launching command records) or a rank other than 0 of ``mlx.launch``."""
+    import os
+
+    return "METAPEFT_DIST_STATUS" in os.environ or os.environ.get("MLX_RANK", "0") != "0"
+
+
+@contextlib.contextmanager
+def run_record(command: str, params: dict):
+    """Record the command's run (``metapeft.runs``) under the registry root of its
+    ``--registry`` (else the default): written when it starts and when it ends, with the
+    outcome (exit status, the one-line error) and the reports of its api calls. Yields the
+    ``runs.Recorder``, or None when recording is off (``METAPEFT_RUNS=off``)."""
+    import sys
+
+    from metapeft import runs
+
+    if not runs.enabled() or _distributed_rank():
+        yield None
+        return
+    rec = runs.Recorder(command, argv=ARGV if ARGV is not None else sys.argv[1:],
+                        params=params, registry=params.get("registry"))
+    rec.start()
+    _RUNS.append(rec)
+    code, error, status = 0, None, None
+    try:
+        with _observe_api(rec):
+            yield rec
+    except typer.Exit as e:
+        code = e.exit_code
+        raise
+    except KeyboardInterrupt:
+        code = 130
+        raise
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise
+    except BaseException as e:  # a bug: the traceback follows; the record keeps its last line
+        code, status = 1, "crashed"
+        error = f"{type(e).__name__}: {' '.join(str(e).split())}"[:1000]
+        raise
+    finally:
+        _RUNS.remove(rec)
+        rec.finish(code, error, status)
+
+
+def recorded(command: str):
+    """A decorator: the command's run is recorded (``run_record``) with its parameters."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with run_record(command, kwargs):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+# The commands that train or evaluate, whose runs are recorded.
+RECORDED = ("adapt", "meta-train", "quickstart", "sweep", "train-selector", "tune", "evaluate",
+            "predict", "weights check")
+
+
+def record_runs(app: typer.Typer, commands=RECORDED, prefix: str = "") -> None:
+    """Wrap every registered command of ``app`` named in ``commands`` (``group sub`` for a
+    group's) in ``recorded``: once, here, for all of them."""
+    for info in app.registered_commands:
+        name = prefix + (info.name or info.callback.__name__.replace("_", "-"))
+        if name in commands and info.callback is not None:
+            info.callback = recorded(name)(info.callback)
+    for group in app.registered_groups:
+        if group.typer_instance is not None and group.name:
+            record_runs(group.typer_instance, commands, f"{prefix}{group.name} ")
 
 
 def compact_table(title: str | None, columns) -> "rich.table.Table":  # noqa: F821
