@@ -9,8 +9,10 @@ as `train.py` compiles it) for:
                     the step as it was before the frozen-trunk work
   full/blocks       every block, head applied only at the scored positions
   top-k/blocks      LoRA on the top k blocks, the trunk recomputed every step
-  top-k/trunk       LoRA on the top k blocks, the trunk's hidden states computed once per task
-                    (the default path for a top-k adapter)
+  top-k/trunk       LoRA on the top k blocks, the trunk's hidden states computed once per task,
+                    the head at every padded label position (masked)
+  top-k/trunk+pos   the same with the head only at the real label positions (``Batch.label_pos``;
+                    the default path for a top-k adapter)
 
 and the machine's measured fp32 GEMM rate, the physical limit: the approximate GFLOP/s each step
 achieves is reported against it. Threads: run it as `OPENBLAS_NUM_THREADS=1` and `=2`.
@@ -63,6 +65,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--arms", default=None, help="comma list of arm names to run (default all; "
+                                                 "speed-ups are against the first one run)")
     args, base, source = real_model_run(ap)
     import metapeft.scoring as sc
     from metapeft.adapters import get_adapter_class
@@ -71,17 +75,23 @@ def main() -> None:
     task = source.sample(args.seed)
     data = encode_task(task, base.tokenizer)
     L = base.num_layers
-    arms = {"full/model-call": (-1, False, False), "full/blocks": (-1, True, False),
-            f"top-{args.top}/blocks": (args.top, True, False),
-            f"top-{args.top}/trunk": (args.top, True, True)}
+    # (top k, own block loop, trunk cache, head only at the real label positions)
+    arms = {"full/model-call": (-1, False, False, False), "full/blocks": (-1, True, False, False),
+            f"top-{args.top}/blocks": (args.top, True, False, False),
+            f"top-{args.top}/trunk": (args.top, True, True, False),
+            f"top-{args.top}/trunk+pos": (args.top, True, True, True)}
+    if args.arms:
+        arms = {k: v for k, v in arms.items() if k in args.arms.split(",")}
     steps, setups = {}, {}
-    for name, (k, blocks, trunk) in arms.items():
+    for name, (k, blocks, trunk, positions) in arms.items():
         ad = get_adapter_class("lora").attach(base, {"num_layers": k})
         params = ad.init_params(0)
         opt = make_optimizer("adam", 1e-3)
         opt.init(params)
         t0 = time.perf_counter()
-        support = [ad.prepare(b) for b in data.support] if trunk else data.support
+        support = data.support if positions else [b._replace(label_pos=sc.NO_POSITIONS)
+                                                  for b in data.support]
+        support = [ad.prepare(b) for b in support] if trunk else support
         mx.eval([b.hidden for b in support])
         setups[name] = time.perf_counter() - t0
         holder = {"p": params}
@@ -110,17 +120,20 @@ def main() -> None:
     lm = data.support[0].label_tokens.shape[1]
     full_rows = sum(int(b.prompt.size) for b in data.support) + B * C * (lm - 1)
     scored_rows = B + B * C * (lm - 1)
+    real_rows = B + sum(b.size * b.label_pos.shape[0] for b in data.support)
     print(f"model {base.model_id} ({L} blocks), task {task.name}: {B} support x {C} candidates, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, "
-          f"fp32 GEMM {peak:.1f} GFLOP/s")
+          f"fp32 GEMM {peak:.1f} GFLOP/s; label positions scored: {real_rows - B} real of "
+          f"{scored_rows - B} padded")
     rows = {}
-    base_med = statistics.median(times["full/model-call"])
+    base_med = statistics.median(times[next(iter(arms))])
     print("| step | median s | speed-up | setup s (once per task) | ~GFLOP/s | % of GEMM peak |")
     print("|---|---|---|---|---|---|")
-    for name, (k, blocks, trunk) in arms.items():
+    for name, (k, blocks, trunk, positions) in arms.items():
         med = statistics.median(times[name])
         trained = L if k < 0 else k
-        fl = step_flops(base, data.support, trained, scored_rows if blocks else full_rows)
+        fl = step_flops(base, data.support, trained, real_rows if positions else
+                        scored_rows if blocks else full_rows)
         rows[name] = {"median_seconds": med, "all_seconds": times[name],
                       "speedup": base_med / med, "setup_seconds": setups[name],
                       "gflops": fl / med / 1e9}

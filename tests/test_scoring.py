@@ -114,3 +114,41 @@ def test_block_path_equals_model_call(tiny):
     finally:
         sc.BLOCK_MODEL_TYPES = saved
     assert np.abs(blocks - generic).max() < 1e-4
+
+
+def _positions_case(base, labels, texts):
+    """The head only at the real label positions (``label_pos``) against every padded position
+    masked (``NO_POSITIONS``): the same scores and the same LoRA gradients."""
+    from mlx.utils import tree_flatten, tree_map
+
+    from metapeft.adapters import get_adapter_class
+    from metapeft.scoring import NO_POSITIONS
+    from metapeft.train import batch_loss
+
+    enc = TaskEncoder(base.tokenizer, labels)
+    batch = enc.encode([Example(t, labels[i % len(labels)]) for i, t in enumerate(texts)])
+    C, Lm = batch.label_tokens.shape
+    lens = np.array(batch.label_len)
+    assert len(set(lens)) > 1 and Lm > 2  # labels of several lengths: padding to skip
+    assert batch.label_pos.shape[0] == int((lens - 1).sum()) < C * (Lm - 1)
+    ad = get_adapter_class("lora").attach(base, {})
+    params = tree_map(lambda x: x + 0.01, ad.init_params(0))
+    masked = batch._replace(label_pos=NO_POSITIONS)
+    for b_fast, b_ref in ((batch, masked), (ad.prepare(batch), ad.prepare(masked))):
+        fast, ref = np.array(ad.scores(params, b_fast)), np.array(ad.scores(params, b_ref))
+        assert np.abs(fast - ref).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
+        g_fast = dict(tree_flatten(mx.grad(batch_loss, argnums=1)(ad, params, b_fast)))
+        g_ref = dict(tree_flatten(mx.grad(batch_loss, argnums=1)(ad, params, b_ref)))
+        scale = max(float(mx.abs(g).max()) for g in g_ref.values())
+        assert max(float(mx.abs(g_fast[k] - g_ref[k]).max()) for k in g_ref) < 1e-4 * scale
+
+
+POS_LABELS = ["pin", "card arrival", "international exchange rate today"]
+
+
+def test_label_positions_equal_masked_scoring_tiny(tiny):
+    _positions_case(tiny, POS_LABELS, TRUNK_TEXTS)
+
+
+def test_label_positions_equal_masked_scoring_smollm2(smol):
+    _positions_case(smol, POS_LABELS, TRUNK_TEXTS)

@@ -30,6 +30,7 @@ def verbalise(label: str) -> str:
 
 
 EMPTY = mx.zeros((0,), mx.float32)  # "no trunk states" (a zero-size array keeps Batch a tree)
+NO_POSITIONS = mx.zeros((0,), mx.int32)  # "no label positions": score every padded position
 
 
 class Batch(NamedTuple):
@@ -45,6 +46,12 @@ class Batch(NamedTuple):
     # first trained block (B, Lp, D), and the label continuations' (B*C, Lm-1, D).
     hidden: mx.array = EMPTY
     label_hidden: mx.array = EMPTY
+    # The real (unpadded) label-continuation positions, (K,) flat indices into (C, Lm-1):
+    # labels of 1-4 tokens padded to the longest leave about half of pass 2's positions empty,
+    # and the vocabulary-wide head is the dearest thing there, so it runs only at these K. Its
+    # length is a shape, so mx.compile sees a fixed K per task. NO_POSITIONS (meta-batches,
+    # whose label tokens are re-padded per meta-batch) scores every position and masks.
+    label_pos: mx.array = NO_POSITIONS
 
     @property
     def size(self) -> int:
@@ -128,9 +135,11 @@ class TaskEncoder:
         index = {lab: i for i, lab in enumerate(self.labels)}
         labels = np.array([index.get(e.label, -1) for e in examples], np.int32)
         w = np.ones(len(examples), np.float32) if weights is None else np.asarray(weights, np.float32)
+        lm1 = self._label_arr.shape[1] - 1
+        pos = [c * lm1 + t for c, n in enumerate(self._label_len) for t in range(n - 1)]
         return Batch(mx.array(tokens), mx.array(np.array([len(p) for p in prompts], np.int32)),
                      mx.array(self._label_arr), mx.array(self._label_len), mx.array(labels),
-                     mx.array(w))
+                     mx.array(w), label_pos=mx.array(np.array(pos, np.int32)))
 
 
 class _ScoringCache:
@@ -309,7 +318,16 @@ def score_candidates(model: nn.Module, batch: Batch, *, virtual: mx.array | None
                for c in caches]
     if blocks:
         h2 = batch.label_hidden if cached else model.model.embed_tokens(_label_inputs(batch))
-        logits2 = _head(model, _run(model, h2, m2[:, None], caches2, start))
+        h2 = _run(model, h2, m2[:, None], caches2, start)  # (B*C, Lm-1, D)
+        K = batch.label_pos.shape[0]
+        if K:  # the head only at the K real positions, each added to its candidate's score
+            hk = mx.take(h2.reshape(B, C * (Lm - 1), -1), batch.label_pos, axis=1)  # (B, K, D)
+            tk = mx.take(batch.label_tokens[:, 1:].reshape(-1), batch.label_pos)  # (K,)
+            lpk = mx.take_along_axis(_log_softmax(_head(model, hk)),
+                                     mx.broadcast_to(tk[None, :, None], (B, K, 1)), axis=-1)[..., 0]
+            owner = (batch.label_pos // (Lm - 1))[:, None] == mx.arange(C)[None, :]  # (K, C)
+            return scores + lpk @ owner.astype(lpk.dtype)
+        logits2 = _head(model, h2)
     else:
         logits2 = model(_label_inputs(batch), cache=caches2)  # (B*C, Lm-1, vocab)
     targets = mx.broadcast_to(batch.label_tokens[None, :, 1:], (B, C, Lm - 1)).reshape(B * C, Lm - 1)

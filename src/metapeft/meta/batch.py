@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from metapeft.data.tasks import Task
-from metapeft.scoring import Batch, TaskEncoder
+from metapeft.scoring import NO_POSITIONS, Batch, TaskEncoder
 
 
 @dataclass
@@ -38,7 +38,8 @@ def _pad_batch(b: Batch, lp: int, lm: int) -> Batch:
     labels = b.label_tokens
     if labels.shape[1] < lm:
         labels = mx.pad(labels, [(0, 0), (0, lm - labels.shape[1])])
-    return b._replace(prompt=prompt, label_tokens=labels)
+    # re-padded label tokens move the flat positions: score every position and mask instead
+    return b._replace(prompt=prompt, label_tokens=labels, label_pos=NO_POSITIONS)
 
 
 def encode_episode(task: Task, tokenizer, template: str | None = None,
