@@ -177,3 +177,13 @@ def test_an_unwritable_registry_never_fails_the_command(task_dir, tmp_path):
     assert rec.path is None
     rec.finish(0)
     assert not Path(blocker).is_dir()
+
+
+def test_runs_started_within_one_second_list_in_start_order(tmp_path):
+    made = []
+    for _ in range(6):
+        rec = runs.Recorder("adapt", argv=[], params={}, registry=tmp_path)
+        rec.start()
+        made.append(rec.id)
+    assert [r["id"] for r in records(tmp_path)] == made
+    assert [r["id"] for r in runs.list_runs(tmp_path, limit=2)] == made[-2:]

@@ -2,7 +2,8 @@
 
 Layout: ``<root>/runs/<ID>.json`` with ``<root>`` from ``registry.registry_root`` (the command's
 ``--registry``, else ``$METAPEFT_HOME``, else the user data dir). ``ID`` is
-``YYYYMMDD-HHMMSS-xxxxxx`` (UTC start time and 6 random hex digits), so ids sort by start time.
+``YYYYMMDD-HHMMSS-xxxxxx`` (UTC start time and 6 random hex digits); ``list_runs`` orders
+runs by their exact start time (``started_ts``).
 
 A record is written atomically (``artifacts.atomic_write_json``) twice: when the command starts
 (``status: running``, with its pid) and when it ends, with
@@ -144,12 +145,15 @@ def list_runs(registry: str | Path | None = None, *, command: str | None = None,
     if not d.is_dir():
         return []
     out = []
-    for p in sorted(d.glob("*.json")):
+    for p in d.glob("*.json"):
         if not ID_RE.fullmatch(p.stem):
             continue
         rec = _load(p)
         if rec is not None and (command is None or rec.get("command") == command):
             out.append(rec)
+    # ids sort by the second a run started; within a second, by the exact start time
+    out.sort(key=lambda r: (str(r.get("id", ""))[:15], r.get("started_ts") or 0,
+                            str(r.get("id", ""))))
     return out[-limit:] if limit else out
 
 
@@ -173,6 +177,11 @@ def get_run(run_id: str, registry: str | Path | None = None) -> dict:
     return rec
 
 
+def _plain(value):
+    """A parameter value JSON has no type for: an Enum's value, else its string."""
+    return getattr(value, "value", None) or str(value)
+
+
 class Recorder:
     """One command's record: ``start``, ``call`` (an api call's report) and ``finish``. Writing
     never fails the command: a record that cannot be written is dropped (``path`` is None)."""
@@ -183,9 +192,10 @@ class Recorder:
         started = now()
         self.record: dict[str, Any] = {
             "id": new_id(started), "command": command, "argv": list(argv),
-            "params": json.loads(json.dumps(params, default=str)), "versions": versions(),
+            "params": json.loads(json.dumps(params, default=_plain)), "versions": versions(),
             "cwd": os.getcwd(), "pid": os.getpid(),
-            "started": started.isoformat(timespec="seconds"), "finished": None,
+            "started": started.isoformat(timespec="seconds"),
+            "started_ts": started.timestamp(), "finished": None,
             "duration_seconds": None, "status": "running", "exit_status": None, "error": None,
             "calls": [], "calls_left_out": 0}
         self._t0 = time.monotonic()
