@@ -139,3 +139,75 @@ def test_cli_exit_codes(root):
                          (["d", "--against", "d@1"], "--data")):
         r = run("weights", "check", *args, "--registry", str(root), *PROBE)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- meta-train --gate
+
+CLI_META = ["--meta-steps", "3", "--ways", "3", "--shots", "2", "--query", "2", "--inner-steps",
+            "2", "--meta-batch", "2", "--eval-every", "1", "--eval-episodes", "2"]
+CLI_GATE = ["--gate", "--gate-tasks", "4", "--gate-steps", "2"]
+
+
+def test_meta_train_gate(tmp_path):
+    """The first version has nothing to check against; the same run again passes (drift 0); a
+    run whose latest version is damaged fails: exit 3, nothing published, the candidate kept."""
+    reg_dir = tmp_path / "reg"
+    home = {"METAPEFT_HOME": str(tmp_path / "home")}
+    first = run("meta-train", "--name", "g", "--registry", str(reg_dir), *CLI_META, *CLI_GATE,
+                env=home)
+    assert first.returncode == 0, first.stderr
+    assert "gate: no earlier version of g" in first.stdout and "published g@1" in first.stdout
+
+    again = run("meta-train", "--name", "g", "--registry", str(reg_dir), *CLI_META, *CLI_GATE,
+                "--json", env=home)
+    assert again.returncode == 0, again.stderr
+    obj = json.loads(again.stdout)
+    assert obj["published"] is True and obj["version"] == 2
+    g = obj["gate"]
+    assert g["against"] == "g@1" and g["passed"] and g["drift"] == 0.0
+    assert g["delta"]["mean"] == 0.0 and g["tasks"] == 4 and g["steps"] == 2
+    shown = reg.show("g@2", reg_dir)["metadata"]["gate"]  # the published version says so
+    assert shown["against"] == "g@1" and shown["passed"] is True
+    assert "gate    " in run("weights", "show", "g@2", "--registry", str(reg_dir)).stdout
+
+    v = damage(reg_dir, "g@2", name="g")  # the latest is now a damaged g@3
+    failed = run("meta-train", "--name", "g", "--registry", str(reg_dir), *CLI_META, *CLI_GATE,
+                 env=home)
+    assert failed.returncode == drift.GATE_FAILED, failed.stderr
+    assert f"gate against g@{v}" in failed.stdout and "gate failed: drift" in failed.stdout
+    assert "not published" in failed.stdout and "published g@" not in failed.stdout
+    assert reg.list_versions("g", reg_dir) == [1, 2, 3] and reg.latest_version("g", reg_dir) == 3
+    assert not reg.checkpoint_path("g", reg_dir).exists()
+    [kept] = sorted((reg_dir / "candidates" / "g").glob("*.safetensors"))
+    arrays, meta = load_safetensors(kept)
+    assert json.loads(meta["gate"])["passed"] is False and meta["candidate"] == "true"
+    assert json.loads(kept.with_suffix(".json").read_text())["passed"] is False
+    assert str(kept) in failed.stdout
+    # the kept candidate equals the honest g@2 (same data, settings and seed)
+    same = drift.check("g@2", "g@2", "synthetic", registry=reg_dir, tasks=1, steps=0, **SMALL)
+    assert same.passed
+    a2, _ = load_safetensors(reg.resolve("g@2", reg_dir))
+    assert all(bool(mx.array_equal(a2[k], arrays[k])) for k in a2)
+
+    js = run("meta-train", "--name", "g", "--registry", str(reg_dir), *CLI_META, *CLI_GATE,
+             "--json", env=home)
+    assert js.returncode == 3
+    obj = json.loads(js.stdout)
+    assert obj["published"] is False and obj["version"] is None
+    assert obj["path"].startswith(str(reg_dir / "candidates" / "g"))
+
+
+def test_meta_train_gate_bad_input_fails_before_training(tmp_path):
+    reg_dir = tmp_path / "reg"
+    from metapeft import api
+
+    api.meta_train("synthetic", name="b", registry=reg_dir, **META)
+    for extra, needle in ((["--gate-data", str(tmp_path / "nope.jsonl")], "probe data"),
+                          (["--gate-tolerance", "-1"], "tolerance"),
+                          (["--gate-tasks", "0"], "tasks"),
+                          (["--method", "dora"], "this run trains dora")):
+        r = run("meta-train", "--name", "b", "--registry", str(reg_dir), *CLI_META, *CLI_GATE,
+                *extra)
+        assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert "meta-train lora" not in r.stdout + r.stderr  # no progress: nothing trained
+    assert reg.list_versions("b", reg_dir) == [1]

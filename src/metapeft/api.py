@@ -91,7 +91,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                checkpoint_every: int = 5, dequantize: str = "auto", on_step=None, on_start=None,
                on_sources: Callable | None = None, sources=None,
                record_experience: bool = False, calibrate_lr: bool = True,
-               on_calibrate=None) -> MetaTrainReport:
+               on_calibrate=None, gate: bool = False, gate_data: str | Path | None = None,
+               gate_tasks: int = 20, gate_steps: int = 5, gate_tolerance: float = 0.02,
+               gate_max_drift: float = 0.3) -> MetaTrainReport:
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
     The defaults are the measured recipe (``config.META_RECIPE``); the inner lr defaults to the
     method's own ``default_lr`` with Adam (3x it with second-order MAML's plain SGD).
@@ -103,6 +105,13 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     ``calibrate_lr``: after training, choose the test-time Adam lr for the published init on the
     validation tasks (``meta.stepsize``; ``on_calibrate(factor, row)`` after each candidate) and
     store it as ``adapt_lr``, which ``adapt --init`` then uses unless ``--lr`` is given.
+
+    ``gate``: publish only when the new weights pass the drift check (``drift``, as ``weights
+    check``) against ``name``'s latest version on ``gate_tasks`` probe tasks from ``gate_data``
+    (default: ``data`` with its filters), ``gate_steps`` steps each at their own lr; otherwise
+    keep them unpublished under ``candidates/NAME/`` with the check's report (the returned
+    report's ``published`` is False, ``version`` None, ``path`` the candidate). The check's
+    summary is in ``result.extra["gate"]`` and in the published version's metadata.
 
     Under ``mlx.launch`` (``mx.distributed``, see ``meta.distributed``) the meta-steps, the
     validation and the calibration are split over the processes; rank 0 alone writes the
@@ -141,6 +150,14 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     base = load_base_model(model, dequantize=dequantize)
     adapter = cls.attach(base, config or {})
     _check_meta_memory(adapter, sources.train, meta_batch=meta_batch, seed=seed)
+    gate_plan = None
+    if gate:  # probe tasks and the latest version, now: a bad --gate fails before training
+        gate_plan = _plan_gate(name, registry, gate_data, data, adapter=adapter,
+                               task_strategy=task_strategy, tasks=gate_tasks, steps=gate_steps,
+                               tolerance=gate_tolerance, max_drift=gate_max_drift, ways=ways,
+                               shots=shots, query=query, seed=seed, domains=domains,
+                               exclude_domains=exclude_domains, labels_from=labels_from,
+                               exclude_labels=exclude_labels)
     if on_sources is not None:
         on_sources(sources)
     ckpt = reg.checkpoint_path(name, registry)
@@ -155,11 +172,6 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     meta = version_metadata(adapter, cfg, result, spec=spec, meta_steps=meta_steps,
                             meta_batch=meta_batch, hyper={"ways": ways, "shots": shots,
                                                           "query": query, "seed": seed})
-    version = path = None
-    if dist.is_root(group):  # rank 0 publishes for every rank
-        version, path = reg.save_version(name, adapter.flat(result.best_theta), meta, registry)
-        Path(ckpt).unlink(missing_ok=True)  # the run is complete and published
-    result.version, result.path = version, str(path)
     if calibrate_lr and sources.validation is not None and eval_episodes > 0:
         import json
 
@@ -171,6 +183,17 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                                  cls.default_lr, on_trial=on_calibrate, group=group)
         meta.update(adapt_lr=str(cal["adapt_lr"]), adapt_lr_calibration=json.dumps(cal))
         result.extra["adapt_lr"] = cal
+    if gate_plan is not None:
+        kept = _gate_candidate(gate_plan, adapter, result, meta, cls.default_lr, report_args=dict(
+            name=name, method=method, algorithm=algorithm, vectorise=vectorise, sources=sources,
+            config=cfg), registry=registry, is_root=dist.is_root(group), checkpoint=ckpt)
+        if kept is not None:  # failed the check: kept unpublished under candidates/
+            return kept
+    version = path = None
+    if dist.is_root(group):  # rank 0 publishes for every rank
+        version, path = reg.save_version(name, adapter.flat(result.best_theta), meta, registry)
+        Path(ckpt).unlink(missing_ok=True)  # the run is complete and published
+    result.version, result.path = version, str(path)
     report = MetaTrainReport(name=name, version=version, path=str(path), method=method,
                              algorithm=algorithm,
                              vectorised=vectorise and result.fallback_reason is None,
@@ -183,6 +206,52 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
         path = reg.version_path(name, version, registry)
         report.version, report.path = result.version, result.path = version, str(path)
     return report
+
+
+def _plan_gate(name: str, registry, gate_data, data, *, task_strategy, domains,
+               exclude_domains, labels_from, exclude_labels, **options):
+    """``meta_train(gate=True)``'s ``drift.GatePlan``: probe tasks from ``gate_data``, else
+    from the training ``data`` with its domain and label filters."""
+    from metapeft.drift import plan_gate
+
+    if gate_data is None:
+        if task_strategy is not None:
+            raise UserError("--gate on a feedback log needs --gate-data: a pool or task "
+                            "directory to draw the probe tasks from", field="gate_data")
+        return plan_gate(name, data, registry=registry, domains=domains,
+                         exclude_domains=exclude_domains, labels_from=labels_from,
+                         exclude_labels=exclude_labels, **options)
+    return plan_gate(name, gate_data, registry=registry, **options)
+
+
+def _gate_candidate(plan, adapter, result, meta: dict, default_lr: float, *, report_args: dict,
+                    registry, is_root: bool, checkpoint) -> MetaTrainReport | None:
+    """Check the trained init against the latest version (``plan``). Passed (or nothing to check
+    against): the summary joins ``meta`` and ``result.extra["gate"]``, and None is returned so
+    the run publishes as usual. Failed: the candidate and its report are kept under
+    ``candidates/NAME/`` (by rank 0), the checkpoint is removed (the run is complete), and the
+    unpublished report is returned."""
+    import json
+
+    cal = result.extra.get("adapt_lr")
+    lr, lr_from = (cal["adapt_lr"], "adapt_lr") if cal else (default_lr, "method default")
+    check = plan.run(adapter, result.best_theta, lr=lr, lr_from=lr_from)
+    summary = plan.summary(check)
+    result.extra["gate"] = summary
+    meta["gate"] = json.dumps(summary)
+    if check is None or check.passed:
+        return None
+    path = None
+    if is_root:
+        from metapeft.drift import keep_candidate
+
+        path = keep_candidate(plan.name, adapter.flat(result.best_theta), meta, check, registry)
+        Path(checkpoint).unlink(missing_ok=True)
+    result.version, result.path = None, None if path is None else str(path)
+    vectorise = report_args.pop("vectorise")
+    return MetaTrainReport(**report_args, version=None, path=result.path, result=result,
+                           vectorised=vectorise and result.fallback_reason is None,
+                           adapter=adapter)
 
 
 def _check_meta_memory(adapter, source, *, meta_batch: int, seed: int) -> None:

@@ -317,3 +317,106 @@ def check(new: str, old: str, data: str | Path, *, model: str | None = None,
         on_start(len(probes))
     return compare(a, b, probes, steps=steps, tolerance=tolerance, max_drift=max_drift,
                    seed=seed, data=str(data), registry=registry, on_task=on_task)
+
+
+# ----------------------------------------------------------------------------- meta-train --gate
+
+def candidates_dir(name: str, registry: str | Path | None = None) -> Path:
+    """Where ``meta-train --gate`` keeps a candidate that failed the check (unpublished)."""
+    from metapeft.registry import registry_root, validate_name
+
+    return registry_root(registry) / "candidates" / validate_name(name)
+
+
+@dataclass
+class GatePlan:
+    """What ``meta-train --gate`` checks its candidate against, settled before training (so a
+    bad ``--gate-data`` fails at once): the current latest version of the name (None: the
+    first version, nothing to check) and the fixed probe tasks."""
+
+    name: str
+    against: str | None  # NAME@V
+    probes: list
+    data: str
+    steps: int
+    tolerance: float
+    max_drift: float
+    seed: int
+    registry: Any = None
+    old: Contender | None = None  # the latest version, loaded on the run's base model
+
+    def run(self, adapter, params: dict, *, lr: float, lr_from: str) -> DriftReport | None:
+        """The candidate (``adapter`` with ``params``, adapted at ``lr``) against the latest
+        version; None when there is none."""
+        if self.against is None:
+            return None
+        old = self.old or load_contender(self.against, adapter.base, self.registry,
+                                         field="gate")
+        new = Contender(label=f"{self.name} (candidate)", adapter=adapter, params=params, lr=lr,
+                        lr_from=lr_from, name=self.name)
+        report = compare(new, old, self.probes, steps=self.steps, tolerance=self.tolerance,
+                         max_drift=self.max_drift, seed=self.seed, data=self.data,
+                         registry=self.registry)
+        report.rollback = None  # a candidate that fails is not published: nothing to undo
+        return report
+
+    def summary(self, report: DriftReport | None) -> dict:
+        """What the published version (or the kept candidate) records about its check."""
+        if report is None:
+            return {"against": None, "passed": True,
+                    "reason": f"no earlier version of {self.name}: nothing to check against"}
+        return {"against": self.against, "passed": report.passed, "reasons": report.reasons,
+                "data": self.data, "tasks": report.num_tasks, "steps": report.steps,
+                "accuracy_new": report.accuracy_new["mean"],
+                "accuracy_old": report.accuracy_old["mean"], "delta": report.delta,
+                "drift": report.drift, "agreement": report.agreement,
+                "tolerance": report.tolerance, "max_drift": report.max_drift}
+
+
+def plan_gate(name: str, data: str | Path, *, registry: str | Path | None = None,
+              adapter=None, tasks: int = DEFAULT_TASKS, steps: int = DEFAULT_STEPS,
+              tolerance: float = DEFAULT_TOLERANCE, max_drift: float = DEFAULT_MAX_DRIFT,
+              ways: int = 5, shots: int = 5, query: int = 5, seed: int = 0,
+              **filters) -> GatePlan:
+    """The gate of a ``meta-train --name NAME --gate`` run: the latest version of ``NAME`` and
+    the probe tasks from ``data`` (``filters``: ``probe_tasks``' domain and label options).
+    With the run's ``adapter``, the latest version is loaded on its base model now, so one of
+    another method or base model is refused before any training."""
+    from metapeft.registry import latest_version
+
+    check_thresholds(steps=steps, tolerance=tolerance, max_drift=max_drift)
+    latest = latest_version(name, registry)
+    if latest is None:
+        return GatePlan(name=name, against=None, probes=[], data=str(data), steps=steps,
+                        tolerance=tolerance, max_drift=max_drift, seed=seed, registry=registry)
+    probes = probe_tasks(data, tasks=tasks, ways=ways, shots=shots, query=query, seed=seed,
+                         **filters)
+    old = None
+    if adapter is not None:
+        old = load_contender(f"{name}@{latest}", adapter.base, registry, field="gate")
+        if old.adapter.method != adapter.method:
+            raise UserError(f"--gate: {old.label} is {old.adapter.method} meta-weights, this "
+                            f"run trains {adapter.method}; gate against the same method (or "
+                            "use another --name)", path=old.path, field="gate")
+    return GatePlan(name=name, against=f"{name}@{latest}", probes=probes, data=str(data),
+                    steps=steps, tolerance=tolerance, max_drift=max_drift, seed=seed,
+                    registry=registry, old=old)
+
+
+def keep_candidate(name: str, arrays: dict, metadata: dict, report: DriftReport,
+                   registry: str | Path | None = None) -> Path:
+    """Store a candidate that failed the gate, unpublished: ``candidates/NAME/ID.safetensors``
+    (the meta-weights, with the metadata a version would have had) and ``ID.json`` (the
+    check's report). Returns the weights file."""
+    import datetime as dt
+    import secrets
+
+    from metapeft.artifacts import atomic_write_json, save_safetensors
+
+    d = candidates_dir(name, registry)
+    stamp = (f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}-"
+             f"{secrets.token_hex(3)}")
+    path = save_safetensors(d / f"{stamp}.safetensors", arrays,
+                            {**metadata, "name": name, "candidate": True})
+    atomic_write_json(d / f"{stamp}.json", report.to_json())
+    return path

@@ -87,7 +87,9 @@ class AdaptReport(_Wraps):
 @dataclass
 class MetaTrainReport(_Wraps):
     """``meta_train``: the published version (``name``, ``version``, ``path``) and the run's
-    ``MetaTrainResult`` (curves, ``best_theta``, ``seconds``, ...)."""
+    ``MetaTrainResult`` (curves, ``best_theta``, ``seconds``, ...). With ``gate``: the drift
+    check's summary in ``extra["gate"]``; a candidate that failed it is not published
+    (``version`` None, ``path`` the kept candidate, ``published`` False)."""
 
     name: str
     version: int
@@ -100,16 +102,25 @@ class MetaTrainReport(_Wraps):
     adapter: Any = None
     config: MetaConfig | None = None
 
+    @property
+    def published(self) -> bool:
+        """False when ``--gate`` kept the candidate unpublished."""
+        return (self.result.extra.get("gate") or {}).get("passed", True)
+
     def to_json(self) -> dict:
-        """Exactly the keys of ``metapeft meta-train --json``."""
+        """Exactly the keys of ``metapeft meta-train --json``, plus ``gate`` and ``published``
+        with ``--gate``."""
         r = self.result
-        return {"name": self.name, "version": self.version, "path": self.path,
-                "method": self.method, "algorithm": self.algorithm, "meta_steps": r.steps_done,
-                "best_step": r.best_step, "meta_loss": r.meta_losses,
-                "meta_accuracy": r.meta_accuracies, "val_steps": r.val_steps,
-                "val_accuracy": r.val_accuracies, "seconds": round(r.seconds, 3),
-                "vectorised": self.vectorised,
-                "adapt_lr": (r.extra.get("adapt_lr") or {}).get("adapt_lr")}
+        out = {"name": self.name, "version": self.version, "path": self.path,
+               "method": self.method, "algorithm": self.algorithm, "meta_steps": r.steps_done,
+               "best_step": r.best_step, "meta_loss": r.meta_losses,
+               "meta_accuracy": r.meta_accuracies, "val_steps": r.val_steps,
+               "val_accuracy": r.val_accuracies, "seconds": round(r.seconds, 3),
+               "vectorised": self.vectorised,
+               "adapt_lr": (r.extra.get("adapt_lr") or {}).get("adapt_lr")}
+        if "gate" in r.extra:
+            out.update(gate=json_safe(r.extra["gate"]), published=self.published)
+        return out
 
 
 @dataclass

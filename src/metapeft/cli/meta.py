@@ -79,13 +79,25 @@ def meta_train(
     processes: int = typer.Option(1, help="Data-parallel processes on this machine: re-run this "
                                           "command under mlx.launch (ring backend, localhost); "
                                           "each adapts its share of every meta-batch."),
+    gate: bool = typer.Option(False, "--gate", help="Publish only if the new weights pass the "
+                              "drift check (weights check) against NAME's latest version; "
+                              "otherwise keep them unpublished under candidates/ and exit 3."),
+    gate_data: Optional[str] = typer.Option(None, help="--gate: where the probe tasks come from "
+                                                       "(default: --data with its filters)."),
+    gate_tasks: int = typer.Option(20, help="--gate: probe tasks."),
+    gate_steps: int = typer.Option(5, help="--gate: adaptation steps per probe task."),
+    gate_tolerance: float = typer.Option(0.02, help="--gate: largest accepted drop in mean "
+                                                    "accuracy (absolute)."),
+    gate_max_drift: float = typer.Option(0.3, help="--gate: largest accepted mean KL(old || "
+                                                   "new) of the predictive distributions."),
     config: Optional[Path] = CONFIG_OPT,
     set_: Optional[list[str]] = SET_OPT,
     as_json: bool = JSON_OPT,
     model_options: dict = None,
 ):
     """Meta-learn an adapter initialisation across many tasks; publish versioned meta-weights.
-    Under mlx.launch (or with --processes N) the work is split over the processes."""
+    Under mlx.launch (or with --processes N) the work is split over the processes. With --gate,
+    publish only what passes the drift check against the latest version (else exit 3)."""
     with user_errors():
         from metapeft import api
         from metapeft.data.feedback import ReplayWeights
@@ -149,6 +161,8 @@ def meta_train(
                 min_samples=min_samples, replay=rw, resume=resume, vectorise=not sequential,
                 compile=compile_, on_sources=on_sources, on_start=bar.start, on_step=on_step,
                 record_experience=True, calibrate_lr=calibrate_lr,
+                gate=gate, gate_data=gate_data, gate_tasks=gate_tasks, gate_steps=gate_steps,
+                gate_tolerance=gate_tolerance, gate_max_drift=gate_max_drift,
                 on_calibrate=lambda f, row: console.print(
                     f"  test-time lr x{f}: mean validation accuracy "
                     + ("diverged" if row.get("mean") in (None, float("-inf"))
@@ -157,7 +171,17 @@ def meta_train(
             return
         if as_json:
             print_json(res.to_json())
+            if not res.published:
+                from metapeft.drift import GATE_FAILED
+
+                raise typer.Exit(GATE_FAILED)
             return
+        if "gate" in res.result.extra:
+            _print_gate(res, name)
+            if not res.published:
+                from metapeft.drift import GATE_FAILED
+
+                raise typer.Exit(GATE_FAILED)
         out_console.print(f"published [bold]{name}@{res.version}[/bold] -> {res.path}")
         if res.val_accuracies:
             out_console.print(f"validation accuracy (held-out classes, after {inner_steps} inner "
@@ -168,6 +192,33 @@ def meta_train(
             out_console.print(f"test-time lr for this init: {cal['adapt_lr']:g} (x{cal['factor']} "
                               f"of {method}'s default; chosen on the validation tasks)")
         out_console.print(f"next: metapeft adapt TASK --method {method} --init {name}")
+
+
+def _print_gate(res, name: str) -> None:
+    """``--gate``: the check's verdict; for a candidate it stopped, where it was kept."""
+    g = res.result.extra["gate"]
+    if g.get("against") is None:
+        out_console.print(f"gate: {g['reason']}", highlight=False)
+        return
+
+    def pct(v, sign=""):
+        return "-" if v is None else f"{v:{sign}.1%}"
+
+    delta = g.get("delta") or {}
+    ci = "" if delta.get("ci") is None else f" ± {delta['ci']:.1%}"
+    drift = "-" if g.get("drift") is None else f"{g['drift']:.3f}"
+    out_console.print(f"gate against {g['against']} ({g['tasks']} probe tasks from {g['data']}, "
+                      f"{g['steps']} steps): accuracy {pct(g.get('accuracy_new'))} vs "
+                      f"{pct(g.get('accuracy_old'))}, delta {pct(delta.get('mean'), '+')}{ci} "
+                      f"(tolerance {g['tolerance']:.1%}), drift {drift} (max "
+                      f"{g['max_drift']:g})", highlight=False, markup=False)
+    if g["passed"]:
+        out_console.print("gate passed", highlight=False)
+        return
+    out_console.print(f"gate failed: {'; '.join(g['reasons'])}", highlight=False, markup=False)
+    out_console.print(f"not published: the candidate is kept at {res.path} (its report: "
+                      f"{str(res.path).removesuffix('.safetensors')}.json); {name}'s latest "
+                      f"is still {g['against']}", highlight=False, markup=False)
 
 
 def quickstart(

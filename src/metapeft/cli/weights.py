@@ -70,6 +70,16 @@ def _print_show_summary(d: dict) -> None:
                          for f, r in cal.get("table", {}).items())
         lines.append(f"  adapt lr    {cal['adapt_lr']:g} (x{cal['factor']} of {cal['base_lr']:g}; "
                      f"mean val accuracy over steps {cal['marks']}: {rows})")
+    gate = m.get("gate")
+    if isinstance(gate, dict):  # meta-train --gate: the drift check it passed
+        if gate.get("against") is None:
+            lines.append("  gate        passed: first version, nothing to check against")
+        else:
+            delta = (gate.get("delta") or {}).get("mean")
+            drift = gate.get("drift")
+            lines.append(f"  gate        passed against {gate['against']}: delta "
+                         f"{'-' if delta is None else f'{delta:+.1%}'}, drift "
+                         f"{'-' if drift is None else f'{drift:.3f}'}")
     hyper = m.get("hyperparameters")
     if isinstance(hyper, dict):
         lines.append("  settings    " + _short(", ".join(f"{k}={v}" for k, v in hyper.items()),
