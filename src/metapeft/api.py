@@ -93,7 +93,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                record_experience: bool = False, calibrate_lr: bool = True,
                on_calibrate=None, gate: bool = False, gate_data: str | Path | None = None,
                gate_tasks: int = 20, gate_steps: int = 5, gate_tolerance: float = 0.02,
-               gate_max_drift: float = 0.3) -> MetaTrainReport:
+               gate_max_drift: float = 0.3, init: str | None = None,
+               forgetting: str | None = None, ewc_lambda: float | None = None,
+               replay_fraction: float | None = None, since=None) -> MetaTrainReport:
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
     The defaults are the measured recipe (``config.META_RECIPE``); the inner lr defaults to the
     method's own ``default_lr`` with Adam (3x it with second-order MAML's plain SGD).
@@ -112,6 +114,14 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     keep them unpublished under ``candidates/NAME/`` with the check's report (the returned
     report's ``published`` is False, ``version`` None, ``path`` the candidate). The check's
     summary is in ``result.extra["gate"]`` and in the published version's metadata.
+
+    ``init`` (``NAME@V``): continue from that published version (``meta.continual``): θ starts
+    at it (same method, base model and shapes, else a one-line ``UserError``; its adapter config
+    is used unless ``config`` is given), ``forgetting`` (ewc, replay, both or none; default both)
+    keeps what it knew (``ewc_lambda``, ``replay_fraction``), and the published version records
+    ``parent``, ``forgetting`` and ``gain`` (also in ``result.extra["continual"]``). ``since`` (a
+    datetime) keeps only the feedback rows from then on. Every published version stores its
+    diagonal Fisher (``fisher.*`` tensors) for a later continuation's EWC.
 
     Under ``mlx.launch`` (``mx.distributed``, see ``meta.distributed``) the meta-steps, the
     validation and the calibration are split over the processes; rank 0 alone writes the
@@ -133,6 +143,29 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     if cls.training_free:
         raise UserError(f"{method} is training-free: it has no parameters to meta-learn",
                         field="method")
+    from metapeft.meta import continual as cont
+
+    if init is None and forgetting not in (None, "none"):
+        raise UserError(f"--forgetting {forgetting} needs --init NAME@V (a version to keep)",
+                        field="forgetting")
+    forgetting = forgetting or ("both" if init is not None else "none")
+    if forgetting not in cont.FORGETTING:
+        raise UserError(f"unknown --forgetting '{forgetting}'; choose one of "
+                        f"{', '.join(cont.FORGETTING)}", field="forgetting")
+    ewc_lambda = cont.DEFAULT_EWC_LAMBDA if ewc_lambda is None else float(ewc_lambda)
+    replay_fraction = (cont.DEFAULT_REPLAY_FRACTION if replay_fraction is None
+                       else float(replay_fraction))
+    if ewc_lambda < 0 or not 0 <= replay_fraction <= 1:
+        raise UserError("--ewc-lambda must be >= 0 and --replay-fraction in [0, 1]",
+                        field="ewc_lambda" if ewc_lambda < 0 else "replay_fraction")
+    if init is not None and config is None:  # the parent's adapter options, so shapes match
+        from metapeft.artifacts import json_field
+
+        _, _, parent_meta = cont.parent_header(init, registry)
+        if parent_meta.get("method") not in (None, method):
+            raise UserError(f"cannot continue from {init}: it is {parent_meta.get('method')} "
+                            f"meta-weights, not {method}", field="init")
+        config = json_field(parent_meta, "config") or {}
     cfg = MetaConfig(algorithm=algorithm, inner_steps=inner_steps,
                      inner_lr=inner_lr if inner_lr is not None else cls.default_lr * (
                          3 if inner_optimizer == "sgd" or (inner_optimizer is None
@@ -145,11 +178,16 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                                      exclude_domains=exclude_domains, labels_from=labels_from,
                                      exclude_labels=exclude_labels, val_fraction=val_fraction,
                                      task_strategy=task_strategy, min_samples=min_samples,
-                                     replay=replay, seed=seed)
+                                     replay=replay, seed=seed, since=since)
     spec = sources.spec
     base = load_base_model(model, dequantize=dequantize)
     adapter = cls.attach(base, config or {})
     _check_meta_memory(adapter, sources.train, meta_batch=meta_batch, seed=seed)
+    group = dist.world()  # this process alone unless started by mlx.launch
+    plan = (_plan_continual(init, adapter, cfg, registry, forgetting=forgetting,
+                            ewc_lambda=ewc_lambda, replay_fraction=replay_fraction, ways=ways,
+                            shots=shots, query=query, eval_episodes=eval_episodes, group=group)
+            if init is not None else None)
     gate_plan = None
     if gate:  # probe tasks and the latest version, now: a bad --gate fails before training
         gate_plan = _plan_gate(name, registry, gate_data, data, adapter=adapter,
@@ -161,14 +199,13 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     if on_sources is not None:
         on_sources(sources)
     ckpt = reg.checkpoint_path(name, registry)
-    group = dist.world()  # this process alone unless started by mlx.launch
     if on_start is not None:
         on_start()
     result = run(adapter, cfg, sources.train, val_source=sources.validation,
                  meta_steps=meta_steps, meta_batch=meta_batch, seed=seed, eval_every=eval_every,
                  eval_episodes=eval_episodes, checkpoint=ckpt, checkpoint_every=checkpoint_every,
                  resume=resume, vectorise=vectorise, compile=compile, spec=spec, on_step=on_step,
-                 group=group)
+                 group=group, **(plan.run_args() if plan is not None else {}))
     meta = version_metadata(adapter, cfg, result, spec=spec, meta_steps=meta_steps,
                             meta_batch=meta_batch, hyper={"ways": ways, "shots": shots,
                                                           "query": query, "seed": seed})
@@ -183,6 +220,20 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                                  cls.default_lr, on_trial=on_calibrate, group=group)
         meta.update(adapt_lr=str(cal["adapt_lr"]), adapt_lr_calibration=json.dumps(cal))
         result.extra["adapt_lr"] = cal
+    fisher = None
+    if sources.validation is not None and eval_episodes > 0:  # stored for a later EWC
+        from metapeft.meta.run import validation_tasks
+
+        fisher = cont.diagonal_fisher(adapter, cfg, result.best_theta, _encode_tasks(
+            adapter, validation_tasks(sources.validation, seed, eval_episodes)), group)
+    if plan is not None:
+        cal = result.extra.get("adapt_lr")
+        summary = plan.measure(adapter, result.best_theta,
+                               cal["adapt_lr"] if cal else cls.default_lr, cls.default_lr,
+                               validation_tasks_of(sources.validation, seed, eval_episodes))
+        result.extra["continual"] = summary
+        meta.update(parent=plan.parent.spec, forgetting=summary["forgetting"],
+                    gain=summary["gain"], continual=summary["settings"])
     if gate_plan is not None:
         kept = _gate_candidate(gate_plan, adapter, result, meta, cls.default_lr, report_args=dict(
             name=name, method=method, algorithm=algorithm, vectorise=vectorise, sources=sources,
@@ -191,7 +242,10 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
             return kept
     version = path = None
     if dist.is_root(group):  # rank 0 publishes for every rank
-        version, path = reg.save_version(name, adapter.flat(result.best_theta), meta, registry)
+        arrays = adapter.flat(result.best_theta)
+        if fisher is not None:
+            arrays.update(cont.fisher_arrays(fisher))
+        version, path = reg.save_version(name, arrays, meta, registry)
         Path(ckpt).unlink(missing_ok=True)  # the run is complete and published
     result.version, result.path = version, str(path)
     report = MetaTrainReport(name=name, version=version, path=str(path), method=method,
@@ -206,6 +260,127 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
         path = reg.version_path(name, version, registry)
         report.version, report.path = result.version, result.path = version, str(path)
     return report
+
+
+def _encode_tasks(adapter, tasks: list) -> list:
+    from metapeft.meta.batch import encode_episode
+
+    return [encode_episode(t, adapter.base.tokenizer, prepare=adapter.prepare) for t in tasks]
+
+
+def validation_tasks_of(source, seed: int, count: int) -> list:
+    from metapeft.meta.run import validation_tasks
+
+    return validation_tasks(source, seed, count) if source is not None and count > 0 else []
+
+
+class _ContinualPlan:
+    """``meta_train(init=...)``: the parent, its EWC anchor and replay source, settled before
+    training (``meta.continual``)."""
+
+    def __init__(self, parent, *, forgetting, ewc_lambda, replay_fraction, anchor,
+                 replay_source, parent_val_tasks, notes, fisher_from):
+        self.parent, self.forgetting, self.ewc_lambda = parent, forgetting, ewc_lambda
+        self.replay_fraction, self.anchor, self.replay_source = (replay_fraction, anchor,
+                                                                 replay_source)
+        self.parent_val_tasks, self.notes, self.fisher_from = parent_val_tasks, notes, fisher_from
+
+    def run_args(self) -> dict:
+        return {"init": self.parent.theta, "anchor": self.anchor,
+                "replay_source": self.replay_source,
+                "replay_fraction": self.replay_fraction if self.replay_source is not None else 0.0}
+
+    def measure(self, adapter, theta, lr, default_lr, new_val_tasks) -> dict:
+        from metapeft.meta import continual as cont
+
+        steps = cont.DEFAULT_STEPS
+        old = cont.measure(adapter, theta, lr, self.parent, default_lr, self.parent_val_tasks,
+                           steps)
+        new = cont.measure(adapter, theta, lr, self.parent, default_lr, new_val_tasks, steps)
+        forgetting = gain = None
+        if old is not None and old["accuracy_new"] is not None:
+            drop = old["accuracy_parent"] - old["accuracy_new"]
+            forgetting = {"on": f"{self.parent.spec}'s validation tasks", "tasks": old["tasks"],
+                          "steps": steps, "accuracy_parent": old["accuracy_parent"],
+                          "accuracy_new": old["accuracy_new"], "drop": drop,
+                          "relative": drop / old["accuracy_parent"]
+                          if old["accuracy_parent"] else None}
+        if new is not None and new["accuracy_new"] is not None:
+            gain = {"on": "the new data's validation tasks", "tasks": new["tasks"],
+                    "steps": steps, "accuracy_parent": new["accuracy_parent"],
+                    "accuracy_new": new["accuracy_new"],
+                    "gain": new["accuracy_new"] - new["accuracy_parent"]}
+        distance = float(sum(float(mx_sq_sum(a, b)) for a, b in
+                             zip(_leaves(theta), _leaves(self.parent.theta)))) ** 0.5
+        settings = {"parent": self.parent.spec, "forgetting": self.forgetting,
+                    "ewc_lambda": self.ewc_lambda if self.anchor is not None else None,
+                    "fisher": self.fisher_from,
+                    "replay_fraction": self.replay_fraction
+                    if self.replay_source is not None else None, "notes": self.notes}
+        return {"parent": self.parent.spec, "forgetting": forgetting, "gain": gain,
+                "distance_to_parent": distance, "settings": settings}
+
+
+def _leaves(tree) -> list:
+    from mlx.utils import tree_flatten
+
+    return [v for _, v in tree_flatten(tree)]
+
+
+def mx_sq_sum(a, b) -> float:
+    import mlx.core as mx
+
+    return ((a.astype(mx.float32) - b.astype(mx.float32)) ** 2).sum().item()
+
+
+def _plan_continual(init: str, adapter, cfg, registry, *, forgetting: str, ewc_lambda: float,
+                    replay_fraction: float, ways: int, shots: int, query: int,
+                    eval_episodes: int, group) -> _ContinualPlan:
+    """Load the parent, re-create its data (replay, its validation tasks for the Fisher and the
+    forgetting measure), and settle EWC and replay; what cannot be had is said in ``notes``."""
+    from metapeft.meta import continual as cont
+
+    parent = cont.load_parent(init, adapter, registry)
+    notes: list[str] = []
+    psrc, why = cont.parent_sources(parent, ways=ways, shots=shots, query=query)
+    if why:
+        notes.append(why)
+    use_replay = forgetting in ("replay", "both")
+    use_ewc = forgetting in ("ewc", "both")
+    replay_source = None
+    if use_replay:
+        if psrc is None:
+            notes.append("replay is not possible without the parent's data: EWC is used instead")
+            use_ewc = True
+        else:
+            replay_source = psrc.train
+    pseed = int(parent.hyper.get("seed", 0))
+    count = eval_episodes if eval_episodes > 0 else int(parent.hyper.get("eval_episodes", 8) or 8)
+    parent_val = (validation_tasks_of(psrc.validation, pseed, count)
+                  if psrc is not None else [])
+    if psrc is not None and psrc.validation is None:
+        notes.append(f"{parent.spec}'s data has no validation split: forgetting is not measured")
+    anchor, fisher_from = None, None
+    if use_ewc:
+        if parent.fisher is not None:
+            fisher, fisher_from = parent.fisher, "stored with the parent"
+        elif parent_val:
+            fisher = cont.diagonal_fisher(adapter, cfg, parent.theta,
+                                          _encode_tasks(adapter, parent_val), group)
+            fisher_from = f"computed now on {len(parent_val)} of the parent's validation tasks"
+        else:
+            from mlx.utils import tree_map
+            import mlx.core as mx
+
+            fisher = tree_map(mx.ones_like, parent.theta)
+            fisher_from = "none available: a uniform L2 pull (F = 1)"
+            notes.append("the parent has no stored Fisher and no reachable validation tasks: "
+                         "EWC falls back to a plain L2 pull toward it")
+        anchor = cont.Anchor.make(parent.theta, fisher, ewc_lambda)
+    return _ContinualPlan(parent, forgetting=forgetting, ewc_lambda=ewc_lambda,
+                          replay_fraction=replay_fraction, anchor=anchor,
+                          replay_source=replay_source, parent_val_tasks=parent_val, notes=notes,
+                          fisher_from=fisher_from)
 
 
 def _plan_gate(name: str, registry, gate_data, data, *, task_strategy, domains,

@@ -311,8 +311,10 @@ def show(spec: str, registry: str | Path | None = None) -> dict[str, Any]:
         "latest": version == latest_version(name, registry),
         "path": str(path), "size_bytes": path.stat().st_size,
         "metadata": {k: json_field(meta, k) for k in sorted(meta)},
-        "tensors": tensors, "num_tensors": len(tensors),
-        "num_parameters": sum(math.prod(t["shape"]) for t in tensors.values()),
+        "tensors": tensors,
+        "num_tensors": sum(not k.startswith("fisher.") for k in tensors),
+        "num_parameters": sum(math.prod(t["shape"]) for k, t in tensors.items()
+                              if not k.startswith("fisher.")),  # the stored EWC Fisher
     }
 
 
@@ -334,6 +336,7 @@ def compare(spec_a: str, spec_b: str, registry: str | Path | None = None) -> dic
     for key, spec in (("a", spec_a), ("b", spec_b)):
         name, version, path = _resolve(spec, registry, "spec")
         arrays, meta = load_safetensors(path)
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("fisher.")}  # EWC Fisher
         loaded.append((arrays, meta))
         out[key] = {"spec": spec, "name": name, "version": version, "path": str(path)}
     (arr_a, meta_a), (arr_b, meta_b) = loaded

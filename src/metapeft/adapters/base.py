@@ -305,7 +305,8 @@ class Adapter:
         return dict(tree_flatten(params))
 
     def unflat(self, flat: dict[str, mx.array]) -> dict:
-        return tree_unflatten(list(flat.items()))
+        # ``fisher.*``: the EWC Fisher stored with a version (meta.continual), not a parameter
+        return tree_unflatten([(k, v) for k, v in flat.items() if not k.startswith("fisher.")])
 
     def check_compatible(self, params: dict, metadata: dict, source: str) -> dict:
         """Refuse an init whose method, base model or shapes differ from this adapter's."""

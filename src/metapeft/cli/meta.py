@@ -90,6 +90,20 @@ def meta_train(
                                                     "accuracy (absolute)."),
     gate_max_drift: float = typer.Option(0.3, help="--gate: largest accepted mean KL(old || "
                                                    "new) of the predictive distributions."),
+    init: Optional[str] = typer.Option(None, "--init", help="Continue from this published "
+                                       "version (NAME@V) on the new --data; publishes the next "
+                                       "version with it as parent."),
+    forgetting: Optional[str] = typer.Option(None, help="With --init: ewc, replay, both or none "
+                                                        "(default both)."),
+    ewc_lambda: Optional[float] = typer.Option(None, help="EWC strength λ in λ·Σ F̂·(θ − "
+                                               "θ_parent)², F̂ the Fisher scaled to mean 1 "
+                                               "(default 1.0)."),
+    replay_fraction: Optional[float] = typer.Option(None, help="Share of each meta-batch's tasks "
+                                                    "drawn from the parent's data (default "
+                                                    "0.25)."),
+    since: Optional[str] = typer.Option(None, help="Feedback logs: only rows with a timestamp at "
+                                                   "or after this date (ISO 8601)."),
+    days: Optional[int] = typer.Option(None, help="Feedback logs: only the last N days' rows."),
     config: Optional[Path] = CONFIG_OPT,
     set_: Optional[list[str]] = SET_OPT,
     as_json: bool = JSON_OPT,
@@ -120,6 +134,8 @@ def meta_train(
             if code:
                 raise typer.Exit(code)
             return
+
+        since_dt = _since(since, days)
 
         from rich.console import Console
 
@@ -163,6 +179,8 @@ def meta_train(
                 record_experience=True, calibrate_lr=calibrate_lr,
                 gate=gate, gate_data=gate_data, gate_tasks=gate_tasks, gate_steps=gate_steps,
                 gate_tolerance=gate_tolerance, gate_max_drift=gate_max_drift,
+                init=init, forgetting=forgetting, ewc_lambda=ewc_lambda,
+                replay_fraction=replay_fraction, since=since_dt,
                 on_calibrate=lambda f, row: console.print(
                     f"  test-time lr x{f}: mean validation accuracy "
                     + ("diverged" if row.get("mean") in (None, float("-inf"))
@@ -183,6 +201,13 @@ def meta_train(
 
                 raise typer.Exit(GATE_FAILED)
         out_console.print(f"published [bold]{name}@{res.version}[/bold] -> {res.path}")
+        if "continual" in res.result.extra:
+            from metapeft.cli.weights import _continual_lines
+
+            c = res.result.extra["continual"]
+            for line in _continual_lines({"parent": c["parent"], "continual": c["settings"],
+                                          "forgetting": c["forgetting"], "gain": c["gain"]}):
+                out_console.print(line, highlight=False, markup=False)
         if res.val_accuracies:
             out_console.print(f"validation accuracy (held-out classes, after {inner_steps} inner "
                               f"steps): best {max(res.val_accuracies):.1%} at step "
@@ -192,6 +217,28 @@ def meta_train(
             out_console.print(f"test-time lr for this init: {cal['adapt_lr']:g} (x{cal['factor']} "
                               f"of {method}'s default; chosen on the validation tasks)")
         out_console.print(f"next: metapeft adapt TASK --method {method} --init {name}")
+
+
+def _since(since: str | None, days: int | None):
+    """``--since DATE`` / ``--days N`` as a UTC datetime (None: no filter)."""
+    import datetime as dt
+
+    from metapeft.errors import UserError
+
+    if since is not None and days is not None:
+        raise UserError("give --since or --days, not both", field="since")
+    if days is not None:
+        if days < 1:
+            raise UserError(f"--days must be >= 1, got {days}", field="days")
+        return dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
+    if since is None:
+        return None
+    try:
+        value = dt.datetime.fromisoformat(since.strip())
+    except ValueError:
+        raise UserError(f"--since {since!r} is not an ISO 8601 date (e.g. 2024-06-01)",
+                        field="since") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
 
 
 def _print_gate(res, name: str) -> None:

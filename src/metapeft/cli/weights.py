@@ -53,6 +53,40 @@ def _short(value, width: int = 60) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+def _continual_lines(m: dict) -> list[str]:
+    """meta-train --init: the parent, how forgetting was controlled, forgetting and gain."""
+    if not m.get("parent"):
+        return []
+    c = m.get("continual") if isinstance(m.get("continual"), dict) else {}
+    how = c.get("forgetting", "-")
+    if c.get("ewc_lambda") is not None:
+        how += f", EWC λ={c['ewc_lambda']:g} (Fisher {c.get('fisher')})"
+    if c.get("replay_fraction") is not None:
+        how += f", replay {c['replay_fraction']:g} of each meta-batch"
+    lines = [f"  parent      {m['parent']} (forgetting control: {how})"]
+
+    def pct(v, sign=""):
+        return "-" if v is None else f"{v:{sign}.1%}"
+
+    f, g = m.get("forgetting"), m.get("gain")
+    if isinstance(f, dict):
+        lines.append(f"  forgetting  {pct(f.get('drop'), '+')} on the parent's validation tasks "
+                     f"({f['tasks']} tasks, step {f['steps']}: parent {pct(f.get('accuracy_parent'))}"
+                     f", this {pct(f.get('accuracy_new'))})")
+    else:
+        lines.append("  forgetting  not measured (the parent's validation tasks are not "
+                     "reachable)")
+    if isinstance(g, dict):
+        lines.append(f"  gain        {pct(g.get('gain'), '+')} on the new data's validation tasks "
+                     f"({g['tasks']} tasks, step {g['steps']}: parent {pct(g.get('accuracy_parent'))}"
+                     f", this {pct(g.get('accuracy_new'))})")
+    else:
+        lines.append("  gain        not measured (no validation split in the new data)")
+    for note in c.get("notes") or []:
+        lines.append(f"  note        {note}")
+    return lines
+
+
 def _print_show_summary(d: dict) -> None:
     m = d["metadata"]
     val = m.get("val_accuracy") or []
@@ -80,6 +114,7 @@ def _print_show_summary(d: dict) -> None:
             lines.append(f"  gate        passed against {gate['against']}: delta "
                          f"{'-' if delta is None else f'{delta:+.1%}'}, drift "
                          f"{'-' if drift is None else f'{drift:.3f}'}")
+    lines.extend(_continual_lines(m))
     hyper = m.get("hyperparameters")
     if isinstance(hyper, dict):
         lines.append("  settings    " + _short(", ".join(f"{k}={v}" for k, v in hyper.items()),

@@ -157,6 +157,22 @@ def _parse_timestamp(value, e: Example, field_name: str) -> datetime:
     raise bad(f"a {type(value).__name__}")
 
 
+def filter_since(rows: list[Example], since: datetime,
+                 field_name: str = "timestamp") -> tuple[list[Example], int]:
+    """The rows whose ``field_name`` timestamp is at or after ``since`` (continual meta-training's
+    ``--since``/``--days``), and how many rows had no timestamp (they are dropped)."""
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=timezone.utc)
+    kept, missing = [], 0
+    for e in rows:
+        value = e.extra.get(field_name)
+        if _is_missing(value):
+            missing += 1
+        elif _parse_timestamp(value, e, field_name) >= since:
+            kept.append(e)
+    return kept, missing
+
+
 def _iso_week(dt: datetime) -> str:
     year, week, _ = dt.isocalendar()
     return f"{year}-W{week:02d}"

@@ -165,6 +165,7 @@ class MetaLearner:
         self.fallback_reason: str | None = None
         self.group = group  # an mx.distributed group; None or size 1: this process alone
         self.vectorised_groups = 0  # meta-batch groups that really ran under vmap
+        self.anchor = None  # meta.continual.Anchor: EWC's pull toward a parent θ, or None
         if cfg.algorithm != "reptile":
             self.outer = make_optimizer(cfg.outer_optimizer, cfg.outer_lr)
         per_task = partial(task_contribution, adapter, cfg)
@@ -218,8 +219,13 @@ class MetaLearner:
         mean = tree_map(lambda c: c / n, contrib_sum)
         if self.cfg.algorithm == "reptile":
             eps = self.cfg.outer_lr * ((1.0 - t / max(total_steps, 1)) if self.cfg.anneal else 1.0)
-            theta = tree_map(lambda th, d: th + eps * d, theta, mean)
+            new = tree_map(lambda th, d: th + eps * d, theta, mean)
+            if self.anchor is not None:  # EWC: θ − φ is Reptile's gradient; add the penalty's
+                new = tree_map(lambda a, b: a - b, new, self.anchor.pull(theta, eps))
+            theta = new
         else:
+            if self.anchor is not None:  # EWC: the penalty's gradient joins the outer gradient
+                mean = tree_map(lambda a, b: a + b, mean, self.anchor.gradient(theta))
             theta = self.outer.apply_gradients(mean, theta)
         loss, acc = loss_sum / n, acc_sum / n
         mx.eval(theta, loss, acc)

@@ -87,11 +87,16 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
                meta_batch: int = 4, seed: int = 0, eval_every: int = 10, eval_episodes: int = 8,
                checkpoint: Path | None = None, checkpoint_every: int = 5, resume: bool = False,
                vectorise: bool = True, compile: bool = False, spec: dict | None = None,
-               init: dict | None = None,
+               init: dict | None = None, anchor=None, replay_source=None,
+               replay_fraction: float = 0.0,
                on_step: Callable[[int, float, float, float | None], None] | None = None,
                group=None) -> MetaTrainResult:
     """``group``: the ``mx.distributed`` group to split the work over (default
-    ``mx.distributed.init()``: this process alone unless started by ``mlx.launch``)."""
+    ``mx.distributed.init()``: this process alone unless started by ``mlx.launch``).
+
+    Continual runs (``meta.continual``): ``init`` is the parent's θ, ``anchor`` its EWC pull
+    (``MetaLearner.anchor``), and with a ``replay_source`` the last ``replay_tasks`` of each
+    meta-batch's tasks come from it (the parent's meta-train source)."""
     from metapeft.artifacts import load_safetensors, save_safetensors
 
     if meta_steps < 1 or meta_batch < 1:
@@ -100,6 +105,10 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
     tok = adapter.base.tokenizer
     group = dist.world() if group is None else group
     learner = MetaLearner(adapter, cfg, vectorise=vectorise, compile=compile, group=group)
+    learner.anchor = anchor
+    n_replay = (0 if replay_source is None or replay_fraction <= 0
+                else min(meta_batch, max(1, int(round(replay_fraction * meta_batch)))))
+    replay_labels: set = set()
     spec = dict(spec or {})
     ident = {"method": adapter.method, "base_model_hash": adapter.base.fingerprint,
              "algorithm": cfg.algorithm, "config": adapter.config.to_dict()}
@@ -107,6 +116,8 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
     # of meta-steps sets Reptile's ε schedule, meta-batch and seed the task stream
     schedule = {"meta_steps": meta_steps, "meta_batch": meta_batch, "seed": seed,
                 **{k: v for k, v in cfg.to_dict().items() if k != "algorithm"}}
+    if n_replay:
+        schedule["replay_tasks"] = n_replay
     theta = init if init is not None else adapter.init_params(seed)
     learner.init_outer(theta)
     best_theta, best_val, best_step = theta, -math.inf, 0
@@ -176,8 +187,12 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
     try:
         for t in range(start, meta_steps):
             # every rank draws the same task indices and adapts its share (one process: all)
-            tasks = [train_source.sample(seed * 1_000_003 + t * meta_batch + i)
+            tasks = [(replay_source if i >= meta_batch - n_replay else train_source).sample(
+                         seed * 1_000_003 + t * meta_batch + i)
                      for i in dist.mine(meta_batch, group)]
+            for i, task in zip(dist.mine(meta_batch, group), tasks):
+                if i >= meta_batch - n_replay:
+                    replay_labels.update(task.labels)
             episodes = [encode_episode(task, tok) for task in tasks]
             if vectorise:
                 groups = [stack_episodes(g, prepare=adapter.prepare)
@@ -218,7 +233,10 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
                            val_accuracies=val_accs,
                            seconds=elapsed_before + time.perf_counter() - t0,
                            steps_done=meta_steps, fallback_reason=learner.fallback_reason,
-                           extra={"processes": dist.size_of(group)})
+                           extra={"processes": dist.size_of(group),
+                                  **({"replay": {"tasks_per_step": n_replay,
+                                                 "labels": sorted(replay_labels)}}
+                                     if n_replay else {})})
 
 
 def version_metadata(adapter, cfg: MetaConfig, result: MetaTrainResult, *, spec: dict,

@@ -69,10 +69,19 @@ def synthetic_pool(per_label: int = 40, seed: int = 0) -> list:
 
 
 def _feedback_sources(data, spec: dict, *, ways, shots, query, val_fraction, task_strategy,
-                      min_samples, replay, seed, text_field, label_field):
-    from metapeft.data.feedback import extract_tasks, read_feedback
+                      min_samples, replay, seed, text_field, label_field, since=None):
+    from metapeft.data.feedback import extract_tasks, filter_since, read_feedback
 
     rows = read_feedback(data, text_field, label_field)
+    if since is not None:
+        total = len(rows)
+        rows, undated = filter_since(rows, since)
+        spec["since"] = since.isoformat()
+        spec["rows_since"] = {"kept": len(rows), "of": total, "undated": undated}
+        if not rows:
+            raise UserError(f"no feedback row has a timestamp at or after {since.isoformat()} "
+                            f"({total} rows, {undated} without a timestamp)", path=str(data),
+                            field="since")
     groups, report = extract_tasks(rows, task_strategy, min_samples)
     if not groups:
         raise UserError(f"no group has more than {min_samples} rows and 2 labels",
@@ -148,13 +157,19 @@ def build_meta_sources(data: str | Path = SYNTHETIC, *, ways: int = 5, shots: in
                        exclude_labels=None, val_fraction: float = 0.2,
                        task_strategy: str | None = None, min_samples: int = 20, replay=None,
                        seed: int = 0, text_field: str = "text",
-                       label_field: str = "label") -> MetaSources:
+                       label_field: str = "label", since=None) -> MetaSources:
     """The meta-train and validation sources for ``data``.
 
     ``data`` is ``synthetic`` (the embedded families), a labelled pool file (episodes; classes
     split into meta-train and validation classes, disjoint), a directory of task folders/files,
-    or with ``task_strategy`` a feedback log (project/intent/temporal/mixed groups).
+    or with ``task_strategy`` a feedback log (project/intent/temporal/mixed groups); ``since`` (a
+    datetime) keeps only the log's rows whose ``timestamp`` is at or after it (rows without one
+    are dropped), and is refused for other data.
     """
+    if since is not None and task_strategy is None:
+        raise UserError("--since/--days filter a feedback log by its timestamp field: give "
+                        "--task-strategy too (a pool or task directory has no timestamps)",
+                        field="since")
     spec = {"data": str(data), "ways": ways, "shots": shots, "query": query,
             "domains": domains, "exclude_domains": exclude_domains,
             "exclude_labels": exclude_labels, "labels_from": labels_from,
@@ -164,7 +179,8 @@ def build_meta_sources(data: str | Path = SYNTHETIC, *, ways: int = 5, shots: in
     report = None
     if task_strategy is not None:
         tr, va, report = _feedback_sources(data, spec, task_strategy=task_strategy,
-                                           min_samples=min_samples, replay=replay, **fields)
+                                           min_samples=min_samples, replay=replay,
+                                           since=since, **fields)
     elif str(data) == SYNTHETIC or Path(data).is_file():
         tr, va = _pool_sources(data, spec, domains=domains, exclude_domains=exclude_domains,
                                labels_from=labels_from, exclude_labels=exclude_labels,
