@@ -234,17 +234,18 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
         result.extra["continual"] = summary
         meta.update(parent=plan.parent.spec, forgetting=summary["forgetting"],
                     gain=summary["gain"], continual=summary["settings"])
+    arrays = adapter.flat(result.best_theta)
+    if fisher is not None:  # the version's diagonal Fisher, for a later continuation's EWC
+        arrays.update(cont.fisher_arrays(fisher))
     if gate_plan is not None:
-        kept = _gate_candidate(gate_plan, adapter, result, meta, cls.default_lr, report_args=dict(
+        kept = _gate_candidate(gate_plan, adapter, result, meta, cls.default_lr, arrays=arrays,
+                               report_args=dict(
             name=name, method=method, algorithm=algorithm, vectorise=vectorise, sources=sources,
             config=cfg), registry=registry, is_root=dist.is_root(group), checkpoint=ckpt)
         if kept is not None:  # failed the check: kept unpublished under candidates/
             return kept
     version = path = None
     if dist.is_root(group):  # rank 0 publishes for every rank
-        arrays = adapter.flat(result.best_theta)
-        if fisher is not None:
-            arrays.update(cont.fisher_arrays(fisher))
         version, path = reg.save_version(name, arrays, meta, registry)
         Path(ckpt).unlink(missing_ok=True)  # the run is complete and published
     result.version, result.path = version, str(path)
@@ -399,7 +400,8 @@ def _plan_gate(name: str, registry, gate_data, data, *, task_strategy, domains,
     return plan_gate(name, gate_data, registry=registry, **options)
 
 
-def _gate_candidate(plan, adapter, result, meta: dict, default_lr: float, *, report_args: dict,
+def _gate_candidate(plan, adapter, result, meta: dict, default_lr: float, *, arrays: dict,
+                    report_args: dict,
                     registry, is_root: bool, checkpoint) -> MetaTrainReport | None:
     """Check the trained init against the latest version (``plan``). Passed (or nothing to check
     against): the summary joins ``meta`` and ``result.extra["gate"]``, and None is returned so
@@ -420,7 +422,7 @@ def _gate_candidate(plan, adapter, result, meta: dict, default_lr: float, *, rep
     if is_root:
         from metapeft.drift import keep_candidate
 
-        path = keep_candidate(plan.name, adapter.flat(result.best_theta), meta, check, registry)
+        path = keep_candidate(plan.name, arrays, meta, check, registry)
         Path(checkpoint).unlink(missing_ok=True)
     result.version, result.path = None, None if path is None else str(path)
     vectorise = report_args.pop("vectorise")
