@@ -145,6 +145,17 @@ def test_cli_init_refusal_exits_2_and_show_prints_forgetting(root):
     assert shown.returncode == 0, shown.stderr
     assert "parent      c@1" in shown.stdout
     assert "forgetting" in shown.stdout and "gain" in shown.stdout
+    js = subprocess.run([sys.executable, "-m", "metapeft.cli", "meta-train", "--model", "tiny",
+                         "--name", "cj", "--registry", str(root), "--init", "c@1", "--domains",
+                         "intent", "--ways", "3", "--shots", "2", "--query", "2", "--meta-steps",
+                         "2", "--meta-batch", "2", "--inner-steps", "2", "--eval-episodes", "2",
+                         "--val-fraction", "0.34", "--no-calibrate-lr", "--forgetting", "ewc",
+                         "--ewc-lambda", "10", "--json"],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert js.returncode == 0, js.stderr
+    obj = json.loads(js.stdout)
+    assert obj["parent"] == "c@1" and obj["continual"]["ewc_lambda"] == 10
+    assert set(obj["forgetting"]) >= {"drop", "accuracy_parent", "accuracy_new"}
 
 
 def test_feedback_since_keeps_recent_rows():

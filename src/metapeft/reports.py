@@ -109,7 +109,8 @@ class MetaTrainReport(_Wraps):
 
     def to_json(self) -> dict:
         """Exactly the keys of ``metapeft meta-train --json``, plus ``gate`` and ``published``
-        with ``--gate``."""
+        with ``--gate``, and ``parent``, ``forgetting``, ``gain``, ``continual`` and
+        ``distance_to_parent`` with ``--init``."""
         r = self.result
         out = {"name": self.name, "version": self.version, "path": self.path,
                "method": self.method, "algorithm": self.algorithm, "meta_steps": r.steps_done,
@@ -120,6 +121,11 @@ class MetaTrainReport(_Wraps):
                "adapt_lr": (r.extra.get("adapt_lr") or {}).get("adapt_lr")}
         if "gate" in r.extra:
             out.update(gate=json_safe(r.extra["gate"]), published=self.published)
+        if "continual" in r.extra:  # meta-train --init: the parent, forgetting and gain
+            c = r.extra["continual"]
+            out.update(parent=c["parent"], forgetting=json_safe(c["forgetting"]),
+                       gain=json_safe(c["gain"]), continual=json_safe(c["settings"]),
+                       distance_to_parent=c["distance_to_parent"])
         return out
 
 

@@ -17,6 +17,11 @@ function under ``mx.vmap`` over stacked task batches (θ shared, ``in_axes=None`
 ``mx.compile``. Both paths call the same ``task_contribution``. Nothing inside a transformed
 function calls ``mx.eval``; the inner optimizer state is created inside the traced function.
 
+Continual runs (``meta.continual``): ``MetaLearner.anchor`` adds EWC's pull toward a parent θ,
+λ·Σ F̂·(θ − θ_parent)²: its gradient joins the FOMAML/MAML outer gradient; for Reptile the same
+term is subtracted from the direction mean(φ − θ) (θ − φ being Reptile's gradient), the
+per-coordinate pull ε_t·2λF̂ capped at 1.
+
 Data parallel (``meta.distributed``): given an ``mx.distributed`` group, ``step`` receives only
 this rank's tasks and adds every rank's sums (contributions, losses, accuracies, task counts)
 with one ``all_sum`` before dividing by the total task count, whatever the algorithm.
