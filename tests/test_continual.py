@@ -182,3 +182,38 @@ def test_anchor_gradient_and_capped_pull():
     assert a.gradient(theta)["w"].tolist() == pytest.approx([0.0, 1.0, 2.0, 1.0])
     assert a.pull(theta, eps=1.0)["w"].tolist() == pytest.approx([0.0, 1.0, 1.0, 1.0])
     assert a.penalty(theta) == pytest.approx(2.0)
+
+
+def test_continue_on_a_feedback_log_since_a_date(root, tmp_path):
+    from datetime import timedelta
+
+    from metapeft import api
+
+    base = datetime(2024, 3, 4, 9, 0, tzinfo=timezone.utc)
+    labels = family_labels("intent")[:3]
+    from metapeft.data.synthetic import generate_pool
+
+    pool = [e for e in generate_pool("intent", 0, 40) if e.label in labels]
+    log = tmp_path / "fb.jsonl"
+    log.write_text("".join(json.dumps({
+        "text": e.text, "label": e.label, "project": ["alpha", "beta", "gamma"][i % 3],
+        "timestamp": (base + timedelta(days=i % 20)).isoformat()}) + "\n"
+        for i, e in enumerate(pool)))
+    rep = api.meta_train(str(log), name="fb", registry=root, task_strategy="project",
+                         since=base + timedelta(days=10), init="c@1", min_samples=10,
+                         **{**K, "val_fraction": 0.34})
+    spec = reg.show(f"fb@{rep.version}", root)["metadata"]["data"]
+    assert spec["rows_since"]["kept"] < spec["rows_since"]["of"] == len(pool)
+    m = reg.show(f"fb@{rep.version}", root)["metadata"]
+    assert m["parent"] == "c@1" and m["forgetting"] is not None
+
+
+def test_cli_since_and_days():
+    from metapeft.cli.meta import _since
+
+    assert _since("2024-06-01", None) == datetime(2024, 6, 1, tzinfo=timezone.utc)
+    assert _since(None, None) is None
+    assert round((datetime.now(timezone.utc) - _since(None, 3)).total_seconds() / 86400) == 3
+    for args in (("2024-06-01", 3), ("last week", None), (None, 0)):
+        with pytest.raises(UserError):
+            _since(*args)

@@ -200,6 +200,11 @@ def parent_sources(parent: Parent, *, ways: int, shots: int, query: int):
     if str(data) != SYNTHETIC and not Path(data).exists():
         return None, f"{parent.spec}'s training data {data} is not reachable from here"
     n_train = int(spec.get("num_train_classes") or 0)
+    since = None
+    if spec.get("since"):  # a feedback log filtered with --since/--days: the same rows
+        from datetime import datetime
+
+        since = datetime.fromisoformat(spec["since"])
     try:
         src = build_meta_sources(
             data, ways=min(ways, n_train) if n_train >= 2 else int(spec.get("ways") or ways),
@@ -207,7 +212,7 @@ def parent_sources(parent: Parent, *, ways: int, shots: int, query: int):
             exclude_domains=spec.get("exclude_domains"), labels_from=spec.get("labels_from"),
             exclude_labels=spec.get("exclude_labels"),
             val_fraction=float(spec.get("val_fraction", 0.2)),
-            task_strategy=spec.get("task_strategy"),
+            task_strategy=spec.get("task_strategy"), since=since,
             seed=int(parent.hyper.get("seed", 0)))
     except UserError as e:
         return None, f"{parent.spec}'s training data could not be re-created: {e.message}"
