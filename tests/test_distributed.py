@@ -174,3 +174,28 @@ def test_processes_refuses_in_one_line(env, value, message):
 
     r = CliRunner().invoke(app, ["meta-train", "--name", "x", "--processes", value], env=env)
     assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@needs_ring
+def test_two_processes_continue_from_a_version_as_one_does(tmp_path):
+    """meta-train --init under mlx.launch: the Fisher, the replay tasks and the forgetting/gain
+    measures come out as in one process, and rank 0 alone publishes."""
+    base = [*SMALL, "--meta-batch", "4", "--eval-every", "2", "--eval-episodes", "3",
+            "--meta-steps", "2", "--val-fraction", "0.34", "--no-calibrate-lr", "--name", "c"]
+    for reg in ("one", "two"):
+        in_process(*base, "--domains", "topic", "--registry", str(tmp_path / reg))
+    args = [*base, "--domains", "intent", "--init", "c@1"]
+    p = launched(*args, "--registry", str(tmp_path / "two"))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    two = json.loads(out.strip().splitlines()[-1])
+    one = in_process(*args, "--registry", str(tmp_path / "one"))
+    assert two["version"] == one["version"] == 2 and two["parent"] == "c@1"
+    assert sorted(p.name for p in (tmp_path / "two/weights/c").glob("v*")) == [
+        "v0001.safetensors", "v0002.safetensors"]
+    assert two["forgetting"] == one["forgetting"] and two["gain"] == one["gain"]
+    w2, _ = weights(two["path"])
+    w1, _ = weights(one["path"])
+    assert sorted(w2) == sorted(w1) and any(k.startswith("fisher.") for k in w1)
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-5, err_msg=k)
