@@ -14,6 +14,11 @@ On 2 cores the evaluation can be split: build the inits once (``--tasks 0 --regi
 --multitask-weights M``), evaluate shards in parallel (``--meta-weights R/.../v0001.safetensors
 --multitask-weights M --shard 0/2 --json a.json``, ``--shard 1/2 --json b.json``), then
 ``--merge a.json b.json`` prints the combined tables.
+
+``--processes N`` runs the meta-training over MLX's distributed engine: it is handed to
+``metapeft meta-train --processes N`` (N data-parallel ranks under ``mlx.launch``, ring backend,
+on this machine; the same θ as one process up to float rounding), with the settings and the
+episode sources this script uses in-process; the evaluation that follows is unchanged.
 """
 
 from __future__ import annotations
@@ -53,6 +58,39 @@ def multitask_init(adapter, source, tokenizer, steps: int, lr: float, seed: int 
     return params
 
 
+def launched_meta_train(args, registry: str):
+    """The meta-training step as ``metapeft meta-train --processes N`` (``mlx.launch``): the same
+    data, sources (held-out domains left out, 5-way 5-shot, 5 query, 15% validation classes,
+    seed 0) and settings as the in-process ``api.meta_train`` call below; no experience record
+    (as in-process). Its progress goes to stderr; its ``--json`` report gives what the rest of
+    the script reads (path, validation curve, best step)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    cmd = [sys.executable, "-m", "metapeft.cli", "meta-train", "--data", str(CLINC / "train.jsonl"),
+           "--exclude-domains", ",".join(HELD_OUT_DOMAINS), "--ways", "5", "--shots", "5",
+           "--query", "5", "--val-fraction", "0.15", "--seed", "0", "--model", args.model,
+           "--method", args.method, "--algorithm", args.algorithm, "--name", "bench",
+           "--registry", str(registry), "--meta-steps", str(args.meta_steps),
+           "--meta-batch", str(args.meta_batch), "--inner-steps", str(args.inner_steps),
+           "--inner-lr", str(args.inner_lr), "--outer-lr", str(args.outer_lr),
+           "--eval-every", "10", "--eval-episodes", "6", "--processes", str(args.processes),
+           "--json", *(x for o in args.options for x in ("--set", o))]
+    if not args.vectorise:
+        cmd.append("--sequential")
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
+                       env={**os.environ, "METAPEFT_EXPERIENCE": "off"})
+    if p.returncode != 0:
+        sys.exit(f"meta-train --processes {args.processes} failed (exit {p.returncode}); its "
+                 "error is above")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    return SimpleNamespace(path=out["path"], val_steps=out["val_steps"],
+                           val_accuracies=out["val_accuracy"], best_step=out["best_step"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=str(STORIES),
@@ -84,6 +122,9 @@ def main() -> None:
                          "total_step=10 for AdaLoRA: one budget schedule (it ends at step 10, the "
                          "final rank pattern is kept after it) for the 10- and 50-step runs alike")
     ap.add_argument("--vectorise", action="store_true")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="meta-train over N data-parallel processes (metapeft meta-train "
+                         "--processes N: mlx.launch, ring backend, this machine)")
     ap.add_argument("--registry", default=None, help="keep the meta-weights here (default: temp)")
     ap.add_argument("--meta-weights", default=None,
                     help="skip meta-training: evaluate these published meta-weights")
@@ -147,16 +188,20 @@ def main() -> None:
         meta_seconds = float(json_field(meta, "duration_seconds", 0.0))
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            res = api.meta_train(model=args.model, method=args.method, algorithm=args.algorithm,
-                                 config=options,
-                                 name="bench", registry=args.registry or tmp,
-                                 meta_steps=args.meta_steps, meta_batch=args.meta_batch,
-                                 inner_steps=args.inner_steps, inner_lr=args.inner_lr,
-                                 outer_lr=args.outer_lr, eval_every=10, eval_episodes=6,
-                                 sources=sources, vectorise=args.vectorise,
-                                 on_step=lambda t, l, a, v: print(
-                                     f"  meta-step {t}: loss {l:.3f} acc {a:.2f}"
-                                     + ("" if v is None else f" val {v:.3f}"), flush=True))
+            if args.processes > 1:
+                res = launched_meta_train(args, args.registry or tmp)
+            else:
+                res = api.meta_train(model=args.model, method=args.method,
+                                     algorithm=args.algorithm,
+                                     config=options,
+                                     name="bench", registry=args.registry or tmp,
+                                     meta_steps=args.meta_steps, meta_batch=args.meta_batch,
+                                     inner_steps=args.inner_steps, inner_lr=args.inner_lr,
+                                     outer_lr=args.outer_lr, eval_every=10, eval_episodes=6,
+                                     sources=sources, vectorise=args.vectorise,
+                                     on_step=lambda t, l, a, v: print(
+                                         f"  meta-step {t}: loss {l:.3f} acc {a:.2f}"
+                                         + ("" if v is None else f" val {v:.3f}"), flush=True))
             arrays, meta = load_safetensors(res.path)
         val_steps, val_accs, best_step = res.val_steps, res.val_accuracies, res.best_step
         meta_seconds = time.perf_counter() - t0
