@@ -16,8 +16,8 @@ On 2 cores the evaluation can be split: build the inits once (``--tasks 0 --regi
 ``--merge a.json b.json`` prints the combined tables.
 
 ``--processes N`` runs the meta-training over MLX's distributed engine: it is handed to
-``metapeft meta-train --processes N`` (N data-parallel ranks under ``mlx.launch``, ring backend,
-on this machine; the same θ as one process up to float rounding), with the settings and the
+``metapeft meta-train --processes N`` (N data-parallel ranks of MLX's ring backend on this
+machine; the same θ as one process up to float rounding), with the settings and the
 episode sources this script uses in-process; the evaluation that follows is unchanged.
 """
 
@@ -59,7 +59,7 @@ def multitask_init(adapter, source, tokenizer, steps: int, lr: float, seed: int 
 
 
 def launched_meta_train(args, registry: str):
-    """The meta-training step as ``metapeft meta-train --processes N`` (``mlx.launch``): the same
+    """The meta-training step as ``metapeft meta-train --processes N`` (ring backend): the same
     data, sources (held-out domains left out, 5-way 5-shot, 5 query, 15% validation classes,
     seed 0) and settings as the in-process ``api.meta_train`` call below; no experience record
     (as in-process). Its progress goes to stderr; its ``--json`` report gives what the rest of
@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--vectorise", action="store_true")
     ap.add_argument("--processes", type=int, default=1,
                     help="meta-train over N data-parallel processes (metapeft meta-train "
-                         "--processes N: mlx.launch, ring backend, this machine)")
+                         "--processes N: ring backend, this machine)")
     ap.add_argument("--registry", default=None, help="keep the meta-weights here (default: temp)")
     ap.add_argument("--meta-weights", default=None,
                     help="skip meta-training: evaluate these published meta-weights")

@@ -433,3 +433,107 @@ def test_cli_json_schema_single_objective(small_task, tmp_path):
                                       "--registry", str(tmp_path / "reg")])
     assert res.exit_code == 2
     assert f"{bad}:3: field 'methods.lora.rank.low'" in res.output
+
+
+# ------------------------------------------------------------------------------ parallel trials
+
+def _ring_missing() -> str | None:
+    import mlx.core as mx
+
+    from metapeft.cli.launch import launcher
+
+    if launcher() is None:
+        return "this MLX has no mlx.launch"
+    if not mx.distributed.is_available("ring"):
+        return "this MLX has no ring backend"
+    return None
+
+
+def _fake_evaluate(method, params):
+    """A deterministic stand-in for adapt: accuracy peaks at lr = 1e-2."""
+    lr = float(params.get("lr", 1e-3))
+    return {"accuracy": max(0.0, 1.0 - abs(math.log10(lr) + 2.0) / 3.0),
+            "seconds": 1.0 + float(params.get("rank", 1)) / 32, "memory_mb": 1.0}
+
+
+def test_batched_suggestions_are_reproducible_distinct_and_constant_liar(tmp_path):
+    """ask_batch: skopt's ask(n_points, "cl_min") on a study rebuilt from its history; the same
+    seed and history give the same batch, the points differ from each other, from the history
+    and from the pending ones."""
+    from metapeft.tune.study import Study
+
+    space = load_space(None, "lora")
+    study = Study(name="b", path=tmp_path / "b.safetensors", space=space,
+                  objectives=["accuracy", "seconds"], task={}, seed=3, n_initial=3)
+    study.run(_fake_evaluate, trials=5)
+    seen = {json.dumps(t["x"]) for t in study.trials}
+    a = study.ask_batch(3)
+    again = Study.load(study.path).ask_batch(3)
+    assert [s["x"] for s in a] == [s["x"] for s in again]
+    assert [s["weights"] for s in a] == [s["weights"] for s in again]
+    assert len({json.dumps(s["x"]) for s in a} | seen) == len(seen) + 3
+    assert [s["source"] for s in a] == ["bo"] * 3
+    assert len({json.dumps(s["weights"]) for s in a}) == 1  # one ParEGO weighting per batch
+    pending = [a[0]["x"]]
+    b = study.ask_batch(2, pending)
+    assert all(json.dumps(s["x"]) not in seen | {json.dumps(pending[0])} for s in b)
+    assert [s["x"] for s in b] == [s["x"] for s in study.ask_batch(2, pending)]
+    other = Study.load(study.path)
+    other.seed = 4
+    assert [s["x"] for s in other.ask_batch(3)] != [s["x"] for s in a]
+    # the initial design: a fresh study's batch is the first LHS points, after the queue's
+    fresh = Study(name="f", path=None, space=space, objectives=["accuracy"], task={}, seed=3,
+                  n_initial=3)
+    queue = fresh.initial_queue([])
+    batch = fresh.next_batch(3, queue)
+    assert [s["source"] for s in batch] == ["default", "lhs", "lhs"] and not queue
+
+
+def _tune_workers(*args, timeout=300):
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "metapeft.cli", "tune", *args, "--workers", "2",
+                        "--json"], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1, p.stdout  # rank 0 alone prints
+    return json.loads(lines[0])
+
+
+@pytest.mark.skipif(_ring_missing() is not None, reason=str(_ring_missing()))
+def test_two_workers_run_resume_and_batch_as_the_seed_says(small_task, tmp_path):
+    """tune --workers 2: two processes under mlx.launch evaluate each batch of 2; the study gets
+    the asked number of trials, rank 0 writes one experience record per trial, --resume
+    continues, and every batch is the one ask_batch gives for the seed and the history before
+    it."""
+    from metapeft.experience import ExperienceStore
+    from metapeft.tune.study import Study, study_path
+    from metapeft.tune.warm_start import experience_path
+
+    d = _task_dir(small_task, tmp_path / "task")
+    reg = tmp_path / "reg"
+    common = ["--registry", str(reg), "--no-warm-start"]
+    out = _tune_workers(str(d), "--model", "tiny", "--methods", "lora", "--trials", "4",
+                        "--steps", "1", "--objectives", "accuracy", "--name", "par",
+                        "--seed", "2", *common)
+    assert [t["index"] for t in out["trials"]] == [0, 1, 2, 3]
+    assert all(t["status"] == "ok" for t in out["trials"])
+    path = study_path("par", reg)
+    assert _count_trials(path) == 4
+    assert len(ExperienceStore(experience_path(reg)).load()) == 4
+    out = _tune_workers("--resume", "par", "--trials", "6", *common)
+    study = Study.load(path)
+    assert len(out["trials"]) == len(study.trials) == 6
+    assert len(ExperienceStore(experience_path(reg)).load()) == 6
+    trials = study.trials
+    assert [t["source"] for t in trials[:2]] == ["default", "lhs"]
+    # batch 1: the default point, then one asked with it pending; then batches of 2
+    for first, size in ((0, 2), (2, 2), (4, 2)):
+        past = Study.load(path)
+        past.trials = trials[:first]
+        queue = past.initial_queue([])
+        batch = past.next_batch(size, queue)
+        assert [s["x"] for s in batch] == [t["x"] for t in trials[first:first + size]], first

@@ -628,7 +628,13 @@ def tune(task=None, *, model: str = DEFAULT_MODEL, dequantize: str = "auto", met
          plot: str | Path | None = None, on_start=None, on_trial=None) -> TuneReport:
     """Bayesian search (skopt GP; ParEGO for several objectives) over PEFT configurations: a
     new study ``name`` on ``task``, or continue study ``resume``. ``plot``: also write a PNG of
-    the front (``TuneReport.plot`` stays None without matplotlib)."""
+    the front (``TuneReport.plot`` stays None without matplotlib).
+
+    Under ``mlx.launch`` (``metapeft tune --workers N`` starts it) the N processes evaluate N
+    trials at a time, from skopt's batched constant-liar suggestions; rank 0 alone writes the
+    study, the experience records and the plot, and every rank returns the same report
+    (``tune.search.tune``)."""
+    from metapeft.meta.distributed import is_root, world
     from metapeft.tune import plot as tune_plot, search
 
     if resume is None and task is None:
@@ -646,7 +652,8 @@ def tune(task=None, *, model: str = DEFAULT_MODEL, dequantize: str = "auto", met
                       record=record, compile=compile, shots=shots, query=query, ways=ways,
                       text_field=text_field, label_field=label_field, on_trial=on_trial,
                       on_start=on_start)
-    written = tune_plot.plot_study(res.study, plot) if plot is not None else None
+    written = (tune_plot.plot_study(res.study, plot) if plot is not None and is_root(world())
+               else None)
     return TuneReport(result=res, plot=written)
 
 

@@ -1,17 +1,23 @@
-"""``meta-train --processes N``: re-run this very command under ``mlx.launch`` on localhost.
+"""``meta-train --processes N`` and ``tune --workers N``: re-run this very command as N ranks of
+MLX's ring backend on localhost.
 
-``metapeft meta-train --processes 2 ARGS`` runs
+``metapeft meta-train --processes 2 ARGS`` starts ``python -m metapeft.cli meta-train ARGS``
+twice, as ``mlx.launch -n 2 --backend ring --hosts 127.0.0.1`` would: each process gets
+``MLX_RANK`` and ``MLX_HOSTFILE`` (a ring hostfile of free ports on 127.0.0.1, the file
+``mlx.launch`` writes), and ``mx.distributed.init()`` connects them (``meta.distributed``
+explains the split). The processes are started here rather than through ``mlx.launch`` because
+MLX 0.32's launcher polls its children's pipes in a busy loop: on our 2-core machine it took
+half a core, and ``tune --workers 2`` under it ran 10 trials in 112 s against 50 s when started
+directly (README, Hyperparameter search). ``mlx.launch`` by hand (several hosts) runs the same
+commands; ``ring_command`` builds that command line (``benchmarks/meta_distributed.py``).
 
-    mlx.launch -n 2 --backend ring --hosts 127.0.0.1 --starting-port P -- \\
-        python -m metapeft.cli meta-train ARGS
-
-with P a free port, i.e. MLX's own launcher and ring backend (``meta.distributed`` explains the
-split). Rank 0 prints as a one-process run does; the other ranks print nothing. Each rank leaves
-its outcome (done, or its one-line error) in a temporary folder (``METAPEFT_DIST_STATUS``), so
-the command ends with one line and a meaningful exit status even though ``mlx.launch`` itself
-exits 0 whatever its processes did: 0 when rank 0 published, 2 with the error line of a user
-error, 1 when a process died (killed, crashed, out of memory), naming the last checkpoint to
-``--resume`` from. The ring backend's own complaints about the lost connection are left out.
+Rank 0 prints as a one-process run does; the other ranks print nothing. Each rank leaves its
+outcome (done, or its one-line error) in a temporary folder (``METAPEFT_DIST_STATUS``), so the
+command ends with one line and a meaningful exit status: 0 when rank 0 finished, 2 with the error
+line of a user error, 1 when a process died (killed, crashed, out of memory), naming what is
+kept (meta-train: the last checkpoint to ``--resume`` from; tune: the study, saved by rank 0
+after every batch). When a process ends badly the others are stopped (SIGTERM), as
+``mlx.launch`` does. The ring backend's own complaints about the lost connection are left out.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -27,14 +32,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import typer
 
 from metapeft.errors import UserError
 
 STATUS_ENV = "METAPEFT_DIST_STATUS"
-_NOISE = ("[ring]", "Node with rank")  # the backend's and the launcher's lines about a lost rank
-_EXIT = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
+_NOISE = ("[ring]",)  # the backend's lines about a lost peer
 
 
 def launcher() -> list[str] | None:
@@ -78,19 +83,19 @@ def ring_command(processes: int, command: list[str]) -> list[str]:
             "--starting-port", str(free_ports(processes)), "--", *command]
 
 
-def _command_args(argv: list[str], command: str) -> list[str]:
-    """The arguments after ``command`` in ``argv``, without ``--processes N``."""
+def _command_args(argv: list[str], command: str, flag: str = "--processes") -> list[str]:
+    """The arguments after ``command`` in ``argv``, without ``flag N``."""
     if command not in argv:
-        raise UserError(f"--processes re-runs the command line, and this one has no "
-                        f"'{command}' in it; run mlx.launch yourself", field="processes")
+        raise UserError(f"{flag} re-runs the command line, and this one has no "
+                        f"'{command}' in it; run mlx.launch yourself", field=flag.lstrip("-"))
     rest, out = argv[argv.index(command) + 1:], []
     skip = False
     for a in rest:
         if skip:
             skip = False
-        elif a == "--processes":
+        elif a == flag:
             skip = True
-        elif not a.startswith("--processes="):
+        elif not a.startswith(flag + "="):
             out.append(a)
     return out
 
@@ -108,46 +113,96 @@ def _checkpoint_line(checkpoint: Path | None) -> str:
 
 
 def relaunch(processes: int, command: str = "meta-train", *, checkpoint: Path | None = None,
-             argv: list[str] | None = None) -> int:
-    """Run ``metapeft COMMAND ...`` (this process's own arguments) as ``processes`` ranks under
-    ``mlx.launch`` with the ring backend on localhost; returns the exit status."""
+             argv: list[str] | None = None, flag: str = "--processes",
+             kept: Callable[[], str] | None = None) -> int:
+    """Run ``metapeft COMMAND ...`` (this process's own arguments, less ``flag N``) as
+    ``processes`` ranks of the ring backend on localhost (``run_local_ring``); returns the exit
+    status. ``kept()``: what survives a dead process, for the last line (default: the
+    meta-train ``checkpoint``)."""
     from metapeft.meta.distributed import world
 
+    field = flag.lstrip("-")
     if processes < 1:
-        raise UserError(f"--processes must be >= 1, got {processes}", field="processes")
+        raise UserError(f"{flag} must be >= 1, got {processes}", field=field)
     if STATUS_ENV in os.environ or "MLX_RANK" in os.environ or world().size() > 1:
-        raise UserError("--processes: this already is a process of a distributed run; give "
-                        "--processes to the first command only", field="processes")
+        raise UserError(f"{flag}: this already is a process of a distributed run; give "
+                        f"{flag} to the first command only", field=field)
     import mlx.core as mx
 
-    if launcher() is None or not mx.distributed.is_available("ring"):
-        raise UserError("--processes needs mlx.launch and MLX's ring backend, which this MLX "
-                        "does not have", field="processes")
-    args = _command_args(sys.argv if argv is None else argv, command)
-    cmd = ring_command(processes, [sys.executable, "-m", "metapeft.cli", command, *args])
+    if not mx.distributed.is_available("ring"):
+        raise UserError(f"{flag} needs MLX's ring backend, which this MLX does not have",
+                        field=field)
+    args = _command_args(sys.argv if argv is None else argv, command, flag)
+    cmd = [sys.executable, "-m", "metapeft.cli", command, *args]
     with tempfile.TemporaryDirectory(prefix="metapeft-ranks-") as status:
-        env = {**os.environ, STATUS_ENV: status}
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
-        exits = []  # (rank, exit code or None) in the order mlx.launch saw them end badly
-        try:
-            for line in proc.stderr:
-                m = _EXIT.search(line)
-                if m:
-                    exits.append((int(m.group(1)), None if m.group(2) is None else
-                                  int(m.group(2))))
-                if not any(n in line for n in _NOISE):
-                    sys.stderr.write(line)
-                    sys.stderr.flush()
-            proc.wait()
-        except KeyboardInterrupt:
-            proc.wait(timeout=30)
-            raise
+        exits = run_local_ring(processes, cmd, {STATUS_ENV: status}, Path(status))
         outcome = {}
         for r in range(processes):
             f = Path(status) / f"rank{r}.json"
             if f.exists():
                 outcome[r] = json.loads(f.read_text())
-    return _report(outcome, processes, checkpoint, exits)
+    return _report(outcome, processes, checkpoint, exits, label=f"{command} {flag}",
+                   kept=kept)
+
+
+def ring_hostfile(processes: int, folder: Path) -> Path:
+    """The ring hostfile ``mlx.launch --backend ring --hosts 127.0.0.1 -n N`` writes: one
+    ``["127.0.0.1:PORT"]`` per rank, on free ports."""
+    port = free_ports(processes)
+    path = Path(folder) / "ring-hosts.json"
+    path.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(processes)]))
+    return path
+
+
+def run_local_ring(processes: int, command: list[str], env: dict, folder: Path,
+                   poll: float = 0.1) -> list[tuple[int, int]]:
+    """Run ``command`` as ``processes`` ranks of the ring backend on 127.0.0.1 and wait for them;
+    returns ``(rank, exit status)`` of those that ended badly, in the order seen. Their stdout is
+    this process's; their stderr is copied here without the ring backend's lines. The first to
+    end badly stops the others (SIGTERM). Waiting is a 10 Hz poll, not a busy loop."""
+    import threading
+    import time
+
+    hostfile = ring_hostfile(processes, folder)
+    procs = [subprocess.Popen(command, env={**os.environ, **env, "MLX_HOSTFILE": str(hostfile),
+                                            "MLX_RANK": str(r)},
+                              stderr=subprocess.PIPE, text=True, errors="replace")
+             for r in range(processes)]
+
+    def copy(stream):
+        for line in stream:
+            if not any(n in line for n in _NOISE):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    copiers = [threading.Thread(target=copy, args=(p.stderr,), daemon=True) for p in procs]
+    for t in copiers:
+        t.start()
+    exits, seen, stopped = [], set(), False
+    try:
+        while len(seen) < processes:
+            for r, p in enumerate(procs):
+                if r not in seen and p.poll() is not None:
+                    seen.add(r)
+                    if p.returncode != 0:
+                        exits.append((r, p.returncode))
+            if exits and not stopped:
+                stopped = True
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+            if len(seen) < processes:
+                time.sleep(poll)
+    except KeyboardInterrupt:  # Ctrl-C reached the ranks too (same process group)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    for t in copiers:
+        t.join(timeout=5)
+    return exits
 
 
 def _how(code: int | None) -> str:
@@ -162,7 +217,8 @@ def _how(code: int | None) -> str:
     return f"exited with status {code}"
 
 
-def _report(outcome: dict, processes: int, checkpoint: Path | None, exits=()) -> int:
+def _report(outcome: dict, processes: int, checkpoint: Path | None, exits=(),
+            label: str = "meta-train --processes", kept: Callable[[], str] | None = None) -> int:
     from metapeft.cli._common import error_line
 
     if outcome.get(0, {}).get("ok"):
@@ -177,7 +233,7 @@ def _report(outcome: dict, processes: int, checkpoint: Path | None, exits=()) ->
         return 2
     dead = [r for r in range(processes) if r not in outcome]
     first = [(r, c) for r, c in exits if r in dead]
-    if first:  # the first to end badly; mlx.launch then stopped the others (SIGTERM)
+    if first:  # the first to end badly; then the others were stopped (SIGTERM)
         r, code = first[0]
         who = f"process {r} of {processes} {_how(code)}" + (
             ", so the others were stopped" if processes > 1 else "")
@@ -186,7 +242,8 @@ def _report(outcome: dict, processes: int, checkpoint: Path | None, exits=()) ->
                f"{processes} ended without finishing (killed or crashed)")
     else:
         who = f"the {processes} processes lost each other"
-    error_line(f"meta-train --processes {processes}: {who}; {_checkpoint_line(checkpoint)}")
+    error_line(f"{label} {processes}: {who}; "
+               f"{kept() if kept is not None else _checkpoint_line(checkpoint)}")
     return 1
 
 

@@ -77,7 +77,7 @@ def meta_train(
                                                  "the init on the validation tasks (adapt --init "
                                                  "then uses it unless --lr is given)."),
     processes: int = typer.Option(1, help="Data-parallel processes on this machine: re-run this "
-                                          "command under mlx.launch (ring backend, localhost); "
+                                          "command as N ranks of MLX's ring backend (localhost); "
                                           "each adapts its share of every meta-batch."),
     gate: bool = typer.Option(False, "--gate", help="Publish only if the new weights pass the "
                               "drift check (weights check) against NAME's latest version; "

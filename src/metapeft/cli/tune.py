@@ -29,8 +29,9 @@ def _num(v, fmt: str) -> str:
     return format(v, fmt) if math.isfinite(v) else "-"
 
 
-def trials_table(study, running: dict | None = None, max_rows: int = 30):
-    """A rich Table of the study's trials; ★ marks the current Pareto set."""
+def trials_table(study, running: dict | list | None = None, max_rows: int = 30):
+    """A rich Table of the study's trials; ★ marks the current Pareto set. ``running``: the
+    trial (or, with --workers, the trials) being evaluated now."""
     from rich.table import Table
 
     front = set(study.pareto())
@@ -55,9 +56,9 @@ def trials_table(study, running: dict | None = None, max_rows: int = 30):
                   _fmt_params(tr.get("params")), _num(tr.get("accuracy"), ".1%"),
                   _num(tr.get("seconds"), ".2f"), _num(tr.get("memory_mb"), ".1f"), status,
                   style="bold" if i in front else None)
-    if running is not None:
-        t.add_row(str(running["index"]), "…", running["method"], running["source"],
-                  _fmt_params(running["params"]), "", "", "", "[yellow]running[/yellow]")
+    for r in [running] if isinstance(running, dict) else (running or []):
+        t.add_row(str(r["index"]), "…", r["method"], r["source"],
+                  _fmt_params(r["params"]), "", "", "", "[yellow]running[/yellow]")
     return t
 
 
@@ -101,27 +102,51 @@ def tune(
                                   "kernel builds then count as training seconds)."),
     as_json: bool = typer.Option(False, "--json", help="Print {pareto, recommended, "
                                                        "trials} as one JSON object."),
+    workers: int = typer.Option(1, help="Trials evaluated at once: re-run this command as N "
+                                        "ranks of MLX's ring backend (localhost) and ask skopt "
+                                        "for batches of N (constant liar)."),
     model_options: dict = None,
     task_options: dict = None,
 ):
-    """Bayesian search (skopt GP, ParEGO for several objectives) over PEFT configurations."""
+    """Bayesian search (skopt GP, ParEGO for several objectives) over PEFT configurations.
+    With --workers N (or under mlx.launch) N trials run at once."""
     with user_errors():
+        if workers != 1:
+            from metapeft.cli.launch import relaunch
+
+            code = relaunch(workers, "tune", flag="--workers",
+                            kept=lambda: _kept_study(name or resume, registry))
+            if code:
+                raise typer.Exit(code)
+            return
         from rich.live import Live
 
         from metapeft import api
+        from metapeft.cli.launch import rank_outcome
+        from metapeft.meta.distributed import world
 
+        rank = world().rank()  # 0 unless under mlx.launch: the other ranks print nothing
         console = err_console if as_json else out_console
+        if rank:
+            import os
+
+            from rich.console import Console
+
+            console = Console(file=open(os.devnull, "w"), quiet=True)  # noqa: SIM115
         console.print("[dim]loading the optimiser and the model…[/dim]")
         live = Live(console=getattr(console, "real", console), refresh_per_second=2,
                     transient=False)
+        running = {}
 
         def on_start(study, trial):
-            live.update(trials_table(study, running=trial))
+            running[trial["index"]] = trial
+            live.update(trials_table(study, running=list(running.values())))
 
         plain = not is_terminal(console)  # a log file or pipe: one plain line per trial
 
         def on_trial(study, trial):
-            live.update(trials_table(study))
+            running.pop(trial["index"], None)
+            live.update(trials_table(study, running=list(running.values())))
             if plain:
                 acc = trial.get("accuracy")
                 result = (f"accuracy {_num(acc, '.1%')}, {_num(trial.get('seconds'), '.2f')} s"
@@ -131,16 +156,22 @@ def tune(
                       f"{_fmt_params(trial.get('params'))} -> {result}",
                       file=getattr(console, "real", console).file, flush=True)
 
-        with live:
-            rep = api.tune(task, **model_options, methods=methods,
-                           trials=trials, time_budget=time_budget, steps=steps,
-                           objectives=objectives, init=init, name=name, resume=resume,
-                           registry=registry, space=space, seed=seed, n_initial=n_initial,
-                           acq_func=acq_func, warm_start=warm_start, k=k, record=record,
-                           compile=compile_, plot=plot, on_trial=on_trial, on_start=on_start,
-                           **task_options)
-            live.update(trials_table(rep.study))
-        console.print()
+        with rank_outcome(rank):
+            try:
+                with live:
+                    rep = api.tune(task, **model_options, methods=methods,
+                                   trials=trials, time_budget=time_budget, steps=steps,
+                                   objectives=objectives, init=init, name=name, resume=resume,
+                                   registry=registry, space=space, seed=seed,
+                                   n_initial=n_initial, acq_func=acq_func,
+                                   warm_start=warm_start, k=k, record=record,
+                                   compile=compile_, plot=plot, on_trial=on_trial,
+                                   on_start=on_start, **task_options)
+                    live.update(trials_table(rep.study))
+            finally:
+                console.print()  # on a pipe or a log file Live leaves its last line open
+        if rank:
+            return
         if plot is not None:
             console.print(f"plot written to [bold]{rep.plot}[/bold]" if rep.plot else
                           "no plot: matplotlib is not installed (pip install "
@@ -149,6 +180,18 @@ def tune(
             print_json(rep.to_json())
         else:
             _print_summary(rep, out_console)
+
+
+def _kept_study(name: str | None, registry) -> str:
+    """What a dead worker leaves: the study as rank 0 last saved it."""
+    from metapeft.tune.study import Study, study_path
+
+    try:
+        path = study_path(name, registry)
+        n = Study.load(path).evaluated()
+    except Exception:  # noqa: BLE001 - a report line, never the reason to fail
+        return "no study was saved yet"
+    return f"the study ({n} trials, {path}) is kept: rerun with --resume {name}"
 
 
 def _print_summary(res, console) -> None:

@@ -1,9 +1,9 @@
 """Data-parallel meta-training on MLX's own distributed engine (``mx.distributed``).
 
 Start a run under ``mlx.launch`` (``mlx.launch -n 2 --backend ring -- metapeft meta-train ...``,
-or ``metapeft meta-train --processes 2``, which does exactly that on localhost). Every process
-calls ``mx.distributed.init()`` as mlx-lm's trainer does; with one process it returns a group of
-size 1 and nothing here communicates, so a plain run is unchanged.
+or ``metapeft meta-train --processes 2``, which starts the same ranks on localhost itself:
+``cli.launch``). Every process calls ``mx.distributed.init()`` as mlx-lm's trainer does; with one
+process it returns a group of size 1 and nothing here communicates, so a plain run is unchanged.
 
 How the work is split (``meta.run.meta_train``):
 
@@ -23,11 +23,15 @@ How the work is split (``meta.run.meta_train``):
   ranks wait at a barrier (an all_sum of a scalar) that also hands them the version number.
 
 A process that dies ends the run: its peers' next all_sum fails ("connection to a peer was lost")
-and becomes a one-line ``DistributedError``, or ``mlx.launch`` terminates them when the dead
-process exits non-zero. Checkpoints are written atomically by rank 0, so the last one stays whole
+and becomes a one-line ``DistributedError``, or the launcher (``mlx.launch``, or
+``--processes``) terminates them when the dead process exits non-zero. Checkpoints are written atomically by rank 0, so the last one stays whole
 and ``--resume`` continues it, with the same or a different number of processes (the task stream
 depends on the seed and the step only). Every rank reads the checkpoint from its own registry
 path: across machines the registry must be shared, or the checkpoint copied.
+
+``tune --workers N`` runs on the same engine (``tune.study``: ``Study.run_batched`` and
+``serve_trials``): rank 0 hands each batch of suggestions to every rank (``broadcast_json``) and
+collects the trials' outcomes (``gather_json``), both plain all_sums of bytes.
 """
 
 from __future__ import annotations
@@ -126,3 +130,31 @@ def barrier(group, value: float = 0.0) -> float:
         return value
     (total,) = all_sum([mx.array(float(value), dtype=mx.float64)], group)
     return total.item()
+
+
+def gather_json(obj, group) -> list:
+    """Every rank's JSON-able ``obj``, as one list in rank order, on every rank: the lengths are
+    gathered first (``gather_slots``), then each rank writes its UTF-8 bytes into its stretch of
+    a zero byte buffer and one all_sum joins them (exact: the stretches are disjoint)."""
+    import json
+
+    import numpy as np
+
+    data = json.dumps(obj).encode()
+    size, rank = size_of(group), rank_of(group)
+    if size == 1:
+        return [json.loads(data)]
+    lengths = [int(n) for n in gather_slots({rank: float(len(data))}, size, group)]
+    starts = [sum(lengths[:r]) for r in range(size)]
+    buf = np.zeros(max(sum(lengths), 1), dtype=np.uint8)
+    buf[starts[rank]:starts[rank] + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    (total,) = all_sum([mx.array(buf)], group)
+    raw = np.array(total).tobytes()
+    return [json.loads(raw[s:s + n]) for s, n in zip(starts, lengths)]
+
+
+def broadcast_json(obj, group):
+    """Rank 0's JSON-able ``obj`` on every rank (what the other ranks pass is ignored)."""
+    if size_of(group) == 1:
+        return obj
+    return gather_json(obj if is_root(group) else None, group)[0]

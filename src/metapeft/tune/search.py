@@ -123,7 +123,77 @@ def tune(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
     ``trials`` is the total number of evaluated trials the study should have (default 20); a
     resumed study keeps its space, objectives, task, model, steps, seed and ``trials`` (unless
     ``trials`` is given, which then becomes the study's) and only runs the missing trials.
+
+    Under ``mlx.launch`` (``tune --workers N``: ``mx.distributed``, a group of N processes) the
+    trials run N at a time (``Study.run_batched``): rank 0 creates or resumes the study, draws the
+    warm start, asks skopt for batches, saves the study and writes the experience records; the
+    other ranks evaluate their share of each batch (``Study``'s ``serve_trials``), and every rank
+    returns the same result.
     """
+    from metapeft.meta import distributed as dist
+
+    group = dist.world()  # this process alone unless started by mlx.launch (tune --workers)
+    if dist.size_of(group) > 1 and not dist.is_root(group):
+        return _serve(task, group, evaluate=evaluate, batch_size=batch_size, adapt_fn=adapt_fn,
+                      compile=compile, dequantize=dequantize)
+    try:
+        study, task_obj, base, features, warm = _prepare(
+            task, model=model, methods=methods, trials=trials, time_budget=time_budget,
+            steps=steps, objectives=objectives, init=init, name=name, resume=resume,
+            registry=registry, space_file=space_file, seed=seed, n_initial=n_initial,
+            acq_func=acq_func, warm_start=warm_start, k=k, record=record, shots=shots,
+            query=query, ways=ways, text_field=text_field, label_field=label_field,
+            dequantize=dequantize, load_base=(record or warm_start) and evaluate is None)
+        counter = {"n": 0}
+        parallel = dist.size_of(group) > 1
+        recording = record and features is not None
+
+        def on_report(report, method, params):
+            if recording and record_experience(report, task_obj, registry=registry,
+                                               features=features, base=base):
+                counter["n"] += 1
+
+        if evaluate is None:
+            rec = _Recorder(task_obj, features) if parallel and recording else None
+            evaluate = adapt_evaluator(task_obj, model=study.model, steps=study.steps,
+                                       init=study.init,
+                                       init_method=study.task.get("init_method"),
+                                       seed=study.seed, batch_size=batch_size,
+                                       on_report=rec.on_report if rec else on_report,
+                                       adapt_fn=adapt_fn, compile=compile,
+                                       dequantize=dequantize)
+            if rec is not None:
+                evaluate = rec.wrap(evaluate)
+        if not study.trials:
+            study.save()
+    except BaseException as e:
+        if dist.size_of(group) > 1:  # the other ranks wait for the setup: hand them the error
+            msg = e.one_line() if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            dist.broadcast_json({"error": msg}, group)
+        raise
+
+    def on_records(records):
+        counter["n"] += append_experience(records, registry)
+
+    if parallel:
+        dist.broadcast_json({"task": study.task, "model": study.model, "steps": study.steps,
+                             "init": study.init, "seed": study.seed,
+                             "features": features if recording else None}, group)
+    study.run(evaluate, trials=study.target_trials, time_budget=time_budget, warm=warm,
+              on_trial=on_trial, on_start=on_start, group=group, on_records=on_records)
+    if parallel:  # every rank returns the same result
+        dist.broadcast_json({"study": study.metadata(), "path": str(study.path),
+                             "experience_records": counter["n"], "warm_points": len(warm)},
+                            group)
+    return TuneResult(study=study, summary=study.summary(), experience_records=counter["n"],
+                      warm_points=len(warm))
+
+
+def _prepare(task, *, model, methods, trials, time_budget, steps, objectives, init, name,
+             resume, registry, space_file, seed, n_initial, acq_func, warm_start, k, record,
+             shots, query, ways, text_field, label_field, dequantize, load_base):
+    """(study, task, base model or None, task features or None, warm-start points): a new or
+    resumed study, checked before anything is evaluated."""
     from metapeft.adapt import load_task_arg
     from metapeft.adapters import get_adapter_class
     from metapeft.config import run_defaults
@@ -147,11 +217,7 @@ def tune(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
         if task is None and t.get("in_memory"):
             raise UserError(f"study {study.name!r} was run on an in-memory task; pass the task "
                             "again to resume it", field="task")
-        task_obj = load_task_arg(task if task is not None else t.get("task"),
-                                     shots=t.get("shots"), query=t.get("query"),
-                                     ways=t.get("ways"), seed=t.get("seed", 0),
-                                     text_field=t.get("text_field", "text"),
-                                     label_field=t.get("label_field", "label"))
+        task_obj = _task_of(task, t)
     else:
         if not name:
             raise UserError("a study needs a name (--name)", field="name")
@@ -165,7 +231,7 @@ def tune(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
         objs = parse_objectives(objectives)
         space = load_space(space_file, methods)
         task_obj = load_task_arg(task, shots=shots, query=query, ways=ways, seed=seed,
-                                     text_field=text_field, label_field=label_field)
+                                 text_field=text_field, label_field=label_field)
         init_method = None
         if init:
             init_method, init_cfg = _init_method_and_config(init, registry)
@@ -184,31 +250,94 @@ def tune(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
                       steps=int(steps if steps is not None else run_defaults()["steps"]),
                       seed=seed, n_initial=n_init, acq_func=acq_func, init=init,
                       target_trials=trials)
-    base = None
-    features = None
-    if (record or warm_start) and evaluate is None:
+    base = features = None
+    if load_base:
         from metapeft.models import load_base_model
 
         base = load_base_model(study.model, dequantize=dequantize)
         features = task_feature_vector(task_obj, base)
     warm = (warm_start_points(task_obj, study.space.methods, k, base=base, registry=registry,
                               features=features) if warm_start and not study.trials else [])
-    counter = {"n": 0}
+    return study, task_obj, base, features, warm
 
-    def on_report(report, method, params):
-        if record and features is not None and record_experience(
-                report, task_obj, registry=registry, features=features, base=base):
-            counter["n"] += 1
 
+def _task_of(task, spec: dict):
+    """The study's task from its settings (``Study.task``), or ``task`` itself when given."""
+    from metapeft.adapt import load_task_arg
+
+    return load_task_arg(task if task is not None else spec.get("task"),
+                         shots=spec.get("shots"), query=spec.get("query"), ways=spec.get("ways"),
+                         seed=spec.get("seed", 0), text_field=spec.get("text_field", "text"),
+                         label_field=spec.get("label_field", "label"))
+
+
+class _Recorder:
+    """Builds each trial's experience record where the trial ran (``tune --workers``), for rank 0
+    to write: ``on_report`` goes to ``adapt_evaluator``, ``wrap`` puts the record into the
+    evaluator's result (``RECORD_KEY``)."""
+
+    def __init__(self, task, features):
+        self.task, self.features, self.last = task, features, None
+
+    def on_report(self, report, method, params):
+        from metapeft.experience import record_from_report
+
+        try:
+            self.last = record_from_report(report, self.task, self.features,
+                                           source="tune").to_json()
+        except Exception:  # a trial's result is never lost to a record that cannot be built
+            self.last = None
+
+    def wrap(self, evaluate):
+        from metapeft.tune.study import RECORD_KEY
+
+        def run(method: str, params: dict) -> dict:
+            self.last = None
+            out = evaluate(method, params)
+            rec, self.last = self.last, None
+            return {**out, RECORD_KEY: rec} if rec is not None else out
+
+        return run
+
+
+def append_experience(records: list[dict], registry=None) -> int:
+    """Append records built on the ranks (``tune --workers``) to the experience store; how many
+    were written (0 when recording is off or the store fails: a trial is never lost to it)."""
+    import os
+
+    from metapeft.experience import ExperienceStore
+
+    if os.environ.get("METAPEFT_EXPERIENCE", "").lower() in ("off", "0", "false", "no"):
+        return 0
+    try:
+        return len(ExperienceStore(experience_path(registry)).append(records))
+    except Exception:
+        return 0
+
+
+def _serve(task, group, *, evaluate, batch_size, adapt_fn, compile, dequantize) -> TuneResult:
+    """A rank other than 0 of ``tune --workers``: rank 0's settings, then its share of every
+    batch (``serve_trials``), then rank 0's final study."""
+    from metapeft.meta import distributed as dist
+    from metapeft.tune.study import serve_trials
+
+    setup = dist.broadcast_json(None, group)
+    if setup.get("error"):
+        raise UserError(setup["error"])
     if evaluate is None:
-        evaluate = adapt_evaluator(task_obj, model=study.model, steps=study.steps,
-                                   init=study.init,
-                                   init_method=study.task.get("init_method"), seed=study.seed,
-                                   batch_size=batch_size, on_report=on_report,
-                                   adapt_fn=adapt_fn, compile=compile, dequantize=dequantize)
-    if not study.trials:
-        study.save()
-    study.run(evaluate, trials=study.target_trials, time_budget=time_budget, warm=warm, on_trial=on_trial,
-              on_start=on_start)
-    return TuneResult(study=study, summary=study.summary(), experience_records=counter["n"],
-                      warm_points=len(warm))
+        task_obj = _task_of(task, setup["task"])
+        rec = _Recorder(task_obj, setup["features"]) if setup.get("features") else None
+        evaluate = adapt_evaluator(task_obj, model=setup["model"], steps=setup["steps"],
+                                   init=setup["init"],
+                                   init_method=setup["task"].get("init_method"),
+                                   seed=setup["seed"], batch_size=batch_size,
+                                   on_report=rec.on_report if rec else None, adapt_fn=adapt_fn,
+                                   compile=compile, dequantize=dequantize)
+        if rec is not None:
+            evaluate = rec.wrap(evaluate)
+    serve_trials(evaluate, group)
+    final = dist.broadcast_json(None, group)
+    study = Study.from_metadata(final["study"], final["path"])
+    return TuneResult(study=study, summary=study.summary(),
+                      experience_records=final["experience_records"],
+                      warm_points=final["warm_points"])

@@ -26,6 +26,13 @@ skopt's Latin-hypercube initial design (``initial_point_generator="lhs"``) until
 points are known, then GP + expected improvement. A suggestion identical to an evaluated point is
 replaced by a random point (an evaluation budget is too precious to repeat).
 
+Parallel trials (``tune --workers N``, or ``tune`` under ``mlx.launch -n N``): the study runs
+in batches of N suggestions from skopt's constant liar (``ask_batch``: ``Optimizer.ask(
+n_points=N, strategy="cl_min")``, one ParEGO weight vector per batch), evaluated by the N
+processes of an ``mx.distributed`` group at once (``run_batched`` on rank 0, ``serve_trials`` on
+the others). Rank 0 alone asks, saves the study and writes the experience records; the same seed
+and history give the same batch.
+
 Where a study lives: a ``NAME`` (the registry's name rules) is
 ``<registry>/studies/NAME.safetensors``; anything else must be an explicit path ending in
 ``.safetensors``. Every save goes through
@@ -126,6 +133,56 @@ def objective_matrix(trials: list[dict], objectives: list[str]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64).reshape(len(trials), len(objectives))
 
 
+# an evaluator's result may carry the trial's experience record under this key (tune --workers:
+# the ranks build the records, rank 0 alone writes them); it is never stored in the study
+RECORD_KEY = "_experience_record"
+
+
+def evaluate_trial(evaluate: Callable[[str, dict], dict], method: str, params: dict) -> dict:
+    """One trial's outcome: ``evaluate``'s result with status "ok", or status "failed" and the
+    reason for the failures a configuration can cause (``FAILURES``); ``wall_seconds`` too."""
+    start = time.perf_counter()
+    try:
+        res = evaluate(method, dict(params))
+        acc = as_float(res.get("accuracy"))
+        if not math.isfinite(acc):
+            raise FloatingPointError(f"query accuracy is {acc}")
+        out = {"status": "ok", "reason": None, **res}
+    except FAILURES as e:
+        msg = e.one_line() if isinstance(e, UserError) else str(e)
+        out = {"status": "failed", "reason": f"{type(e).__name__}: {msg}"[:500],
+               "accuracy": None, "seconds": None, "memory_mb": None}
+    out["wall_seconds"] = round(time.perf_counter() - start, 3)
+    return out
+
+
+def _from_queue(q: dict) -> dict:
+    """A suggestion from a queued (warm-start or default) point."""
+    sug = {"method": q["method"], "params": q["params"], "x": q["x"], "source": q["source"],
+           "weights": None}
+    if q.get("from_task"):
+        sug["from_task"] = q["from_task"]
+    return sug
+
+
+def serve_trials(evaluate: Callable[[str, dict], dict], group) -> None:
+    """The ranks other than 0 of ``tune --workers``: take each batch rank 0 broadcasts,
+    evaluate this rank's share (trial j with j mod N = rank), send the outcomes back; until rank 0
+    says stop (or that it failed, which becomes this rank's one-line error too)."""
+    from metapeft.meta import distributed as dist
+
+    while True:
+        msg = dist.broadcast_json(None, group)
+        if msg.get("error"):
+            raise UserError(msg["error"])
+        if msg.get("stop"):
+            return
+        batch = msg["batch"]
+        dist.gather_json({str(j): evaluate_trial(evaluate, batch[j]["method"],
+                                                 batch[j]["params"])
+                          for j in dist.mine(len(batch), group)}, group)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -176,10 +233,18 @@ class Study:
 
     @classmethod
     def load(cls, path: str | Path) -> "Study":
-        from metapeft.artifacts import json_field, read_metadata
+        from metapeft.artifacts import read_metadata
 
         path = Path(path)
-        meta = read_metadata(path)
+        return cls.from_metadata(read_metadata(path), path)
+
+    @classmethod
+    def from_metadata(cls, meta: dict, path: str | Path) -> "Study":
+        """The study whose file at ``path`` holds ``meta`` (its safetensors metadata, or
+        ``metadata()`` itself)."""
+        from metapeft.artifacts import json_field
+
+        path = Path(path)
         if json_field(meta, "format") != FORMAT:
             raise UserError("not a metapeft study file", path=str(path), field="format")
         get = lambda k, d=None: json_field(meta, k, d)  # noqa: E731
@@ -286,46 +351,87 @@ class Study:
                 out.append(q)
         return out
 
-    def ask(self) -> dict:
-        """The next point from skopt: {"method", "params", "x", "source", "weights"}."""
+    def _optimizer(self, xs: list, ys: list):
+        """A fresh skopt Optimizer (random_state = the study seed) told ``xs``/``ys``."""
         from skopt import Optimizer
 
-        n = len(self.trials)
-        w = self.weights(n)
-        xs, ys = self.told(w)
-        dims = self.space.dimensions()
-        opt = Optimizer(dims, base_estimator="GP", acq_func=self.acq_func,
+        opt = Optimizer(self.space.dimensions(), base_estimator="GP", acq_func=self.acq_func,
                         n_initial_points=self.n_initial, initial_point_generator="lhs",
                         random_state=int(self.seed))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if xs:
-                opt.tell([list(x) for x in xs], ys)
-            x = self.space.clean(opt.ask())
-        source = "lhs" if len(xs) < self.n_initial else "bo"
-        seen = {json.dumps(t["x"]) for t in self.trials}
-        attempt = 0
+        if xs:
+            opt.tell([list(x) for x in xs], ys)
+        return opt
+
+    def _unseen(self, x: list, seen: set, n: int) -> tuple[list, str | None]:
+        """``x``, or a seeded random point when ``x`` was evaluated already (source "random")."""
+        attempt, source = 0, None
         while json.dumps(x) in seen and attempt < 20:
             x = self.space.random_points(1, seed=int(self.seed) * 1000 + n * 37 + attempt)[0]
             source, attempt = "random", attempt + 1
+        return x, source
+
+    def ask(self) -> dict:
+        """The next point from skopt: {"method", "params", "x", "source", "weights"}."""
+        n = len(self.trials)
+        w = self.weights(n)
+        xs, ys = self.told(w)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x = self.space.clean(self._optimizer(xs, ys).ask())
+        x, replaced = self._unseen(x, {json.dumps(t["x"]) for t in self.trials}, n)
+        source = replaced or ("lhs" if len(xs) < self.n_initial else "bo")
         method, params = self.space.decode(x)
         return {"method": method, "params": params, "x": x, "source": source,
                 "weights": [round(float(v), 6) for v in w]}
 
-    # -------------------------------------------------------------------------- running
-    def run(self, evaluate: Callable[[str, dict], dict], *, trials: int,
-            time_budget: float | None = None, warm: list[dict] | None = None,
-            on_trial: Callable[["Study", dict], None] | None = None,
-            on_start: Callable[["Study", dict], None] | None = None) -> "Study":
-        """Evaluate until ``trials`` trials (in total, including earlier sessions) exist or
-        ``time_budget`` seconds of this session have passed (no new trial starts after it).
+    def ask_batch(self, count: int, pending: list[list] | tuple = ()) -> list[dict]:
+        """``count`` points to evaluate at once (``--workers``): skopt's constant liar,
+        ``Optimizer.ask(n_points=count, strategy="cl_min")``: each point is told to a copy of the
+        optimiser with the best value observed so far as its (lie) outcome before the next is
+        asked, so the batch spreads out instead of repeating the single best guess.
 
-        ``evaluate(method, params)`` returns ``{"accuracy", "seconds", "memory_mb", ...}`` or
-        raises; the study is saved after every trial.
-        """
-        t0 = time.perf_counter()
-        queue = self.initial_queue(warm or [])
-        # measured-on-this-task warm records are observations, not evaluations
+        One ParEGO weight vector serves the whole batch (drawn for the batch's first trial
+        number, as ``ask`` draws it for its one). ``pending``: points already chosen for this
+        batch (warm-start or default points), told with the same lie first. Everything is seeded
+        by the study seed and the number of trials, so the same seed and history give the same
+        batch. Like ``ask``, a point equal to an evaluated (or pending, or earlier in the batch)
+        one is replaced by a seeded random point."""
+        n = len(self.trials)
+        w = self.weights(n)
+        xs, ys = self.told(w)
+        pending = [list(p) for p in pending]
+        lie = float(min(ys)) if ys else 0.0  # skopt's own cl_min lie
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = self._optimizer(xs + pending, ys + [lie] * len(pending))
+            raw = opt.ask(n_points=count, strategy="cl_min")
+        seen = {json.dumps(x) for x in [*(t["x"] for t in self.trials), *pending]}
+        out = []
+        for j, x in enumerate(raw):
+            told = len(xs) + len(pending) + j  # what the optimiser knew when it chose x
+            x, replaced = self._unseen(self.space.clean(x), seen, n + len(pending) + j)
+            seen.add(json.dumps(x))
+            method, params = self.space.decode(x)
+            out.append({"method": method, "params": params, "x": x,
+                        "source": replaced or ("lhs" if told < self.n_initial else "bo"),
+                        "weights": [round(float(v), 6) for v in w]})
+        return out
+
+    def next_batch(self, count: int, queue: list[dict]) -> list[dict]:
+        """The next ``count`` suggestions: the queue's points first (warm start, defaults), the
+        rest from ``ask_batch`` with the queue's ones as pending."""
+        batch = []
+        while queue and len(batch) < count:
+            batch.append(_from_queue(queue.pop(0)))
+        if len(batch) < count:
+            batch += self.ask_batch(count - len(batch), [b["x"] for b in batch])
+        return batch
+
+    # -------------------------------------------------------------------------- running
+    def _queue(self, warm: list[dict]) -> list[dict]:
+        """The initial queue; warm records measured on this very task become trials (status
+        "prior": observations told to the GP, not evaluations)."""
+        queue = self.initial_queue(warm)
         for q in [q for q in queue if q.get("objectives")]:
             obj = q["objectives"]
             if not all(math.isfinite(as_float(obj.get(OBJECTIVES[o][1]))) for o in self.objectives):
@@ -337,36 +443,108 @@ class Study:
                                 "(experience store); told to the GP, not re-run",
                                 "accuracy": obj.get("accuracy"), "seconds": obj.get("seconds"),
                                 "memory_mb": obj.get("memory_mb")})
-        while len([t for t in self.trials if t.get("status") != "prior"]) < trials:
+        return queue
+
+    def evaluated(self) -> int:
+        """Trials run in this study (the experience store's "prior" ones do not count)."""
+        return len([t for t in self.trials if t.get("status") != "prior"])
+
+    def run(self, evaluate: Callable[[str, dict], dict], *, trials: int,
+            time_budget: float | None = None, warm: list[dict] | None = None,
+            on_trial: Callable[["Study", dict], None] | None = None,
+            on_start: Callable[["Study", dict], None] | None = None, group=None,
+            on_records: Callable[[list[dict]], None] | None = None) -> "Study":
+        """Evaluate until ``trials`` trials (in total, including earlier sessions) exist or
+        ``time_budget`` seconds of this session have passed (no new trial starts after it).
+
+        ``evaluate(method, params)`` returns ``{"accuracy", "seconds", "memory_mb", ...}`` or
+        raises; the study is saved after every trial.
+
+        ``group``: an ``mx.distributed`` group of more than one process (``tune --workers``)
+        runs ``run_batched`` on rank 0 while the other ranks run ``serve_trials``.
+        """
+        from metapeft.meta import distributed as dist
+
+        t0 = time.perf_counter()
+        queue = self._queue(warm or [])
+        if dist.size_of(group) > 1:
+            return self.run_batched(evaluate, trials=trials, time_budget=time_budget,
+                                    queue=queue, on_trial=on_trial, on_start=on_start,
+                                    group=group, on_records=on_records, t0=t0)
+        while self.evaluated() < trials:
             if time_budget is not None and time.perf_counter() - t0 >= time_budget:
                 break
-            if queue:
-                q = queue.pop(0)
-                sug = {"method": q["method"], "params": q["params"], "x": q["x"],
-                       "source": q["source"], "weights": None}
-                if q.get("from_task"):
-                    sug["from_task"] = q["from_task"]
-            else:
-                sug = self.ask()
+            sug = _from_queue(queue.pop(0)) if queue else self.ask()
             trial = {"index": len(self.trials), **sug, "status": "running"}
             if on_start is not None:
                 on_start(self, trial)
-            start = time.perf_counter()
-            try:
-                res = evaluate(sug["method"], dict(sug["params"]))
-                acc = as_float(res.get("accuracy"))
-                if not math.isfinite(acc):
-                    raise FloatingPointError(f"query accuracy is {acc}")
-                trial.update(status="ok", reason=None, **res)
-            except FAILURES as e:
-                msg = e.one_line() if isinstance(e, UserError) else str(e)
-                trial.update(status="failed", reason=f"{type(e).__name__}: {msg}"[:500],
-                             accuracy=None, seconds=None, memory_mb=None)
-            trial["wall_seconds"] = round(time.perf_counter() - start, 3)
+            res = evaluate_trial(evaluate, sug["method"], sug["params"])
+            res.pop(RECORD_KEY, None)
+            trial.update(res)
             self.trials.append(trial)
             self.save()
             if on_trial is not None:
                 on_trial(self, trial)
+        return self
+
+    def run_batched(self, evaluate: Callable[[str, dict], dict], *, trials: int, queue: list,
+                    group, time_budget: float | None = None, on_trial=None, on_start=None,
+                    on_records=None, t0: float | None = None) -> "Study":
+        """Rank 0 of ``tune --workers N`` (N = the group's size): batches of N suggestions
+        (``next_batch``) go to every rank (``broadcast_json``); rank r evaluates the batch's
+        trials j with j mod N = r (rank 0 its share too) and the results come back in one
+        ``gather_json``; rank 0 alone appends them in suggestion order, saves the study and
+        hands the trials' experience records (``RECORD_KEY``) to ``on_records``. The last batch
+        is cut to the trials still missing; no batch starts after ``time_budget``. Whatever
+        ends this loop tells the other ranks (``serve_trials``) to stop, with the error line
+        when it is an error."""
+        from metapeft.meta import distributed as dist
+
+        t0 = time.perf_counter() if t0 is None else t0
+        size = dist.size_of(group)
+        try:
+            while self.evaluated() < trials:
+                if time_budget is not None and time.perf_counter() - t0 >= time_budget:
+                    break
+                batch = self.next_batch(min(size, trials - self.evaluated()), queue)
+                first = len(self.trials)
+                running = [{"index": first + j, **sug, "status": "running"}
+                           for j, sug in enumerate(batch)]
+                dist.broadcast_json({"batch": [{"method": t["method"], "params": t["params"]}
+                                               for t in running]}, group)
+                if on_start is not None:
+                    for t in running:
+                        on_start(self, t)
+                mine = {str(j): evaluate_trial(evaluate, running[j]["method"],
+                                               running[j]["params"])
+                        for j in dist.mine(len(running), group)}
+                results = {}
+                for part in dist.gather_json(mine, group):
+                    results.update(part)
+                records = []
+                for j, trial in enumerate(running):
+                    res = dict(results[str(j)])
+                    rec = res.pop(RECORD_KEY, None)
+                    if rec is not None:
+                        records.append(rec)
+                    trial.update(res)
+                    self.trials.append(trial)
+                self.save()
+                if on_records is not None and records:
+                    on_records(records)
+                if on_trial is not None:
+                    for t in running:
+                        on_trial(self, t)
+        except dist.DistributedError:
+            raise  # the peers are gone: nobody to tell
+        except BaseException as e:
+            msg = e.one_line() if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            try:
+                dist.broadcast_json({"error": f"rank 0 stopped: {msg}"[:2000]}, group)
+            except dist.DistributedError:
+                pass
+            raise
+        dist.broadcast_json({"stop": True}, group)
         return self
 
     # -------------------------------------------------------------------------- reporting
