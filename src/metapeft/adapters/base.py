@@ -308,17 +308,22 @@ class Adapter:
         # ``fisher.*``: the EWC Fisher stored with a version (meta.continual), not a parameter
         return tree_unflatten([(k, v) for k, v in flat.items() if not k.startswith("fisher.")])
 
-    def check_compatible(self, params: dict, metadata: dict, source: str) -> dict:
-        """Refuse an init whose method, base model or shapes differ from this adapter's."""
+    def check_origin(self, metadata: dict, source: str, what: str) -> None:
+        """Refuse a file whose header names another method or base model (``what``: how the
+        message describes the file, e.g. "init was trained")."""
         method = metadata.get("method")
         if method is not None and method != self.method:
-            raise UserError(f"init was trained for method '{method}', not '{self.method}'",
+            raise UserError(f"{what} for method '{method}', not '{self.method}'",
                             path=source, field="method")
         fp = metadata.get("base_model_hash")
         if fp is not None and fp != self.base.fingerprint:
-            raise UserError(f"init was trained on base model '{metadata.get('base_model')}' "
+            raise UserError(f"{what} on base model '{metadata.get('base_model')}' "
                             f"({fp}), not '{self.base.model_id}' ({self.base.fingerprint})",
                             path=source, field="base_model")
+
+    def check_compatible(self, params: dict, metadata: dict, source: str) -> dict:
+        """Refuse an init whose method, base model or shapes differ from this adapter's."""
+        self.check_origin(metadata, source, "init was trained")
         want = self.flat(self.init_params(0))
         got = self.flat(params)
         if set(want) != set(got):

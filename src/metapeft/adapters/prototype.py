@@ -118,15 +118,7 @@ class Prototype(Adapter):
 
     def check_compatible(self, params: dict, metadata: dict, source: str) -> dict:
         """Any number of classes (the task's), each a D-wide mean for this model."""
-        method = metadata.get("method")
-        if method is not None and method != self.method:
-            raise UserError(f"file was written for method '{method}', not '{self.method}'",
-                            path=source, field="method")
-        fp = metadata.get("base_model_hash")
-        if fp is not None and fp != self.base.fingerprint:
-            raise UserError(f"file was written on base model '{metadata.get('base_model')}' "
-                            f"({fp}), not '{self.base.model_id}' ({self.base.fingerprint})",
-                            path=source, field="base_model")
+        self.check_origin(metadata, source, "file was written")
         if set(params) != {"means", "center"}:
             raise UserError(f"expected the tensors means and center, got {sorted(params)}",
                             path=source, field="parameters")
