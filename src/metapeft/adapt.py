@@ -85,7 +85,9 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
           on_start: Callable[[], None] | None = None,
           eval_at: set[int] | None = None, record_experience: bool = False,
           stop_at_target: bool = False, budget_seconds: float | None = None,
-          on_decision: Callable[[dict], None] | None = None) -> AdaptReport:
+          on_decision: Callable[[dict], None] | None = None, switch: str = "off",
+          switch_window: int = 3, switch_tolerance: float = 0.01,
+          on_switch: Callable[[dict], None] | None = None) -> AdaptReport:
     """Train one adapter on a task's support set; query accuracy at step 0 and after every step.
     ``stop_at_target``: end the run at the first step whose query accuracy reaches ``target``
     (that step is ``steps_to_target``; the curve stops there).
@@ -97,7 +99,12 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     meta-weights for it and this model, if any (``auto.decide``); ``on_decision(decision)`` is
     called before training, and the report's ``extra["decision"]`` says what was chosen and why.
     ``budget_seconds`` limits the whole run, profiling included: no optimizer step starts that
-    the last one's time says would end past it (``extra["budget"]`` reports it)."""
+    the last one's time says would end past it (``extra["budget"]`` reports it).
+
+    ``switch="auto"``: when the query curve plateaus (no gain above ``switch_tolerance`` over
+    ``switch_window`` steps), freeze what was trained and train the next method of the selector's
+    ranking on top of it for the remaining steps (``metapeft.switching``); ``on_switch(record)``
+    is called at the switch and ``extra["switches"]`` lists it."""
     import time
 
     from metapeft.adapter_io import describe_init, init_adapt_lr, resolve_init, save_adapter
@@ -123,6 +130,9 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         raise UserError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}",
                         field="optimizer")
     check_run_options(steps=steps, lr=lr, batch_size=batch_size)
+    from metapeft.switching import check_switch_options
+
+    check_switch_options(switch, switch_window, switch_tolerance)
     if budget_seconds is not None and not budget_seconds > 0:
         raise UserError(f"--budget-seconds must be > 0, got {budget_seconds}",
                         field="budget_seconds")
@@ -150,6 +160,9 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     if cls.training_free and init is not None:
         raise UserError(f"{method} is training-free: it starts from no init (drop --init)",
                         field="init")
+    if cls.training_free and switch != "off":
+        raise UserError(f"{method} is training-free: its curve has no steps to watch (drop "
+                        "--switch)", field="switch")
     base = load_base_model(model, dequantize=dequantize)
     adapter = cls.attach(base, config or {})
     params = resolve_init(init, adapter)
@@ -171,12 +184,24 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
             on_decision(decision)
     if on_start is not None:
         on_start()
+    stop = None if budget_seconds is None else _budget_stop(t_start, budget_seconds)
+    switches = None
     try:
-        res = train(adapter, params, data, steps=steps, lr=lr, optimizer=optimizer,
-                    batch_size=batch_size, seed=seed, target=target, objective=objective,
-                    on_step=on_step, eval_at=eval_at, stop_at_target=stop_at_target,
-                    stop=None if budget_seconds is None else _budget_stop(t_start,
-                                                                          budget_seconds))
+        if switch == "auto":
+            from metapeft.switching import train_with_switching
+
+            adapter, res, switches = train_with_switching(
+                adapter, params, data, steps=steps, lr=lr,
+                candidates=lambda: _switch_candidates(task, base, method, features),
+                window=switch_window, tolerance=switch_tolerance, target=target, seed=seed,
+                on_step=on_step, on_switch=on_switch, stop=stop, optimizer=optimizer,
+                batch_size=batch_size, objective=objective, eval_at=eval_at,
+                stop_at_target=stop_at_target)
+        else:
+            res = train(adapter, params, data, steps=steps, lr=lr, optimizer=optimizer,
+                        batch_size=batch_size, seed=seed, target=target, objective=objective,
+                        on_step=on_step, eval_at=eval_at, stop_at_target=stop_at_target,
+                        stop=stop)
     except FloatingPointError as e:
         raise UserError(str(e), field="lr") from None
     if cls.training_free:
@@ -185,7 +210,9 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         res, method=method, adapter=adapter, num_support=data.num_support,
         num_query=data.num_query, lr=lr, objective=objective, task=task.name,
         labels=list(task.labels), model=base.model_id, target=target, init=init_name,
-        **({} if decision is None else {"decision": decision}))
+        **({} if decision is None else {"decision": decision}),
+        **({} if switches is None else {"switches": switches}))
+    switched = bool(switches) and switches[0].get("to") is not None
     if out is not None:
         save_adapter(out, adapter, res.params, extra=describe_run(
             report, data.encoder, task=task.name, objective=objective, init=init_name, seed=seed,
@@ -199,10 +226,27 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     if record_experience and not report.accuracies:
         print("note: not recorded in the experience store: no query set was scored",
               file=sys.stderr)
+    elif record_experience and switched:  # the curve is no one method's
+        print("note: not recorded in the experience store: the run switched methods "
+              f"({' -> '.join(adapter.stage_methods)})", file=sys.stderr)
     elif record_experience:
         record_run(report, task, base, "adapt", {"lr": lr, **adapter.config.to_dict()},
                    features=features)
     return report
+
+
+def _switch_candidates(task, base, method: str, features: dict | None):
+    """The methods ``--switch auto`` may move to, in the selector's order for this task (its
+    features are computed now unless ``--method auto`` already did)."""
+    from metapeft.experience import ExperienceStore
+    from metapeft.select.features import task_features
+    from metapeft.select.selector import select
+    from metapeft.switching import ranking_candidates
+
+    if features is None:
+        features = task_features(task, base)
+    ranking = select(features, store=ExperienceStore(None))["ranking"]
+    return ranking_candidates(ranking, method)
 
 
 def apply_decision(decision: dict, config, run: dict) -> tuple[dict, dict]:

@@ -127,11 +127,16 @@ def load_adapter(path: str | Path, model: str | None = None, *, dequantize: str 
     from metapeft.adapters import get_adapter_class
     from metapeft.models import DEFAULT_MODEL, load_base_model
 
+    from metapeft.adapters.stacked import STACK_METHOD, load_stack
+
     weights, arrays, meta, method = read_adapter(path)
-    cls = get_adapter_class(method)
+    if method != STACK_METHOD:
+        cls = get_adapter_class(method)
     config = json_header(meta, "config", dict, str(weights)) or {}
     base = load_base_model(model or meta.get("base_model") or DEFAULT_MODEL, dequantize=dequantize)
     check_base_model(meta, base, str(weights))
+    if method == STACK_METHOD:  # two stages written by `adapt --switch auto`
+        return load_stack(arrays, meta, base, str(weights))
     adapter = cls.attach(base, cls.Config.from_dict(config, source=str(weights)))
     return adapter, adapter.check_compatible(adapter.unflat(arrays), meta, str(weights))
 

@@ -16,6 +16,7 @@ from metapeft.errors import UserError
 
 def export_peft(adapter_dir: str | Path, out: str | Path) -> Path:
     from metapeft.adapters import get_adapter_class
+    from metapeft.adapters.stacked import STACK_METHOD
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     if out.exists() and out.resolve() == adapter_dir.resolve():
@@ -24,6 +25,9 @@ def export_peft(adapter_dir: str | Path, out: str | Path) -> Path:
                         "adapter_config.json)", path=str(out), field="out")
     weights, arrays, meta, method = read_adapter(adapter_dir / WEIGHTS_FILE)
     writable_dir(out, field="out")
+    if method == STACK_METHOD:
+        raise UserError("a two-stage adapter (`adapt --switch auto`) has no single HF peft "
+                        "equivalent to export to", path=str(weights), field="method")
     converted = get_adapter_class(method).to_peft(arrays, meta, str(weights))
     if converted is None:
         raise UserError(f"'{method}' adapters have no HF peft equivalent to export to",

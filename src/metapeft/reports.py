@@ -75,12 +75,13 @@ class AdaptReport(_Wraps):
 
     def to_json(self) -> dict:
         """Exactly the documented keys of ``metapeft adapt --json``, plus ``decision`` for
-        ``--method auto`` and ``budget`` for ``--budget-seconds``."""
+        ``--method auto``, ``budget`` for ``--budget-seconds`` and ``switches`` for ``--switch``."""
         rounded = {"accuracies": [round(a, 6) for a in self.accuracies],
                    "losses": [round(v, 6) for v in self.losses], "seconds": round(self.seconds, 3)}
         # no query set (--query 0): final_accuracy is null, never NaN (which is not JSON)
         out = {k: rounded[k] if k in rounded else getattr(self, k) for k in self.JSON_KEYS}
-        out.update({k: self.extra[k] for k in ("decision", "budget") if k in self.extra})
+        out.update({k: self.extra[k] for k in ("decision", "budget", "switches")
+                    if k in self.extra})
         return json_safe(out)
 
 

@@ -120,7 +120,9 @@ class EncodedTask:
     def prepared(self, adapter: Adapter, which: str) -> list[Batch]:
         """``support`` or ``query`` through ``adapter.prepare``, computed once per base model and
         frozen depth: several inits adapted on the same task share one frozen-trunk pass."""
-        key = (which, adapter.base.fingerprint, adapter.base.dequantized, adapter.frozen_blocks)
+        # a stack (adapters.stacked) runs another model under its trained stage: its own key
+        model_key = getattr(adapter, "trunk_key", adapter.base.fingerprint)
+        key = (which, model_key, adapter.base.dequantized, adapter.frozen_blocks)
         if key not in self._prepared:
             self._prepared[key] = [adapter.prepare(b) for b in getattr(self, which)]
         return self._prepared[key]

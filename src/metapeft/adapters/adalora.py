@@ -177,6 +177,7 @@ class AdaLoRA(Adapter):
     Config = AdaLoRAConfig
     default_lr = 3e-3
     structural = ("init_r", "target_modules", "num_layers")
+    swaps_layers = True
 
     def _attach(self) -> None:
         cfg = self.config

@@ -14,7 +14,8 @@ loop, the meta-learner, the selector and the tuner only ever see this surface:
     params, state = adapter.on_step(params, grads, state, step, total)
 
 The class also describes the method to everything else, so nothing outside ``adapters/`` names
-one: ``default_lr``, ``structural`` (options that fix the tree's shapes), ``training_free``
+one: ``default_lr``, ``structural`` (options that fix the tree's shapes), ``swaps_layers``
+(trains inside the layers rather than adding inputs), ``training_free``
 (parameters computed by ``fit`` from the support set, no optimizer steps, nothing to
 meta-learn), ``Config`` (defaults, ``validate``, ``repair``), ``default_hyperparameters()``, and
 the export formats ``mlx_lm_config()`` / ``to_peft()``, which return None where the format does
@@ -186,6 +187,11 @@ class Adapter:
     # True: ``fit`` computes the parameters from the support set; `adapt` runs no optimizer step
     # (and takes no lr or init), `meta-train` refuses the method.
     training_free: ClassVar[bool] = False
+    # True: the method trains inside the model's layers, on a copy of the model of its own
+    # (``self.model``, updated with the params in ``scores``); False: it adds inputs (virtual
+    # tokens, prefix keys/values) to the shared frozen model. Decides how two stages stack
+    # (``adapters.stacked``).
+    swaps_layers: ClassVar[bool] = False
     frozen_blocks: int = 0  # bottom blocks the adapter leaves untouched (set by _attach)
 
     def __init__(self, base: BaseModel, config: AdapterConfig):

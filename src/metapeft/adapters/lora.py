@@ -57,6 +57,7 @@ class LoRA(Adapter):
     Config = LoRAConfig
     default_lr = 1e-3
     structural = ("rank", "target_modules", "num_layers")
+    swaps_layers = True
 
     def _attach(self) -> None:
         from mlx_lm.tuner.utils import linear_to_lora_layers

@@ -44,7 +44,9 @@ def _print_report(report, out: Path | None) -> None:
     accs = report.accuracies
     marks = sorted({0, 1, 5, 10, 20, 50, len(accs) - 1} & set(range(len(accs))))
     if marks:
-        t = Table(title=f"{report.method}: query accuracy ({report.num_support} support, "
+        switches = [r for r in report.extra.get("switches") or [] if r.get("to")]
+        stages = " -> ".join([report.method] + [r["to"] for r in switches])
+        t = Table(title=f"{stages}: query accuracy ({report.num_support} support, "
                         f"{report.num_query} query)")
         for m in marks:
             t.add_column(f"step {m}", justify="right")
@@ -97,6 +99,14 @@ def adapt(
     budget_seconds: Optional[float] = typer.Option(None, "--budget-seconds", help="Limit the "
                                                    "whole run (profiling included): no step "
                                                    "starts that would end past it."),
+    switch: str = typer.Option("off", "--switch", help="auto: when query accuracy gains no "
+                               "more than --switch-tolerance over --switch-window steps, freeze "
+                               "the adapter and train the selector's next method on top of it "
+                               "for the remaining steps (one switch)."),
+    switch_window: int = typer.Option(3, "--switch-window", help="Steps without gain that "
+                                      "count as a plateau."),
+    switch_tolerance: float = typer.Option(0.01, "--switch-tolerance", help="Gain in query "
+                                           "accuracy (0-1) that counts as progress."),
     seed: int = typer.Option(0, help="Seed for the episode, the init and the batch order."),
     config: Optional[Path] = CONFIG_OPT,
     set_: Optional[list[str]] = SET_OPT,
@@ -113,6 +123,7 @@ def adapt(
         console = err_console if as_json else out_console
         # a training-free method runs no optimizer step: no progress bar
         free = [method in METHODS and get_adapter_class(method).training_free]
+        report_method = [method]
         with LazyBar(steps, f"adapt {method}", console) as bar:
             def on_step(i, loss_, acc):
                 bar.update(completed=i, loss=f"{loss_:.3f}",
@@ -121,7 +132,21 @@ def adapt(
             def on_decision(d):
                 print_decision(d, console)
                 free[0] = get_adapter_class(d["method"]).training_free
+                report_method[0] = d["method"]
                 bar.total, bar.description = d["hyperparameters"]["steps"], f"adapt {d['method']}"
+
+            def on_switch(r):
+                if r["to"] is None:
+                    line = (f"plateau at step {r['step']} ({r['reason']}); no method to switch "
+                            f"to, {report_method[0]} goes on")
+                else:
+                    line = (f"switch at step {r['step']}: {r['from']} -> {r['to']} "
+                            f"({r['reason']}); accuracy {r['accuracy_before']:.1%} -> "
+                            f"{r['accuracy_after']:.1%} at the switch")
+                passed = "; ".join(f"{p['method']}: {p['reason']}" for p in r["passed_over"])
+                bar.console.print(line + (f"; passed over {passed}" if passed else ""),
+                                  highlight=False)
+                bar.update(description=f"adapt {r['to'] or report_method[0]}")
 
             def on_start():
                 if not free[0]:
@@ -132,7 +157,9 @@ def adapt(
                                seed=seed, **task_options,
                                on_start=on_start, on_step=on_step, on_decision=on_decision,
                                record_experience=True, stop_at_target=stop_at_target,
-                               budget_seconds=budget_seconds)
+                               budget_seconds=budget_seconds, switch=switch,
+                               switch_window=switch_window, switch_tolerance=switch_tolerance,
+                               on_switch=on_switch)
         if as_json:
             print_json(report.to_json())
         else:
