@@ -137,7 +137,8 @@ def test_every_command_that_loads_a_model_takes_dequantize():
             with_model.add(path)
             assert "--dequantize" in opts, path
     assert with_model == {"adapt", "meta-train", "profile", "select", "sweep", "tune",
-                          "predict", "evaluate", "serve", "weights check"}
+                          "predict", "evaluate", "serve", "weights check", "library add",
+                          "library build"}
 
 
 def test_dequantize_flag(task_dir):

@@ -76,6 +76,7 @@ def check_run_options(*, steps: int | None = None, lr: float | None = None,
 
 
 def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, steps: int = 20,
+          route: str | None = None, keep: bool = False, max_size: int | None = None,
           target: float | None = 0.8, init: str | None = None, out: str | Path | None = None,
           config: dict | None = None, lr: float | None = None, optimizer: str = "adam",
           batch_size: int = 64, seed: int = 0, objective: str = DEFAULT_OBJECTIVE,
@@ -100,6 +101,12 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     called before training, and the report's ``extra["decision"]`` says what was chosen and why.
     ``budget_seconds`` limits the whole run, profiling included: no optimizer step starts that
     the last one's time says would end past it (``extra["budget"]`` reports it).
+
+    The adapter library (``metapeft.library``): ``init="library:compose[:K][+INIT]"`` starts from
+    a LoraHub-style mixture of the K nearest library LoRAs (``metapeft.compose``;
+    ``extra["composition"]``), ``route="arrow"`` from Arrow's per-token routing over them
+    (``metapeft.route``; ``extra["route"]`` has the routed step-0 accuracy), and ``keep``
+    adds the trained adapter to the library (bounded by ``max_size``; ``extra["library"]``).
 
     ``switch="auto"``: when the query curve plateaus (no gain above ``switch_tolerance`` over
     ``switch_window`` steps), freeze what was trained and train the next method of the selector's
@@ -163,6 +170,12 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     if cls.training_free and switch != "off":
         raise UserError(f"{method} is training-free: its curve has no steps to watch (drop "
                         "--switch)", field="switch")
+    if route is not None and (route != "arrow" or init is not None):  # the adapter library
+        raise UserError(f"unknown --route {route!r}; the one router is arrow" if route != "arrow"
+                        else "--route arrow builds its own init from the library; drop --init",
+                        field="route")
+    if max_size is not None and max_size < 1:
+        raise UserError(f"--max-size must be >= 1, got {max_size}", field="max_size")
     base = load_base_model(model, dequantize=dequantize)
     adapter = cls.attach(base, config or {})
     params = resolve_init(init, adapter)
@@ -171,6 +184,13 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         params = adapter.init_params(seed)
     data = encode_task(task, base.tokenizer)
     _check_memory(adapter, data, batch_size)
+    from metapeft.compose import is_library_init
+
+    library_start = None  # (report key, report): an init built from the adapter library
+    if is_library_init(init) or route is not None:
+        from metapeft.compose import library_init
+
+        params, library_start = library_init(init, route, adapter, data, task, seed=seed)
     if lr is None:  # a learned init brings the step size chosen for it on validation tasks
         lr = (init_adapt_lr(init) if optimizer == "adam" else None) or cls.default_lr
     if cls.training_free:  # the parameters come from the support set; no optimizer step runs
@@ -211,13 +231,21 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         num_query=data.num_query, lr=lr, objective=objective, task=task.name,
         labels=list(task.labels), model=base.model_id, target=target, init=init_name,
         **({} if decision is None else {"decision": decision}),
-        **({} if switches is None else {"switches": switches}))
+        **({} if switches is None else {"switches": switches}),
+        **({} if library_start is None else dict([library_start])))
     switched = bool(switches) and switches[0].get("to") is not None
     if out is not None:
         save_adapter(out, adapter, res.params, extra=describe_run(
             report, data.encoder, task=task.name, objective=objective, init=init_name, seed=seed,
             lr=lr, optimizer=optimizer, batch_size=batch_size, target=target,
             decision=decision))
+    if keep:  # into the adapter library, with the task's profile
+        from metapeft.library import keep_run
+
+        report.extra["library"] = keep_run(out, adapter, res.params, report, data, task,
+                                           max_size=max_size, run=dict(
+            objective=objective, init=init_name, seed=seed, lr=lr, optimizer=optimizer,
+            batch_size=batch_size, target=target))
     if budget_seconds is not None:
         used = time.monotonic() - t_start
         report.extra["budget"] = {

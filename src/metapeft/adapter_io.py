@@ -44,8 +44,8 @@ def init_path(init: str | Path, registry: str | Path | None = None) -> Path:
 def resolve_init(init: str | Path | None, adapter, registry: str | Path | None = None
                  ) -> dict | None:
     """Initial adapter params from ``init`` (see ``init_path``), checked against ``adapter``;
-    ``None`` for a fresh init."""
-    if init is None:
+    ``None`` for a fresh init (and for ``library:...``, which ``adapt`` builds from the task)."""
+    if init is None or str(init).startswith("library:"):
         return None
     path = init_path(init, registry)
     arrays, meta = load_safetensors(path)
@@ -54,8 +54,9 @@ def resolve_init(init: str | Path | None, adapter, registry: str | Path | None =
 
 def init_adapt_lr(init: str | Path | None, registry: str | Path | None = None) -> float | None:
     """The Adam lr that ``adapt`` should use from ``init``: the one its meta-training run chose on
-    validation tasks (``meta.stepsize``), or None (fresh init, or weights published before it)."""
-    if init is None:
+    validation tasks (``meta.stepsize``), or None (fresh init, a library init, or weights
+    published before it)."""
+    if init is None or str(init).startswith("library:"):
         return None
     from metapeft.artifacts import read_metadata
 
@@ -68,9 +69,10 @@ def init_adapt_lr(init: str | Path | None, registry: str | Path | None = None) -
 
 def describe_init(init: str | Path | None, registry: str | Path | None = None) -> str | None:
     """How an adapter's provenance names its init: None (fresh), ``NAME@VERSION`` for a registry
-    version (the version ``NAME`` or ``NAME@latest`` resolved to), else the path given."""
-    if init is None:
-        return None
+    version (the version ``NAME`` or ``NAME@latest`` resolved to), ``library:...`` as given,
+    else the path given."""
+    if init is None or str(init).startswith("library:"):
+        return None if init is None else str(init)
     if Path(init).exists():
         return str(init)
     from metapeft.registry import parse_spec

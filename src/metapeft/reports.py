@@ -75,13 +75,14 @@ class AdaptReport(_Wraps):
 
     def to_json(self) -> dict:
         """Exactly the documented keys of ``metapeft adapt --json``, plus ``decision`` for
-        ``--method auto``, ``budget`` for ``--budget-seconds`` and ``switches`` for ``--switch``."""
+        ``--method auto``, ``budget`` for ``--budget-seconds``, ``switches`` for ``--switch``,
+        ``composition``/``route`` for a library init and ``library`` for ``--keep``."""
         rounded = {"accuracies": [round(a, 6) for a in self.accuracies],
                    "losses": [round(v, 6) for v in self.losses], "seconds": round(self.seconds, 3)}
         # no query set (--query 0): final_accuracy is null, never NaN (which is not JSON)
         out = {k: rounded[k] if k in rounded else getattr(self, k) for k in self.JSON_KEYS}
-        out.update({k: self.extra[k] for k in ("decision", "budget", "switches")
-                    if k in self.extra})
+        out.update({k: self.extra[k] for k in ("decision", "budget", "switches", "composition",
+                                               "route", "library") if k in self.extra})
         return json_safe(out)
 
 

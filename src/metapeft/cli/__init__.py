@@ -24,8 +24,8 @@ os.environ.setdefault("TYPER_USE_RICH", "0")
 import typer  # noqa: E402
 import typer.core  # noqa: E402
 
-from metapeft.cli import (adapt, meta, predict, runs, schedule, select, serve,  # noqa: E402
-                          tune, weights)
+from metapeft.cli import (adapt, library, meta, predict, runs, schedule, select,  # noqa: E402
+                          serve, tune, weights)
 from metapeft.cli._common import record_runs  # noqa: E402
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -68,7 +68,7 @@ app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True
                   pretty_exceptions_enable=False,
                   help="Meta-learned PEFT for MLX: pick a method, start from a meta-learned "
                        "init, tune it.")
-for _module in (adapt, predict, serve, meta, weights, select, tune, runs, schedule):
+for _module in (adapt, predict, serve, meta, weights, library, select, tune, runs, schedule):
     _module.register(app)
 record_runs(app)  # every command that trains or evaluates leaves a run record (runs list)
 

@@ -218,7 +218,7 @@ def recorded(command: str):
 
 # The commands that train or evaluate, whose runs are recorded.
 RECORDED = ("adapt", "meta-train", "quickstart", "sweep", "train-selector", "tune", "evaluate",
-            "predict", "weights check")
+            "predict", "weights check", "library build")
 
 
 def record_runs(app: typer.Typer, commands=RECORDED, prefix: str = "") -> None:

@@ -74,8 +74,29 @@ def _print_report(report, out: Path | None) -> None:
                           + ("" if after is None else
                              f"; training stopped after step {after} of {budget['steps']}")
                           + ("; exceeded" if budget["exceeded"] else ""), highlight=False)
+    _print_library(report.extra)
     if out is not None:
         out_console.print(f"adapter written to [bold]{out}[/bold]")
+
+
+def _print_library(extra: dict) -> None:
+    """What the adapter library contributed: the composition, the routing, the kept entry."""
+    c, r, kept = extra.get("composition"), extra.get("route"), extra.get("library")
+    if c:
+        mix = ", ".join(f"{m['id']} {m['weight']:+.2f}" for m in c["members"])
+        out_console.print(f"composed init: {mix} (support loss {c['support_loss']:.3f}; "
+                          f"{c['trials']} trials, {c['search_seconds']:.1f} s)", highlight=False)
+    if r:
+        acc = r["routed_accuracy"]
+        out_console.print(f"arrow routing over {len(r['experts'])} library LoRAs (top "
+                          f"{r['top_k']}): step-0 accuracy {'-' if acc is None else f'{acc:.1%}'}"
+                          f"; trained from {r['init']}", highlight=False)
+    if kept:
+        e = kept["entry"]
+        out_console.print(f"kept in the library as {e['id']}" + ("" if kept["added"] else
+                          " (already there)") + "".join(f"; evicted {v['id']} ({v['reason']})"
+                                                        for v in kept["evicted"]),
+                          highlight=False)
 
 
 @with_model_options
@@ -88,7 +109,16 @@ def adapt(
     stop_at_target: bool = typer.Option(False, "--stop-at-target", help="End the run at the "
                                         "first step whose query accuracy reaches --target."),
     init: Optional[str] = typer.Option(None, help="Initial adapter: a safetensors file, an "
-                                                  "adapter dir, or registry NAME[@VERSION]."),
+                                                  "adapter dir, registry NAME[@VERSION], or "
+                                                  "library:compose[:K][+INIT] (a weighted mix "
+                                                  "of the K nearest library LoRAs)."),
+    route: Optional[str] = typer.Option(None, "--route", help="arrow: route each token over "
+                                        "the library's LoRAs (training-free step 0), then "
+                                        "train their merged mixture."),
+    keep: bool = typer.Option(False, "--keep", help="Add the trained adapter to the adapter "
+                              "library (`metapeft library list`)."),
+    max_size: Optional[int] = typer.Option(None, "--max-size", help="With --keep: keep at most "
+                                           "N library entries (evict near-duplicates)."),
     out: Optional[Path] = typer.Option(None, help="Write adapters.safetensors and "
                                                   "adapter_config.json here."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: per method)."),
@@ -157,7 +187,8 @@ def adapt(
                                seed=seed, **task_options,
                                on_start=on_start, on_step=on_step, on_decision=on_decision,
                                record_experience=True, stop_at_target=stop_at_target,
-                               budget_seconds=budget_seconds, switch=switch,
+                               budget_seconds=budget_seconds, switch=switch, route=route,
+                               keep=keep, max_size=max_size,
                                switch_window=switch_window, switch_tolerance=switch_tolerance,
                                on_switch=on_switch)
         if as_json:

@@ -353,11 +353,10 @@ class Study:
 
     def _optimizer(self, xs: list, ys: list):
         """A fresh skopt Optimizer (random_state = the study seed) told ``xs``/``ys``."""
-        from skopt import Optimizer
+        from metapeft.tune.gp import gp_optimizer
 
-        opt = Optimizer(self.space.dimensions(), base_estimator="GP", acq_func=self.acq_func,
-                        n_initial_points=self.n_initial, initial_point_generator="lhs",
-                        random_state=int(self.seed))
+        opt = gp_optimizer(self.space.dimensions(), acq_func=self.acq_func,
+                           n_initial=self.n_initial, seed=self.seed)
         if xs:
             opt.tell([list(x) for x in xs], ys)
         return opt

@@ -1,0 +1,138 @@
+"""``metapeft library add | list | remove | build``: the adapter library (``metapeft.library``)
+that ``adapt --init library:compose`` and ``adapt --route arrow`` start new tasks from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from metapeft.cli._common import (JSON_OPT, METHOD_OPT, REGISTRY_OPT, LazyBar, compact_table,
+                                  csv_list, err_console, out_console, print_json, short_time,
+                                  user_errors, with_model_options)
+
+MAX_SIZE_OPT = typer.Option(None, "--max-size", help="Keep at most N entries: evict the "
+                            "lower-scoring member of the most similar pair until it fits.")
+
+
+def _size(n) -> str:
+    return "-" if n is None else f"{n / 1024:.0f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
+
+
+def library_add(
+    adapter_dir: Path = typer.Argument(..., help="An adapter directory written by "
+                                                 "`metapeft adapt --out`."),
+    task: Optional[Path] = typer.Option(None, "--task", help="The task it was trained on (its "
+                                        "support texts give the entry's content embedding and "
+                                        "profile); without it the labels alone describe it."),
+    max_size: Optional[int] = MAX_SIZE_OPT,
+    registry: Optional[Path] = REGISTRY_OPT,
+    as_json: bool = JSON_OPT,
+    model_options: dict = None,
+):
+    """Add an adapter directory to the library."""
+    with user_errors():
+        from metapeft import library
+        from metapeft.adapt import load_task_arg
+
+        task_obj = load_task_arg(task) if task is not None else None
+        res = library.add(adapter_dir, task=task_obj, registry=registry, max_size=max_size,
+                          model=None if model_options["model"] == "tiny" else
+                          model_options["model"], dequantize=model_options["dequantize"])
+        if as_json:
+            print_json(res.to_json())
+            return
+        e = res.entry
+        note = "" if e.composable else f" (listed, not composable: {e.reason})"
+        out_console.print(f"{'added' if res.added else 'already in the library:'} "
+                          f"[bold]{e.id}[/bold] {e.method} {e.task or ''}{note}",
+                          highlight=False)
+        for v in res.evicted:
+            out_console.print(f"evicted {v['id']} ({v['task']}): {v['reason']}", highlight=False)
+
+
+def library_list(registry: Optional[Path] = REGISTRY_OPT, as_json: bool = JSON_OPT):
+    """List the library's entries."""
+    with user_errors():
+        from metapeft import library
+
+        rows = [e.to_json() for e in library.entries(registry)]
+        if as_json:
+            print_json({"library": str(library.library_dir(registry)), "entries": rows,
+                        "disk_bytes": library.disk_bytes(registry)})
+            return
+        if not rows:
+            out_console.print("the adapter library is empty (metapeft library add DIR, adapt "
+                              "--keep, or library build)")
+            return
+        t = compact_table(f"adapter library in {library.library_dir(registry)} "
+                          f"({len(rows)} entries, {_size(library.disk_bytes(registry))})",
+                          [("id", "left", True), "method", "base model", "task",
+                           ("score", "right"), ("added (UTC)", "left", True), "composable"])
+        for r in rows:
+            t.add_row(r["id"], f"{r['method']} r{r['rank']}" if r["rank"] else r["method"],
+                      Path(str(r["base_model"] or "-")).name, str(r["task"] or "-"),
+                      "-" if r["score"] is None else f"{r['score']:.1%}",
+                      short_time(r["added"]), "yes" if r["composable"] else f"no: {r['reason']}")
+        out_console.print(t)
+
+
+def library_remove(entry_id: str = typer.Argument(..., help="An entry id (or its first "
+                                                              "characters)."),
+                   registry: Optional[Path] = REGISTRY_OPT, as_json: bool = JSON_OPT):
+    """Remove an entry from the library."""
+    with user_errors():
+        from metapeft import library
+
+        row = library.remove(entry_id, registry)
+        if as_json:
+            print_json({"removed": row})
+        else:
+            out_console.print(f"removed {row['id']} ({row['task']})", highlight=False)
+
+
+def library_build(
+    data: Path = typer.Option(..., "--data", help="A labelled JSONL/CSV pool."),
+    tasks: int = typer.Option(16, "--tasks", help="Episodes to adapt and keep."),
+    steps: int = typer.Option(10, "--steps", help="Optimizer steps per episode."),
+    ways: int = typer.Option(5, "--ways"), shots: int = typer.Option(5, "--shots"),
+    query: int = typer.Option(10, "--query", help="Query examples per class (the score)."),
+    domains: Optional[list[str]] = typer.Option(None, "--domains", help="Only these domains."),
+    exclude_domains: Optional[list[str]] = typer.Option(None, "--exclude-domains",
+                                                        help="Leave these domains out (the "
+                                                        "meta-test ones)."),
+    method: str = METHOD_OPT,
+    seed: int = typer.Option(0, "--seed", help="Episode i uses seed + i."),
+    max_size: Optional[int] = MAX_SIZE_OPT,
+    registry: Optional[Path] = REGISTRY_OPT,
+    as_json: bool = JSON_OPT,
+    model_options: dict = None,
+):
+    """Fill the library from a pool's episodes (benchmark preparation)."""
+    with user_errors():
+        from metapeft import library
+
+        console = err_console if as_json else out_console
+        with LazyBar(tasks, "library build", console) as bar:
+            res = library.build(data, **model_options, tasks=tasks, steps=steps, ways=ways,
+                                shots=shots, query=query, seed=seed, domains=csv_list(domains),
+                                exclude_domains=csv_list(exclude_domains), method=method,
+                                registry=registry, max_size=max_size,
+                                on_task=lambda i, row: bar.update(
+                                    completed=i + 1, acc=f"{row['final_accuracy']:.1%}"))
+        if as_json:
+            print_json(res.to_json())
+        else:
+            out_console.print(f"{res.added} added, {res.entries} entries, "
+                              f"{_size(res.disk_bytes)}, {res.seconds:.1f} s", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(help="The adapter library: past adapters to start new tasks from.",
+                        no_args_is_help=True)
+    group.command("add")(with_model_options(library_add))
+    group.command("list")(library_list)
+    group.command("remove")(library_remove)
+    group.command("build")(with_model_options(library_build))
+    app.add_typer(group, name="library")

@@ -1,0 +1,219 @@
+"""A new task's starting LoRA built from the adapter library (``metapeft.library``).
+
+``adapt --init library:compose[:K][+INIT]``: LoraHub (Huang et al., 2023). The K (default 5)
+library LoRAs nearest to the task (``library.similarity``; same base model and the same LoRA
+structure only: rank, alpha, target modules, depth, parameter shapes) are mixed as
+A = Σ wᵢ·Aᵢ and B = Σ wᵢ·Bᵢ, summed separately as LoraHub does (so one member at weight 1 is that
+adapter exactly). ``+INIT`` adds a registry or file init (the meta-init) as one more member.
+The weights w ∈ [-1.5, 1.5]^K minimise the support loss + ``L1`` (0.05, LoraHub's) · Σ|wᵢ| over
+``trials`` (default max(20, 4K)) evaluations of metapeft's one Bayesian optimiser
+(``tune.gp.minimize``: skopt GP + EI after a Latin-hypercube start). The search starts from
+the nearest member alone at weight 1, the uniform mixture (1/K each) and the weights found for
+the three nearest past tasks (``library.compositions``, mapped onto this task's members by
+entry id, absent members at 0); the weights found are recorded there for the next task. Then
+``adapt`` trains from the composed init as from any other.
+
+``adapt --route arrow`` lives in ``metapeft.route``; both share ``candidates`` (which entries
+qualify, with one-line refusals when none does).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from metapeft.errors import UserError
+
+PREFIX = "library:"
+DEFAULT_K = 5
+L1 = 0.05
+BOUND = 1.5
+# options whose difference makes two LoRAs' A/B tensors mean different things
+STRUCTURE = ("rank", "alpha", "target_modules", "num_layers", "use_rslora", "use_dora")
+
+
+def is_library_init(init) -> bool:
+    return init is not None and str(init).startswith(PREFIX)
+
+
+def parse_spec(init: str) -> tuple[int, str | None]:
+    """(K, extra init or None) from ``library:compose[:K][+INIT]``."""
+    body = str(init)[len(PREFIX):]
+    body, _, extra = body.partition("+")
+    kind, _, k = body.partition(":")
+    if kind != "compose":
+        raise UserError(f"unknown library init {init!r}; use library:compose[:K][+INIT] "
+                        "(or --route arrow)", field="init")
+    try:
+        k_val = DEFAULT_K if not k else int(k)
+    except ValueError:
+        raise UserError(f"library:compose:K needs an integer K, got {k!r}", field="init") from None
+    if k_val < 1:
+        raise UserError(f"library:compose:K needs K >= 1, got {k_val}", field="init")
+    return k_val, extra or None
+
+
+def candidates(adapter, registry=None) -> tuple[list, list[dict]]:
+    """(usable entries with their tensors, skipped entries with the reason): usable means
+    composable, on this adapter's base model (fingerprint) and with its LoRA structure. One-line
+    errors for an empty library and for one with nothing usable."""
+    from metapeft import library
+
+    es = library.entries(registry)
+    where = str(library.library_dir(registry))
+    if not es:
+        raise UserError("the adapter library is empty; fill it with `metapeft library add DIR`,"
+                        " `adapt --keep` or `metapeft library build`", path=where,
+                        field="library")
+    if adapter.method != "lora" or getattr(adapter.config, "use_dora", False):
+        raise UserError(f"library composition and routing take plain LoRA, not "
+                        f"{'dora' if adapter.method == 'lora' else adapter.method}",
+                        field="method")
+    want_cfg = adapter.config.to_dict()
+    want = {k: tuple(v.shape) for k, v in adapter.flat(adapter.init_params(0)).items()}
+    usable, skipped = [], []
+    for e in es:
+        why = None
+        if not e.composable:
+            why = e.reason or "not composable"
+        elif e.base_model_hash != adapter.base.fingerprint:
+            why = f"base model {e.base_model} ({e.base_model_hash}), not {adapter.base.model_id}"
+        else:
+            diff = [k for k in STRUCTURE if e.config.get(k, want_cfg.get(k)) != want_cfg.get(k)]
+            if diff:
+                why = "LoRA structure differs: " + ", ".join(
+                    f"{k} {e.config.get(k)} vs {want_cfg.get(k)}" for k in diff)
+        arrays = None
+        if why is None:
+            arrays = e.load()
+            got = {k: tuple(v.shape) for k, v in arrays.items()}
+            if got != want:
+                why = "parameter names or shapes differ from this adapter's"
+        if why is None:
+            usable.append((e, arrays))
+        else:
+            skipped.append({"id": e.id, "task": e.task, "method": e.method, "reason": why})
+    if not usable:
+        reasons = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
+        raise UserError(f"no library adapter fits this LoRA on {adapter.base.model_id} "
+                        f"({len(skipped)} skipped: {reasons})", path=where, field="library")
+    return usable, skipped
+
+
+def compose_params(adapter, members: list[dict], weights) -> dict:
+    """The adapter's parameter tree Σ wᵢ·memberᵢ, leaf by leaf (A and B summed separately)."""
+    w = mx.array(np.asarray(weights, dtype=np.float32))
+    out = {}
+    for key in members[0]:
+        stacked = mx.stack([m[key].astype(mx.float32) for m in members])
+        out[key] = mx.tensordot(w, stacked, axes=1).astype(members[0][key].dtype)
+    return adapter.unflat(out)
+
+
+def support_loss(adapter, params: dict, support) -> float:
+    """The support set's loss (the training loss, no dropout) at ``params``."""
+    from metapeft.train import batch_loss
+
+    with adapter.scoring_mode():
+        loss = batch_loss(adapter, adapter.scoring_params(params), support)
+    mx.eval(loss)
+    return float(loss.item())
+
+
+def compose_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
+                 trials: int | None = None, record: bool = True) -> tuple[dict, dict]:
+    """(init params, report) for ``library:compose[:K][+INIT]`` (see the module doc)."""
+    from metapeft import library
+    from metapeft.tune.gp import minimize
+
+    t0 = time.perf_counter()
+    k, extra = parse_spec(init)
+    usable, skipped = candidates(adapter, registry)
+    query = library.profile(adapter.base, task)
+    ranked = sorted(usable, key=lambda ea: -library.similarity(query, ea[0]))[:k]
+    members = [arrays for _, arrays in ranked]
+    info_members = [{"id": e.id, "task": e.task, "score": e.to_json()["score"],
+                     "similarity": round(library.similarity(query, e), 4)} for e, _ in ranked]
+    if extra is not None:
+        from metapeft.adapter_io import describe_init, resolve_init
+
+        members.append(adapter.flat(resolve_init(extra, adapter, registry)))
+        info_members.append({"id": describe_init(extra, registry), "task": None,
+                             "score": None, "similarity": None, "init": True})
+    n = len(members)
+    support = data.prepared(adapter, "support")
+
+    def objective(w) -> float:
+        loss = support_loss(adapter, compose_params(adapter, members, w), support)
+        return loss + L1 * float(np.abs(w).sum()) if math.isfinite(loss) else math.inf
+
+    ids = [m["id"] for m in info_members]
+    x0 = [[1.0] + [0.0] * (n - 1), [1.0 / n] * n]
+    warm = _warm_points(query, ids, registry)
+    x0 += [w for w in warm if w not in x0]
+    trials = max(20, 4 * n) if trials is None else trials
+    if trials < 1:
+        raise UserError(f"composition trials must be >= 1, got {trials}", field="trials")
+    res = minimize(objective, [(-BOUND, BOUND)] * n, trials=trials, x0=x0, seed=seed,
+                   n_initial=max(len(x0), min(n + 2, trials)))
+    weights = [round(float(v), 6) for v in res["x"]]
+    params = compose_params(adapter, members, weights)
+    uniform = res["ys"][1] if len(res["ys"]) > 1 else None
+    for m, w in zip(info_members, weights):
+        m["weight"] = w
+    report = {"members": info_members, "weights": weights, "k": k, "trials": len(res["ys"]),
+              "objective": round(res["y"], 6), "objective_uniform": uniform,
+              "objective_nearest": res["ys"][0], "l1": L1,
+              "support_loss": round(support_loss(adapter, params, support), 6),
+              "warm_points": len(warm), "skipped": skipped,
+              "search_seconds": round(res["seconds"], 3),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    if record:
+        try:
+            library.record_composition({
+                "task": task.name, "embedding": query.get("embedding"),
+                "label_embedding": query.get("label_embedding"),
+                "weights": {i: w for i, w in zip(ids, weights) if not str(i).count("@")},
+                "objective": report["objective"], "base_model_hash": adapter.base.fingerprint},
+                registry)
+        except OSError as e:  # the search result is never lost to the store
+            report["record_error"] = str(e)
+    return params, report
+
+
+def _warm_points(query: dict, ids: list[str], registry=None, nearest: int = 3) -> list:
+    """Weights that worked for the ``nearest`` most similar past tasks, on this task's members
+    (by entry id; members they did not use at 0), skipping those that share no member."""
+    from metapeft import library
+
+    scored = []
+    for c in library.compositions(registry):
+        w = c.get("weights") or {}
+        if not isinstance(w, dict) or not any(i in w for i in ids):
+            continue
+        probe = library.Entry(id="", path=library.library_dir(registry), method="", config={},
+                              base_model=None, base_model_hash=None, task=None,
+                              score=float("nan"), composable=False, reason=None,
+                              embedding=c.get("embedding"),
+                              label_embedding=c.get("label_embedding"))
+        s = library.similarity(query, probe)
+        if math.isfinite(s):
+            scored.append((s, [float(w.get(i, 0.0)) for i in ids]))
+    scored.sort(key=lambda t: -t[0])
+    return [x for _, x in scored[:nearest]]
+
+
+def library_init(init, route, adapter, data, task, *, seed: int = 0, registry=None
+                 ) -> tuple[dict, tuple[str, dict]]:
+    """(init params, (report key, report)) for ``adapt``: ``route="arrow"`` (``metapeft.route``)
+    or ``init="library:compose..."``."""
+    if route is not None:
+        from metapeft.route import arrow_init
+
+        params, report = arrow_init(adapter, data, task, registry=registry)
+        return params, ("route", report)
+    params, report = compose_init(init, adapter, data, task, registry=registry, seed=seed)
+    return params, ("composition", report)

@@ -1,0 +1,239 @@
+"""The adapter library (issue 19): entries, eviction, LoraHub-style composition searched by the
+skopt GP, Arrow routing, and the one-line refusals. Tiny model only (a few seconds)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+EXE = [sys.executable, "-m", "metapeft.cli"]
+
+
+def run(*args, home):
+    return subprocess.run(EXE + list(args), capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "200", "METAPEFT_HOME": str(home)})
+
+
+def _task(seed, family="topic"):
+    from metapeft.data.synthetic import generate_task
+
+    return generate_task(seed, family=family, ways=3, shots=4, query=4)
+
+
+def _adapt(task, out, *, steps=5, method="lora", seed=0, **kw):
+    from metapeft import api
+
+    return api.adapt(task, model="tiny", method=method, steps=steps, out=out, seed=seed,
+                     target=None, **kw)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAPEFT_HOME", str(tmp_path / "reg"))
+    return tmp_path / "reg"
+
+
+def _scores(adapter, params, task):
+    from metapeft.train import encode_task
+
+    data = encode_task(task, adapter.base.tokenizer)
+    return mx.concatenate([adapter.scores(params, b).reshape(-1)
+                           for b in data.prepared(adapter, "query")])
+
+
+def test_round_trip_add_list_remove(home, tmp_path, tiny):
+    from metapeft import library
+
+    task = _task(1)
+    _adapt(task, tmp_path / "a")
+    res = library.add(tmp_path / "a", task=task, base=tiny)
+    assert res.added and res.entry.composable and res.entry.reason is None
+    again = library.add(tmp_path / "a", base=tiny)
+    assert not again.added and again.entry.id == res.entry.id
+    [e] = library.entries()
+    assert e.method == "lora" and e.base_model_hash == tiny.fingerprint
+    assert e.task == task.name and e.labels == list(task.labels)
+    assert len(e.embedding) == tiny.hidden_size and len(e.label_embedding) == tiny.hidden_size
+    assert e.features and 0.0 <= e.score <= 1.0
+    arrays = e.load()  # the adapter's own tensors, unchanged
+    from metapeft.artifacts import load_safetensors
+
+    orig, _ = load_safetensors(tmp_path / "a" / "adapters.safetensors")
+    assert set(arrays) == set(orig)
+    assert all(np.array_equal(np.asarray(arrays[k]), np.asarray(orig[k])) for k in orig)
+    # the CLI sees the same entry, and removes it by an id prefix
+    listed = run("library", "list", "--json", home=home)
+    assert listed.returncode == 0, listed.stderr
+    assert [r["id"] for r in json.loads(listed.stdout)["entries"]] == [e.id]
+    gone = run("library", "remove", e.id[:6], home=home)
+    assert gone.returncode == 0, gone.stderr
+    assert library.entries() == []
+
+
+def test_keep_and_eviction_of_near_duplicates(home, tmp_path, tiny):
+    from metapeft import library
+
+    same = _task(2)
+    a = _adapt(same, None, steps=2, keep=True)
+    b = _adapt(same, None, steps=8, keep=True)  # same task: the nearest pair
+    c = _adapt(_task(3, family="sentiment"), None, steps=2, keep=True, max_size=3)
+    ids = [r.extra["library"]["entry"]["id"] for r in (a, b, c)]
+    assert len(set(ids)) == 3 and len(library.entries()) == 3
+    d = _adapt(_task(4, family="sentiment"), None, steps=2, keep=True, max_size=3)
+    evicted = d.extra["library"]["evicted"]
+    assert len(evicted) == 1 and "near-duplicate" in evicted[0]["reason"]
+    pair = {ids[0]: a.final_accuracy, ids[1]: b.final_accuracy}
+    assert evicted[0]["id"] in pair  # the duplicate pair lost a member, not another task
+    loser = evicted[0]["id"]
+    other = (set(pair) - {loser}).pop()
+    assert pair[loser] <= pair[other]
+    assert len(library.entries()) == 3
+
+
+def test_non_lora_is_listed_and_skipped_with_a_reason(home, tmp_path, tiny):
+    from metapeft import library
+
+    _adapt(_task(5), tmp_path / "p", method="prompt", steps=1)
+    res = library.add(tmp_path / "p", base=tiny)
+    assert not res.entry.composable and "virtual tokens" in res.entry.reason
+    bad = run("adapt", str(_task_dir(tmp_path)), "--init", "library:compose", "--steps", "1",
+              home=home)
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert "no library adapter fits" in bad.stderr and "virtual tokens" in bad.stderr
+
+
+def _task_dir(tmp_path):
+    from metapeft.quickstart import write_task_dir
+
+    d = tmp_path / "taskdir"
+    if not d.exists():
+        write_task_dir(_task(6), d)
+    return d
+
+
+def test_empty_library_and_bad_route_are_one_line_errors(home, tmp_path):
+    t = str(_task_dir(tmp_path))
+    for args, needle in [
+        (("--init", "library:compose"), "library is empty"),
+        (("--route", "arrow"), "library is empty"),
+        (("--route", "maze"), "unknown --route"),
+        (("--route", "arrow", "--init", "x"), "drop --init"),
+        (("--init", "library:mix"), "unknown library init"),
+        (("--init", "library:compose:0"), "K >= 1"),
+        (("--keep", "--max-size", "0"), "--max-size must be >= 1"),
+    ]:
+        r = run("adapt", t, "--steps", "1", *args, home=home)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, (args, r.stderr)
+
+
+def test_mismatched_base_model_is_skipped(home, tmp_path, tiny):
+    """An entry whose base model fingerprint differs is not composed: one line, exit 2."""
+    from metapeft import library
+    from metapeft.artifacts import load_safetensors, save_safetensors
+
+    _adapt(_task(7), tmp_path / "a")
+    e = library.add(tmp_path / "a", base=tiny).entry
+    arrays, meta = load_safetensors(e.path)
+    save_safetensors(e.path, arrays, {**meta, "base_model_hash": "0123456789abcdef",
+                                      "base_model": "other"})
+    r = run("adapt", str(_task_dir(tmp_path)), "--route", "arrow", "--steps", "1", home=home)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "base model other" in r.stderr
+    # and `library add` refuses a directory trained on another model than --model
+    r = run("library", "add", str(tmp_path / "a"), "--model", "nosuchmodel", home=home)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_one_member_at_weight_one_is_that_adapter(home, tmp_path, tiny):
+    from metapeft.adapter_io import load_adapter
+    from metapeft.compose import compose_params
+
+    task = _task(8)
+    _adapt(task, tmp_path / "a", steps=5)
+    adapter, params = load_adapter(tmp_path / "a")
+    composed = compose_params(adapter, [adapter.flat(params)], [1.0])
+    np.testing.assert_allclose(np.asarray(_scores(adapter, composed, task)),
+                               np.asarray(_scores(adapter, params, task)), rtol=1e-6, atol=1e-6)
+    half = compose_params(adapter, [adapter.flat(params)] * 2, [0.5, 0.5])
+    np.testing.assert_allclose(np.asarray(_scores(adapter, half, task)),
+                               np.asarray(_scores(adapter, params, task)), rtol=1e-5, atol=1e-5)
+
+
+def test_gp_search_beats_uniform_weights_and_warm_starts(home, tmp_path, tiny):
+    """Constructed case: one library LoRA trained on this very task, two on other families'
+    tasks. Uniform weights (1/3 each) shrink the good one's update ninefold (A and B are each
+    scaled); the GP must find a mixture with a clearly lower support loss. The weights found are
+    recorded and warm-start the next search on a similar task."""
+    from metapeft import library
+    from metapeft.adapters import get_adapter_class
+    from metapeft.compose import compose_init
+    from metapeft.train import encode_task
+
+    task = _task(9)
+    _adapt(task, tmp_path / "good", steps=20, lr=3e-3)
+    _adapt(_task(10, family="sentiment"), tmp_path / "o1", steps=20, lr=3e-3)
+    _adapt(_task(11, family="sentiment"), tmp_path / "o2", steps=20, lr=3e-3, seed=1)
+    for d in ("good", "o1", "o2"):
+        library.add(tmp_path / d, base=tiny)
+    adapter = get_adapter_class("lora").attach(tiny, {})
+    data = encode_task(task, tiny.tokenizer)
+    params, rep = compose_init("library:compose:3", adapter, data, task, trials=15)
+    assert rep["trials"] == 15 and len(rep["weights"]) == 3
+    assert rep["objective"] < rep["objective_uniform"] - 0.05, rep
+    assert rep["search_seconds"] > 0 and rep["warm_points"] == 0
+    assert len(library.compositions()) == 1
+    _, rep2 = compose_init("library:compose:3", adapter, encode_task(_task(12), tiny.tokenizer),
+                           _task(12), trials=4)
+    assert rep2["warm_points"] == 1
+
+
+def test_arrow_with_one_library_lora_is_that_lora(home, tmp_path, tiny):
+    from metapeft import library
+    from metapeft.adapter_io import load_adapter
+    from metapeft.route import _accuracy, arrow_init, routed_model
+    from metapeft.train import encode_task, evaluate
+
+    task = _task(13)
+    _adapt(task, tmp_path / "a", steps=6)
+    library.add(tmp_path / "a", base=tiny)
+    adapter, params = load_adapter(tmp_path / "a")
+    data = encode_task(task, tiny.tokenizer)
+    model, layers = routed_model(adapter, [adapter.flat(params)])
+    from metapeft.scoring import score_candidates
+
+    q = data.prepared(adapter, "query")
+    routed = mx.concatenate([score_candidates(model, b, start=adapter.frozen_blocks).reshape(-1)
+                             for b in q])
+    np.testing.assert_allclose(np.asarray(routed), np.asarray(_scores(adapter, params, task)),
+                               rtol=1e-5, atol=1e-5)
+    merged, rep = arrow_init(adapter, data, task)
+    assert rep["routed_accuracy"] == pytest.approx(evaluate(adapter, params, q)[0])
+    assert rep["experts"][0]["mean_gate"] == pytest.approx(1.0)
+    np.testing.assert_allclose(np.asarray(_scores(adapter, merged, task)),
+                               np.asarray(_scores(adapter, params, task)), rtol=1e-4, atol=1e-4)
+    assert _accuracy(model, adapter, q) == rep["routed_accuracy"]
+
+
+def test_adapt_json_reports_composition_and_route(home, tmp_path, tiny):
+    from metapeft import library
+
+    _adapt(_task(14), tmp_path / "a")
+    _adapt(_task(15), tmp_path / "b")
+    for d in ("a", "b"):
+        library.add(tmp_path / d, base=tiny)
+    t = str(_task_dir(tmp_path))
+    r = run("adapt", t, "--init", "library:compose:2", "--steps", "2", "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    c = json.loads(r.stdout)["composition"]
+    assert len(c["members"]) == 2 and len(c["weights"]) == 2 and c["search_seconds"] > 0
+    r = run("adapt", t, "--route", "arrow", "--steps", "2", "--keep", "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["route"]["experts"]) == 2 and out["route"]["routed_accuracy"] is not None
+    assert out["library"]["added"] and len(library.entries()) == 3
