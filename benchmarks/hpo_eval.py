@@ -25,6 +25,18 @@ arms (T + 1 when never reached).
 
 Smoke run (minutes):     uv run python benchmarks/hpo_eval.py
 Full size (hours, CPU):  uv run python benchmarks/hpo_eval.py --tasks 20 --trials 20 --steps 20
+Over 2 processes:        uv run python benchmarks/hpo_eval.py --processes 2 --out hpo.json
+
+``--processes N`` runs the tasks over MLX's distributed engine (``benchmarks/_ranks.py``): N
+ranks of the ring backend on this machine, started as ``meta-train --processes`` starts its own;
+rank r runs every arm of the tasks i with i % N == r (each rank's ``tune`` studies run as one
+process), one gather brings the rows to rank 0, which writes ``--out`` and prints the report.
+The ranks share one ``--registry`` (a fresh temporary one unless given), so, as with ``--shard``,
+bo-warm's experience store holds the trials of the tasks every rank has finished by then (which
+can include a later task of another rank, and depends on timing); the other arms are the same as
+in one process. With ``--out``, each rank also keeps ``OUT.rankR`` (its rows, rewritten after
+every task, removed once rank 0 wrote ``--out``): after an interrupted run, ``--merge`` them.
+``--shard K/N`` still selects a subset of the tasks (split over the processes in turn).
 """
 
 from __future__ import annotations
@@ -139,6 +151,9 @@ def main(argv=None) -> int:
                          "it, so bo-warm sees the trials of earlier tasks of every shard.")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="report from these --out files instead of running")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="run the tasks over N processes (MLX ring backend on this machine; "
+                         "rank 0 gathers the rows, writes --out and reports)")
     args = ap.parse_args(argv)
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
@@ -148,14 +163,19 @@ def main(argv=None) -> int:
                wall_label=f"Wall time summed over {len(runs)} shard(s)")
         return 0
 
-    if not Path(args.data).exists() or not (Path(args.model) / "config.json").exists():
+    if not Path(args.data).exists() or not (args.model == "tiny"
+                                             or (Path(args.model) / "config.json").exists()):
         print(f"missing data or model ({args.data}, {args.model})", file=sys.stderr)
         return 2
+    import _ranks
+
+    if args.processes > 1 and not _ranks.in_rank():  # start the ranks, sharing one registry
+        reg = args.registry or tempfile.mkdtemp(prefix="hpo_eval_")
+        return _ranks.launch(args.processes,
+                             [] if args.registry else ["--registry", reg])
     from metapeft.artifacts import atomic_write_text
-    from metapeft.tune.search import adapt_evaluator, tune
     from metapeft.tune.space import load_space
 
-    T = args.trials
     shard_k, shard_n = (int(v) for v in args.shard.split("/"))
     reg = (Path(args.registry) if args.registry
            else Path(tempfile.mkdtemp(prefix="hpo_eval_")))  # a private experience store
@@ -165,11 +185,38 @@ def main(argv=None) -> int:
     settings = {k: getattr(args, k) for k in ("model", "methods", "trials", "steps", "ways",
                                                "shots", "query", "test", "seed", "tasks")}
     space = load_space(None, args.methods)
-    rows = []
+    grp = _ranks.group()  # size 1 unless --processes started this process
+    rank, size = grp.rank(), grp.size()
+    out = args.out if size == 1 or not args.out else f"{args.out}.rank{rank}"
+    mine = _ranks.share([i for i in range(len(tasks)) if i % shard_n == shard_k], grp)
     t_start = time.perf_counter()
-    for i, (task, test_task) in enumerate(tasks):
-        if i % shard_n != shard_k:
-            continue
+    with _ranks.alone():  # each rank's studies run as one process
+        rows = run_tasks(tasks, mine, args, space, reg, settings, out, t_start)
+    if size > 1:  # every rank's rows to rank 0, which writes --out and reports
+        rows = sorted((r for part in _ranks.gather(rows, grp) for r in part),
+                      key=lambda r: r["index"])
+        if rank != 0:
+            return 0
+        if args.out:
+            atomic_write_text(args.out, json.dumps(
+                {"settings": settings, "rows": rows, "processes": size,
+                 "wall_seconds": time.perf_counter() - t_start}, default=str, indent=1))
+            for r in range(size):
+                Path(f"{args.out}.rank{r}").unlink(missing_ok=True)
+    report(rows, settings, wall=time.perf_counter() - t_start,
+           wall_label="Wall time" + (f" ({size} processes)" if size > 1 else ""))
+    return 0
+
+
+def run_tasks(tasks, mine, args, space, reg, settings, out, t_start) -> list[dict]:
+    """Every arm of the tasks ``mine``; the rows so far are rewritten to ``out`` after each."""
+    from metapeft.artifacts import atomic_write_text
+    from metapeft.tune.search import adapt_evaluator, tune
+
+    T = args.trials
+    rows = []
+    for i in mine:
+        task, test_task = tasks[i]
         res: dict = {"task": task.name, "index": i}
         ev = adapt_evaluator(task, model=args.model, steps=args.steps, seed=args.seed)
         ev_test = adapt_evaluator(test_task, model=args.model, steps=args.steps, seed=args.seed)
@@ -200,19 +247,18 @@ def main(argv=None) -> int:
             bt = best_trial(res[arm])
             res["test"][arm] = (float(ev_test(bt["method"], bt["params"])["accuracy"])
                                 if bt is not None else None)
-        rows.append(res)
+        # JSON-clean (default=str for the trial dicts' non-JSON values): the rows travel
+        # between ranks as JSON
+        rows.append(json.loads(json.dumps(res, default=str)))
         el = time.perf_counter() - t_start
-        if args.out:
-            # the project's atomic writer (temp file, fsync, rename); default=str for the
-            # trial dicts' non-JSON values
-            atomic_write_text(args.out, json.dumps({"settings": settings, "rows": rows,
-                                                    "wall_seconds": el}, default=str, indent=1))
+        if out:  # the project's atomic writer (temp file, fsync, rename)
+            atomic_write_text(out, json.dumps({"settings": settings, "rows": rows,
+                                               "wall_seconds": el}, default=str, indent=1))
         print(f"[{i + 1}/{len(tasks)}] {task.name}: default "
               f"{max(t['accuracy'] for t in dtrials):.3f} random "
               f"{best_curve(rtrials, T)[-1]:.3f} bo-cold {best_curve(res['bo-cold'], T)[-1]:.3f} "
               f"bo-warm {best_curve(res['bo-warm'], T)[-1]:.3f} ({el:.0f} s)", file=sys.stderr)
-    report(rows, settings, wall=time.perf_counter() - t_start)
-    return 0
+    return rows
 
 
 def report(rows: list[dict], settings: dict, wall: float, wall_label: str = "Wall time") -> None:

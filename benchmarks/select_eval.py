@@ -2,6 +2,7 @@
 
     uv run python benchmarks/select_eval.py                      # small defaults
     uv run python benchmarks/select_eval.py --per-domain 6 --steps 10 --groups synthetic
+    uv run python benchmarks/select_eval.py --processes 2      # the oracle runs over 2 processes
 
 1. Oracle experience. For each group -- ``synthetic`` (the synthetic families on the embedded tiny
    model) and ``clinc`` (CLINC150's 10 domains on stories260K, when ../shared has both) -- sample
@@ -23,6 +24,14 @@
      embedder never saw the held-out domain, so this asks whether it groups an unseen domain's
      tasks together. "retrieval (in-domain)" repeats it leave-one-task-out with an embedder
      trained on every task of the group.
+
+``--processes N`` runs step 1 over MLX's distributed engine (``benchmarks/_ranks.py``): N ranks
+of the ring backend on this machine, started as ``meta-train --processes`` starts its own; rank
+r runs every method on the tasks i with i % N == r of the group's list of tasks still to run
+(all domains), appending to the same cached store (appends are locked); after a barrier rank 0
+evaluates and reports. The store's records are put in the one-process order (domain, then the
+sampled task order) before evaluating, so the report is the one a single process gives. An
+interrupted run keeps what its ranks recorded: rerun it (with any --processes) to finish.
 """
 
 from __future__ import annotations
@@ -43,8 +52,11 @@ CLINC = SHARED / "data" / "clinc150" / "train.jsonl"
 STORIES = SHARED / "models" / "stories260K"
 
 
-def build_group(name: str, args) -> list:
-    """Every record of a group's oracle experience (cached)."""
+def build_group(name: str, args, grp=None) -> list:
+    """Every record of a group's oracle experience (cached). With a distributed ``grp`` each
+    rank runs its share of the tasks; every rank returns the records once all are done."""
+    import _ranks
+
     from metapeft.adapters import METHODS
     from metapeft.data.episodes import sample_sweep_tasks
     from metapeft.experience import ExperienceStore
@@ -68,18 +80,32 @@ def build_group(name: str, args) -> list:
     for r in store.load():
         have.setdefault(r.domain, set()).add(r.task)
     t0 = time.time()
+    order, todo = {}, []  # (domain, task) -> its place in the one-process order; what to run
     for di, dom in enumerate(domains):
         tasks = sample_sweep_tasks(data, args.per_domain, seed=args.seed * 1000 + di,
                                    domains=[dom], max_shots=args.max_shots,
                                    max_ways=args.max_ways, query=args.query)
-        todo = [t for t in tasks if t.name not in have.get(dom, set())]
-        for t in todo:
+        order.update({(dom, t.name): (di, ti) for ti, t in enumerate(tasks)})
+        todo += [(dom, t) for t in tasks if t.name not in have.get(dom, set())]
+    grp = grp or _ranks.group()
+    mine = _ranks.share(todo, grp)
+    with _ranks.alone():
+        for k, (dom, t) in enumerate(mine):
             run_sweep([t], methods, model=model, steps=args.steps, seed=args.seed, store=store,
                       target=None, eval_every=0)
-        if todo:
-            print(f"  [{name}] {dom}: ran {len(todo)} tasks x {len(methods)} methods "
-                  f"({time.time() - t0:.0f} s so far)", file=sys.stderr, flush=True)
-    return store.load()
+            if k + 1 == len(mine) or mine[k + 1][0] != dom:
+                done = sum(d == dom for d, _ in mine)
+                print(f"  [{name}] {dom}: ran {done} tasks x {len(methods)} methods"
+                      f"{f' (rank {grp.rank()})' if grp.size() > 1 else ''} "
+                      f"({time.time() - t0:.0f} s so far)", file=sys.stderr, flush=True)
+    _ranks.gather(len(mine), grp)  # a barrier: every rank's records are in the store
+    # the one-process order (domain, then sampled task; a task's records stay together), which
+    # appends from several ranks interleave; records of other runs' tasks keep theirs, after
+    recs = store.load()
+    last = (len(domains), 0)
+    return [r for _, r in sorted(enumerate(recs),
+                                 key=lambda ir: (order.get((ir[1].domain, ir[1].task), last),
+                                                 ir[0]))]
 
 
 def bootstrap_ci(values, stat=np.mean, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -235,7 +261,15 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-only", action="store_true",
                     help="evaluate the cached experience only (run nothing)")
     ap.add_argument("--json-out", default=None, help="also write the raw results here")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="run the oracle sweep over N processes (MLX ring backend on this "
+                         "machine); rank 0 evaluates and reports")
     args = ap.parse_args(argv)
+    import _ranks
+
+    if args.processes > 1 and not _ranks.in_rank():
+        return _ranks.launch(args.processes)
+    grp = _ranks.group()  # size 1 unless --processes started this process
     random.seed(args.seed)
     out, raw = [], []
     for g in [x.strip() for x in args.groups.split(",") if x.strip()]:
@@ -243,12 +277,16 @@ def main(argv=None) -> int:
             print(f"skipping clinc: {CLINC} or {STORIES} is absent", file=sys.stderr)
             continue
         t0 = time.time()
-        recs = build_group(g, args)
+        recs = build_group(g, args, grp)
+        if grp.rank() != 0:  # rank 0 evaluates and reports
+            continue
         res = evaluate_group(g, recs, args)
         res["seconds"] = round(time.time() - t0, 1)
         out.append(report(res))
         raw.append(res)
         print(out[-1] + "\n", flush=True)
+    if grp.rank() != 0:
+        return 0
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(raw, default=lambda o: o.tolist()
                                                   if hasattr(o, "tolist") else bool(o)))

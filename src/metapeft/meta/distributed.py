@@ -36,6 +36,7 @@ collects the trials' outcomes (``gather_json``), both plain all_sums of bytes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -49,8 +50,40 @@ class DistributedError(UserError):
     """A peer process of a distributed run was lost (or another communication failure)."""
 
 
+class _Alone:
+    """A group of one (what ``world()`` returns inside ``alone()``); nothing calls MLX with it,
+    since every helper here returns early for size 1."""
+
+    def size(self) -> int:
+        return 1
+
+    def rank(self) -> int:
+        return 0
+
+
+_alone = 0
+
+
+@contextlib.contextmanager
+def alone():
+    """Inside this block ``world()`` is this process alone (size 1, rank 0), though the process
+    is a rank of a bigger group: for work each rank does on its own, such as a benchmark whose
+    ranks each run whole ``tune`` studies or adaptations of their share of the tasks
+    (``benchmarks/_ranks.py``), which must not split themselves over the benchmark's ranks.
+    (MLX's ring backend cannot ``split`` a group into groups of one.)"""
+    global _alone
+    _alone += 1
+    try:
+        yield
+    finally:
+        _alone -= 1
+
+
 def world():
-    """The global group (``mx.distributed.init()``): size 1 unless started by ``mlx.launch``."""
+    """The global group (``mx.distributed.init()``): size 1 unless started by ``mlx.launch``
+    (or inside ``alone()``)."""
+    if _alone:
+        return _Alone()
     hostfile = os.environ.get("MLX_HOSTFILE")
     if hostfile and os.path.isfile(hostfile) and not Path(hostfile).read_text().strip():
         # ``mlx.launch -n 1`` hands its one process an empty ring hostfile, which init() cannot
