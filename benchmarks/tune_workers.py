@@ -8,9 +8,9 @@ Each run is the command a user types, timed from start to exit (process start, m
 the optimiser included): ``metapeft tune CLINC150/train.jsonl --shots 5 --ways 5 --query 5
 --model M --methods lora --trials N --seed S [--workers W]`` with the default objectives
 (accuracy, seconds, memory; ParEGO), no warm start and no experience records, so the two runs
-see the same study from the same empty start. One worker runs in this process's way (no
-mlx.launch); two workers run under ``mlx.launch`` (ring backend) and ask skopt for batches of 2
-(constant liar). The episode is drawn from the CLINC150 train split by the seed. The machine's
+see the same study from the same empty start. One worker runs in one process; with
+``--workers 2`` the command starts two ranks of MLX's ring backend itself (as ``meta-train
+--processes`` does, no ``mlx.launch``), which ask skopt for batches of 2 (constant liar). The episode is drawn from the CLINC150 train split by the seed. The machine's
 load average is printed around every run: on a shared machine read the speed-up with it.
 """
 
