@@ -99,12 +99,12 @@ def test_non_lora_is_listed_and_skipped_with_a_reason(home, tmp_path, tiny):
 
     _adapt(_task(5), tmp_path / "p", method="prompt", steps=1)
     res = library.add(tmp_path / "p", base=tiny)
-    assert not res.entry.composable and "virtual tokens" in res.entry.reason
+    assert not res.entry.composable and "no LoRA A/B pair" in res.entry.reason
     bad = run("adapt", str(_task_dir(tmp_path)), "--init", "library:compose", "--steps", "1",
               home=home)
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1
-    assert "no library adapter fits" in bad.stderr and "virtual tokens" in bad.stderr
+    assert "no library adapter fits" in bad.stderr and "no LoRA A/B pair" in bad.stderr
 
 
 def _task_dir(tmp_path):

@@ -240,10 +240,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
             lr=lr, optimizer=optimizer, batch_size=batch_size, target=target,
             decision=decision))
     if keep:  # into the adapter library, with the task's profile
-        from metapeft.library import keep_run
-
-        report.extra["library"] = keep_run(out, adapter, res.params, report, data, task,
-                                           max_size=max_size, run=dict(
+        report.extra["library"] = keep_in_library(out, adapter, res.params, report, data, task,
+                                                  max_size=max_size, run=dict(
             objective=objective, init=init_name, seed=seed, lr=lr, optimizer=optimizer,
             batch_size=batch_size, target=target))
     if budget_seconds is not None:
@@ -275,6 +273,27 @@ def _switch_candidates(task, base, method: str, features: dict | None):
         features = task_features(task, base)
     ranking = select(features, store=ExperienceStore(None))["ranking"]
     return ranking_candidates(ranking, method)
+
+
+def keep_in_library(out, adapter, params, report: AdaptReport, data, task, *, max_size=None,
+                    registry=None, run: dict | None = None) -> dict:
+    """``adapt --keep``: the adapter just trained into the adapter library (``metapeft.library``;
+    from ``out`` when it was written there, else through a temporary directory), with its
+    task's profile."""
+    import tempfile
+
+    from metapeft.adapter_io import save_adapter
+    from metapeft.library import add
+
+    if out is not None:
+        res = add(out, task=task, base=adapter.base, registry=registry, max_size=max_size)
+    else:
+        with tempfile.TemporaryDirectory(prefix="metapeft-keep-") as tmp:
+            save_adapter(tmp, adapter, params, extra=describe_run(
+                report, data.encoder, task=task.name, **(run or {})))
+            res = add(tmp, task=task, base=adapter.base, registry=registry, max_size=max_size,
+                      source="adapt --keep")
+    return res.to_json()
 
 
 def apply_decision(decision: dict, config, run: dict) -> tuple[dict, dict]:

@@ -48,7 +48,7 @@ __all__ = [
     "load_task_arg", "meta_train", "profile", "registry_root", "replay_stats", "rollback_weights",
     "save_adapter", "select", "show_weights", "sweep", "train_selector", "tune",
     "EvaluateReport", "PredictReport", "evaluate", "predict", "ExperienceStatsReport",
-    "experience_stats", "check_weights",
+    "experience_stats", "check_weights", "library_build",
 ]
 
 
@@ -823,3 +823,57 @@ def check_weights(new: str, against: str, data: str | Path, **options):
     from metapeft.drift import check
 
     return check(new, against, data, **options)
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter library (metapeft.library; add, list and remove are library.add/entries/remove)
+# --------------------------------------------------------------------------------------------
+
+def library_build(data, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
+                  tasks: int = 16, steps: int = 10, ways: int = 5, shots: int = 5,
+                  query: int = 10, seed: int = 0, domains=None, exclude_domains=None,
+                  method: str = DEFAULT_METHOD, config: dict | None = None,
+                  lr: float | None = None,
+                  registry=None, max_size: int | None = None, on_task=None):
+    """Fill the library from a labelled pool (benchmark preparation): ``tasks`` episodes of
+    the pool's examples that pass the domain filters (``exclude_domains``: keep the meta-test
+    domains out), each adapted ``steps`` steps from a fresh adapter and kept with its profile.
+    Episodes are seeded ``seed + i``; ``on_task(i, row)`` after each. A
+    ``library.BuildResult``."""
+    import tempfile
+    import time
+
+    from metapeft.data.episodes import EpisodeSource
+    from metapeft.data.pools import filter_pool
+    from metapeft.data.tasks import read_rows
+    from metapeft.library import BuildResult, add, disk_bytes, entries
+    from metapeft.models import load_base_model
+
+    if tasks < 1:
+        raise UserError(f"--tasks must be >= 1, got {tasks}", field="tasks")
+    pool = filter_pool(read_rows(Path(data)), domains=domains, exclude_domains=exclude_domains)
+    source = EpisodeSource(pool, ways=ways, shots=shots, query=query, name=str(data))
+    base = load_base_model(model, dequantize=dequantize)
+    t0 = time.perf_counter()
+    rows, evicted, added = [], [], 0
+    with tempfile.TemporaryDirectory(prefix="metapeft-build-") as tmp:
+        for i in range(tasks):
+            task = source.sample(seed + i)
+            out = Path(tmp) / f"t{i}"
+            report = adapt(task, model=model, dequantize=dequantize, method=method, steps=steps,
+                           config=config, lr=lr, seed=seed + i, out=out, target=None,
+                           eval_at={steps})  # the score: the final query accuracy
+            res = add(out, task=task, base=base, registry=registry, max_size=max_size,
+                      source=f"library build {Path(data).name} seed {seed + i}")
+            added += res.added
+            evicted += res.evicted
+            row = {"task": task.name, "labels": list(task.labels),
+                   "domains": sorted({str(e.extra.get("domain")) for e in task.support
+                                      if e.extra.get("domain")}),
+                   "final_accuracy": report.final_accuracy, "id": res.entry.id}
+            rows.append(row)
+            if on_task is not None:
+                on_task(i, row)
+    return BuildResult(added=added, entries=len(entries(registry)),
+                       seconds=round(time.perf_counter() - t0, 3),
+                       disk_bytes=disk_bytes(registry), tasks=rows, evicted=evicted)

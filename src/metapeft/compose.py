@@ -13,8 +13,8 @@ the three nearest past tasks (``library.compositions``, mapped onto this task's 
 entry id, absent members at 0); the weights found are recorded there for the next task. Then
 ``adapt`` trains from the composed init as from any other.
 
-``adapt --route arrow`` lives in ``metapeft.route``; both share ``candidates`` (which entries
-qualify, with one-line refusals when none does).
+``adapt --route arrow`` lives in ``metapeft.route``; both take their members from
+``library.candidates`` (which entries qualify, with one-line refusals when none does).
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ PREFIX = "library:"
 DEFAULT_K = 5
 L1 = 0.05
 BOUND = 1.5
-# options whose difference makes two LoRAs' A/B tensors mean different things
-STRUCTURE = ("rank", "alpha", "target_modules", "num_layers", "use_rslora", "use_dora")
 
 
 def is_library_init(init) -> bool:
@@ -54,53 +52,6 @@ def parse_spec(init: str) -> tuple[int, str | None]:
     if k_val < 1:
         raise UserError(f"library:compose:K needs K >= 1, got {k_val}", field="init")
     return k_val, extra or None
-
-
-def candidates(adapter, registry=None) -> tuple[list, list[dict]]:
-    """(usable entries with their tensors, skipped entries with the reason): usable means
-    composable, on this adapter's base model (fingerprint) and with its LoRA structure. One-line
-    errors for an empty library and for one with nothing usable."""
-    from metapeft import library
-
-    es = library.entries(registry)
-    where = str(library.library_dir(registry))
-    if not es:
-        raise UserError("the adapter library is empty; fill it with `metapeft library add DIR`,"
-                        " `adapt --keep` or `metapeft library build`", path=where,
-                        field="library")
-    if adapter.method != "lora" or getattr(adapter.config, "use_dora", False):
-        raise UserError(f"library composition and routing take plain LoRA, not "
-                        f"{'dora' if adapter.method == 'lora' else adapter.method}",
-                        field="method")
-    want_cfg = adapter.config.to_dict()
-    want = {k: tuple(v.shape) for k, v in adapter.flat(adapter.init_params(0)).items()}
-    usable, skipped = [], []
-    for e in es:
-        why = None
-        if not e.composable:
-            why = e.reason or "not composable"
-        elif e.base_model_hash != adapter.base.fingerprint:
-            why = f"base model {e.base_model} ({e.base_model_hash}), not {adapter.base.model_id}"
-        else:
-            diff = [k for k in STRUCTURE if e.config.get(k, want_cfg.get(k)) != want_cfg.get(k)]
-            if diff:
-                why = "LoRA structure differs: " + ", ".join(
-                    f"{k} {e.config.get(k)} vs {want_cfg.get(k)}" for k in diff)
-        arrays = None
-        if why is None:
-            arrays = e.load()
-            got = {k: tuple(v.shape) for k, v in arrays.items()}
-            if got != want:
-                why = "parameter names or shapes differ from this adapter's"
-        if why is None:
-            usable.append((e, arrays))
-        else:
-            skipped.append({"id": e.id, "task": e.task, "method": e.method, "reason": why})
-    if not usable:
-        reasons = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
-        raise UserError(f"no library adapter fits this LoRA on {adapter.base.model_id} "
-                        f"({len(skipped)} skipped: {reasons})", path=where, field="library")
-    return usable, skipped
 
 
 def compose_params(adapter, members: list[dict], weights) -> dict:
@@ -131,7 +82,7 @@ def compose_init(init: str, adapter, data, task, *, registry=None, seed: int = 0
 
     t0 = time.perf_counter()
     k, extra = parse_spec(init)
-    usable, skipped = candidates(adapter, registry)
+    usable, skipped = library.candidates(adapter, registry)
     query = library.profile(adapter.base, task)
     ranked = sorted(usable, key=lambda ea: -library.similarity(query, ea[0]))[:k]
     members = [arrays for _, arrays in ranked]

@@ -16,9 +16,9 @@ model id and fingerprint, labels, provenance) plus ``library``, a JSON object:
                   directory names its labels), so entries added without their task can be
                   compared too
 ``features``      the selector's task profile (``select.features``) when the task was given
-``composable``    true for plain LoRA; otherwise false with ``reason`` (DoRA's magnitude, AdaLoRA's
-                  masked SVD form and the virtual-token and prototype methods have no A/B pair
-                  that a weighted sum can mix)
+``composable``    true for plain LoRA; otherwise false with ``reason`` (the adapter protocol's
+                  ``compose_refusal``: DoRA's magnitude, AdaLoRA's masked SVD form and the
+                  virtual-token and prototype methods have no A/B pair that a sum can mix)
 
 Similarity of two tasks (``similarity``) is the cosine of their content embeddings when both
 have one, else of their label embeddings; only entries on the same base model (fingerprint)
@@ -45,14 +45,6 @@ from metapeft.errors import UserError
 
 LIBRARY_DIR = "library"
 COMPOSITIONS = "compositions.json"
-COMPOSABLE_METHODS = ("lora",)
-_REASONS = {
-    "dora": "DoRA's learned magnitude does not compose by a weighted sum of A and B",
-    "adalora": "AdaLoRA's P·Λ·Q form with rank masks has no LoRA A/B pair to mix",
-    "prototype": "training-free class means, not a weight update",
-}
-
-
 def library_dir(registry=None) -> Path:
     from metapeft.registry import registry_root
 
@@ -60,14 +52,15 @@ def library_dir(registry=None) -> Path:
 
 
 def composable_reason(method: str, config: dict) -> str | None:
-    """None when an adapter of ``method`` with ``config`` can be composed, else why not."""
-    if method in COMPOSABLE_METHODS and not config.get("use_dora"):
-        return None
-    if method == "lora":
-        return _REASONS["dora"]
-    if method in ("prompt", "prefix", "ptuning"):
-        return f"{method} trains virtual tokens, not a low-rank weight update"
-    return _REASONS.get(method, f"{method} is not a LoRA: it has no A/B pair to mix")
+    """None when an adapter of ``method`` with ``config`` can be composed, else why not (the
+    adapter protocol's ``compose_refusal``)."""
+    from metapeft.adapters import get_adapter_class
+
+    try:
+        cls = get_adapter_class(method)
+    except UserError:
+        return f"unknown method {method!r}"
+    return cls.compose_refusal(config)
 
 
 @dataclass
@@ -315,6 +308,56 @@ def remove(spec: str, registry=None) -> dict:
     return e.to_json()
 
 
+# ------------------------------------------------------------------------------- composing
+# options whose difference makes two LoRAs' A/B tensors mean different things
+STRUCTURE = ("rank", "alpha", "target_modules", "num_layers", "use_rslora", "use_dora")
+
+
+def candidates(adapter, registry=None) -> tuple[list, list[dict]]:
+    """(usable entries with their tensors, skipped entries with the reason): usable means
+    composable, on this adapter's base model (fingerprint) and with its LoRA structure. One-line
+    errors for an empty library and for one with nothing usable."""
+    es = entries(registry)
+    where = str(library_dir(registry))
+    if not es:
+        raise UserError("the adapter library is empty; fill it with `metapeft library add DIR`,"
+                        " `adapt --keep` or `metapeft library build`", path=where,
+                        field="library")
+    refusal = type(adapter).compose_refusal(adapter.config.to_dict())
+    if refusal is not None:
+        raise UserError(f"library composition and routing take plain LoRA: {refusal}",
+                        field="method")
+    want_cfg = adapter.config.to_dict()
+    want = {k: tuple(v.shape) for k, v in adapter.flat(adapter.init_params(0)).items()}
+    usable, skipped = [], []
+    for e in es:
+        why = None
+        if not e.composable:
+            why = e.reason or "not composable"
+        elif e.base_model_hash != adapter.base.fingerprint:
+            why = f"base model {e.base_model} ({e.base_model_hash}), not {adapter.base.model_id}"
+        else:
+            diff = [k for k in STRUCTURE if e.config.get(k, want_cfg.get(k)) != want_cfg.get(k)]
+            if diff:
+                why = "LoRA structure differs: " + ", ".join(
+                    f"{k} {e.config.get(k)} vs {want_cfg.get(k)}" for k in diff)
+        arrays = None
+        if why is None:
+            arrays = e.load()
+            got = {k: tuple(v.shape) for k, v in arrays.items()}
+            if got != want:
+                why = "parameter names or shapes differ from this adapter's"
+        if why is None:
+            usable.append((e, arrays))
+        else:
+            skipped.append({"id": e.id, "task": e.task, "method": e.method, "reason": why})
+    if not usable:
+        reasons = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
+        raise UserError(f"no library adapter fits this LoRA on {adapter.base.model_id} "
+                        f"({len(skipped)} skipped: {reasons})", path=where, field="library")
+    return usable, skipped
+
+
 # ------------------------------------------------------------------------------- compositions
 def compositions(registry=None) -> list[dict]:
     p = library_dir(registry) / COMPOSITIONS
@@ -343,26 +386,6 @@ def disk_bytes(registry=None) -> int:
     return sum(p.stat().st_size for p in d.glob("*")) if d.is_dir() else 0
 
 
-def keep_run(out, adapter, params, report, data, task, *, max_size=None, registry=None,
-             run: dict | None = None) -> dict:
-    """``adapt --keep``: the adapter just trained into the library (from ``out`` when it was
-    written there, else through a temporary directory), with its task's profile."""
-    import tempfile
-
-    from metapeft.adapt import describe_run
-    from metapeft.adapter_io import save_adapter
-
-    if out is not None:
-        res = add(out, task=task, base=adapter.base, registry=registry, max_size=max_size)
-    else:
-        with tempfile.TemporaryDirectory(prefix="metapeft-keep-") as tmp:
-            save_adapter(tmp, adapter, params, extra=describe_run(
-                report, data.encoder, task=task.name, **(run or {})))
-            res = add(tmp, task=task, base=adapter.base, registry=registry, max_size=max_size,
-                      source="adapt --keep")
-    return res.to_json()
-
-
 @dataclass
 class BuildResult:
     added: int
@@ -374,50 +397,3 @@ class BuildResult:
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
-
-
-def build(data, *, model: str = "tiny", dequantize: str = "auto", tasks: int = 16,
-          steps: int = 10, ways: int = 5, shots: int = 5, query: int = 10, seed: int = 0,
-          domains=None, exclude_domains=None, method: str = "lora", config: dict | None = None,
-          lr: float | None = None, registry=None, max_size: int | None = None,
-          on_task=None) -> BuildResult:
-    """Fill the library from a labelled pool (benchmark preparation): ``tasks`` episodes of
-    the pool's examples that pass the domain filters (``exclude_domains``: keep the meta-test
-    domains out), each adapted ``steps`` steps from a fresh adapter and kept with its profile.
-    Episodes are seeded ``seed + i``; ``on_task(i, row)`` after each."""
-    import tempfile
-    import time
-
-    from metapeft.adapt import adapt
-    from metapeft.data.episodes import EpisodeSource
-    from metapeft.data.pools import filter_pool
-    from metapeft.data.tasks import read_rows
-    from metapeft.models import load_base_model
-
-    if tasks < 1:
-        raise UserError(f"--tasks must be >= 1, got {tasks}", field="tasks")
-    pool = filter_pool(read_rows(Path(data)), domains=domains, exclude_domains=exclude_domains)
-    source = EpisodeSource(pool, ways=ways, shots=shots, query=query, name=str(data))
-    base = load_base_model(model, dequantize=dequantize)
-    t0 = time.perf_counter()
-    rows, evicted, added = [], [], 0
-    with tempfile.TemporaryDirectory(prefix="metapeft-build-") as tmp:
-        for i in range(tasks):
-            task = source.sample(seed + i)
-            out = Path(tmp) / f"t{i}"
-            report = adapt(task, model=model, dequantize=dequantize, method=method, steps=steps,
-                           config=config, lr=lr, seed=seed + i, out=out, target=None)
-            res = add(out, task=task, base=base, registry=registry, max_size=max_size,
-                      source=f"library build {Path(data).name} seed {seed + i}")
-            added += res.added
-            evicted += res.evicted
-            row = {"task": task.name, "labels": list(task.labels),
-                   "domains": sorted({str(e.extra.get("domain")) for e in task.support
-                                      if e.extra.get("domain")}),
-                   "final_accuracy": report.final_accuracy, "id": res.entry.id}
-            rows.append(row)
-            if on_task is not None:
-                on_task(i, row)
-    return BuildResult(added=added, entries=len(entries(registry)),
-                       seconds=round(time.perf_counter() - t0, 3),
-                       disk_bytes=disk_bytes(registry), tasks=rows, evicted=evicted)

@@ -1,7 +1,7 @@
 """``adapt --method lora --route arrow``: training-free Arrow routing over the adapter library
 (Ostapenko et al., 2024; HF peft ``tuners/lora/arrow.py``).
 
-Every library LoRA that fits the adapter (``compose.candidates``: same base model, same LoRA
+Every library LoRA that fits the adapter (``library.candidates``: same base model, same LoRA
 structure) is an expert. For each adapted linear module, expert e's prototype is the top right
 singular vector of its ΔWₑ = Bₑ·Aₑ (peft's orientation; in mlx-lm's layout ΔWₑᵀ = Aₑ·Bₑ, and the
 vector is its top left singular vector, computed from a QR of Aₑ and an r×out SVD, never forming
@@ -145,10 +145,9 @@ def arrow_init(adapter, data, task, *, registry=None, top_k: int = TOP_K,
     """(merged init params, report with the routed step-0 accuracy) for ``--route arrow``.
     ``max_experts``: only the library's entries nearest to the task (default: all that fit)."""
     from metapeft import library
-    from metapeft.compose import candidates
 
     t0 = time.perf_counter()
-    usable, skipped = candidates(adapter, registry)
+    usable, skipped = library.candidates(adapter, registry)
     if max_experts is not None:
         query = library.profile(adapter.base, task)
         usable = sorted(usable, key=lambda ea: -library.similarity(query, ea[0]))[:max_experts]

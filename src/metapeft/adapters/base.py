@@ -277,6 +277,13 @@ class Adapter:
         """Params as used for evaluation (e.g. with AdaLoRA's rank mask applied)."""
         return params
 
+    # --- the adapter library (metapeft.library) ------------------------------------------------
+    @classmethod
+    def compose_refusal(cls, config: dict) -> str | None:
+        """Why an adapter of this method with ``config`` cannot be mixed with others (LoraHub
+        composition, Arrow routing); None when it can: only plain LoRA, whose A/B pairs sum."""
+        return f"{cls.method} has no LoRA A/B pair to mix (not a low-rank weight update)"
+
     # --- export formats ---------------------------------------------------------------------
     def mlx_lm_config(self) -> dict | None:
         """mlx-lm's ``adapter_config.json`` keys, where ``mlx_lm.load(adapter_path=)`` can load

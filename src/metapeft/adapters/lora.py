@@ -97,6 +97,12 @@ class LoRA(Adapter):
         self.model.update(params)
         return score_candidates(self.model, batch, start=self.frozen_blocks)
 
+    @classmethod
+    def compose_refusal(cls, config: dict) -> str | None:
+        if config.get("use_dora"):
+            return "DoRA's learned magnitude does not compose by a weighted sum of A and B"
+        return None
+
     def mlx_lm_config(self) -> dict:
         return {"fine_tune_type": "dora" if self.config.use_dora else "lora",
                 "num_layers": self.num_layers, "lora_parameters": self.mlx_lm_parameters()}

@@ -111,11 +111,11 @@ def library_build(
 ):
     """Fill the library from a pool's episodes (benchmark preparation)."""
     with user_errors():
-        from metapeft import library
+        from metapeft import api
 
         console = err_console if as_json else out_console
         with LazyBar(tasks, "library build", console) as bar:
-            res = library.build(data, **model_options, tasks=tasks, steps=steps, ways=ways,
+            res = api.library_build(data, **model_options, tasks=tasks, steps=steps, ways=ways,
                                 shots=shots, query=query, seed=seed, domains=csv_list(domains),
                                 exclude_domains=csv_list(exclude_domains), method=method,
                                 registry=registry, max_size=max_size,

@@ -1,0 +1,201 @@
+"""The adapter library on held-out CLINC150 domains: fresh LoRA vs a LoraHub-style composed init
+vs Arrow routing (issue 19), optionally vs a meta-init.
+
+Library: built only from the 8 meta-train domains (the CLINC150 train split minus banking and
+travel): ``--per-domain`` 5-way episodes of each domain (``--build-shots`` per class), each a
+fresh LoRA trained ``--build-steps`` steps and kept with its task profile
+(``metapeft.library.build``). Then ``--warm-tasks`` compositions on more meta-train-domain
+episodes fill the store of past compositions that warm-starts the search.
+
+Evaluation: ``--tasks`` 5-way 5-shot episodes of the *test* split of banking + travel (10 query
+examples per class), every arm adapted with Adam at LoRA's default lr, query accuracy at steps
+0/1/5/10:
+
+* fresh: B = 0 (step 0 is the base model's zero-shot rank classification);
+* compose: ``adapt --init library:compose`` (K = 5 nearest, 20 GP trials on the support loss);
+* route: ``adapt --route arrow``; its step 0 is Arrow's per-token routed model (training-free),
+  steps 1+ train from the merged mixture (its own step 0 is reported as "route, merged");
+* meta (``--meta-init NAME@V``): a registry init, at its calibrated lr.
+
+Compositions found on the held-out tasks are not kept between tasks (each task sees the store as
+the build left it), so the tasks stay independent. Paired differences are per task.
+
+    uv run python benchmarks/library_clinc.py --tasks 60               # stories260K
+    uv run python benchmarks/library_clinc.py --smol --tasks 100       # SmolLM2-135M
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from _common import (CLINC, HELD_OUT_DOMAINS, SMOL, STORIES, clinc_pool, fmt, mean_ci,
+                     require, write_json)
+
+STEPS = (0, 1, 5, 10)
+
+
+def build_library(args, registry: str) -> dict:
+    from metapeft import api, library
+
+    domains = [d for d in json.loads((CLINC / "domains.json").read_text())
+               if d not in HELD_OUT_DOMAINS]
+    t0 = time.perf_counter()
+    rows = []
+    for j, d in enumerate(domains):
+        res = api.library_build(CLINC / "train.jsonl", model=args.model, tasks=args.per_domain,
+                            steps=args.build_steps, ways=5, shots=args.build_shots, query=10,
+                            seed=1000 * (j + 1), domains=[d], registry=registry)
+        rows += res.tasks
+        print(f"  {d}: {res.added} adapters, mean score "
+              f"{sum(r['final_accuracy'] for r in res.tasks) / len(res.tasks):.1%}", flush=True)
+    build_s = time.perf_counter() - t0
+    # past compositions on meta-train-domain tasks: what the search on a new task warm-starts from
+    from metapeft.adapt import adapt
+    from metapeft.data.episodes import EpisodeSource
+
+    source = EpisodeSource(clinc_pool("train", exclude=HELD_OUT_DOMAINS), ways=5, shots=5,
+                           query=10, name="clinc-train")
+    t1 = time.perf_counter()
+    for i in range(args.warm_tasks):
+        os.environ["METAPEFT_HOME"] = registry
+        adapt(source.sample(50_000 + i), model=args.model, steps=0, init="library:compose",
+              target=None)
+    return {"domains": domains, "adapters": len(rows), "build_seconds": round(build_s, 1),
+            "warm_compositions": args.warm_tasks,
+            "warm_seconds": round(time.perf_counter() - t1, 1),
+            "disk_bytes": library.disk_bytes(registry),
+            "mean_library_score": sum(r["final_accuracy"] for r in rows) / len(rows)}
+
+
+def run_task(args, task, registry: str, store: Path, saved: str | None) -> dict:
+    from metapeft.adapt import adapt
+
+    out = {}
+    arms = [("fresh", {}), ("compose", {"init": f"library:compose:{args.k}"}),
+            ("route", {"route": "arrow"})]
+    if args.meta_init:
+        arms.append(("meta", {"init": args.meta_init}))
+    for name, kw in arms:
+        if saved is None:
+            store.unlink(missing_ok=True)
+        else:
+            store.write_text(saved)  # every task sees the store as the build left it
+        t0 = time.perf_counter()
+        r = adapt(task, model=args.model, method="lora", steps=max(STEPS), target=None,
+                  eval_at=set(STEPS), seed=args.seed, **kw)
+        row = {"acc": list(r.accuracies), "seconds": time.perf_counter() - t0}
+        if name == "compose":
+            c = r.extra["composition"]
+            row.update(search_seconds=c["search_seconds"], weights=c["weights"],
+                       members=[m["id"] for m in c["members"]], warm=c["warm_points"],
+                       loss=c["support_loss"], uniform=c["objective_uniform"],
+                       objective=c["objective"])
+        if name == "route":
+            rt = r.extra["route"]
+            row.update(merged0=row["acc"][0], routed0=rt["routed_accuracy"],
+                       route_seconds=rt["seconds"])
+            row["acc"] = [rt["routed_accuracy"]] + row["acc"][1:]
+        out[name] = row
+    return out
+
+
+def table(results: list[dict], arms: list[str]) -> list[str]:
+    lines = ["| arm | " + " | ".join(f"step {s}" for s in STEPS) + " |",
+             "|---|" + "---:|" * len(STEPS)]
+    for a in arms:
+        lines.append(f"| {a} | " + " | ".join(fmt([r[a]["acc"][i] for r in results])
+                                              for i in range(len(STEPS))) + " |")
+    lines.append("| route, merged (its own step 0) | " + fmt([r["route"]["merged0"]
+                                                            for r in results]) +
+                 " | | | |")
+    lines += ["", "| paired difference (points) | " + " | ".join(f"step {s}" for s in STEPS)
+              + " |", "|---|" + "---:|" * len(STEPS)]
+    pairs = [("compose", "fresh"), ("route", "fresh"), ("compose", "route")]
+    if "meta" in arms:
+        pairs += [("compose", "meta"), ("route", "meta")]
+    for a, b in pairs:
+        cells = []
+        for i in range(len(STEPS)):
+            m, c = mean_ci([r[a]["acc"][i] - r[b]["acc"][i] for r in results])
+            cells.append(f"{100 * m:+.1f} ± {100 * c:.1f}")
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(STORIES))
+    ap.add_argument("--smol", action="store_true", help="SmolLM2-135M instead of stories260K")
+    ap.add_argument("--tasks", type=int, default=40)
+    ap.add_argument("--per-domain", type=int, default=4, help="library adapters per domain")
+    ap.add_argument("--build-steps", type=int, default=30)
+    ap.add_argument("--build-shots", type=int, default=10)
+    ap.add_argument("--warm-tasks", type=int, default=8)
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--meta-init", help="registry NAME@V of a meta-init (same registry)")
+    ap.add_argument("--registry", help="reuse a built library here (default: a temp dir)")
+    ap.add_argument("--time-budget", type=float, help="stop starting tasks after S seconds")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.smol:
+        args.model = str(SMOL)
+    require(Path(args.model), "the model")
+    require(CLINC, "CLINC150")
+    import metapeft  # noqa: F401
+    from metapeft import library
+    from metapeft.data.episodes import EpisodeSource
+
+    tmp = None
+    registry = args.registry or (tmp := tempfile.mkdtemp(prefix="library-clinc-"))
+    os.environ["METAPEFT_HOME"] = registry  # adapt's library and its experience records
+    os.environ.setdefault("METAPEFT_EXPERIENCE", "off")
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"model {Path(args.model).name}; registry {registry}; {load}", flush=True)
+    if library.entries(registry):
+        info = {"reused": True, "adapters": len(library.entries(registry)),
+                "disk_bytes": library.disk_bytes(registry)}
+    else:
+        info = build_library(args, registry)
+    print(json.dumps(info), flush=True)
+    store = library.library_dir(registry) / library.COMPOSITIONS
+    saved = store.read_text() if store.exists() else None
+    test = EpisodeSource(clinc_pool("test", domains=HELD_OUT_DOMAINS), ways=5, shots=5,
+                         query=10, name="clinc-test-held-out")
+    results, t0 = [], time.perf_counter()
+    for i in range(args.tasks):
+        if args.time_budget and time.perf_counter() - t0 > args.time_budget:
+            break
+        results.append(run_task(args, test.sample(args.seed + i), registry, store, saved))
+        r = results[-1]
+        print(f"task {i}: " + "  ".join(f"{a} {' '.join(f'{x:.0%}' for x in r[a]['acc'])}"
+                                         for a in r), flush=True)
+    arms = ["fresh", "compose", "route"] + (["meta"] if args.meta_init else [])
+    lines = table(results, arms)
+    search = [r["compose"]["search_seconds"] for r in results]
+    step_s = [r["fresh"]["seconds"] / max(STEPS) for r in results]
+    lines += ["", f"{len(results)} held-out tasks ({', '.join(HELD_OUT_DOMAINS)}, 5-way 5-shot, "
+              f"10 query per class), model {Path(args.model).name}; library: "
+              f"{info['adapters']} LoRAs from {len(info.get('domains', [])) or '?'} meta-train "
+              f"domains, {info['disk_bytes'] / 2**20:.2f} MiB, built in "
+              f"{info.get('build_seconds', '?')} s (+{info.get('warm_seconds', 0)} s for "
+              f"{info.get('warm_compositions', 0)} warm-start compositions); composition search "
+              f"{fmt(search, pct=False)} s per task (a fresh run: {fmt(step_s, pct=False)} s per "
+              f"step incl. evaluation); route build+score {fmt([r['route']['route_seconds'] for r in results], pct=False)} s; "
+              f"uptime at start: {load}"]
+    print("\n".join(lines))
+    write_json(args.json, {"info": info, "results": results, "table": lines,
+                           "args": vars(args)})
+    if tmp and not args.registry:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
