@@ -237,3 +237,44 @@ def test_adapt_json_reports_composition_and_route(home, tmp_path, tiny):
     out = json.loads(r.stdout)
     assert len(out["route"]["experts"]) == 2 and out["route"]["routed_accuracy"] is not None
     assert out["library"]["added"] and len(library.entries()) == 3
+
+
+def test_dora_is_listed_not_composable(home, tmp_path, tiny):
+    from metapeft import library
+
+    _adapt(_task(16), tmp_path / "d", method="dora", steps=1)
+    e = library.add(tmp_path / "d", base=tiny).entry
+    assert not e.composable and "DoRA" in e.reason
+
+
+def test_compose_with_an_init_as_one_more_member(home, tmp_path, tiny):
+    from metapeft import library
+    from metapeft.adapters import get_adapter_class
+    from metapeft.compose import compose_init
+    from metapeft.train import encode_task
+
+    _adapt(_task(17), tmp_path / "a")
+    _adapt(_task(18), tmp_path / "init")
+    library.add(tmp_path / "a", base=tiny)
+    adapter = get_adapter_class("lora").attach(tiny, {})
+    task = _task(19)
+    _, rep = compose_init(f"library:compose+{tmp_path / 'init'}", adapter,
+                          encode_task(task, tiny.tokenizer), task, trials=3, record=False)
+    assert len(rep["members"]) == 2 and rep["members"][1].get("init") is True
+    assert library.compositions() == []  # record=False keeps the store as it was
+
+
+def test_library_build_cli(home, tmp_path):
+    from metapeft.data.synthetic import generate_pool
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"text": e.text, "label": e.label,
+                                        "domain": "a" if i % 2 else "b"}) + "\n"
+                            for i, e in enumerate(generate_pool("topic", 0, per_label=12))))
+    r = run("library", "build", "--data", str(pool), "--tasks", "2", "--steps", "1", "--ways",
+            "3", "--shots", "2", "--query", "2", "--exclude-domains", "b", "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["added"] == 2 and out["entries"] == 2 and out["disk_bytes"] > 0
+    bad = run("library", "build", "--data", str(pool), "--exclude-domains", "nope", home=home)
+    assert bad.returncode == 2 and "unknown domain" in bad.stderr
