@@ -195,10 +195,14 @@ def profile(base, task=None, labels=None, verbalisations=None) -> dict:
 
 # ------------------------------------------------------------------------------- writing
 def _content_id(arrays: dict) -> str:
+    import mlx.core as mx
+
     h = hashlib.sha256()
     for k in sorted(arrays):
         h.update(k.encode())
-        h.update(np.asarray(arrays[k]).astype(np.float32).tobytes())
+        v = arrays[k]
+        h.update(np.asarray(v.astype(mx.float32) if hasattr(v, "astype") and not isinstance(
+            v, np.ndarray) else v, dtype=np.float32).tobytes())
     return h.hexdigest()[:12]
 
 

@@ -282,7 +282,7 @@ class Adapter:
     def compose_refusal(cls, config: dict) -> str | None:
         """Why an adapter of this method with ``config`` cannot be mixed with others (LoraHub
         composition, Arrow routing); None when it can: only plain LoRA, whose A/B pairs sum."""
-        return f"{cls.method} has no LoRA A/B pair to mix (not a low-rank weight update)"
+        return f"{cls.method} has no LoRA A/B pair to mix"
 
     # --- export formats ---------------------------------------------------------------------
     def mlx_lm_config(self) -> dict | None:
