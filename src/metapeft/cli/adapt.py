@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,10 @@ from metapeft.adapters import AUTO_METHOD, DEFAULT_METHOD
 from metapeft.cli._common import (CONFIG_OPT, JSON_OPT, METHOD_HELP, SET_OPT, TASK_ARG, LazyBar,
                                   err_console, out_console, parse_sets, print_json, user_errors,
                                   with_model_options, with_task_options)
+from metapeft.switching import SWITCH_MODES
+
+# --switch's choices (typer shows an Enum as choices)
+Switch = Enum("Switch", {mode: mode for mode in SWITCH_MODES}, type=str)
 
 ADAPT_METHOD_OPT = typer.Option(DEFAULT_METHOD, "--method", help=f"{METHOD_HELP}; or "
                                 f"{AUTO_METHOD}: profile the task, rank the methods (`select`) "
@@ -129,7 +134,7 @@ def adapt(
     budget_seconds: Optional[float] = typer.Option(None, "--budget-seconds", help="Limit the "
                                                    "whole run (profiling included): no step "
                                                    "starts that would end past it."),
-    switch: str = typer.Option("off", "--switch", help="auto: when query accuracy gains no "
+    switch: Switch = typer.Option(Switch.off, "--switch", help="auto: when query accuracy gains no "
                                "more than --switch-tolerance over --switch-window steps, freeze "
                                "the adapter and train the selector's next method on top of it "
                                "for the remaining steps (one switch)."),
@@ -187,7 +192,7 @@ def adapt(
                                seed=seed, **task_options,
                                on_start=on_start, on_step=on_step, on_decision=on_decision,
                                record_experience=True, stop_at_target=stop_at_target,
-                               budget_seconds=budget_seconds, switch=switch, route=route,
+                               budget_seconds=budget_seconds, switch=Switch(switch).value, route=route,
                                keep=keep, max_size=max_size,
                                switch_window=switch_window, switch_tolerance=switch_tolerance,
                                on_switch=on_switch)
