@@ -1,11 +1,12 @@
 """The adapter library on held-out CLINC150 domains: fresh LoRA vs a LoraHub-style composed init
-vs Arrow routing (issue 19), optionally vs a meta-init.
+vs a generated init vs Arrow routing (issue 19), optionally vs a meta-init.
 
 Library: built only from the 8 meta-train domains (the CLINC150 train split minus banking and
 travel): ``--per-domain`` 5-way episodes of each domain (``--build-shots`` per class), each a
 fresh LoRA trained ``--build-steps`` steps and kept with its task profile
-(``metapeft.library.build``). Then ``--warm-tasks`` compositions on more meta-train-domain
-episodes fill the store of past compositions that warm-starts the search.
+(``api.library_build``). Then ``--warm-tasks`` compositions on more meta-train-domain
+episodes fill the store of past compositions that warm-starts the search, and the LoRA generator
+is trained on the library (``metapeft.generate``).
 
 Evaluation: ``--tasks`` 5-way 5-shot episodes of the *test* split of banking + travel (10 query
 examples per class), every arm adapted with Adam at LoRA's default lr, query accuracy at steps
@@ -13,6 +14,7 @@ examples per class), every arm adapted with Adam at LoRA's default lr, query acc
 
 * fresh: B = 0 (step 0 is the base model's zero-shot rank classification);
 * compose: ``adapt --init library:compose`` (K = 5 nearest, 20 GP trials on the support loss);
+* generate: ``adapt --init library:generate`` (the generator's LoRA for the task's embedding);
 * route: ``adapt --route arrow``; its step 0 is Arrow's per-token routed model (training-free),
   steps 1+ train from the merged mixture (its own step 0 is reported as "route, merged");
 * meta (``--meta-init NAME@V``): a registry init, at its calibrated lr.
@@ -67,9 +69,16 @@ def build_library(args, registry: str) -> dict:
         os.environ["METAPEFT_HOME"] = registry
         adapt(source.sample(50_000 + i), model=args.model, steps=0, init="library:compose",
               target=None)
+    warm_s = time.perf_counter() - t1
+    from metapeft.adapters import get_adapter_class
+    from metapeft.generate import train_generator
+    from metapeft.models import load_base_model
+
+    gen = train_generator(get_adapter_class("lora").attach(load_base_model(args.model), {}),
+                          registry=registry)
     return {"domains": domains, "adapters": len(rows), "build_seconds": round(build_s, 1),
-            "warm_compositions": args.warm_tasks,
-            "warm_seconds": round(time.perf_counter() - t1, 1),
+            "warm_compositions": args.warm_tasks, "warm_seconds": round(warm_s, 1),
+            "generator_seconds": gen["seconds"], "generator_loss": gen["final_loss"],
             "disk_bytes": library.disk_bytes(registry),
             "mean_library_score": sum(r["final_accuracy"] for r in rows) / len(rows)}
 
@@ -79,7 +88,7 @@ def run_task(args, task, registry: str, store: Path, saved: str | None) -> dict:
 
     out = {}
     arms = [("fresh", {}), ("compose", {"init": f"library:compose:{args.k}"}),
-            ("route", {"route": "arrow"})]
+            ("generate", {"init": "library:generate"}), ("route", {"route": "arrow"})]
     if args.meta_init:
         arms.append(("meta", {"init": args.meta_init}))
     for name, kw in arms:
@@ -117,7 +126,8 @@ def table(results: list[dict], arms: list[str]) -> list[str]:
                  " | | | |")
     lines += ["", "| paired difference (points) | " + " | ".join(f"step {s}" for s in STEPS)
               + " |", "|---|" + "---:|" * len(STEPS)]
-    pairs = [("compose", "fresh"), ("route", "fresh"), ("compose", "route")]
+    pairs = [("compose", "fresh"), ("generate", "fresh"), ("route", "fresh"),
+             ("compose", "route"), ("compose", "generate")]
     if "meta" in arms:
         pairs += [("compose", "meta"), ("route", "meta")]
     for a, b in pairs:
@@ -177,7 +187,7 @@ def main() -> None:
         r = results[-1]
         print(f"task {i}: " + "  ".join(f"{a} {' '.join(f'{x:.0%}' for x in r[a]['acc'])}"
                                          for a in r), flush=True)
-    arms = ["fresh", "compose", "route"] + (["meta"] if args.meta_init else [])
+    arms = ["fresh", "compose", "generate", "route"] + (["meta"] if args.meta_init else [])
     lines = table(results, arms)
     search = [r["compose"]["search_seconds"] for r in results]
     step_s = [r["fresh"]["seconds"] / max(STEPS) for r in results]
@@ -186,7 +196,8 @@ def main() -> None:
               f"{info['adapters']} LoRAs from {len(info.get('domains', [])) or '?'} meta-train "
               f"domains, {info['disk_bytes'] / 2**20:.2f} MiB, built in "
               f"{info.get('build_seconds', '?')} s (+{info.get('warm_seconds', 0)} s for "
-              f"{info.get('warm_compositions', 0)} warm-start compositions); composition search "
+              f"{info.get('warm_compositions', 0)} warm-start compositions, "
+              f"+{info.get('generator_seconds', '?')} s to train the generator); composition search "
               f"{fmt(search, pct=False)} s per task (a fresh run: {fmt(step_s, pct=False)} s per "
               f"step incl. evaluation); route build+score {fmt([r['route']['route_seconds'] for r in results], pct=False)} s; "
               f"uptime at start: {load}"]

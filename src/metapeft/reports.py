@@ -82,7 +82,8 @@ class AdaptReport(_Wraps):
         # no query set (--query 0): final_accuracy is null, never NaN (which is not JSON)
         out = {k: rounded[k] if k in rounded else getattr(self, k) for k in self.JSON_KEYS}
         out.update({k: self.extra[k] for k in ("decision", "budget", "switches", "composition",
-                                               "route", "library") if k in self.extra})
+                                               "generation", "route", "library")
+                    if k in self.extra})
         return json_safe(out)
 
 

@@ -87,6 +87,10 @@ def _print_report(report, out: Path | None) -> None:
 def _print_library(extra: dict) -> None:
     """What the adapter library contributed: the composition, the routing, the kept entry."""
     c, r, kept = extra.get("composition"), extra.get("route"), extra.get("library")
+    g = extra.get("generation")
+    if g:
+        out_console.print(f"generated init: generator v{g['version']} trained on "
+                          f"{g['entries']} library LoRAs", highlight=False)
     if c:
         mix = ", ".join(f"{m['id']} {m['weight']:+.2f}" for m in c["members"])
         out_console.print(f"composed init: {mix} (support loss {c['support_loss']:.3f}; "
@@ -116,7 +120,8 @@ def adapt(
     init: Optional[str] = typer.Option(None, help="Initial adapter: a safetensors file, an "
                                                   "adapter dir, registry NAME[@VERSION], or "
                                                   "library:compose[:K][+INIT] (a weighted mix "
-                                                  "of the K nearest library LoRAs)."),
+                                                  "of the K nearest library LoRAs) or "
+                                                  "library:generate."),
     route: Optional[str] = typer.Option(None, "--route", help="arrow: route each token over "
                                         "the library's LoRAs (training-free step 0), then "
                                         "train their merged mixture."),

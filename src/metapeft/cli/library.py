@@ -1,5 +1,6 @@
-"""``metapeft library add | list | remove | build``: the adapter library (``metapeft.library``)
-that ``adapt --init library:compose`` and ``adapt --route arrow`` start new tasks from."""
+"""``metapeft library add | list | remove | build | train-generator``: the adapter library
+(``metapeft.library``) that ``adapt --init library:compose``, ``--init library:generate`` and
+``adapt --route arrow`` start new tasks from."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Optional
 
 import typer
 
-from metapeft.cli._common import (JSON_OPT, METHOD_OPT, REGISTRY_OPT, LazyBar, compact_table,
-                                  csv_list, err_console, out_console, print_json, short_time,
-                                  user_errors, with_model_options)
+from metapeft.cli._common import (CONFIG_OPT, JSON_OPT, METHOD_OPT, REGISTRY_OPT, SET_OPT,
+                                  LazyBar, compact_table, csv_list, err_console, out_console,
+                                  parse_sets, print_json, short_time, user_errors,
+                                  with_model_options)
 
 MAX_SIZE_OPT = typer.Option(None, "--max-size", help="Keep at most N entries: evict the "
                             "lower-scoring member of the most similar pair until it fits.")
@@ -128,6 +130,32 @@ def library_build(
                               f"{_size(res.disk_bytes)}, {res.seconds:.1f} s", highlight=False)
 
 
+def library_train_generator(
+    epochs: int = typer.Option(400, "--epochs", help="Adam steps over the whole library."),
+    seed: int = typer.Option(0, "--seed"),
+    config: Optional[Path] = CONFIG_OPT,
+    set_: Optional[list[str]] = SET_OPT,
+    registry: Optional[Path] = REGISTRY_OPT,
+    as_json: bool = JSON_OPT,
+    model_options: dict = None,
+):
+    """Train the task-conditioned LoRA generator on the library (for --init library:generate)."""
+    with user_errors():
+        from metapeft.adapters import DEFAULT_METHOD, get_adapter_class
+        from metapeft.generate import train_generator
+        from metapeft.models import load_base_model
+
+        base = load_base_model(model_options["model"], dequantize=model_options["dequantize"])
+        adapter = get_adapter_class(DEFAULT_METHOD).attach(base, parse_sets(set_, config) or {})
+        res = train_generator(adapter, registry=registry, epochs=epochs, seed=seed)
+        if as_json:
+            print_json(res)
+        else:
+            out_console.print(f"generator v{res['version']} on {len(res['entries'])} library "
+                              f"LoRAs: reconstruction loss {res['final_loss']:.4g}, "
+                              f"{res['seconds']:.1f} s -> {res['path']}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     group = typer.Typer(help="The adapter library: past adapters to start new tasks from.",
                         no_args_is_help=True)
@@ -135,4 +163,5 @@ def register(app: typer.Typer) -> None:
     group.command("list")(library_list)
     group.command("remove")(library_remove)
     group.command("build")(with_model_options(library_build))
+    group.command("train-generator")(with_model_options(library_train_generator))
     app.add_typer(group, name="library")
