@@ -26,7 +26,8 @@ with its CPU seconds. Per rank and meta-step (after the warm-up): *compute* (pre
 to entering the all-reduce: its share of the tasks), *wait* (inside the all-reduce: the transfer
 plus waiting for the slower rank; the rank that arrives last waits for the transfer only), and
 the CPU cores it kept busy (CPU seconds / wall seconds). The 1-process arm's compute is the
-whole step. The machine's load average is printed before and after every arm: on a shared
+whole step. After training, the ranks time one all-reduce of θ's size with both ready (after a
+barrier; the median of 10): the transfer alone. The machine's load average is printed before and after every arm: on a shared
 machine, read the speed-up with it.
 """
 
@@ -82,12 +83,33 @@ def worker(args) -> None:
                          on_step=on_step)
     rank = group.rank()
     write_json(f"{args.out}.rank{rank}", {"rank": rank, "stamps": stamps, "cpu": cpu,
-                                          "enter": enter, "leave": leave})
+                                          "enter": enter, "leave": leave,
+                                          "allreduce_s": allreduce_alone(rep, group)})
     if rank == 0:
         params = sum(v.size for v in rep.adapter.flat(rep.result.best_theta).values())
         write_json(args.out, {"processes": group.size(), "stamps": stamps, "path": rep.path,
                               "seconds": rep.result.seconds, "theta_params": int(params),
                               "data": data})
+
+
+def allreduce_alone(rep, group, repeats: int = 10) -> float | None:
+    """Median seconds of one all-reduce of θ's size (float32, plus the 3 scalars) with both
+    ranks idle and ready: the transfer itself, without waiting for a slower rank."""
+    if group.size() == 1:
+        return None
+    import mlx.core as mx
+
+    from metapeft.meta import distributed as dist
+
+    n = sum(v.size for v in rep.adapter.flat(rep.result.best_theta).values()) + 3
+    x = mx.ones((n,))
+    times = []
+    for _ in range(repeats + 1):
+        dist.barrier(group)
+        t = time.perf_counter()
+        mx.eval(mx.distributed.all_sum(x, group=group))
+        times.append(time.perf_counter() - t)
+    return sorted(times[1:])[repeats // 2]
 
 
 def _mean(xs: list[float]) -> float:
@@ -113,6 +135,7 @@ def breakdown(n: int, out: Path, warmup: int) -> list[dict]:
             comp, wait = wall, [0.0] * len(wall)
         rows.append({"rank": r, "step_s": _mean(wall), "compute_s": _mean(comp),
                      "wait_s": _mean(wait), "cores_busy": _mean(busy),
+                     "allreduce_alone_s": d.get("allreduce_s"),
                      "per_step": {"step": wall, "compute": comp, "wait": wait, "busy": busy}})
     return rows
 
@@ -150,7 +173,23 @@ def launch(n: int, args, model: str, work: Path) -> dict:
     for r in res["ranks"]:
         print(f"  {Path(model).name}, {n} process(es), rank {r['rank']}: step "
               f"{r['step_s']:.2f} s = compute {r['compute_s']:.2f} s + all-reduce wait "
-              f"{r['wait_s']:.3f} s (+ update), {r['cores_busy']:.2f} cores busy", flush=True)
+              f"{r['wait_s']:.3f} s (+ update), {r['cores_busy']:.2f} cores busy"
+              + (f"; one all-reduce of θ's size with both ranks ready: "
+                 f"{1000 * r['allreduce_alone_s']:.1f} ms" if r["allreduce_alone_s"] else ""),
+              flush=True)
+    if n > 1 and len(res["ranks"]) == n:  # per meta-step across the ranks
+        steps = list(zip(*(r["per_step"]["compute"] for r in res["ranks"])))
+        waits = list(zip(*(r["per_step"]["wait"] for r in res["ranks"])))
+        res["split"] = {"slowest_compute_s": _mean([max(c) for c in steps]),
+                        "mean_compute_s": _mean([_mean(c) for c in steps]),
+                        "transfer_s": _mean([min(w) for w in waits]),
+                        "step_s": _mean([_mean(r["per_step"]["step"]) for r in res["ranks"]])}
+        sp = res["split"]
+        print(f"  {Path(model).name}, {n} processes, per meta-step: {sp['step_s']:.2f} s = the "
+              f"slowest rank's compute {sp['slowest_compute_s']:.2f} s (mean rank "
+              f"{sp['mean_compute_s']:.2f} s) + the all-reduce once both are in "
+              f"{1000 * sp['transfer_s']:.1f} ms (the last rank's wait) + the update",
+              flush=True)
     print(f"  {Path(model).name}, {n} process(es): {res['steps_per_s']:.4f} meta-steps/s, "
           f"{res['wall']:.0f} s wall, load {load0:.2f} -> {res['load'][1]:.2f}", flush=True)
     return res
@@ -197,7 +236,7 @@ def main() -> None:
     load0 = os.getloadavg()
     print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} (1/5/15 min) on "
           f"{os.cpu_count()} cores; ranks started by {args.launcher}\n", flush=True)
-    rows, detail = [], []
+    rows, detail, split = [], [], []
     report = {"load_before": load0, "cpus": os.cpu_count(), "launcher": args.launcher,
               "settings": {k: getattr(args, k) for k in ("meta_batch", "inner_steps", "warmup",
                                                           "algorithm", "processes")},
@@ -217,10 +256,17 @@ def main() -> None:
                     f"{diff:.1e} | {one['theta_params']:,} | {nbytes / 1e3:,.1f} |")
         o = one["ranks"][0]
         detail.append(f"| {name} | 1 | all | {o['step_s']:.2f} | {o['compute_s']:.2f} | - | "
-                      f"{o['cores_busy']:.2f} |")
+                      f"{o['cores_busy']:.2f} | - |")
         for r in many["ranks"]:
+            alone = r["allreduce_alone_s"]
             detail.append(f"| {name} | {args.processes} | {r['rank']} | {r['step_s']:.2f} | "
-                          f"{r['compute_s']:.2f} | {r['wait_s']:.3f} | {r['cores_busy']:.2f} |")
+                          f"{r['compute_s']:.2f} | {r['wait_s']:.3f} | {r['cores_busy']:.2f} | "
+                          f"{'-' if alone is None else f'{1000 * alone:.1f}'} |")
+        if "split" in many:
+            sp, c1 = many["split"], one["ranks"][0]["compute_s"]
+            split.append(f"| {name} | {c1:.2f} | {c1 / args.processes:.2f} | "
+                         f"{sp['mean_compute_s']:.2f} | {sp['slowest_compute_s']:.2f} | "
+                         f"{1000 * sp['transfer_s']:.1f} | {sp['step_s']:.2f} |")
         report["runs"].append({"model": model, "meta_steps": steps, "one": one, "many": many,
                                "speedup": speedup, "max_abs_theta_diff": diff,
                                "allreduce_bytes": nbytes})
@@ -234,9 +280,16 @@ def main() -> None:
           f"|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\nper rank, mean seconds per meta-step after the warm-up:\n")
-    print("| model | processes | rank | step s | compute s | all-reduce wait s | cores busy |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| model | processes | rank | step s | compute s | all-reduce wait s | cores busy | "
+          "all-reduce alone ms |\n|---|---|---|---|---|---|---|---|")
     print("\n".join(detail))
+    print(f"\nwhere a {args.processes}-process meta-step's time goes (means over the meta-steps "
+          f"after the warm-up; per meta-step, the slowest rank's compute plus the all-reduce "
+          f"once every rank is in, i.e. the last rank's wait, make the step, with the update):\n")
+    print(f"| model | 1 process: compute s | ideal per rank (1 / {args.processes}) | "
+          f"{args.processes} processes: mean rank compute s | slowest rank compute s | "
+          f"all-reduce ms | step s |\n|---|---|---|---|---|---|---|")
+    print("\n".join(split))
     print(f"\nload average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} (1/5/15 min)")
     write_json(args.json, report)
 
