@@ -199,3 +199,39 @@ def test_two_processes_continue_from_a_version_as_one_does(tmp_path):
     assert sorted(w2) == sorted(w1) and any(k.startswith("fisher.") for k in w1)
     for k in w1:
         np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-5, err_msg=k)
+
+
+WAITER = """
+import json, os, sys, time
+import metapeft
+import mlx.core as mx
+from metapeft.meta import distributed as dist
+g = dist.world()
+x = mx.ones((1000,))
+dist.all_sum([x], g)
+if g.rank() == 0:
+    time.sleep(2.0)  # the slow rank; the other waits for it in the next all-reduce
+c, t = time.process_time(), time.perf_counter()
+(y,) = dist.all_sum([x], g)
+out = {"cpu": time.process_time() - c, "wall": time.perf_counter() - t, "sum": y[0].item(),
+       "left": sorted(os.listdir(os.environ[dist.LOCAL_ENV]))}
+open(sys.argv[1] + f".{g.rank()}", "w").write(json.dumps(out))
+"""
+
+
+@needs_ring
+def test_a_rank_waiting_for_a_slower_one_sleeps(tmp_path):
+    """Ranks started on this machine meet before each all-reduce asleep: MLX's ring backend
+    would busy-poll a core for the whole wait."""
+    from metapeft.cli.launch import run_local_ring
+
+    script = tmp_path / "waiter.py"
+    script.write_text(WAITER)
+    assert run_local_ring(2, [sys.executable, str(script), str(tmp_path / "out")], {},
+                          tmp_path) == []
+    waited = json.loads((tmp_path / "out.1").read_text())
+    assert waited["wall"] > 1.5 and waited["cpu"] < 0.5 * waited["wall"], waited
+    assert waited["sum"] == 2.0
+    # each rank removes its file once the all-reduce is done (the peer may still read it before)
+    assert all(f"reduce2.{r}" not in json.loads((tmp_path / f"out.{r}").read_text())["left"]
+               for r in (0, 1))

@@ -163,9 +163,13 @@ def run_local_ring(processes: int, command: list[str], env: dict, folder: Path,
     import threading
     import time
 
+    from metapeft.meta.distributed import LOCAL_ENV
+
     hostfile = ring_hostfile(processes, folder)
+    meet = Path(folder) / "reduces"  # where the ranks wait for each other asleep
+    meet.mkdir(exist_ok=True)
     procs = [subprocess.Popen(command, env={**os.environ, **env, "MLX_HOSTFILE": str(hostfile),
-                                            "MLX_RANK": str(r)},
+                                            "MLX_RANK": str(r), LOCAL_ENV: str(meet)},
                               stderr=subprocess.PIPE, text=True, errors="replace")
              for r in range(processes)]
 

@@ -110,10 +110,43 @@ def mine(count: int, group) -> list[int]:
     return [i for i in range(count) if i % size == rank]
 
 
+LOCAL_ENV = "METAPEFT_RING_FOLDER"  # set by cli.launch.run_local_ring: ranks share this folder
+_reduces = 0
+
+
+def _arrive(group) -> int | None:
+    """On one machine (ranks started by ``cli.launch.run_local_ring``, which hands them a shared
+    folder), wait asleep until every rank has reached this all-reduce, then enter it: MLX's ring
+    backend busy-polls while it waits for a slower peer (a full core for as long as the wait:
+    README, Scale out), which on a machine with as many cores as ranks takes CPU from the rank
+    still computing whenever anything else runs. Each rank leaves a file per all-reduce and polls
+    for its peers' every 2 ms. Returns the all-reduce's number (None without the folder)."""
+    import time
+
+    folder = os.environ.get(LOCAL_ENV)
+    if not folder:
+        return None
+    global _reduces
+    _reduces += 1
+    Path(folder, f"reduce{_reduces}.{group.rank()}").touch()
+    peers = [Path(folder, f"reduce{_reduces}.{r}") for r in range(group.size())]
+    while not all(p.exists() for p in peers):
+        time.sleep(0.002)
+    return _reduces
+
+
+def _leave(count: int | None, group) -> None:
+    """After all-reduce ``count`` returned every peer has seen this rank's file: remove it."""
+    if count is not None:
+        Path(os.environ[LOCAL_ENV], f"reduce{count}.{group.rank()}").unlink(missing_ok=True)
+
+
 def all_sum(arrays: list, group) -> list:
     """Sum each array over the group in one all-reduce, packed into one buffer as
     ``mlx.nn.average_gradients`` does (a LoRA tree has dozens of small leaves). Evaluated here, so
-    a lost peer surfaces as a ``DistributedError`` at this call. With one process: unchanged."""
+    a lost peer surfaces as a ``DistributedError`` at this call. With one process: unchanged.
+    Ranks on one machine started by ``--processes``/``--workers`` first wait for each other
+    asleep (``_arrive``)."""
     arrays = [a if isinstance(a, mx.array) else mx.array(a, dtype=mx.float32) for a in arrays]
     if size_of(group) == 1 or not arrays:
         return arrays
@@ -122,12 +155,15 @@ def all_sum(arrays: list, group) -> list:
     shapes, sizes = [a.shape for a in arrays], [a.size for a in arrays]
     with mx.stream(mx.cpu):  # the ring backend reduces on the CPU (as mlx-lm's trainer asks)
         flat = mx.concatenate([a.reshape(-1).astype(common) for a in arrays])
+        mx.eval(flat)  # this rank's own work, before waiting for the others
+        count = _arrive(group)
         try:
             total = mx.distributed.all_sum(flat, group=group)
             mx.eval(total)
         except RuntimeError as e:
             raise DistributedError(f"rank {group.rank()} of {group.size()}: the distributed run "
                                    f"lost a process ({str(e).splitlines()[0]})") from None
+        _leave(count, group)
         out, start = [], 0
         for shape, n, dt in zip(shapes, sizes, dtypes):
             out.append(total[start:start + n].reshape(shape).astype(dt))
