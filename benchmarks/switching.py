@@ -17,8 +17,8 @@ switch arm's accuracy carries that selection; the window and tolerance are the d
 before any of these runs and not tuned here.
 
 Two data sets: held-out CLINC150 tasks (test split of banking and travel, 5-way 5-shot, 10 query
-per class) and synthetic tasks the project generates (``metapeft.data.synthetic``, all families,
-5-way 5-shot), so the result is not CLINC150's alone.
+per class) and synthetic tasks the project generates (``metapeft.data.synthetic``, the families with at
+least 5 labels, 5-way 5-shot), so the result is not CLINC150's alone.
 
     uv run python benchmarks/switching.py [--tasks 30] [--steps 30] [--json out.json]
 """
@@ -39,9 +39,9 @@ def tasks_for(data: str, n: int):
         src = EpisodeSource(clinc_pool("test", domains=HELD_OUT_DOMAINS), ways=5, shots=5,
                             query=10, name="clinc150-test-heldout")
         return [src.sample(30_000 + i) for i in range(n)]
-    from metapeft.data.synthetic import FAMILIES, generate_task
+    from metapeft.data.synthetic import FAMILIES, family_labels, generate_task
 
-    fams = list(FAMILIES)
+    fams = [f for f in FAMILIES if len(family_labels(f)) >= 5]  # 5-way needs 5 labels
     return [generate_task(40_000 + i, family=fams[i % len(fams)], ways=5, shots=5, query=10)
             for i in range(n)]
 
@@ -107,7 +107,7 @@ def main() -> None:
                  if sw else "")
               + (f"; accuracy change at the switch {fmt(change)} (lowest "
                  f"{100 * min(change):+.1f})" if change else ""), flush=True)
-    write_json(args.json, out)
+        write_json(args.json, out)  # after each data set: a later failure loses nothing
 
 
 if __name__ == "__main__":
