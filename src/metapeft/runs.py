@@ -21,7 +21,8 @@ A record is written atomically (``artifacts.atomic_write_json``) twice: when the
   ``started``, ``finished`` and ``duration_seconds``.
 
 A record still ``running`` whose process is gone (``kill -9``, power loss) reads as ``died``.
-``METAPEFT_RUNS=off`` turns recording off. The CLI layer writes the records
+``METAPEFT_RUNS=off`` turns recording off. ``metapeft --track mlflow`` also mirrors each finished
+record to a local MLflow file store (``tracking.py``). The CLI layer writes the records
 (``cli._common.recorded``); this module only stores and reads them.
 """
 
@@ -237,4 +238,8 @@ class Recorder:
             status=status or ("ok" if exit_status == 0 else
                               "interrupted" if exit_status == 130 else "failed"))
         self._write()
+        from metapeft.tracking import active, mirror
+
+        if active() == "mlflow":  # `metapeft --track mlflow`: the finished record, mirrored
+            mirror(self.record, registry_root(self.registry))
         return self.record

@@ -16,6 +16,7 @@ status 2.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 # Typer renders help with rich when it can, which costs ~1 s of imports and layout on our 2-core
 # machines; plain help keeps `metapeft --help` under 0.5 s. TYPER_USE_RICH=1 brings rich help back.
@@ -83,8 +84,18 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(version: bool = typer.Option(False, "--version", callback=_print_version,
-                                          is_eager=True, help="Print the version and exit.")):
+                                          is_eager=True, help="Print the version and exit."),
+             track: Optional[str] = typer.Option(
+                 None, "--track", metavar="mlflow", help="Also mirror each run record to a "
+                 "local MLflow file store under the registry root (<root>/mlruns; needs the "
+                 "mlflow extra).")):
     """Meta-learned PEFT for MLX: pick a method, start from a meta-learned init, tune it."""
+    if track is not None:
+        from metapeft.cli._common import user_errors
+        from metapeft.tracking import ENV, check_tracker
+
+        with user_errors():
+            os.environ[ENV] = check_tracker(track.strip().lower()) or "none"
 
 
 @app.command()
