@@ -19,6 +19,7 @@ that fails never fails the command: it prints one warning line.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -66,8 +67,10 @@ def _flat(obj, prefix: str = "") -> dict:
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float(
-        "inf")
+    """A finite number (what MLflow can store as a metric value)."""
+    from metapeft.runs import _is_number
+
+    return _is_number(v) and math.isfinite(v)
 
 
 def mirror(record: dict, root: str | Path) -> str | None:

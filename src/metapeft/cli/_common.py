@@ -323,8 +323,11 @@ class PlainProgress:
         self._line(self.tasks[-1], "started")
         return len(self.tasks) - 1
 
-    def update(self, task_id: int, *, completed=None, advance=None, total=None, **fields):
+    def update(self, task_id: int, *, completed=None, advance=None, total=None,
+               description=None, **fields):
         t = self.tasks[task_id]
+        if description is not None:  # as rich's Progress.update takes it
+            t["description"] = description
         if total is not None:
             t["total"] = total
         if completed is not None:

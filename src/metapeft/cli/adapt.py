@@ -139,10 +139,10 @@ def adapt(
     budget_seconds: Optional[float] = typer.Option(None, "--budget-seconds", help="Limit the "
                                                    "whole run (profiling included): no step "
                                                    "starts that would end past it."),
-    switch: Switch = typer.Option(Switch.off, "--switch", help="auto: when query accuracy gains no "
-                               "more than --switch-tolerance over --switch-window steps, freeze "
-                               "the adapter and train the selector's next method on top of it "
-                               "for the remaining steps (one switch)."),
+    switch: Switch = typer.Option(Switch.off, "--switch", help="auto: when query accuracy "
+                                  "gains no more than --switch-tolerance over --switch-window "
+                                  "steps, freeze the adapter and train the selector's next "
+                                  "method on top of it for the remaining steps (one switch)."),
     switch_window: int = typer.Option(3, "--switch-window", help="Steps without gain that "
                                       "count as a plateau."),
     switch_tolerance: float = typer.Option(0.01, "--switch-tolerance", help="Gain in query "
@@ -197,7 +197,7 @@ def adapt(
                                seed=seed, **task_options,
                                on_start=on_start, on_step=on_step, on_decision=on_decision,
                                record_experience=True, stop_at_target=stop_at_target,
-                               budget_seconds=budget_seconds, switch=Switch(switch).value, route=route,
+                               budget_seconds=budget_seconds, switch=switch.value, route=route,
                                keep=keep, max_size=max_size,
                                switch_window=switch_window, switch_tolerance=switch_tolerance,
                                on_switch=on_switch)
