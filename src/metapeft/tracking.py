@@ -67,10 +67,9 @@ def _flat(obj, prefix: str = "") -> dict:
 
 
 def _number(v) -> bool:
-    """A finite number (what MLflow can store as a metric value)."""
-    from metapeft.runs import _is_number
-
-    return _is_number(v) and math.isfinite(v)
+    """A finite number (what MLflow can store as a metric value); runs.py imports this module,
+    so its own number check is not imported back (no cycle)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def mirror(record: dict, root: str | Path) -> str | None:
