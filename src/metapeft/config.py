@@ -29,6 +29,12 @@ RUN_DEFAULTS = {"objective": "ce", "optimizer": "adam", "steps": 20, "target": 0
 META_RECIPE = {"meta_steps": 30, "meta_batch": 4, "inner_steps": 10, "query": 5,
                "val_fraction": 0.15, "eval_every": 10, "eval_episodes": 6}
 
+# The drift gate's defaults (``drift.py``; ``weights check`` and ``meta-train --gate``), here so
+# the CLI can show them without importing numpy: probe tasks, adaptation steps per version and
+# task, the largest accepted drop in mean accuracy (absolute: 2 points) and the largest accepted
+# mean KL(p_old || p_new) over the probe queries, in nats.
+GATE = {"tasks": 20, "steps": 5, "tolerance": 0.02, "max_drift": 0.3}
+
 
 def config_file(name: str):
     """The packaged ``configs/NAME`` (a Traversable), else the source checkout's."""

@@ -32,12 +32,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from metapeft.config import GATE
 from metapeft.errors import UserError
 
-DEFAULT_TASKS = 20
-DEFAULT_STEPS = 5
-DEFAULT_TOLERANCE = 0.02  # absolute accuracy (2 points)
-DEFAULT_MAX_DRIFT = 0.3  # nats of KL(p_old || p_new), averaged over the probe queries
+DEFAULT_TASKS = GATE["tasks"]
+DEFAULT_STEPS = GATE["steps"]
+DEFAULT_TOLERANCE = GATE["tolerance"]  # absolute accuracy (2 points)
+DEFAULT_MAX_DRIFT = GATE["max_drift"]  # nats of KL(p_old || p_new), averaged over the probe queries
 PROBE_SEED = 90_000_049  # probe task i is episode PROBE_SEED * (seed + 1) + i
 GATE_FAILED = 3  # the exit status of a failed check (bad input stays 2)
 

@@ -10,7 +10,7 @@ import typer
 from metapeft.cli._common import (CONFIG_OPT, JSON_OPT, METHOD_OPT, REGISTRY_OPT, SET_OPT,
                                   LazyBar, csv_list, err_console, out_console, parse_sets,
                                   print_json, progress, user_errors, with_model_options)
-from metapeft.config import META_RECIPE
+from metapeft.config import GATE, META_RECIPE
 
 
 def _print_replay_stats(stats: dict, data: str) -> None:
@@ -84,12 +84,13 @@ def meta_train(
                               "otherwise keep them unpublished under candidates/ and exit 3."),
     gate_data: Optional[str] = typer.Option(None, help="--gate: where the probe tasks come from "
                                                        "(default: --data with its filters)."),
-    gate_tasks: int = typer.Option(20, help="--gate: probe tasks."),
-    gate_steps: int = typer.Option(5, help="--gate: adaptation steps per probe task."),
-    gate_tolerance: float = typer.Option(0.02, help="--gate: largest accepted drop in mean "
-                                                    "accuracy (absolute)."),
-    gate_max_drift: float = typer.Option(0.3, help="--gate: largest accepted mean KL(old || "
-                                                   "new) of the predictive distributions."),
+    gate_tasks: int = typer.Option(GATE["tasks"], help="--gate: probe tasks."),
+    gate_steps: int = typer.Option(GATE["steps"],
+                                   help="--gate: adaptation steps per probe task."),
+    gate_tolerance: float = typer.Option(GATE["tolerance"], help="--gate: largest accepted drop "
+                                         "in mean accuracy (absolute)."),
+    gate_max_drift: float = typer.Option(GATE["max_drift"], help="--gate: largest accepted mean "
+                                         "KL(old || new) of the predictive distributions."),
     init: Optional[str] = typer.Option(None, "--init", help="Continue from this published "
                                        "version (NAME@V) on the new --data; publishes the next "
                                        "version with it as parent."),

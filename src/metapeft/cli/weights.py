@@ -11,6 +11,7 @@ import typer
 from metapeft.cli._common import (REGISTRY_OPT, LazyBar, compact_table, csv_list,
                                   err_console, out_console, print_json, short_time, user_errors,
                                   with_model_options)
+from metapeft.config import GATE
 
 JSON_LIST_OPT = typer.Option(False, "--json", help="Print JSON.")
 
@@ -279,15 +280,16 @@ def weights_check(
                                                  "JSONL/CSV, a task directory or 'synthetic'."),
     domains: Optional[list[str]] = typer.Option(None, help="Probe only these domains (comma "
                                                            "list or repeated)."),
-    tasks: int = typer.Option(20, help="Probe tasks (seeded episodes: the same every time)."),
-    steps: int = typer.Option(5, help="Adaptation steps per version and task."),
+    tasks: int = typer.Option(GATE["tasks"],
+                              help="Probe tasks (seeded episodes: the same every time)."),
+    steps: int = typer.Option(GATE["steps"], help="Adaptation steps per version and task."),
     ways: int = typer.Option(5, help="Classes per probe task."),
     shots: int = typer.Option(5, help="Support examples per class."),
     query: int = typer.Option(5, help="Query examples per class."),
-    tolerance: float = typer.Option(0.02, help="Largest accepted drop in mean accuracy "
-                                                "(absolute: 0.02 = 2 points)."),
-    max_drift: float = typer.Option(0.3, help="Largest accepted mean KL(old || new) of the "
-                                              "predictive distributions."),
+    tolerance: float = typer.Option(GATE["tolerance"], help="Largest accepted drop in mean "
+                                    "accuracy (absolute: 0.02 = 2 points)."),
+    max_drift: float = typer.Option(GATE["max_drift"], help="Largest accepted mean KL(old || "
+                                    "new) of the predictive distributions."),
     seed: int = typer.Option(0, help="Seed of the probe tasks and the runs."),
     registry: Optional[Path] = REGISTRY_OPT,
     as_json: bool = JSON_LIST_OPT,
