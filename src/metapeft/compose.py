@@ -44,7 +44,7 @@ def parse_spec(init: str) -> tuple[int, str | None]:
     kind, _, k = body.partition(":")
     if kind != "compose":
         raise UserError(f"unknown library init {init!r}; use library:compose[:K][+INIT], "
-                        "library:generate (or --route arrow)", field="init")
+                        "library:generate[@V] (or --route arrow)", field="init")
     try:
         k_val = DEFAULT_K if not k else int(k)
     except ValueError:
@@ -160,16 +160,21 @@ def _warm_points(query: dict, ids: list[str], registry=None, nearest: int = 3) -
 def library_init(init, route, adapter, data, task, *, seed: int = 0, registry=None
                  ) -> tuple[dict, tuple[str, dict]]:
     """(init params, (report key, report)) for ``adapt``: ``route="arrow"`` (``metapeft.route``),
-    ``init="library:generate"`` (``metapeft.generate``) or ``init="library:compose..."``."""
+    ``init="library:generate[@V]"`` (``metapeft.generate``; V: a generator version, default the
+    newest) or ``init="library:compose..."``."""
     if route is not None:
         from metapeft.route import arrow_init
 
         params, report = arrow_init(adapter, data, task, registry=registry)
         return params, ("route", report)
-    if str(init) == f"{PREFIX}generate":
+    kind, at, version = str(init).partition("@")
+    if kind == f"{PREFIX}generate":
         from metapeft.generate import generate_init
 
-        params, report = generate_init(adapter, task, registry)
+        if at and not version.isdigit():
+            raise UserError(f"library:generate@V needs a version number, got {version!r}",
+                            field="init")
+        params, report = generate_init(adapter, task, registry, int(version) if at else None)
         return params, ("generation", report)
     params, report = compose_init(init, adapter, data, task, registry=registry, seed=seed)
     return params, ("composition", report)

@@ -1,5 +1,6 @@
 """``adapt --init library:generate``: a task-conditioned LoRA generator (after Text-to-LoRA,
-Charakorn et al. 2025), trained by reconstruction on the adapter library.
+Charakorn et al. 2025), trained by reconstruction on the adapter library and optionally
+fine-tuned end to end through the support/query loss.
 
 The generator is a small MLX network. For a task embedding e (``library.task_embedding``: the
 frozen base model's mean-pooled support states), a block index l and a module type t (q_proj,
@@ -8,20 +9,38 @@ maps h to that module's A (in, r) and B (r, out). Targets are the library LoRAs 
 gauge: a LoRA's A/B pair is defined only up to an invertible r×r mixing (A·M, M⁻¹·B), so each
 is refactored through the SVD of its ΔW = A·B (A = U·√S, B = √S·Vᵀ, each singular vector's
 sign fixed by its largest entry) and the generator regresses that, each module type's outputs
-scaled by the targets' standard deviation. Trained with Adam on the mean squared error over every
-library entry that has a content embedding and fits the structure (``library.candidates``); no
-end-to-end fine-tuning through the support/query loss (a possible next step).
+scaled by the targets' standard deviation. Stage 1 (``epochs`` steps, may be 0): Adam on the
+mean squared error over every library entry that has a content embedding and fits the structure
+(``library.candidates``).
+
+Stage 2, end to end (``E2E``, ``library train-generator --e2e-steps N``; off by default): the
+generator's output is θ, so it is meta-trained like a meta-init (a MAML-style objective). Each
+step draws ``meta_batch`` episodes of a meta-train pool (the one the library was built from,
+with the same domain filters: never the meta-test classes), generates θᵢ = G(eᵢ) from each
+task's embedding, and asks the functional meta-learner (``meta.learner.task_contribution``,
+which runs ``inner_adapt``'s k support steps and ``train.batch_loss`` on the query set) for
+gᵢ = ∂L_query/∂θᵢ. G's gradient is the vector-Jacobian product Σᵢ gᵢ·∂θᵢ/∂G / n (the
+surrogate Σᵢ⟨θᵢ(G), stop_gradient(gᵢ)⟩ / n under ``nn.value_and_grad``), and Adam updates G.
+With k = 0 (the default) gᵢ is the exact gradient of the query loss at the generated θ; with
+k > 0 it is first-order MAML's (the query gradient at the adapted φᵢ, the inner loop not
+differentiated) unless ``second_order``, which differentiates through the k inner steps
+(exact, costs about k extra backward passes). The inner loop is the meta-learner's (Adam, no
+bias correction, as mlx's and ``adapt``'s) at the adapter's default learning rate, the one
+``adapt`` uses.
 
 Stored as versioned safetensors, ``<registry>/library/generators/vNNNN.safetensors``: the
 network's weights, and in the header the base model fingerprint, the LoRA structure, the module
-shapes, the output scales, the entries it was trained on, the loss curve and the time.
-``adapt --init library:generate`` uses the newest one for this base model and structure.
+shapes, the output scales, the entries it was trained on, the loss curve, the time and
+``training`` (reconstruction steps, e2e steps, inner steps, order, learning rates, tasks seen,
+the pool and its filters, the query-loss curve). ``adapt --init library:generate`` uses the
+newest one for this base model and structure; ``library:generate@V`` picks version V.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -83,10 +102,154 @@ def generators_dir(registry=None) -> Path:
     return library_dir(registry) / "generators"
 
 
+@dataclass
+class E2E:
+    """End-to-end fine-tuning of the generator (stage 2, see the module doc); ``steps`` 0: off."""
+
+    steps: int = 0
+    inner_steps: int = 0  # k support steps before the query loss (0: the query loss at G's θ)
+    second_order: bool = False  # k > 0: differentiate through the inner steps (else first order)
+    lr: float = 1e-4  # the generator's Adam
+    meta_batch: int = 4  # episodes per step
+    inner_lr: float | None = None  # None: the adapter's default lr (what `adapt` uses)
+    data: str | None = None  # the meta-train pool (JSONL/CSV) the library was built from
+    domains: list[str] | None = None
+    exclude_domains: list[str] | None = None
+    ways: int = 5
+    shots: int = 5
+    query: int = 10
+
+    def validate(self) -> None:
+        for flag, name in (("--e2e-steps", "steps"), ("--inner-steps", "inner_steps")):
+            if getattr(self, name) < 0:
+                raise UserError(f"{flag} must be >= 0, got {getattr(self, name)}", field=name)
+        if self.steps and self.data is None:
+            raise UserError("end-to-end fine-tuning (--e2e-steps) needs --data: the meta-train "
+                            "pool the library was built from", field="data")
+        if not self.steps and self.data is not None:
+            raise UserError("--data is the end-to-end stage's pool; give --e2e-steps N too",
+                            field="data")
+        if self.meta_batch < 1:
+            raise UserError(f"--meta-batch must be >= 1, got {self.meta_batch}",
+                            field="meta_batch")
+        if self.lr <= 0 or (self.inner_lr is not None and self.inner_lr <= 0):
+            raise UserError("learning rates must be positive", field="e2e_lr")
+
+    def source(self):
+        """The episode source over the filtered pool (one-line errors for bad filters)."""
+        from metapeft.data.episodes import EpisodeSource
+        from metapeft.data.pools import filter_pool
+        from metapeft.data.tasks import read_rows
+
+        pool = filter_pool(read_rows(Path(self.data)), domains=self.domains,
+                           exclude_domains=self.exclude_domains)
+        return EpisodeSource(pool, ways=self.ways, shots=self.shots, query=self.query,
+                             name=str(self.data))
+
+
+def _keymap(adapter, layers: list[int], names: list[str]) -> dict[str, list[str]]:
+    """Per module type, the adapter's module path at each generated block, in order."""
+    mods = _modules(adapter.flat(adapter.init_params(0)))
+    try:
+        return {t: [next(m for m in mods if _split(m) == (layer, t)) for layer in layers]
+                for t in names}
+    except StopIteration:
+        raise UserError("the generator's modules do not match this adapter's",
+                        field="parameters") from None
+
+
+def generated(net: Generator, emb: mx.array, scales: list[float],
+              keymap: dict[str, list[str]]) -> dict[str, mx.array]:
+    """The flat LoRA tensors the generator gives N task embeddings, each (N, ...) and
+    differentiable in the network's parameters."""
+    r, out = net.rank, {}
+    for i, t in enumerate(net.type_names):
+        y = net(emb, i) * scales[i]  # (N, L, (in + out)·r)
+        n_in, n_out = net.shapes[t]
+        for j, key in enumerate(keymap[t]):
+            out[f"{key}.lora_a"] = y[:, j, :n_in * r].reshape(-1, n_in, r)
+            out[f"{key}.lora_b"] = y[:, j, n_in * r:].reshape(-1, r, n_out)
+    return out
+
+
+def finetune_e2e(net: Generator, adapter, scales: list[float], keymap, cfg: E2E, *,
+                 seed: int = 0, source=None, on_step=None) -> dict:
+    """Stage 2 (module doc): ``cfg.steps`` Adam steps of the generator on the mean query loss of
+    its θ (after ``cfg.inner_steps`` support steps) over fresh meta-train episodes. Returns the
+    settings and the query-loss curve (before each step)."""
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+
+    from metapeft.library import task_embedding
+    from metapeft.meta.batch import encode_episode
+    from metapeft.meta.learner import MetaConfig, task_contribution
+
+    t0 = time.perf_counter()
+    source = source if source is not None else cfg.source()
+    inner = MetaConfig(algorithm="maml" if cfg.second_order else "fomaml",
+                       inner_steps=cfg.inner_steps,
+                       inner_lr=cfg.inner_lr or type(adapter).default_lr,
+                       inner_optimizer="adam")  # k = 0 is allowed here: no validate()
+    opt = optim.Adam(learning_rate=cfg.lr)
+    want = adapter.flat(adapter.init_params(0))
+    curve, accs, classes, tasks = [], [], set(), 0
+
+    for step in range(cfg.steps):
+        eps, embs = [], []
+        for j in range(cfg.meta_batch):  # episode seeds apart from `library build`'s seed + i
+            task = source.sample(1_000_003 + seed * 100_003 + step * cfg.meta_batch + j)
+            classes.update(task.labels)
+            eps.append(encode_episode(task, adapter.base.tokenizer, prepare=adapter.prepare))
+            embs.append(task_embedding(adapter.base, task))
+        emb = mx.array(np.asarray(embs, np.float32))
+        theta = generated(net, emb, scales, keymap)
+        mx.eval(theta)
+        losses, hits, grads_theta = [], [], []
+        for j, ep in enumerate(eps):
+            th = adapter.unflat({k: theta[k][j].astype(want[k].dtype) for k in want})
+            loss, acc, g = task_contribution(adapter, inner, th, ep.support, ep.query)
+            g = adapter.flat(tree_map(mx.stop_gradient, g))
+            mx.eval(loss, acc, g)
+            losses.append(loss.item())
+            hits.append(acc.item())
+            grads_theta.append(g)
+        cot = {k: mx.stack([g[k].astype(mx.float32) for g in grads_theta]) for k in want}
+
+        def surrogate(model):  # its gradient is the vector-Jacobian product of G at cot
+            out = generated(model, emb, scales, keymap)
+            return sum((out[k] * cot[k]).sum() for k in cot) / len(eps)
+
+        _, grads = nn.value_and_grad(net, surrogate)(net)
+        opt.update(net, grads)
+        mx.eval(net.parameters(), opt.state)
+        tasks += len(eps)
+        curve.append(float(np.mean(losses)))
+        accs.append(float(np.mean(hits)))
+        if on_step is not None:
+            on_step("e2e", step + 1, curve[-1], accs[-1])
+    order = ("exact (k = 0)" if cfg.inner_steps == 0 else
+             "second" if cfg.second_order else "first")
+    return {"steps": cfg.steps, "inner_steps": cfg.inner_steps, "order": order,
+            "inner_lr": inner.inner_lr, "inner_optimizer": inner.inner_optimizer,
+            "lr": cfg.lr, "meta_batch": cfg.meta_batch, "tasks": tasks,
+            "classes": len(classes), "data": cfg.data, "domains": cfg.domains,
+            "exclude_domains": cfg.exclude_domains, "ways": cfg.ways, "shots": cfg.shots,
+            "query": cfg.query,
+            "query_loss_curve": [round(x, 5) for x in curve[:: max(1, len(curve) // 50)]],
+            "query_loss_first": round(curve[0], 5) if curve else None,
+            "query_loss_last": round(curve[-1], 5) if curve else None,
+            "query_acc_last": round(accs[-1], 4) if accs else None,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
 def train_generator(adapter, *, registry=None, epochs: int = 400, lr: float = 1e-3,
-                    seed: int = 0, hidden: int = HIDDEN) -> dict:
+                    seed: int = 0, hidden: int = HIDDEN, e2e: E2E | None = None,
+                    on_step=None) -> dict:
     """Train a generator on the library entries that fit ``adapter`` (a plain LoRA on the base
-    model) and have a content embedding; save it as the next version. Returns its summary."""
+    model) and have a content embedding (``epochs`` reconstruction steps), then, with ``e2e``,
+    fine-tune it end to end on the support/query loss; save it as the next version. Returns
+    its summary. ``on_step(phase, step, loss, acc)`` after every step (phase "reconstruction"
+    or "e2e"; acc None in reconstruction)."""
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
@@ -95,11 +258,16 @@ def train_generator(adapter, *, registry=None, epochs: int = 400, lr: float = 1e
     from metapeft.library import candidates
 
     t0 = time.perf_counter()
+    if epochs < 0:
+        raise UserError(f"--epochs must be >= 0, got {epochs}", field="epochs")
+    e2e = e2e or E2E()
+    e2e.validate()
     usable, _ = candidates(adapter, registry)
     usable = [(e, a) for e, a in usable if e.embedding is not None]
     if len(usable) < 2:
         raise UserError(f"a generator needs at least 2 library LoRAs with a task embedding (add "
                         f"them with their task), found {len(usable)}", field="library")
+    source = e2e.source() if e2e.steps else None  # bad pool or filters: fail before training
     rank = adapter.config.rank
     modules = _modules(usable[0][1])
     layers = sorted({_split(m)[0] for m in modules})
@@ -139,12 +307,25 @@ def train_generator(adapter, *, registry=None, epochs: int = 400, lr: float = 1e
         mx.eval(net.parameters(), opt.state, loss)
         if step % 50 == 0 or step == epochs - 1:
             curve.append(round(float(loss.item()), 6))
+        if on_step is not None:
+            on_step("reconstruction", step + 1, float(loss.item()), None)
+    if not curve:  # no reconstruction: the untrained network's error, for the record
+        curve.append(round(float(loss_fn(net).item()), 6))
+    rec_seconds = round(time.perf_counter() - t0, 3)
+    stage2 = None
+    if e2e.steps:
+        stage2 = finetune_e2e(net, adapter, scales, _keymap(adapter, layers, names), e2e,
+                              seed=seed, source=source, on_step=on_step)
     base = adapter.base
     meta = {"format": FORMAT, "base_model": base.model_id, "base_model_hash": base.fingerprint,
             "config": adapter.config.to_dict(), "rank": rank, "layers": layers,
             "types": {t: list(v) for t, v in types.items()}, "scales": scales,
             "hidden": hidden, "dim": int(emb.shape[1]), "entries": [e.id for e, _ in usable],
             "epochs": epochs, "lr": lr, "loss_curve": curve, "final_loss": curve[-1],
+            "training": {"reconstruction_steps": epochs, "reconstruction_lr": lr,
+                         "reconstruction_seconds": rec_seconds, "seed": seed,
+                         "e2e_steps": e2e.steps, "inner_steps": e2e.inner_steps if
+                         e2e.steps else None, "e2e": stage2},
             "seconds": round(time.perf_counter() - t0, 3), "metapeft_version": __version__}
     d = generators_dir(registry)
     d.mkdir(parents=True, exist_ok=True)
@@ -154,58 +335,74 @@ def train_generator(adapter, *, registry=None, epochs: int = 400, lr: float = 1e
         path = save_safetensors(d / f"v{version:04d}.safetensors",
                                 dict(tree_flatten(net.parameters())), meta)
     return {**{k: meta[k] for k in ("version", "entries", "final_loss", "loss_curve",
-                                     "seconds", "base_model")}, "path": str(path)}
+                                     "training", "seconds", "base_model")}, "path": str(path)}
 
 
-def latest_generator(adapter, registry=None) -> tuple[Path, dict]:
-    """(path, header) of the newest generator for this adapter's base model and structure."""
+def latest_generator(adapter, registry=None, version: int | None = None) -> tuple[Path, dict]:
+    """(path, header) of the newest generator (or of ``version``) for this adapter's base model
+    and structure."""
     from metapeft.artifacts import json_field, read_metadata
     from metapeft.library import STRUCTURE
 
     want = adapter.config.to_dict()
     d = generators_dir(registry)
-    for p in sorted(d.glob("v*.safetensors"), reverse=True) if d.is_dir() else []:
+    paths = sorted(d.glob("v*.safetensors"), reverse=True) if d.is_dir() else []
+    if version is not None:
+        paths = [p for p in paths if p.stem == f"v{version:04d}"]
+        if not paths:
+            raise UserError(f"no LoRA generator version {version} in the library", path=str(d),
+                            field="init")
+    for p in paths:
         meta = read_metadata(p)
         cfg = json_field(meta, "config") or {}
         if (meta.get("base_model_hash") == adapter.base.fingerprint
                 and all(cfg.get(k) == want.get(k) for k in STRUCTURE)):
             return p, {k: json_field(meta, k) for k in meta}
+    if version is not None:
+        raise UserError(f"LoRA generator version {version} was trained for another base model "
+                        "or LoRA structure", path=str(paths[0]), field="init")
     raise UserError("no LoRA generator for this base model and LoRA structure in the library; "
                     "train one with `metapeft library train-generator`", path=str(d),
                     field="init")
 
 
-def generate_init(adapter, task, registry=None) -> tuple[dict, dict]:
-    """(init params, report) for ``adapt --init library:generate``."""
+def load_generator(path, meta: dict) -> Generator:
+    """The network of a generator file (``meta``: its header, as ``latest_generator`` gives)."""
     from mlx.utils import tree_unflatten
 
     from metapeft.artifacts import load_safetensors
-    from metapeft.library import task_embedding
 
-    t0 = time.perf_counter()
-    path, meta = latest_generator(adapter, registry)
     arrays, _ = load_safetensors(path)
     types = {t: tuple(v) for t, v in meta["types"].items()}
     net = Generator(int(meta["dim"]), list(meta["layers"]), types, int(meta["rank"]),
                     int(meta["hidden"]))
     net.update(tree_unflatten(list(arrays.items())))
+    return net
+
+
+def generate_init(adapter, task, registry=None, version: int | None = None
+                  ) -> tuple[dict, dict]:
+    """(init params, report) for ``adapt --init library:generate[@V]``."""
+    from metapeft.library import task_embedding
+
+    t0 = time.perf_counter()
+    path, meta = latest_generator(adapter, registry, version)
+    net = load_generator(path, meta)
     e = mx.array(np.asarray([task_embedding(adapter.base, task)], np.float32))
     want = adapter.flat(adapter.init_params(0))
-    r = int(meta["rank"])
-    out = {}
-    for i, t in enumerate(net.type_names):
-        y = np.asarray(net(e, i)[0]) * meta["scales"][i]
-        n_in, n_out = types[t]
-        for j, layer in enumerate(net.layers):
-            key = next(k.rsplit(".", 1)[0] for k in want
-                       if k.endswith(".lora_a") and _split(k.rsplit(".", 1)[0]) == (layer, t))
-            out[f"{key}.lora_a"] = mx.array(y[j, :n_in * r].reshape(n_in, r))
-            out[f"{key}.lora_b"] = mx.array(y[j, n_in * r:].reshape(r, n_out))
+    try:
+        out = generated(net, e, list(meta["scales"]),
+                        _keymap(adapter, net.layers, net.type_names))
+    except UserError as err:
+        raise UserError(err.message, path=str(path), field="parameters") from None
     if set(out) != set(want):
         raise UserError("the generator's modules do not match this adapter's", path=str(path),
                         field="parameters")
-    params = adapter.unflat({k: out[k].astype(want[k].dtype) for k in want})
+    params = adapter.unflat({k: out[k][0].astype(want[k].dtype) for k in want})
+    training = meta.get("training") or {}
     return params, {"generator": str(path), "version": meta.get("version"),
                     "entries": len(meta.get("entries") or []),
                     "final_loss": meta.get("final_loss"),
+                    "e2e_steps": training.get("e2e_steps", 0),
+                    "inner_steps": training.get("inner_steps"),
                     "seconds": round(time.perf_counter() - t0, 3)}

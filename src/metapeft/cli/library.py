@@ -131,28 +131,70 @@ def library_build(
 
 
 def library_train_generator(
-    epochs: int = typer.Option(400, "--epochs", help="Adam steps over the whole library."),
+    epochs: int = typer.Option(400, "--epochs", help="Reconstruction: Adam steps over the "
+                               "whole library (0: none)."),
     seed: int = typer.Option(0, "--seed"),
+    e2e_steps: int = typer.Option(0, "--e2e-steps", help="Then fine-tune the generator end to "
+                                  "end: N Adam steps on the query loss of its LoRAs on "
+                                  "meta-train episodes of --data (0: reconstruction only)."),
+    inner_steps: int = typer.Option(0, "--inner-steps", help="Support steps before the query "
+                                    "loss (0: the query loss at the generated LoRA; >0: "
+                                    "first-order MAML unless --second-order)."),
+    second_order: bool = typer.Option(False, "--second-order", help="Differentiate through "
+                                      "the inner steps."),
+    e2e_lr: float = typer.Option(1e-4, "--e2e-lr", help="The generator's Adam lr in the "
+                                 "end-to-end stage."),
+    meta_batch: int = typer.Option(4, "--meta-batch", help="Episodes per end-to-end step."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The meta-train pool (JSONL/CSV) "
+                                        "the library was built from; pass the same domain "
+                                        "filters, so no meta-test class is seen."),
+    domains: Optional[list[str]] = typer.Option(None, "--domains", help="Only these domains."),
+    exclude_domains: Optional[list[str]] = typer.Option(None, "--exclude-domains",
+                                                        help="Leave these domains out (the "
+                                                        "meta-test ones)."),
+    ways: int = typer.Option(5, "--ways"), shots: int = typer.Option(5, "--shots"),
+    query: int = typer.Option(10, "--query", help="Query examples per class."),
     config: Optional[Path] = CONFIG_OPT,
     set_: Optional[list[str]] = SET_OPT,
     registry: Optional[Path] = REGISTRY_OPT,
     as_json: bool = JSON_OPT,
     model_options: dict = None,
 ):
-    """Train the task-conditioned LoRA generator on the library (for --init library:generate)."""
+    """Train the task-conditioned LoRA generator on the library (for --init library:generate),
+    optionally fine-tuned end to end through the support/query loss (--e2e-steps)."""
     with user_errors():
         from metapeft.adapters import DEFAULT_METHOD, get_adapter_class
-        from metapeft.generate import train_generator
+        from metapeft.generate import E2E, train_generator
         from metapeft.models import load_base_model
 
+        e2e = E2E(steps=e2e_steps, inner_steps=inner_steps, second_order=second_order,
+                  lr=e2e_lr, meta_batch=meta_batch, data=None if data is None else str(data),
+                  domains=csv_list(domains), exclude_domains=csv_list(exclude_domains),
+                  ways=ways, shots=shots, query=query)
+        e2e.validate()  # before the model loads
         base = load_base_model(model_options["model"], dequantize=model_options["dequantize"])
         adapter = get_adapter_class(DEFAULT_METHOD).attach(base, parse_sets(set_, config) or {})
-        res = train_generator(adapter, registry=registry, epochs=epochs, seed=seed)
+        console = err_console if as_json else out_console
+        with LazyBar(epochs + e2e_steps, "generator", console) as bar:
+            def on_step(phase, step, loss, acc):
+                done = step + (epochs if phase == "e2e" else 0)
+                if done % 10 == 0 or done == epochs + e2e_steps or phase == "e2e":
+                    bar.update(completed=done, loss=f"{loss:.4g}",
+                               acc="-" if acc is None else f"{acc:.1%}",
+                               description=f"generator: {phase}")
+
+            res = train_generator(adapter, registry=registry, epochs=epochs, seed=seed,
+                                  e2e=e2e, on_step=on_step)
         if as_json:
             print_json(res)
         else:
+            stage2 = res["training"]["e2e"]
+            tail = "" if stage2 is None else (
+                f"; end to end {stage2['steps']} steps ({stage2['tasks']} episodes, "
+                f"{stage2['inner_steps']} inner steps, order {stage2['order']}): query loss "
+                f"{stage2['query_loss_first']:.4g} -> {stage2['query_loss_last']:.4g}")
             out_console.print(f"generator v{res['version']} on {len(res['entries'])} library "
-                              f"LoRAs: reconstruction loss {res['final_loss']:.4g}, "
+                              f"LoRAs: reconstruction loss {res['final_loss']:.4g}{tail}, "
                               f"{res['seconds']:.1f} s -> {res['path']}", highlight=False)
 
 

@@ -1,0 +1,133 @@
+"""The LoRA generator's end-to-end stage (issue 19 item 3): fine-tuned through the query loss of
+the LoRAs it generates on meta-train episodes, it starts unseen episodes of those classes at a
+lower query loss than the same generator trained by reconstruction only; the artifact records
+how it was trained; bad input is one line, exit 2. Tiny model only (about 20 s)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+EXE = [sys.executable, "-m", "metapeft.cli"]
+EPISODE = {"ways": 3, "shots": 4, "query": 4}
+
+
+def run(*args, home):
+    return subprocess.run(EXE + list(args), capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "200", "METAPEFT_HOME": str(home)})
+
+
+def _one_line(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory, tiny):
+    """A library of 3 LoRAs built from episodes of a synthetic pool (the meta-train data)."""
+    from metapeft import api
+    from metapeft.data.synthetic import generate_pool
+
+    root = tmp_path_factory.mktemp("e2e")
+    pool = root / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"text": e.text, "label": e.label, "domain": "a"}) + "\n"
+                            for e in generate_pool("topic", 0, per_label=30)))
+    reg = root / "reg"
+    api.library_build(pool, model="tiny", tasks=3, steps=10, registry=reg, **EPISODE)
+    return reg, pool
+
+
+def _query_losses(adapter, version, reg, pool, seeds):
+    """The query loss of the generated init (no step taken) on episodes ``seeds``."""
+    from metapeft.data.episodes import EpisodeSource
+    from metapeft.data.tasks import read_rows
+    from metapeft.generate import generate_init
+    from metapeft.train import batch_loss, encode_task
+
+    source = EpisodeSource(read_rows(pool), **EPISODE)
+    out = []
+    for s in seeds:
+        task = source.sample(s)
+        params, rep = generate_init(adapter, task, reg, version=version)
+        assert rep["version"] == version
+        data = encode_task(task, adapter.base.tokenizer)
+        out.append(batch_loss(adapter, params, data.prepared(adapter, "query")).item())
+    return np.asarray(out)
+
+
+def test_e2e_lowers_the_query_loss_of_generated_inits(lib, tiny):
+    from metapeft.adapters import get_adapter_class
+    from metapeft.artifacts import json_field, read_metadata
+    from metapeft.generate import E2E, train_generator
+
+    reg, pool = lib
+    adapter = get_adapter_class("lora").attach(tiny, {})
+    recon = train_generator(adapter, registry=reg, epochs=200)
+    e2e = train_generator(adapter, registry=reg, epochs=200, e2e=E2E(
+        steps=30, data=str(pool), **EPISODE))
+    assert (recon["version"], e2e["version"]) == (1, 2)
+    assert recon["final_loss"] == e2e["final_loss"]  # the same reconstruction stage, then e2e
+    # held-out episodes of the meta-train pool (seeds the e2e stage never drew)
+    seeds = range(90_000, 90_016)
+    before = _query_losses(adapter, 1, reg, pool, seeds)
+    after = _query_losses(adapter, 2, reg, pool, seeds)
+    diff = after - before
+    assert diff.mean() < -0.1, (before.mean(), after.mean())
+    assert (diff < 0).mean() >= 0.75
+    # the artifact says how it was trained
+    t = json_field(read_metadata(e2e["path"]), "training")
+    assert t["reconstruction_steps"] == 200 and t["e2e_steps"] == 30 and t["inner_steps"] == 0
+    s = t["e2e"]
+    assert s["tasks"] == 30 * 4 and s["order"] == "exact (k = 0)" and s["data"] == str(pool)
+    assert (s["ways"], s["shots"], s["query"]) == (3, 4, 4) and s["inner_lr"] == 1e-3
+    assert s["query_loss_last"] < s["query_loss_first"]
+    assert json_field(read_metadata(recon["path"]), "training")["e2e"] is None
+
+
+def test_cli_e2e_with_inner_steps_round_trips(lib, tiny, monkeypatch):
+    from metapeft.artifacts import json_field, read_metadata
+
+    reg, pool = lib
+    r = run("library", "train-generator", "--epochs", "20", "--e2e-steps", "3", "--inner-steps",
+            "1", "--meta-batch", "2", "--data", str(pool), "--ways", "3", "--shots", "4",
+            "--query", "4", "--json", home=reg)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    s = out["training"]["e2e"]
+    assert s["order"] == "first" and s["steps"] == 3 and s["inner_steps"] == 1
+    assert s["tasks"] == 6 and len(s["query_loss_curve"]) == 3
+    header = read_metadata(out["path"])
+    assert json_field(header, "training") == out["training"]
+    assert json_field(header, "version") == out["version"]
+    # adapt starts from that version by name, and its report says how it was trained
+    from metapeft import api
+    from metapeft.data.synthetic import generate_task
+
+    monkeypatch.setenv("METAPEFT_HOME", str(reg))
+    rep = api.adapt(generate_task(5, family="topic", **EPISODE), model="tiny", steps=1,
+                    target=None, init=f"library:generate@{out['version']}")
+    g = rep.extra["generation"]
+    assert g["version"] == out["version"] and g["e2e_steps"] == 3 and g["inner_steps"] == 1
+
+
+def test_bad_input_is_one_line(lib, tmp_path):
+    reg, pool = lib
+    _one_line(run("library", "train-generator", "--e2e-steps", "2", home=reg), "--data")
+    _one_line(run("library", "train-generator", "--data", str(pool), home=reg), "--e2e-steps")
+    _one_line(run("library", "train-generator", "--e2e-steps", "2", "--inner-steps", "-1",
+                  "--data", str(pool), home=reg), "--inner-steps")
+    _one_line(run("library", "train-generator", "--e2e-steps", "2", "--data", str(pool),
+                  "--exclude-domains", "nope", home=reg), "unknown domain")
+    from metapeft.quickstart import write_task_dir
+    from metapeft.data.synthetic import generate_task
+
+    write_task_dir(generate_task(6, family="topic", **EPISODE), tmp_path / "t")
+    _one_line(run("adapt", str(tmp_path / "t"), "--init", "library:generate@x", "--steps", "1",
+                  home=reg), "version number")
+    _one_line(run("adapt", str(tmp_path / "t"), "--init", "library:generate@99", "--steps", "1",
+                  home=reg), "version 99")
