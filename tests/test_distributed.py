@@ -235,3 +235,26 @@ def test_a_rank_waiting_for_a_slower_one_sleeps(tmp_path):
     # each rank removes its file once the all-reduce is done (the peer may still read it before)
     assert all(f"reduce2.{r}" not in json.loads((tmp_path / f"out.{r}").read_text())["left"]
                for r in (0, 1))
+
+
+def test_waiting_for_a_dead_peer_ends_in_one_line(tmp_path, monkeypatch):
+    """A peer that died before reaching the all-reduce: the waiting rank notices (its pid file
+    names a process that is gone) and raises instead of waiting for ever."""
+    from metapeft.meta import distributed as dist
+
+    class Group:  # rank 0 of 2; rank 1 never arrives
+        def rank(self):
+            return 0
+
+        def size(self):
+            return 2
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+    (tmp_path / "pid.1").write_text(str(dead.pid))
+    monkeypatch.setenv(dist.LOCAL_ENV, str(tmp_path))
+    t0 = time.perf_counter()
+    with pytest.raises(dist.DistributedError, match=f"rank 1, pid {dead.pid}"):
+        dist._arrive(Group())
+    assert time.perf_counter() - t0 < 10
+    assert (tmp_path / "pid.0").read_text() == str(os.getpid())

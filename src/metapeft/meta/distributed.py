@@ -120,7 +120,12 @@ def _arrive(group) -> int | None:
     backend busy-polls while it waits for a slower peer (a full core for as long as the wait:
     README, Scale out), which on a machine with as many cores as ranks takes CPU from the rank
     still computing whenever anything else runs. Each rank leaves a file per all-reduce and polls
-    for its peers' every 2 ms. Returns the all-reduce's number (None without the folder)."""
+    for its peers' every 2 ms. Returns the all-reduce's number (None without the folder).
+
+    A peer that dies before it arrives would leave the others waiting here for ever (the ring's
+    own error only comes inside the all-reduce), so about once a second the wait checks that
+    every peer's process (its ``pid.R`` file) and the launcher are still there, and raises
+    ``DistributedError`` when one is gone."""
     import time
 
     folder = os.environ.get(LOCAL_ENV)
@@ -128,11 +133,41 @@ def _arrive(group) -> int | None:
         return None
     global _reduces
     _reduces += 1
-    Path(folder, f"reduce{_reduces}.{group.rank()}").touch()
-    peers = [Path(folder, f"reduce{_reduces}.{r}") for r in range(group.size())]
+    rank, size = group.rank(), group.size()
+    own_pid = Path(folder, f"pid.{rank}")
+    if not own_pid.exists():
+        own_pid.write_text(str(os.getpid()))
+    Path(folder, f"reduce{_reduces}.{rank}").touch()
+    peers = [Path(folder, f"reduce{_reduces}.{r}") for r in range(size)]
+    launcher, polls = os.getppid(), 0
     while not all(p.exists() for p in peers):
         time.sleep(0.002)
+        polls += 1
+        if polls % 500 == 0:
+            gone = _gone_peer(folder, size, launcher)
+            if gone:
+                raise DistributedError(f"rank {rank} of {size}: the distributed run lost a "
+                                       f"process ({gone}) before all-reduce {_reduces}")
     return _reduces
+
+
+def _gone_peer(folder: str, size: int, launcher: int) -> str | None:
+    """What is gone, if anything: the launcher (this rank was re-parented) or a peer whose
+    ``pid.R`` file names a process that no longer exists."""
+    if os.getppid() != launcher:
+        return "the launcher"
+    for r in range(size):
+        try:
+            pid = int(Path(folder, f"pid.{r}").read_text())
+        except (OSError, ValueError):
+            continue  # not written yet (or mid-write): nothing to check
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"rank {r}, pid {pid}"
+        except PermissionError:
+            pass
+    return None
 
 
 def _leave(count: int | None, group) -> None:
