@@ -10,9 +10,9 @@ as `train.py` compiles it) for:
   full/blocks       every block, head applied only at the scored positions
   top-k/blocks      LoRA on the top k blocks, the trunk recomputed every step
   top-k/trunk       LoRA on the top k blocks, the trunk's hidden states computed once per task,
-                    the head at every padded label position (masked)
-  top-k/trunk+pos   the same with the head only at the real label positions (``Batch.label_pos``;
-                    the default path for a top-k adapter)
+                    every candidate's label continuation padded to the longest (masked)
+  top-k/trunk+groups  the same with the continuations run unpadded, grouped by length, and
+                    none for one-token labels (``Batch.label_groups``; the default path)
 
 and the machine's measured fp32 GEMM rate, the physical limit: the approximate GFLOP/s each step
 achieves is reported against it. Threads: run it as `OPENBLAS_NUM_THREADS=1` and `=2`.
@@ -43,13 +43,13 @@ def gemm_gflops(n: int = 1024, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def step_flops(base, batches, trained_blocks: int, head_rows: int) -> float:
+def step_flops(base, batches, trained_blocks: int, head_rows: int, label_rows: int) -> float:
     """Forward + input-gradient matmul FLOPs of the blocks a step runs (4 x weights x tokens; the
-    frozen weights get no weight gradient), plus the head at ``head_rows`` positions (x 2)."""
+    frozen weights get no weight gradient) over the prompts and ``label_rows`` continuation
+    positions, plus the head at ``head_rows`` positions (x 2)."""
     layer = base.model.model.layers[0]
     w = sum(v.size for k, v in _linears(layer))
-    tokens = sum(int(b.prompt.size) + b.prompt.shape[0] * b.label_tokens.shape[0]
-                 * max(b.label_tokens.shape[1] - 1, 0) for b in batches)
+    tokens = sum(int(b.prompt.size) for b in batches) + label_rows
     vocab, d = base.model.model.embed_tokens.weight.shape
     return 4.0 * w * tokens * trained_blocks + 4.0 * vocab * d * head_rows
 
@@ -75,22 +75,22 @@ def main() -> None:
     task = source.sample(args.seed)
     data = encode_task(task, base.tokenizer)
     L = base.num_layers
-    # (top k, own block loop, trunk cache, head only at the real label positions)
+    # (top k, own block loop, trunk cache, continuations grouped by length)
     arms = {"full/model-call": (-1, False, False, False), "full/blocks": (-1, True, False, False),
             f"top-{args.top}/blocks": (args.top, True, False, False),
             f"top-{args.top}/trunk": (args.top, True, True, False),
-            f"top-{args.top}/trunk+pos": (args.top, True, True, True)}
+            f"top-{args.top}/trunk+groups": (args.top, True, True, True)}
     if args.arms:
         arms = {k: v for k, v in arms.items() if k in args.arms.split(",")}
     steps, setups = {}, {}
-    for name, (k, blocks, trunk, positions) in arms.items():
+    for name, (k, blocks, trunk, grouped) in arms.items():
         ad = get_adapter_class("lora").attach(base, {"num_layers": k})
         params = ad.init_params(0)
         opt = make_optimizer("adam", 1e-3)
         opt.init(params)
         t0 = time.perf_counter()
-        support = data.support if positions else [b._replace(label_pos=sc.NO_POSITIONS)
-                                                  for b in data.support]
+        support = data.support if grouped else [b._replace(label_groups=(), group_hidden=())
+                                                for b in data.support]
         support = [ad.prepare(b) for b in support] if trunk else support
         mx.eval([b.hidden for b in support])
         setups[name] = time.perf_counter() - t0
@@ -120,7 +120,7 @@ def main() -> None:
     lm = data.support[0].label_tokens.shape[1]
     full_rows = sum(int(b.prompt.size) for b in data.support) + B * C * (lm - 1)
     scored_rows = B + B * C * (lm - 1)
-    real_rows = B + sum(b.size * b.label_pos.shape[0] for b in data.support)
+    real_rows = B + sum(b.size * g[1].size for b in data.support for g in b.label_groups)
     print(f"model {base.model_id} ({L} blocks), task {task.name}: {B} support x {C} candidates, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, "
           f"fp32 GEMM {peak:.1f} GFLOP/s; label positions scored: {real_rows - B} real of "
@@ -129,11 +129,12 @@ def main() -> None:
     base_med = statistics.median(times[next(iter(arms))])
     print("| step | median s | speed-up | setup s (once per task) | ~GFLOP/s | % of GEMM peak |")
     print("|---|---|---|---|---|---|")
-    for name, (k, blocks, trunk, positions) in arms.items():
+    for name, (k, blocks, trunk, grouped) in arms.items():
         med = statistics.median(times[name])
         trained = L if k < 0 else k
-        fl = step_flops(base, data.support, trained, real_rows if positions else
-                        scored_rows if blocks else full_rows)
+        fl = step_flops(base, data.support, trained, real_rows if grouped else
+                        scored_rows if blocks else full_rows,
+                        (real_rows if grouped else scored_rows) - B)
         rows[name] = {"median_seconds": med, "all_seconds": times[name],
                       "speedup": base_med / med, "setup_seconds": setups[name],
                       "gflops": fl / med / 1e9}

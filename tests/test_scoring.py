@@ -116,25 +116,28 @@ def test_block_path_equals_model_call(tiny):
     assert np.abs(blocks - generic).max() < 1e-4
 
 
-def _positions_case(base, labels, texts):
-    """The head only at the real label positions (``label_pos``) against every padded position
-    masked (``NO_POSITIONS``): the same scores and the same LoRA gradients."""
+def _groups_case(base, labels, texts):
+    """Continuations grouped by length, unpadded (``label_groups``), against every candidate
+    padded to the longest label and masked (no groups): the same scores and the same LoRA
+    gradients, with and without the frozen-trunk cache."""
     from mlx.utils import tree_flatten, tree_map
 
     from metapeft.adapters import get_adapter_class
-    from metapeft.scoring import NO_POSITIONS
     from metapeft.train import batch_loss
 
     enc = TaskEncoder(base.tokenizer, labels)
     batch = enc.encode([Example(t, labels[i % len(labels)]) for i, t in enumerate(texts)])
     C, Lm = batch.label_tokens.shape
     lens = np.array(batch.label_len)
-    assert len(set(lens)) > 1 and Lm > 2  # labels of several lengths: padding to skip
-    assert batch.label_pos.shape[0] == int((lens - 1).sum()) < C * (Lm - 1)
-    ad = get_adapter_class("lora").attach(base, {})
+    assert 1 in lens and len(set(lens)) > 2 and Lm > 2  # one-token labels and padding to skip
+    # one group per continuation length, no one-token label in any, every other label once
+    assert [g[1].shape[1] + 1 for g in batch.label_groups] == sorted(set(lens.tolist()) - {1})
+    grouped = sorted(int(c) for g in batch.label_groups for c in np.array(g[0]))
+    assert grouped == [c for c in range(C) if lens[c] > 1]
+    ad = get_adapter_class("lora").attach(base, {"num_layers": max(1, base.num_layers - 1)})
     params = tree_map(lambda x: x + 0.01, ad.init_params(0))
-    masked = batch._replace(label_pos=NO_POSITIONS)
-    for b_fast, b_ref in ((batch, masked), (ad.prepare(batch), ad.prepare(masked))):
+    padded = batch._replace(label_groups=())
+    for b_fast, b_ref in ((batch, padded), (ad.prepare(batch), ad.prepare(padded))):
         fast, ref = np.array(ad.scores(params, b_fast)), np.array(ad.scores(params, b_ref))
         assert np.abs(fast - ref).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
         g_fast = dict(tree_flatten(mx.grad(batch_loss, argnums=1)(ad, params, b_fast)))
@@ -143,12 +146,13 @@ def _positions_case(base, labels, texts):
         assert max(float(mx.abs(g_fast[k] - g_ref[k]).max()) for k in g_ref) < 1e-4 * scale
 
 
-POS_LABELS = ["pin", "card arrival", "international exchange rate today"]
+GROUP_LABELS = ["pin", "card arrival", "international exchange rate today", "balance",
+                "lost card"]
 
 
-def test_label_positions_equal_masked_scoring_tiny(tiny):
-    _positions_case(tiny, POS_LABELS, TRUNK_TEXTS)
+def test_label_groups_equal_padded_scoring_tiny(tiny):
+    _groups_case(tiny, GROUP_LABELS, TRUNK_TEXTS)
 
 
-def test_label_positions_equal_masked_scoring_smollm2(smol):
-    _positions_case(smol, POS_LABELS, TRUNK_TEXTS)
+def test_label_groups_equal_padded_scoring_smollm2(smol):
+    _groups_case(smol, GROUP_LABELS, TRUNK_TEXTS)

@@ -7,8 +7,10 @@ trains the decision directly (label-token NLL would also spend capacity on the l
 
 Scoring is two passes and exact (``score_candidates``): the prompts run once,
 right-padded; their keys and values are then reused as a KV cache by all C label continuations,
-which run as B*C short sequences with per-sequence RoPE offsets. This costs about what one packed
-"prompt + all labels" sequence would, without shifting the labels' positions.
+which run as short sequences with per-sequence RoPE offsets. This costs about what one packed
+"prompt + all labels" sequence would, without shifting the labels' positions. The continuations
+run grouped by length (``Batch.label_groups``): one-token labels need no pass 2 at all, and no
+position is padded, so the blocks and the vocabulary-wide head run only where a score is read.
 """
 
 from __future__ import annotations
@@ -29,8 +31,17 @@ def verbalise(label: str) -> str:
     return label.replace("_", " ").strip()
 
 
+def _label_groups(label_arr: np.ndarray, label_len: np.ndarray) -> tuple:
+    """``Batch.label_groups`` of right-padded label tokens (C, Lm) and their lengths (C,)."""
+    groups = []
+    for n in sorted({int(m) - 1 for m in label_len if m > 1}):
+        cands = np.flatnonzero(label_len == n + 1).astype(np.int32)
+        groups.append((mx.array(cands), mx.array(label_arr[cands, :n]),
+                       mx.array(label_arr[cands, 1:n + 1])))
+    return tuple(groups)
+
+
 EMPTY = mx.zeros((0,), mx.float32)  # "no trunk states" (a zero-size array keeps Batch a tree)
-NO_POSITIONS = mx.zeros((0,), mx.int32)  # "no label positions": score every padded position
 
 
 class Batch(NamedTuple):
@@ -46,12 +57,15 @@ class Batch(NamedTuple):
     # first trained block (B, Lp, D), and the label continuations' (B*C, Lm-1, D).
     hidden: mx.array = EMPTY
     label_hidden: mx.array = EMPTY
-    # The real (unpadded) label-continuation positions, (K,) flat indices into (C, Lm-1):
-    # labels of 1-4 tokens padded to the longest leave about half of pass 2's positions empty,
-    # and the vocabulary-wide head is the dearest thing there, so it runs only at these K. Its
-    # length is a shape, so mx.compile sees a fixed K per task. NO_POSITIONS (meta-batches,
-    # whose label tokens are re-padded per meta-batch) scores every position and masks.
-    label_pos: mx.array = NO_POSITIONS
+    # The label continuations grouped by length: one (cands (G,), inputs (G, n), targets (G, n))
+    # per continuation length n >= 1, every candidate with n + 1 label tokens in the group of n.
+    # Labels of 1-5 tokens padded to the longest leave about half of pass 2's positions empty
+    # and one-token labels need no pass 2 at all, so pass 2 runs each group unpadded. The
+    # groups are shapes, so mx.compile sees a fixed structure per task. () (meta-batches, whose
+    # label tokens are re-padded per meta-batch) runs every candidate padded and masks.
+    label_groups: tuple = ()
+    # Frozen-trunk states of each group's continuations, (B*G, n, D) (``trunk_states``), or ().
+    group_hidden: tuple = ()
 
     @property
     def size(self) -> int:
@@ -81,6 +95,7 @@ class TaskEncoder:
         for c, t in enumerate(self.label_tokens):
             self._label_arr[c, :len(t)] = t
         self._label_len = np.array([len(t) for t in self.label_tokens], np.int32)
+        self._label_groups = _label_groups(self._label_arr, self._label_len)
         self._prompt_cache: dict[str, list[int]] = {}  # text -> ids: each text tokenised once
 
     def _label_tokens(self, text: str) -> list[int]:
@@ -135,11 +150,9 @@ class TaskEncoder:
         index = {lab: i for i, lab in enumerate(self.labels)}
         labels = np.array([index.get(e.label, -1) for e in examples], np.int32)
         w = np.ones(len(examples), np.float32) if weights is None else np.asarray(weights, np.float32)
-        lm1 = self._label_arr.shape[1] - 1
-        pos = [c * lm1 + t for c, n in enumerate(self._label_len) for t in range(n - 1)]
         return Batch(mx.array(tokens), mx.array(np.array([len(p) for p in prompts], np.int32)),
                      mx.array(self._label_arr), mx.array(self._label_len), mx.array(labels),
-                     mx.array(w), label_pos=mx.array(np.array(pos, np.int32)))
+                     mx.array(w), label_groups=self._label_groups)
 
 
 class _ScoringCache:
@@ -205,10 +218,10 @@ def _run(model: nn.Module, h: mx.array, mask: mx.array, caches: list, start: int
 
 
 def _masks(batch: Batch, V: int, P: int):
-    """Pass-1 mask (B, V+Lp, P+V+Lp), pass-2 mask (B*C, Lm-1, S1) and pass-2 RoPE offsets."""
+    """Pass-1 mask (B, V+Lp, P+V+Lp), the pass-1 keys' validity (B, P+V+Lp) and the
+    prompts' end positions (B,), from which every pass-2 mask and RoPE offset is made."""
     prompt, plen = batch.prompt, batch.prompt_len
     B, Lp = prompt.shape
-    C, Lm = batch.label_tokens.shape
     pos = mx.arange(Lp)
     valid = pos[None, :] < plen[:, None]  # (B, Lp) real prompt tokens
     causal = pos[:, None] >= pos[None, :]
@@ -223,42 +236,66 @@ def _masks(batch: Batch, V: int, P: int):
         m1 = mx.concatenate([top, bottom], axis=1)
     if P:
         m1 = mx.concatenate([mx.ones((B, V + Lp, P), mx.bool_), m1], axis=2)
-    if Lm == 1:
-        return m1, None, None
-    S1 = P + V + Lp
     key_valid = mx.concatenate([mx.ones((B, P + V), mx.bool_), valid], axis=1)  # (B, S1)
-    key_valid = mx.repeat(key_valid, C, axis=0)[:, None, :]  # (B*C, 1, S1)
-    causal2 = mx.tril(mx.ones((Lm - 1, Lm - 1), mx.bool_))
-    m2 = mx.concatenate([mx.broadcast_to(key_valid, (B * C, Lm - 1, S1)),
-                         mx.broadcast_to(causal2[None], (B * C, Lm - 1, Lm - 1))], axis=2)
-    offset2 = mx.repeat(P + V + plen, C)  # (B*C,) per-sequence RoPE offsets
-    return m1, m2, offset2
+    return m1, key_valid, P + V + plen
 
 
-def _label_inputs(batch: Batch) -> mx.array:
-    B, C, Lm = batch.prompt.shape[0], *batch.label_tokens.shape
-    return mx.broadcast_to(batch.label_tokens[None, :, :-1], (B, C, Lm - 1)).reshape(B * C, Lm - 1)
+def _continuation_mask(key_valid: mx.array, G: int, n: int) -> mx.array:
+    """Pass-2 mask (B*G, n, S1+n): G continuations of n tokens per example (example-major rows,
+    as ``mx.repeat(..., G, axis=0)`` orders them) see the example's real pass-1 keys and their
+    own earlier tokens."""
+    B, S1 = key_valid.shape
+    kv = mx.repeat(key_valid, G, axis=0)[:, None, :]  # (B*G, 1, S1)
+    causal = mx.tril(mx.ones((n, n), mx.bool_))
+    return mx.concatenate([mx.broadcast_to(kv, (B * G, n, S1)),
+                           mx.broadcast_to(causal[None], (B * G, n, n))], axis=2)
+
+
+def _continuation_caches(caches: list, key_valid: mx.array, ends: mx.array, G: int, n: int):
+    """The mask (B*G, 1, n, S1+n) and one ``_ScoringCache`` per block for G continuations of n
+    tokens per example on top of pass 1's keys/values (``caches[i].kv``), with per-sequence
+    RoPE offsets (each example's prompt end)."""
+    m = _continuation_mask(key_valid, G, n)[:, None]
+    offsets = mx.repeat(ends, G)
+    return m, [_ScoringCache(m, tuple(mx.repeat(t, G, axis=0) for t in c.kv), offsets)
+               for c in caches]
+
+
+def _continuations(batch: Batch) -> list[tuple[mx.array | None, mx.array, mx.array]]:
+    """Pass 2's work as (candidates or None, inputs (G, n), targets (G, n)): the length groups,
+    or (None: every candidate) all C labels padded to the longest when the batch has none."""
+    if batch.label_groups:
+        return [tuple(g) for g in batch.label_groups]
+    lt = batch.label_tokens
+    return [(None, lt[:, :-1], lt[:, 1:])]
 
 
 def trunk_states(model: nn.Module, batch: Batch, upto: int) -> Batch:
     """``batch`` with the hidden states entering block ``upto`` filled in: the prompts'
-    (``hidden``, (B, Lp, D)) and the label continuations' (``label_hidden``, (B*C, Lm-1, D)).
+    (``hidden``, (B, Lp, D)) and the label continuations' (``group_hidden``, one (B*G, n, D) per
+    length group, or, for a batch without groups, ``label_hidden``, (B*C, Lm-1, D)).
 
     Blocks below ``upto`` are frozen for an adapter that trains only the top ones, so these states
     are the same at every step: computing them once per task and starting every later forward
     at block ``upto`` (``score_candidates(..., start=upto)``) skips the frozen trunk's cost in
     every inner step and evaluation. Gradients never flow into them."""
-    m1, m2, offset2 = _masks(batch, 0, 0)
+    m1, key_valid, ends = _masks(batch, 0, 0)
+    B = batch.prompt.shape[0]
     caches = [_ScoringCache(m1[:, None], None, 0) for _ in range(upto)]
     h1 = _run(model, model.model.embed_tokens(batch.prompt), m1[:, None], caches, 0)
-    h2 = EMPTY
-    if m2 is not None:
-        C = batch.label_tokens.shape[0]
-        caches2 = [_ScoringCache(m2[:, None], tuple(mx.repeat(t, C, axis=0) for t in c.kv),
-                                 offset2) for c in caches]
-        h2 = _run(model, model.model.embed_tokens(_label_inputs(batch)), m2[:, None], caches2, 0)
-    out = batch._replace(hidden=mx.stop_gradient(h1), label_hidden=mx.stop_gradient(h2))
-    mx.eval(out.hidden, out.label_hidden)
+    states = []
+    if batch.label_tokens.shape[1] > 1:
+        for _, inputs, _ in _continuations(batch):
+            G, n = inputs.shape
+            x = model.model.embed_tokens(mx.tile(inputs, (B, 1)))
+            h = _run(model, x, *_continuation_caches(caches, key_valid, ends, G, n), 0)
+            states.append(mx.stop_gradient(h))
+    if batch.label_groups:
+        out = batch._replace(hidden=mx.stop_gradient(h1), group_hidden=tuple(states))
+    else:
+        out = batch._replace(hidden=mx.stop_gradient(h1),
+                             label_hidden=states[0] if states else EMPTY)
+    mx.eval(out.hidden, out.label_hidden, out.group_hidden)
     return out
 
 
@@ -269,9 +306,10 @@ def score_candidates(model: nn.Module, batch: Batch, *, virtual: mx.array | None
 
     Pass 1 runs the right-padded prompts (after ``virtual`` embeddings (B, V, D) for prompt tuning
     and P-tuning, and after per-layer ``prefix`` keys/values (B, kv_heads, P, head_dim) for prefix
-    tuning). Pass 2 runs every candidate's label tokens for every example, B*C sequences, on top of
-    pass 1's keys/values, each with its own RoPE offset so positions equal those of the single
-    sequence ``prompt + label``.
+    tuning). Pass 2 runs the candidates' label continuations for every example on top of pass 1's
+    keys/values, each with its own RoPE offset so positions equal those of the single sequence
+    ``prompt + label``: one unpadded run per length group (``Batch.label_groups``), or all C
+    labels padded and masked for a batch without groups.
 
     For block-structured models (``runs_blocks``) the head is applied only at the positions that
     are scored (the last prompt token and the label continuations), and when ``batch`` carries
@@ -283,7 +321,7 @@ def score_candidates(model: nn.Module, batch: Batch, *, virtual: mx.array | None
     n_layers = len(model.model.layers)
     V = 0 if virtual is None else virtual.shape[1]
     P = 0 if prefix is None else prefix[0][0].shape[2]
-    m1, m2, offset2 = _masks(batch, V, P)
+    m1, key_valid, ends = _masks(batch, V, P)
     blocks = runs_blocks(model)
     cached = batch.hidden.ndim == 3
     if cached and not (blocks and V == 0 and P == 0 and start > 0):
@@ -313,28 +351,26 @@ def score_candidates(model: nn.Module, batch: Batch, *, virtual: mx.array | None
     if Lm == 1:
         return scores
 
-    # ---- pass 2: label continuations, B*C sequences over pass 1's keys/values ----------------
-    caches2 = [_ScoringCache(m2[:, None], tuple(mx.repeat(t, C, axis=0) for t in c.kv), offset2)
-               for c in caches]
-    if blocks:
-        h2 = batch.label_hidden if cached else model.model.embed_tokens(_label_inputs(batch))
-        h2 = _run(model, h2, m2[:, None], caches2, start)  # (B*C, Lm-1, D)
-        K = batch.label_pos.shape[0]
-        if K:  # the head only at the K real positions, each added to its candidate's score
-            hk = mx.take(h2.reshape(B, C * (Lm - 1), -1), batch.label_pos, axis=1)  # (B, K, D)
-            tk = mx.take(batch.label_tokens[:, 1:].reshape(-1), batch.label_pos)  # (K,)
-            lpk = mx.take_along_axis(_log_softmax(_head(model, hk)),
-                                     mx.broadcast_to(tk[None, :, None], (B, K, 1)), axis=-1)[..., 0]
-            owner = (batch.label_pos // (Lm - 1))[:, None] == mx.arange(C)[None, :]  # (K, C)
-            return scores + lpk @ owner.astype(lpk.dtype)
-        logits2 = _head(model, h2)
-    else:
-        logits2 = model(_label_inputs(batch), cache=caches2)  # (B*C, Lm-1, vocab)
-    targets = mx.broadcast_to(batch.label_tokens[None, :, 1:], (B, C, Lm - 1)).reshape(B * C, Lm - 1)
-    lp = mx.take_along_axis(_log_softmax(logits2), targets[..., None], axis=-1)[..., 0]
-    tmask = mx.arange(1, Lm)[None, :] < batch.label_len[:, None]  # (C, Lm-1)
-    rest = (lp.reshape(B, C, Lm - 1) * tmask[None]).sum(axis=-1)
-    return scores + rest
+    # ---- pass 2: label continuations over pass 1's keys/values ------------------------------
+    hidden = batch.group_hidden if batch.label_groups else (batch.label_hidden,)
+    for k, (cands, tokens, targets) in enumerate(_continuations(batch)):
+        G, n = tokens.shape  # rows b*G + j: example b, candidate j of the group
+        mask, caches2 = _continuation_caches(caches, key_valid, ends, G, n)
+        tiled = mx.tile(tokens, (B, 1))
+        if blocks:
+            h2 = hidden[k] if cached else model.model.embed_tokens(tiled)
+            logits2 = _head(model, _run(model, h2, mask, caches2, start))  # (B*G, n, vocab)
+        else:
+            logits2 = model(tiled, cache=caches2)
+        lp = mx.take_along_axis(_log_softmax(logits2), mx.tile(targets, (B, 1))[..., None],
+                                axis=-1)[..., 0].reshape(B, G, n)
+        if cands is None:  # all C labels padded to the longest: mask the padding
+            lp = lp * (mx.arange(1, Lm)[None, :] < batch.label_len[:, None])[None]
+            scores = scores + lp.sum(axis=-1)
+        else:  # add each group member's sum to its candidate's score
+            owner = (cands[:, None] == mx.arange(C)[None, :]).astype(lp.dtype)  # (G, C)
+            scores = scores + lp.sum(axis=-1) @ owner
+    return scores
 
 
 def pair_bytes(model: nn.Module, prompt_len: int, label_len: int) -> int:

@@ -161,9 +161,13 @@ class AdaptResult:
 
 def _tokens(buckets: list[Batch]) -> int:
     """Tokens a step runs through the model: the padded prompts, plus every candidate's label
-    continuation for every example (rank classification scores all C)."""
-    return sum(int(b.prompt.size) + b.prompt.shape[0] * b.label_tokens.shape[0]
-               * max(b.label_tokens.shape[1] - 1, 0) for b in buckets)
+    continuation for every example (rank classification scores all C): unpadded when the
+    continuations run in length groups, else padded to the longest label."""
+    def continuations(b: Batch) -> int:
+        if b.label_groups:
+            return sum(int(g[1].size) for g in b.label_groups)
+        return b.label_tokens.shape[0] * max(b.label_tokens.shape[1] - 1, 0)
+    return sum(int(b.prompt.size) + b.prompt.shape[0] * continuations(b) for b in buckets)
 
 
 class _Minibatches:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from metapeft.data.tasks import Task
-from metapeft.scoring import NO_POSITIONS, Batch, TaskEncoder
+from metapeft.scoring import Batch, TaskEncoder
 
 
 @dataclass
@@ -38,8 +38,9 @@ def _pad_batch(b: Batch, lp: int, lm: int) -> Batch:
     labels = b.label_tokens
     if labels.shape[1] < lm:
         labels = mx.pad(labels, [(0, 0), (0, lm - labels.shape[1])])
-    # re-padded label tokens move the flat positions: score every position and mask instead
-    return b._replace(prompt=prompt, label_tokens=labels, label_pos=NO_POSITIONS)
+    # tasks' label lengths differ, so a meta-batch cannot stack length groups: its tasks run
+    # every candidate padded to the longest and masked
+    return b._replace(prompt=prompt, label_tokens=labels, label_groups=(), group_hidden=())
 
 
 def encode_episode(task: Task, tokenizer, template: str | None = None,
@@ -67,7 +68,8 @@ def stack_episodes(episodes: list[EncodedEpisode], pad_to: int = 8,
         padded = [_pad_batch(get(e), lp, lm) for e in episodes]
         if prepare is not None:
             padded = [prepare(b) for b in padded]
-        out.append(Batch(*[mx.stack(field) for field in zip(*padded)]))
+        out.append(Batch(*[mx.stack(field) if isinstance(field[0], mx.array) else ()
+                           for field in zip(*padded)]))
     return out[0], out[1]
 
 

@@ -80,8 +80,9 @@ def query_accuracy(adapter, params: dict, batch: Batch) -> mx.array:
 
 
 def _take(batch, i):
-    """Task ``i`` of a stacked batch (a NamedTuple of arrays with a leading task axis)."""
-    return type(batch)(*[f[i] for f in batch])
+    """Task ``i`` of a stacked batch (a NamedTuple of arrays with a leading task axis; its
+    empty fields, such as a meta-batch's ``label_groups``, stay as they are)."""
+    return type(batch)(*[f[i] if isinstance(f, mx.array) else f for f in batch])
 
 
 def inner_update(cfg: MetaConfig):
