@@ -14,7 +14,8 @@ from metapeft.experience import ExperienceRecord, ExperienceStore
 from metapeft.select.features import FEATURE_NAMES
 
 DECISION_KEYS = {"method", "confidence", "predicted_accuracy", "source", "alternatives",
-                 "hyperparameters", "hyperparameters_from", "init", "init_reason", "reason"}
+                 "hyperparameters", "hyperparameters_from", "init", "init_source",
+                 "init_reason", "reason"}
 
 
 @pytest.fixture

@@ -123,7 +123,8 @@ def test_select_json_schema_cli(home, task_dir):
     r = invoke("select", task_dir, "--json")
     assert r.exit_code == 0, r.output
     obj = json.loads(r.output)
-    assert set(obj) == {"features", "ranking", "similar_tasks"} and obj["similar_tasks"] == []
+    assert set(obj) == {"features", "ranking", "similar_tasks", "init_sources"}
+    assert obj["similar_tasks"] == [] and obj["init_sources"]["chosen"] == "fresh"
     ExperienceStore().append(synthetic_experience(30))
     r = invoke("train-selector", "--epochs", 100)
     assert r.exit_code == 0, r.output
@@ -131,7 +132,7 @@ def test_select_json_schema_cli(home, task_dir):
     r = invoke("select", task_dir, "--json", "--top", 2, "--k", 3)
     assert r.exit_code == 0, r.output
     obj = json.loads(r.output)
-    assert set(obj) == {"features", "ranking", "similar_tasks"}
+    assert set(obj) == {"features", "ranking", "similar_tasks", "init_sources"}
     assert list(obj["features"]) == list(FEATURE_NAMES)
     assert len(obj["ranking"]) == 2 and len(obj["similar_tasks"]) == 3
     for row in obj["ranking"]:

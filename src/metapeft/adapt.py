@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from metapeft.adapters import AUTO_METHOD, DEFAULT_METHOD
+from metapeft.init_sources import AUTO as AUTO_INIT
 from metapeft.errors import UserError
 from metapeft.models import DEFAULT_MODEL
 from metapeft.reports import AdaptReport
@@ -149,13 +150,15 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         writable_dir(out, field="out")  # before training: a result is never lost to a bad --out
     task = load_task_arg(task, shots=shots, query=query, ways=ways, seed=seed,
                          text_field=text_field, label_field=label_field)
-    decision = features = None
+    decision = features = init_choice = None
     if method == AUTO_METHOD:
         from metapeft.auto import decide
 
         decision, features = decide(task, load_base_model(model, dequantize=dequantize),
-                                    init=init)
-        method, init = decision["method"], decision["init"]
+                                    init=None if init == AUTO_INIT else init, route=route,
+                                    config=config)
+        method, init, route = decision["method"], decision["init"], decision.pop("route")
+        init_choice = decision.pop("init_choice")
         config, run = apply_decision(decision, config, run)
         lr, steps, optimizer, objective = (run["lr"], run["steps"], run["optimizer"],
                                            run["objective"])
@@ -164,6 +167,9 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
                             "unknown; give --loss and --optimizer", field="method")
         check_run_options(steps=steps, lr=lr)
     cls = get_adapter_class(method)
+    if init == AUTO_INIT:  # the top init source available for this method (init_sources)
+        init, route, config, init_choice, features = auto_init(
+            task, load_base_model(model, dequantize=dequantize), method, config, route, features)
     if cls.training_free and init is not None:
         raise UserError(f"{method} is training-free: it starts from no init (drop --init)",
                         field="init")
@@ -232,6 +238,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         labels=list(task.labels), model=base.model_id, target=target, init=init_name,
         **({} if decision is None else {"decision": decision}),
         **({} if switches is None else {"switches": switches}),
+        **({} if init_choice is None else {"init_choice": init_choice_json(init_choice)}),
         **({} if library_start is None else dict([library_start])))
     switched = bool(switches) and switches[0].get("to") is not None
     if out is not None:
@@ -259,6 +266,32 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         record_run(report, task, base, "adapt", {"lr": lr, **adapter.config.to_dict()},
                    features=features)
     return report
+
+
+def auto_init(task, base, method: str, config, route: str | None, features: dict | None):
+    """``--init auto``: (init, route, adapter options, the init-source ranking, the task's
+    features) from the top init source available for ``method`` on ``base``
+    (``init_sources.recommend``); a meta-init brings its own adapter options, under
+    ``config``'s."""
+    from metapeft.init_sources import recommend
+    from metapeft.select.features import task_domain, task_features
+
+    if route is not None:
+        raise UserError("--init auto picks the init source itself (routing included); drop "
+                        "--route", field="init")
+    if features is None:
+        features = task_features(task, base)
+    options = config if isinstance(config, dict) or config is None else config.to_dict()
+    choice = recommend(features, method, base, config=options, domain=task_domain(task))
+    best = choice["ranking"][0]
+    options = {**(best["init_options"] or {}), **(options or {})}
+    return best["init"], best["route"], options, choice, features
+
+
+def init_choice_json(choice: dict) -> dict:
+    from metapeft.init_sources import public_json
+
+    return public_json(choice)
 
 
 def _switch_candidates(task, base, method: str, features: dict | None):

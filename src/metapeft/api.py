@@ -546,8 +546,12 @@ def select(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto", top: i
            shots: int | None = None, query: int | None = None, ways: int | None = None,
            seed: int = 0, text_field: str = "text", label_field: str = "label") -> SelectReport:
     """Rank the PEFT methods for a task: a trained selector (``selector``, default
-    ``<registry root>/selector``), else one trained now from the experience store, else priors."""
+    ``<registry root>/selector``), else one trained now from the experience store, else priors;
+    and the init sources available for the top method, ranked (``init_sources.recommend``)."""
     from metapeft.experience import ExperienceStore
+    from metapeft.init_sources import recommend
+    from metapeft.models import load_base_model
+    from metapeft.select.features import task_domain
     from metapeft.select.selector import select as answer
 
     if top is not None and top < 1:
@@ -555,8 +559,12 @@ def select(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto", top: i
     t, feats = _task_features(task, model, dequantize, dict(
         shots=shots, query=query, ways=ways, seed=seed, text_field=text_field,
         label_field=label_field))
-    res = answer(feats, selector_dir=selector, store=ExperienceStore(experience), top=top, k=k)
-    return SelectReport(task=t.name, **res)
+    store = ExperienceStore(experience)
+    res = answer(feats, selector_dir=selector, store=store, top=top, k=k)
+    best = res["ranking"][0]
+    inits = recommend(feats, best["method"], load_base_model(model, dequantize=dequantize),
+                      config=best["hyperparameters"], experience=store, domain=task_domain(t))
+    return SelectReport(task=t.name, **res, init_sources=inits)
 
 
 def train_selector(*, experience: str | Path | None = None, out: str | Path | None = None,
@@ -583,11 +591,15 @@ def sweep(data: str = "synthetic", *, methods="all", tasks: int = 10,
           model: str = DEFAULT_MODEL, dequantize: str = "auto", steps: int = 10, seed: int = 0,
           max_shots: int = 50, max_ways: int = 20, query: int = 5, eval_every: int | None = None,
           inits: dict[str, str] | None = None, experience: str | Path | None = None,
+          init_sources: str | list[str] | None = None,
           on_start: Callable[[int, int], None] | None = None,
           on_run: Callable | None = None) -> SweepReport:
     """Build experience: run every method (``"all"``, a comma list or a list) on ``tasks``
     sampled tasks (1 to ``max_shots`` shots, 2 to ``max_ways`` ways), and also from meta-weights
-    ``inits[method]``; append one record per run to the experience store.
+    ``inits[method]``; append one record per run to the experience store. ``init_sources``
+    (``"all"`` or a comma list of fresh, meta, compose, generate, route): run each method from
+    each of those init sources available for it instead (``sweep.plan_runs``), which teaches
+    ``select`` which source wins for which kind of task.
 
     ``on_start(num_tasks, num_runs)`` is called once the tasks are drawn, ``on_run(task_index,
     method, accuracy or None)`` after each run."""
@@ -602,14 +614,16 @@ def sweep(data: str = "synthetic", *, methods="all", tasks: int = 10,
         if value < least:
             raise UserError(f"--{flag} must be at least {least}, got {value}",
                             field=flag.replace("-", "_"))
+    from metapeft.init_sources import parse_sources
+
     ms = parse_methods(methods)
+    sources = parse_sources(init_sources)
     ts = sample_sweep_tasks(data, tasks, seed=seed, max_shots=max_shots, max_ways=max_ways,
                             query=query)
     store = ExperienceStore(experience)
-    if on_start is not None:
-        on_start(len(ts), len(ts) * (len(ms) + len([m for m in inits or {} if m in ms])))
     summary = run_sweep(ts, ms, model=model, dequantize=dequantize, steps=steps, seed=seed,
-                        store=store, inits=inits, eval_every=eval_every, on_run=on_run)
+                        store=store, inits=inits, eval_every=eval_every, on_run=on_run,
+                        init_sources=sources, on_start=on_start)
     return SweepReport(**summary, experience=str(store.path))
 
 

@@ -3,78 +3,58 @@ what metapeft has seen.
 
 ``decide`` profiles the task (``select.features``), ranks the methods (``select.selector.select``:
 a trained selector, else one trained now from the experience store, else the documented priors),
-takes the top method with its recommended hyperparameters, and looks in the meta-weights registry
-for an init of that method trained on this base model (``find_init``). ``adapt`` then runs the
-decision; the decision and the outcome go into the experience store together (the record's
-``run.decision``), where the selector learns from them like from any run.
+takes the top method with its recommended hyperparameters, and picks where its adapter starts
+(``init_sources``: fresh, the newest registry meta-weights of that method for this base model,
+library:compose, library:generate or Arrow routing, ranked among the available ones from the
+experience of similar tasks, else from a prior). ``adapt`` then runs the decision; the decision
+and the outcome go into the experience store together (the record's ``run.decision`` and
+``run.init_source``), where the selectors learn from them like from any run.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from metapeft.errors import UserError
-
-
-def find_init(method: str, base, registry: str | Path | None = None
-              ) -> tuple[str | None, dict | None, str]:
-    """(``NAME@VERSION``, its adapter options, why) for the newest valid meta-weights of
-    ``method`` trained on ``base``'s model (same fingerprint) in the registry, else
-    (None, None, why). Valid: the file loads and fits an adapter built with its own options.
-    Versions newer than their name's ``latest`` (withdrawn by ``weights rollback``) are passed
-    over."""
-    from metapeft.adapters import get_adapter_class
-    from metapeft.artifacts import json_field, load_safetensors
-    from metapeft.registry import list_weights, registry_root
-
-    cls = get_adapter_class(method)
-    if cls.training_free:
-        return None, None, f"{method} is training-free: it starts from no init"
-    rows = [r for r in list_weights(registry) if r.get("method") == method]
-    latest = {r["name"]: r["version"] for r in rows if r.get("latest")}
-    rows = [r for r in rows if r["version"] <= latest.get(r["name"], r["version"])]
-    rows.sort(key=lambda r: (str(r.get("created") or ""), r["version"]), reverse=True)
-    other_models, invalid = 0, []
-    for r in rows:
-        spec = f"{r['name']}@{r['version']}"
-        try:
-            arrays, meta = load_safetensors(r["path"])
-            if meta.get("base_model_hash") != base.fingerprint:
-                other_models += 1
-                continue
-            options = json_field(meta, "config") or {}
-            adapter = cls.attach(base, options)
-            adapter.check_compatible(adapter.unflat(arrays), meta, r["path"])
-        except (UserError, OSError, ValueError) as e:
-            invalid.append(f"{spec} ({e.one_line() if isinstance(e, UserError) else e})")
-            continue
-        skipped = f"; passed over {', '.join(invalid)}" if invalid else ""
-        return spec, options, (f"the newest valid {method} meta-weights for {base.model_id}: "
-                               f"{spec}, created {r.get('created')}{skipped}")
-    why = f"no {method} meta-weights for {base.model_id} in {registry_root(registry)}"
-    notes = ([f"{other_models} for other models"] if other_models else []) + \
-        ([f"invalid: {', '.join(invalid)}"] if invalid else [])
-    return None, None, why + (f" ({'; '.join(notes)})" if notes else "") + ": a fresh init"
+from metapeft.init_sources import find_init  # noqa: F401  (its home before init sources)
 
 
 def decide(task, base, *, selector: str | Path | None = None,
            experience: str | Path | None = None, registry: str | Path | None = None,
-           init: str | None = None) -> tuple[dict, dict]:
+           init: str | None = None, route: str | None = None, config: dict | None = None
+           ) -> tuple[dict, dict]:
     """(the decision, the task's features) for ``task`` on ``base``: the top-ranked method with
     its confidence, the alternatives, its recommended hyperparameters and where they come from,
-    the init (``init`` when given, else ``find_init``) and why."""
+    the init and why: ``init``/``route`` when given, else the top init source available for
+    that method (``init_sources.recommend``, with the adapter options ``config`` and the
+    recommended ones); ``init_choice`` is that ranking (None when the init was given)."""
+    from metapeft.adapters import get_adapter_class
     from metapeft.experience import ExperienceStore
-    from metapeft.select.features import task_features
+    from metapeft.init_sources import describe_missing, recommend
+    from metapeft.select.features import task_domain, task_features
     from metapeft.select.selector import select
 
     features = task_features(task, base)
-    res = select(features, selector_dir=selector, store=ExperienceStore(experience))
+    store = ExperienceStore(experience)
+    res = select(features, selector_dir=selector, store=store)
     top, rest = res["ranking"][0], res["ranking"][1:]
     method = top["method"]
-    if init is not None:
-        init_spec, init_options, init_why = init, None, "given by --init"
+    choice, init_options, init_source = None, None, None
+    if init is not None or route is not None:
+        from metapeft.experience import init_source as kind
+
+        init_why = "given by --init" if init is not None else "given by --route"
+        init_source = kind(init, route is not None)
     else:
-        init_spec, init_options, init_why = find_init(method, base, registry)
+        known = get_adapter_class(method).Config.defaults()
+        options = {**{k: v for k, v in top["hyperparameters"].items() if k in known},
+                   **(config if isinstance(config, dict) else {})}
+        choice = recommend(features, method, base, config=options, registry=registry,
+                           experience=store, domain=task_domain(task))
+        best = choice["ranking"][0]
+        init, route, init_options = best["init"], best["route"], best["init_options"]
+        init_source = best["source"]
+        init_why = f"{init_source}: {best['why']}; {choice['reason']}" + (
+            f" ({describe_missing(choice['unavailable'])})" if choice["unavailable"] else "")
     decision = {
         "method": method, "confidence": top["confidence"],
         "predicted_accuracy": top["predicted_accuracy"], "source": res["source"],
@@ -82,6 +62,6 @@ def decide(task, base, *, selector: str | Path | None = None,
                           "predicted_accuracy": r["predicted_accuracy"]} for r in rest],
         "hyperparameters": dict(top["hyperparameters"]),
         "hyperparameters_from": top["hyperparameters_from"],
-        "init": init_spec, "init_options": init_options, "init_reason": init_why,
-        "reason": res["reason"]}
+        "init": init, "init_options": init_options, "init_source": init_source,
+        "init_reason": init_why, "route": route, "init_choice": choice, "reason": res["reason"]}
     return decision, features

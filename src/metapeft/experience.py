@@ -15,8 +15,10 @@ registry root being ``$METAPEFT_HOME`` or the user data dir, see ``registry.regi
 
 ``run`` says what the run was (``run_details``): the query ``curve`` at the ``eval_steps`` it was
 measured at, the ``target`` (null: the run had none), the ``init`` (``NAME@VERSION``, a path, or
-null for a fresh init), the base ``model``, the task's ``project`` (null when unknown) and, for
-``adapt --method auto``, the ``decision`` it took. Records written before metapeft recorded it
+null for a fresh init), the ``init_source`` (one of ``INIT_SOURCES``: fresh, meta, compose,
+generate, route; ``init_source_of`` derives it for records written before it was kept), the base
+``model``, the task's ``project`` (null when unknown) and, for ``adapt --method auto``, the
+``decision`` it took. Records written before metapeft recorded it
 have no ``run``; ``experience stats`` leaves them out of the statistics that need it and says
 how many.
 
@@ -48,6 +50,8 @@ SCHEMA = 1
 METRICS: tuple[str, ...] = ("final_accuracy", "steps_to_target", "seconds", "peak_memory_mb",
                             "trainable_parameters")
 SOURCES: tuple[str, ...] = ("adapt", "meta-train", "tune", "sweep", "import")
+# where a run's starting adapter came from (``run.init_source``; ``metapeft.init_sources``)
+INIT_SOURCES: tuple[str, ...] = ("fresh", "meta", "compose", "generate", "route")
 
 
 @dataclass
@@ -362,15 +366,43 @@ def task_project(task) -> str | None:
     return projects.most_common(1)[0][0] if projects else None
 
 
+def init_source(init: str | None, routed: bool = False) -> str:
+    """The ``INIT_SOURCES`` kind of an init as ``adapt`` names it (``describe_init``): route for
+    a routed run, fresh for none, compose/generate for ``library:...``, meta for a registry
+    version or a file."""
+    if routed:
+        return "route"
+    if init is None:
+        return "fresh"
+    for kind in ("compose", "generate"):
+        if str(init).startswith(f"library:{kind}"):
+            return kind
+    return "meta"
+
+
+def init_source_of(r: ExperienceRecord) -> str | None:
+    """A record's init source: ``run.init_source``, else derived from ``run.init`` (a routed run
+    recorded before init sources were kept reads as fresh), else meta when a sweep kept its init
+    in the hyperparameters; None for records without a run."""
+    run = r.run
+    if run is None:
+        return "meta" if r.hyperparameters.get("init") else None
+    if run.get("init_source") in INIT_SOURCES:
+        return run["init_source"]
+    return init_source(run.get("init"))
+
+
 def run_details(report, task) -> dict:
     """A record's ``run`` (see the module docstring) from an ``AdaptReport``: the curve and the
-    steps it was measured at, the target, the init, the model, the project, the decision."""
+    steps it was measured at, the target, the init and its source, the model, the project, the
+    decision."""
     ex = report.extra or {}
     curve = [round(float(a), 6) for a in report.accuracies]
     steps = list(ex.get("eval_steps") or range(len(curve)))
+    init = ex.get("init") or ex.get("meta_weights")
     run = {"curve": curve, "eval_steps": [int(i) for i in steps], "target": ex.get("target"),
-           "init": ex.get("init") or ex.get("meta_weights"), "model": ex.get("model"),
-           "project": task_project(task)}
+           "init": init, "init_source": init_source(init, bool(ex.get("route"))),
+           "model": ex.get("model"), "project": task_project(task)}
     if ex.get("decision") is not None:
         run["decision"] = ex["decision"]
     return json.loads(json.dumps(run, default=str))
@@ -424,7 +456,7 @@ def record_adapt(report, task, features: dict | list | None = None, *, source: s
 
 # ----------------------------------------------------------------------------- statistics
 
-STATS_BY: tuple[str, ...] = ("method", "domain", "project", "init")
+STATS_BY: tuple[str, ...] = ("method", "domain", "project", "init", "init_source")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -458,13 +490,16 @@ def _created(r: ExperienceRecord) -> _dt.datetime | None:
 def stats_group(r: ExperienceRecord, by: str) -> str:
     """The group a record falls in for ``experience stats --by``: its method or domain; its
     project (``unknown`` when not recorded); its init (``NAME@VERSION`` or a path, ``fresh``, or
-    ``unknown`` for records written before inits were recorded)."""
+    ``unknown`` for records written before inits were recorded); its init source
+    (``init_source_of``)."""
     if by == "method":
         return r.method
     if by == "domain":
         return r.domain or "unknown"
     if by == "project":
         return str((r.run or {}).get("project") or "unknown")
+    if by == "init_source":
+        return init_source_of(r) or "unknown"
     if r.run is not None:
         return str(r.run.get("init") or "fresh")
     return str(r.hyperparameters.get("init") or "unknown")  # sweeps kept it there before

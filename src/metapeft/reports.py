@@ -76,13 +76,14 @@ class AdaptReport(_Wraps):
     def to_json(self) -> dict:
         """Exactly the documented keys of ``metapeft adapt --json``, plus ``decision`` for
         ``--method auto``, ``budget`` for ``--budget-seconds``, ``switches`` for ``--switch``,
-        ``composition``/``route`` for a library init and ``library`` for ``--keep``."""
+        ``composition``/``route`` for a library init, ``library`` for ``--keep`` and
+        ``init_choice`` (the init sources ranked) for ``--init auto`` and ``--method auto``."""
         rounded = {"accuracies": [round(a, 6) for a in self.accuracies],
                    "losses": [round(v, 6) for v in self.losses], "seconds": round(self.seconds, 3)}
         # no query set (--query 0): final_accuracy is null, never NaN (which is not JSON)
         out = {k: rounded[k] if k in rounded else getattr(self, k) for k in self.JSON_KEYS}
         out.update({k: self.extra[k] for k in ("decision", "budget", "switches", "composition",
-                                               "generation", "route", "library")
+                                               "generation", "route", "library", "init_choice")
                     if k in self.extra})
         return json_safe(out)
 
@@ -156,6 +157,7 @@ class SelectReport:
     similar_tasks: list
     source: str
     reason: str
+    init_sources: dict | None = None  # the top method's init sources ranked (init_sources.py)
 
     @property
     def from_priors(self) -> bool:
@@ -163,10 +165,12 @@ class SelectReport:
 
     def to_json(self) -> dict:
         """Exactly the documented keys of ``metapeft select --json``."""
+        from metapeft.init_sources import public_json as init_json
         from metapeft.select.selector import public_json
 
-        return public_json({"features": self.features, "ranking": self.ranking,
-                            "similar_tasks": self.similar_tasks})
+        return {**public_json({"features": self.features, "ranking": self.ranking,
+                               "similar_tasks": self.similar_tasks}),
+                "init_sources": init_json(self.init_sources)}
 
 
 @dataclass
@@ -179,6 +183,7 @@ class SweepReport:
     failures: list
     results: list
     experience: str
+    init_sources: dict | None = None  # --init-sources: per method what ran and what could not
 
     def best_method_counts(self) -> list[tuple[str, int]]:
         """(method, tasks it won), most wins first."""
@@ -190,7 +195,8 @@ class SweepReport:
         return {"tasks": self.tasks, "records": self.records, "failures": self.failures,
                 "experience": self.experience,
                 "results": [{k: r[k] for k in ("task", "domain", "accuracy")}
-                            for r in self.results]}
+                            for r in self.results],
+                **({} if self.init_sources is None else {"init_sources": self.init_sources})}
 
 
 @dataclass

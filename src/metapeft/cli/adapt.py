@@ -20,7 +20,8 @@ Switch = Enum("Switch", {mode: mode for mode in SWITCH_MODES}, type=str)
 ADAPT_METHOD_OPT = typer.Option(DEFAULT_METHOD, "--method", help=f"{METHOD_HELP}; or "
                                 f"{AUTO_METHOD}: profile the task, rank the methods (`select`) "
                                 "and run the top one with its recommended settings, from the "
-                                "newest matching meta-weights in the registry if any.")
+                                "init source that wins on similar tasks (fresh, meta-weights, "
+                                "library compose/generate, arrow routing).")
 
 
 def _pct(v) -> str:
@@ -39,7 +40,8 @@ def print_decision(d: dict, console) -> None:
     shown = ", ".join(f"{k} {hp[k]:g}" if isinstance(hp[k], float) else f"{k} {hp[k]}"
                       for k in ("lr", "steps") if k in hp)
     console.print(f"  settings: {shown} ({d['hyperparameters_from']})", highlight=False)
-    console.print(f"  init: {d['init'] or 'fresh'} ({d['init_reason']})", highlight=False)
+    init = d["init"] or ("--route arrow" if d.get("init_source") == "route" else "fresh")
+    console.print(f"  init: {init} ({d['init_reason']})", highlight=False)
     console.print(f"  reason: {d['reason']}", highlight=False)
 
 
@@ -85,7 +87,12 @@ def _print_report(report, out: Path | None) -> None:
 
 
 def _print_library(extra: dict) -> None:
-    """What the adapter library contributed: the composition, the routing, the kept entry."""
+    """What the adapter library contributed: the composition, the routing, the kept entry;
+    and which init source ``--init auto`` chose."""
+    choice = extra.get("init_choice")
+    if choice and not extra.get("decision"):  # --method auto printed it with its decision
+        out_console.print(f"init auto: {choice['chosen']} ({choice['reason']})",
+                          highlight=False)
     c, r, kept = extra.get("composition"), extra.get("route"), extra.get("library")
     g = extra.get("generation")
     if g:
@@ -121,7 +128,9 @@ def adapt(
                                                   "adapter dir, registry NAME[@VERSION], or "
                                                   "library:compose[:K][+INIT] (a weighted mix "
                                                   "of the K nearest library LoRAs) or "
-                                                  "library:generate."),
+                                                  "library:generate; or auto: the init "
+                                                  "source that wins on similar tasks "
+                                                  "(`select` ranks them)."),
     route: Optional[str] = typer.Option(None, "--route", help="arrow: route each token over "
                                         "the library's LoRAs (training-free step 0), then "
                                         "train their merged mixture."),

@@ -121,7 +121,8 @@ def _print_stats(rep) -> None:
 def exp_stats(
     since: Optional[str] = typer.Option(None, "--since", help="Only records created within "
                                         "this long (30d, 12h, 2w, 90m) or since an ISO date."),
-    by: str = typer.Option("method", "--by", help="Group by method, domain, project or init."),
+    by: str = typer.Option("method", "--by", help="Group by method, domain, project, init or "
+                                   "init_source (fresh, meta, compose, generate, route)."),
     experience: Optional[Path] = EXPERIENCE_OPT,
     as_json: bool = JSON_OPT,
 ):
@@ -187,6 +188,11 @@ def sweep(
                                                         "default every step."),
     init: Optional[list[str]] = typer.Option(None, help="METHOD=META_WEIGHTS: also run METHOD "
                                                         "from a meta-learned init."),
+    init_sources: Optional[str] = typer.Option(None, "--init-sources", help="'all' or a comma "
+                                               "list of fresh, meta, compose, generate, route: "
+                                               "run each method from each of these init "
+                                               "sources that is available for it (teaches "
+                                               "`select` which init wins)."),
     experience: Optional[Path] = EXPERIENCE_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary."),
     model_options: dict = None,
@@ -209,6 +215,7 @@ def sweep(
                             seed=seed,
                             max_shots=max_shots, max_ways=max_ways, query=query,
                             eval_every=eval_every, inits=_parse_inits(init),
+                            init_sources=init_sources,
                             experience=experience, on_start=on_start, on_run=on_run)
         if as_json:
             print_json(rep.to_json())
@@ -218,6 +225,12 @@ def sweep(
                           + ", ".join(f"{m} {c}" for m, c in rep.best_method_counts()))
         for f in rep.failures:
             err_console.print(f"[yellow]skipped[/yellow] {f['task']} {f['method']}: {f['error']}")
+        from metapeft.init_sources import describe_missing
+
+        for m, p in (rep.init_sources or {}).items():
+            out_console.print(f"{m}: ran from {', '.join(p['ran'])}" + (
+                f"; not from {describe_missing(p['unavailable'])}" if p["unavailable"] else ""),
+                highlight=False)
 
 
 def train_selector(
@@ -280,6 +293,26 @@ def _print_selection(rep) -> None:
                  str(s["best_method"])) for s in rep.similar_tasks])
     out_console.print(("[yellow]priors:[/yellow] " if rep.from_priors else "reason: ")
                       + rep.reason, highlight=False)
+    if rep.init_sources:
+        print_init_sources(rep.init_sources)
+
+
+def print_init_sources(c: dict) -> None:
+    """The init sources ranked for the recommended method, and those not available."""
+    _table(f"init sources for {c['method']} ({c['source']})",
+           (("rank", "right"), "source", "init", ("gain vs fresh", "right"),
+            ("confidence", "right"), ("runs", "right")),
+           [(str(i), r["source"], str(r["init"] or ("--route arrow" if r["source"] == "route"
+                                                    else "-")),
+             f"{r['expected_gain']:+.1%} ±{r['uncertainty']:.1%}", _fmt(r["confidence"], True),
+             str(r["runs"])) for i, r in enumerate(c["ranking"], start=1)])
+    from metapeft.init_sources import describe_missing
+
+    if c.get("unavailable"):
+        out_console.print(f"[dim]not available: {describe_missing(c['unavailable'])}[/dim]",
+                          highlight=False)
+    out_console.print(f"recommended init source: [bold]{c['chosen']}[/bold] ({c['reason']})",
+                      highlight=False)
 
 
 @with_model_options
@@ -298,7 +331,8 @@ def select(
     model_options: dict = None,
     task_options: dict = None,
 ):
-    """Rank the PEFT methods for a task, with confidence and recommended hyperparameters."""
+    """Rank the PEFT methods for a task, with confidence and recommended hyperparameters, and
+    the init sources available for the top method (fresh, meta, compose, generate, route)."""
     with user_errors():
         from metapeft import api
 
