@@ -102,6 +102,9 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     called before training, and the report's ``extra["decision"]`` says what was chosen and why.
     ``budget_seconds`` limits the whole run, profiling included: no optimizer step starts that
     the last one's time says would end past it (``extra["budget"]`` reports it).
+    ``init="auto"`` (and ``method="auto"`` without an init): start from the init source that
+    ``init_sources.recommend`` ranks first for this task (fresh, meta, compose, generate or
+    route); ``extra["init_choice"]`` is that ranking.
 
     The adapter library (``metapeft.library``): ``init="library:compose[:K][+INIT]"`` starts from
     a LoraHub-style mixture of the K nearest library LoRAs (``metapeft.compose``;

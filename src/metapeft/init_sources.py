@@ -24,14 +24,16 @@ training-free method has fresh only. Each source not offered comes with its one-
 The evidence is the ``k`` (10) past tasks nearest to this one (the "kind of task": the
 same domain when any past task has it, as the embedder learned that domains matter most, then
 the Euclidean distance of the selector's normalised features, ``select.embedder.normalise``)
-among those that ran the method from two or more init sources. The gains get a Gaussian prior, mean ``PRIOR_GAIN``, sd ``PRIOR_SD``; the
-task effects a flat one; the noise sd is estimated from the residuals (``NOISE_SD`` while there
-are fewer than 5 residual degrees of freedom). The posterior mean of each gain minus fresh's is
-the ``expected_gain``, its sd the ``uncertainty``, and the ``confidence`` is P(best) among the
-available sources over ``DRAWS`` posterior draws. With no evidence the posterior is the prior:
-the ranking is the prior's order and the confidence stays moderate; one clear past task moves a
-gain by about a fifth of the way to what it saw (the prior is worth ``(NOISE_SD/PRIOR_SD)**2``
-= 4 runs), ten by about three quarters.
+among those that ran the method from two or more init sources. The gains get a Gaussian prior,
+mean ``PRIOR_GAIN``, sd ``PRIOR_SD``; the task effects a flat one; the noise sd is estimated
+from the residuals (``NOISE_SD`` while there are fewer than 5 residual degrees of freedom). The
+posterior mean of each gain minus fresh's is the ``expected_gain``, its sd the
+``uncertainty``, and the ``confidence`` is P(best) among the available sources over ``DRAWS``
+posterior draws. With no evidence the posterior is the prior: the ranking is the prior's order
+and the confidence stays moderate. At the default noise sd the prior weighs as much as
+``(NOISE_SD/PRIOR_SD)**2`` = 4 runs: one past task that compared two sources moves their gap a
+fifth of the way to what it saw, ten tasks about 70% (further when their residuals show less
+noise).
 
 ``PRIOR_GAIN`` (accuracy over fresh, after 10 steps on stories260K): compose +0.054, generate
 +0.090, route +0.100 (README "The adapter library": 42 held-out CLINC150 tasks, paired);
@@ -198,7 +200,8 @@ def _task_runs(records, method: str) -> dict[str, dict]:
     return {k: t for k, t in tasks.items() if len({s for s, _ in t["runs"]}) >= 2}
 
 
-def _neighbours(tasks: list[dict], features, domain: str | None, k: int) -> list[tuple[dict, float]]:
+def _neighbours(tasks: list[dict], features, domain: str | None, k: int
+                ) -> list[tuple[dict, float]]:
     from metapeft.select.embedder import fit_normaliser, normalise
     from metapeft.select.features import feature_vector
 

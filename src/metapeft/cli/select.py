@@ -4,6 +4,7 @@
     metapeft experience list | show ID | stats [--since 30d] [--by method] | import FILE |
         export --format jsonl --out FILE
     metapeft sweep --data POOL|synthetic --methods all --tasks N [--model M] [--steps S] [--seed]
+        [--init-sources all|fresh,meta,compose,generate,route]
     metapeft train-selector [--experience FILE] [--out DIR]
     metapeft select TASK [--model M] [--top K] [--json]
 """
