@@ -17,13 +17,21 @@ examples per class), every arm adapted with Adam at LoRA's default lr, query acc
 * generate: ``adapt --init library:generate`` (the generator's LoRA for the task's embedding);
 * route: ``adapt --route arrow``; its step 0 is Arrow's per-token routed model (training-free),
   steps 1+ train from the merged mixture (its own step 0 is reported as "route, merged");
-* meta (``--meta-init NAME@V``): a registry init, at its calibrated lr.
+* meta (``--meta-init NAME@V``): a registry init, at its calibrated lr;
+* generate-e2e (``--e2e-steps N``): the same generator (same seed, same reconstruction stage)
+  then fine-tuned end to end for N steps on the query loss of its LoRAs over 5-way 5-shot
+  episodes of the meta-train domains (``library train-generator --e2e-steps``, ``--e2e-inner-steps
+  K`` support steps first); ``generate`` is then the reconstruction-only version.
+
+``--arms`` runs a subset of the arms, ``--marks`` sets the evaluated steps (default 0,1,5,10).
 
 Compositions found on the held-out tasks are not kept between tasks (each task sees the store as
 the build left it), so the tasks stay independent. Paired differences are per task.
 
     uv run python benchmarks/library_clinc.py --tasks 60               # stories260K
     uv run python benchmarks/library_clinc.py --smol --tasks 100       # SmolLM2-135M
+    uv run python benchmarks/library_clinc.py --per-domain 1 --warm-tasks 0 --e2e-steps 30 \
+        --arms generate,generate-e2e --marks 0,1,5 --tasks 30               # e2e vs reconstruction
 """
 
 from __future__ import annotations
@@ -75,12 +83,47 @@ def build_library(args, registry: str) -> dict:
     from metapeft.models import load_base_model
 
     gen = train_generator(get_adapter_class("lora").attach(load_base_model(args.model), {}),
-                          registry=registry)
-    return {"domains": domains, "adapters": len(rows), "build_seconds": round(build_s, 1),
+                          registry=registry, seed=args.seed)
+    info = {"domains": domains, "adapters": len(rows), "build_seconds": round(build_s, 1),
             "warm_compositions": args.warm_tasks, "warm_seconds": round(warm_s, 1),
             "generator_seconds": gen["seconds"], "generator_loss": gen["final_loss"],
-            "disk_bytes": library.disk_bytes(registry),
+            "generator_version": gen["version"], "disk_bytes": library.disk_bytes(registry),
             "mean_library_score": sum(r["final_accuracy"] for r in rows) / len(rows)}
+    return {**info, **train_e2e(args, registry)}
+
+
+def train_e2e(args, registry: str) -> dict:
+    """The end-to-end generator (same seed and reconstruction, then ``--e2e-steps``) on 5-way
+    5-shot episodes of the meta-train domains; {} without ``--e2e-steps``."""
+    if not args.e2e_steps:
+        return {}
+    from metapeft.adapters import get_adapter_class
+    from metapeft.generate import E2E, train_generator
+    from metapeft.models import load_base_model
+
+    gen = train_generator(
+        get_adapter_class("lora").attach(load_base_model(args.model), {}), registry=registry,
+        seed=args.seed, e2e=E2E(steps=args.e2e_steps, inner_steps=args.e2e_inner_steps,
+                                lr=args.e2e_lr, data=str(CLINC / "train.jsonl"),
+                                exclude_domains=HELD_OUT_DOMAINS, ways=5, shots=5, query=10))
+    s = gen["training"]["e2e"]
+    print(f"  e2e generator v{gen['version']}: {s['tasks']} episodes of {s['classes']} "
+          f"meta-train classes, query loss {s['query_loss_first']:.3f} -> "
+          f"{s['query_loss_last']:.3f}, {s['seconds']:.0f} s", flush=True)
+    return {"e2e_version": gen["version"], "e2e_seconds": s["seconds"], "e2e": s}
+
+
+def versions(registry: str) -> dict:
+    """The newest reconstruction-only and end-to-end generator versions in a reused library."""
+    from metapeft.artifacts import json_field, read_metadata
+    from metapeft.generate import generators_dir
+
+    out = {}
+    for p in sorted(generators_dir(registry).glob("v*.safetensors")):
+        meta = read_metadata(p)
+        e2e = (json_field(meta, "training") or {}).get("e2e_steps", 0)
+        out["e2e_version" if e2e else "generator_version"] = int(meta["version"])
+    return out
 
 
 def run_task(args, task, registry: str, store: Path, saved: str | None) -> dict:
@@ -88,10 +131,15 @@ def run_task(args, task, registry: str, store: Path, saved: str | None) -> dict:
 
     out = {}
     arms = [("fresh", {}), ("compose", {"init": f"library:compose:{args.k}"}),
-            ("generate", {"init": "library:generate"}), ("route", {"route": "arrow"})]
+            ("generate", {"init": f"library:generate@{args.gen_version}"}),
+            ("route", {"route": "arrow"})]
     if args.meta_init:
         arms.append(("meta", {"init": args.meta_init}))
+    if args.e2e_version:
+        arms.append(("generate-e2e", {"init": f"library:generate@{args.e2e_version}"}))
     for name, kw in arms:
+        if name not in args.arm_list:
+            continue
         if saved is None:
             store.unlink(missing_ok=True)
         else:
@@ -121,16 +169,20 @@ def table(results: list[dict], arms: list[str]) -> list[str]:
     for a in arms:
         lines.append(f"| {a} | " + " | ".join(fmt([r[a]["acc"][i] for r in results])
                                               for i in range(len(STEPS))) + " |")
-    lines.append("| route, merged (its own step 0) | " + fmt([r["route"]["merged0"]
-                                                            for r in results]) +
-                 " | | | |")
+    if "route" in arms:
+        lines.append("| route, merged (its own step 0) | " + fmt([r["route"]["merged0"]
+                                                                for r in results]) +
+                     " |" + " |" * (len(STEPS) - 1))
     lines += ["", "| paired difference (points) | " + " | ".join(f"step {s}" for s in STEPS)
               + " |", "|---|" + "---:|" * len(STEPS)]
     pairs = [("compose", "fresh"), ("generate", "fresh"), ("route", "fresh"),
              ("compose", "route"), ("compose", "generate")]
     if "meta" in arms:
         pairs += [("compose", "meta"), ("route", "meta")]
+    pairs += [("generate-e2e", "generate"), ("generate-e2e", "fresh")]
     for a, b in pairs:
+        if a not in arms or b not in arms:
+            continue
         cells = []
         for i in range(len(STEPS)):
             m, c = mean_ci([r[a]["acc"][i] - r[b]["acc"][i] for r in results])
@@ -153,8 +205,16 @@ def main() -> None:
     ap.add_argument("--registry", help="reuse a built library here (default: a temp dir)")
     ap.add_argument("--time-budget", type=float, help="stop starting tasks after S seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--e2e-steps", type=int, default=0, help="also an end-to-end generator")
+    ap.add_argument("--e2e-inner-steps", type=int, default=0)
+    ap.add_argument("--e2e-lr", type=float, default=1e-4)
+    ap.add_argument("--arms", help="comma-separated subset of fresh,compose,generate,route,"
+                    "meta,generate-e2e (default: all that apply)")
+    ap.add_argument("--marks", default="0,1,5,10", help="steps at which to evaluate")
     ap.add_argument("--json")
     args = ap.parse_args()
+    global STEPS
+    STEPS = tuple(sorted({int(x) for x in args.marks.split(",")}))
     if args.smol:
         args.model = str(SMOL)
     require(Path(args.model), "the model")
@@ -171,10 +231,17 @@ def main() -> None:
     print(f"model {Path(args.model).name}; registry {registry}; {load}", flush=True)
     if library.entries(registry):
         info = {"reused": True, "adapters": len(library.entries(registry)),
-                "disk_bytes": library.disk_bytes(registry)}
+                "disk_bytes": library.disk_bytes(registry), **versions(registry)}
+        if args.e2e_steps and "e2e_version" not in info:
+            info.update(train_e2e(args, registry))
     else:
         info = build_library(args, registry)
     print(json.dumps(info), flush=True)
+    args.gen_version = info["generator_version"]
+    args.e2e_version = info.get("e2e_version") if args.e2e_steps else None
+    every = ["fresh", "compose", "generate", "route"] + (["meta"] if args.meta_init else []) \
+        + (["generate-e2e"] if args.e2e_version else [])
+    args.arm_list = every if not args.arms else [a for a in every if a in args.arms.split(",")]
     store = library.library_dir(registry) / library.COMPOSITIONS
     saved = store.read_text() if store.exists() else None
     test = EpisodeSource(clinc_pool("test", domains=HELD_OUT_DOMAINS), ways=5, shots=5,
@@ -187,20 +254,29 @@ def main() -> None:
         r = results[-1]
         print(f"task {i}: " + "  ".join(f"{a} {' '.join(f'{x:.0%}' for x in r[a]['acc'])}"
                                          for a in r), flush=True)
-    arms = ["fresh", "compose", "generate", "route"] + (["meta"] if args.meta_init else [])
+    arms = args.arm_list
     lines = table(results, arms)
-    search = [r["compose"]["search_seconds"] for r in results]
-    step_s = [r["fresh"]["seconds"] / max(STEPS) for r in results]
+    search = [r["compose"]["search_seconds"] for r in results] if "compose" in arms else [0]
+    first = arms[0]  # a run's seconds per step (evaluations included)
+    step_s = [r[first]["seconds"] / max(STEPS) for r in results]
     lines += ["", f"{len(results)} held-out tasks ({', '.join(HELD_OUT_DOMAINS)}, 5-way 5-shot, "
               f"10 query per class), model {Path(args.model).name}; library: "
               f"{info['adapters']} LoRAs from {len(info.get('domains', [])) or '?'} meta-train "
               f"domains, {info['disk_bytes'] / 2**20:.2f} MiB, built in "
               f"{info.get('build_seconds', '?')} s (+{info.get('warm_seconds', 0)} s for "
               f"{info.get('warm_compositions', 0)} warm-start compositions, "
-              f"+{info.get('generator_seconds', '?')} s to train the generator); composition search "
-              f"{fmt(search, pct=False)} s per task (a fresh run: {fmt(step_s, pct=False)} s per "
-              f"step incl. evaluation); route build+score {fmt([r['route']['route_seconds'] for r in results], pct=False)} s; "
-              f"uptime at start: {load}"]
+              f"+{info.get('generator_seconds', '?')} s to train the generator"
+              + (f", +{info['e2e_seconds']:.0f} s for its {args.e2e_steps} end-to-end steps "
+                 f"({info['e2e']['tasks']} episodes, {args.e2e_inner_steps} inner steps)"
+                 if info.get("e2e") else "") + "); "
+              + (f"composition search {fmt(search, pct=False)} s per task; "
+                 if "compose" in arms else "")
+              + f"a {first} run: {fmt(step_s, pct=False)} s per step incl. evaluation; "
+              + (f"route build+score "
+                 f"{fmt([r['route']['route_seconds'] for r in results], pct=False)} s; "
+                 if "route" in arms else "")
+              + f"uptime at start: {load}; at end: "
+              + subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
     print("\n".join(lines))
     write_json(args.json, {"info": info, "results": results, "table": lines,
                            "args": vars(args)})
