@@ -131,3 +131,62 @@ def test_bad_input_is_one_line(lib, tmp_path):
                   home=reg), "version number")
     _one_line(run("adapt", str(tmp_path / "t"), "--init", "library:generate@99", "--steps", "1",
                   home=reg), "version 99")
+
+
+def test_e2e_gradient_is_the_query_loss_gradient_through_the_generator(lib, tiny):
+    """The vector-Jacobian product (stop-gradient surrogate) equals mx's gradient of the mean
+    query loss taken through the generator directly: at k = 0, and through one inner step
+    with second order."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from metapeft.adapters import get_adapter_class
+    from metapeft.data.episodes import EpisodeSource
+    from metapeft.data.tasks import read_rows
+    from metapeft.generate import (Generator, _keymap, _modules, _split, e2e_gradients,
+                                   generated)
+    from metapeft.library import task_embedding
+    from metapeft.meta.batch import encode_episode
+    from metapeft.meta.learner import MetaConfig, inner_adapt
+    from metapeft.train import batch_loss
+
+    _, pool = lib
+    adapter = get_adapter_class("lora").attach(tiny, {})
+    flat = adapter.flat(adapter.init_params(0))
+    mods = _modules(flat)
+    layers = sorted({_split(m)[0] for m in mods})
+    types = {_split(m)[1]: (flat[f"{m}.lora_a"].shape[0], flat[f"{m}.lora_b"].shape[1])
+             for m in mods}
+    mx.random.seed(0)
+    net = Generator(tiny.hidden_size, layers, types, adapter.config.rank)
+    scales = [0.05] * len(types)
+    keymap = _keymap(adapter, layers, sorted(types))
+    source = EpisodeSource(read_rows(pool), **EPISODE)
+    tasks = [source.sample(s) for s in (7, 8)]
+    eps = [encode_episode(t, tiny.tokenizer, prepare=adapter.prepare) for t in tasks]
+    emb = mx.array(np.asarray([task_embedding(tiny, t) for t in tasks], np.float32))
+    for algorithm, k in (("fomaml", 0), ("maml", 1)):
+        inner = MetaConfig(algorithm=algorithm, inner_steps=k, inner_lr=0.05,
+                           inner_optimizer="sgd")
+        losses, _, grads = e2e_gradients(net, adapter, scales, keymap, inner, emb,
+                                         [(e.support, e.query) for e in eps])
+
+        def direct(model):
+            out = generated(model, emb, scales, keymap)
+            total = 0.0
+            for j, e in enumerate(eps):
+                theta = adapter.unflat({key: v[j] for key, v in out.items()})
+                total = total + batch_loss(adapter, inner_adapt(adapter, theta, e.support, inner),
+                                           e.query)
+            return total / len(eps)
+
+        loss, want = nn.value_and_grad(net, direct)(net)
+        assert abs(float(np.mean(losses)) - loss.item()) < 1e-4
+        got, want = dict(tree_flatten(grads)), dict(tree_flatten(want))
+        assert set(got) == set(want)
+        norm = max(float(mx.abs(v).max()) for v in want.values())
+        assert norm > 0
+        for key in want:
+            np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]),
+                                       atol=1e-4 * norm, rtol=1e-3, err_msg=key)

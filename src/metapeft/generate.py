@@ -172,17 +172,49 @@ def generated(net: Generator, emb: mx.array, scales: list[float],
     return out
 
 
+def e2e_gradients(net: Generator, adapter, scales: list[float], keymap, inner, emb: mx.array,
+                  episodes: list) -> tuple[list[float], list[float], dict]:
+    """(query losses, query accuracies, the generator's gradient) for one meta-batch: task i's
+    θᵢ = G(emb[i]), gᵢ = ∂L_query/∂θᵢ from ``meta.learner.task_contribution`` (``inner``: a
+    MetaConfig, fomaml or maml, any number of inner steps), and the gradient of
+    mean_i L_query(θᵢ(G)) through G as the vector-Jacobian product at (gᵢ): the gradient of the
+    surrogate Σᵢ⟨θᵢ(G), gᵢ⟩ / n, gᵢ held constant. ``episodes``: (support, query) Batches."""
+    from mlx.utils import tree_map
+
+    from metapeft.meta.learner import task_contribution
+
+    want = adapter.flat(adapter.init_params(0))
+    theta = generated(net, emb, scales, keymap)
+    mx.eval(theta)
+    losses, hits, cots = [], [], []
+    for j, (support, query) in enumerate(episodes):
+        th = adapter.unflat({k: theta[k][j].astype(want[k].dtype) for k in want})
+        loss, acc, g = task_contribution(adapter, inner, th, support, query)
+        g = adapter.flat(tree_map(mx.stop_gradient, g))
+        mx.eval(loss, acc, g)
+        losses.append(loss.item())
+        hits.append(acc.item())
+        cots.append(g)
+    cot = {k: mx.stack([g[k].astype(mx.float32) for g in cots]) for k in want}
+
+    def surrogate(model):
+        out = generated(model, emb, scales, keymap)
+        return sum((out[k] * cot[k]).sum() for k in cot) / len(episodes)
+
+    _, grads = nn.value_and_grad(net, surrogate)(net)
+    return losses, hits, grads
+
+
 def finetune_e2e(net: Generator, adapter, scales: list[float], keymap, cfg: E2E, *,
                  seed: int = 0, source=None, on_step=None) -> dict:
     """Stage 2 (module doc): ``cfg.steps`` Adam steps of the generator on the mean query loss of
     its θ (after ``cfg.inner_steps`` support steps) over fresh meta-train episodes. Returns the
     settings and the query-loss curve (before each step)."""
     import mlx.optimizers as optim
-    from mlx.utils import tree_map
 
     from metapeft.library import task_embedding
     from metapeft.meta.batch import encode_episode
-    from metapeft.meta.learner import MetaConfig, task_contribution
+    from metapeft.meta.learner import MetaConfig
 
     t0 = time.perf_counter()
     source = source if source is not None else cfg.source()
@@ -191,7 +223,6 @@ def finetune_e2e(net: Generator, adapter, scales: list[float], keymap, cfg: E2E,
                        inner_lr=cfg.inner_lr or type(adapter).default_lr,
                        inner_optimizer="adam")  # k = 0 is allowed here: no validate()
     opt = optim.Adam(learning_rate=cfg.lr)
-    want = adapter.flat(adapter.init_params(0))
     curve, accs, classes, tasks = [], [], set(), 0
 
     for step in range(cfg.steps):
@@ -202,24 +233,8 @@ def finetune_e2e(net: Generator, adapter, scales: list[float], keymap, cfg: E2E,
             eps.append(encode_episode(task, adapter.base.tokenizer, prepare=adapter.prepare))
             embs.append(task_embedding(adapter.base, task))
         emb = mx.array(np.asarray(embs, np.float32))
-        theta = generated(net, emb, scales, keymap)
-        mx.eval(theta)
-        losses, hits, grads_theta = [], [], []
-        for j, ep in enumerate(eps):
-            th = adapter.unflat({k: theta[k][j].astype(want[k].dtype) for k in want})
-            loss, acc, g = task_contribution(adapter, inner, th, ep.support, ep.query)
-            g = adapter.flat(tree_map(mx.stop_gradient, g))
-            mx.eval(loss, acc, g)
-            losses.append(loss.item())
-            hits.append(acc.item())
-            grads_theta.append(g)
-        cot = {k: mx.stack([g[k].astype(mx.float32) for g in grads_theta]) for k in want}
-
-        def surrogate(model):  # its gradient is the vector-Jacobian product of G at cot
-            out = generated(model, emb, scales, keymap)
-            return sum((out[k] * cot[k]).sum() for k in cot) / len(eps)
-
-        _, grads = nn.value_and_grad(net, surrogate)(net)
+        losses, hits, grads = e2e_gradients(net, adapter, scales, keymap, inner, emb,
+                                            [(ep.support, ep.query) for ep in eps])
         opt.update(net, grads)
         mx.eval(net.parameters(), opt.state)
         tasks += len(eps)
