@@ -109,7 +109,9 @@ def train_e2e(args, registry: str) -> dict:
     s = gen["training"]["e2e"]
     print(f"  e2e generator v{gen['version']}: {s['tasks']} episodes of {s['classes']} "
           f"meta-train classes, query loss {s['query_loss_first']:.3f} -> "
-          f"{s['query_loss_last']:.3f}, {s['seconds']:.0f} s", flush=True)
+          f"{s['query_loss_last']:.3f} (on {s['validation']['episodes']} held-out episodes "
+          f"{s['validation']['query_loss_before']:.3f} -> "
+          f"{s['validation']['query_loss_after']:.3f}), {s['seconds']:.0f} s", flush=True)
     return {"e2e_version": gen["version"], "e2e_seconds": s["seconds"], "e2e": s}
 
 

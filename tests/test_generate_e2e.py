@@ -86,6 +86,8 @@ def test_e2e_lowers_the_query_loss_of_generated_inits(lib, tiny):
     assert s["tasks"] == 30 * 4 and s["order"] == "exact (k = 0)" and s["data"] == str(pool)
     assert (s["ways"], s["shots"], s["query"]) == (3, 4, 4) and s["inner_lr"] == 1e-3
     assert s["query_loss_last"] < s["query_loss_first"]
+    v = s["validation"]
+    assert v["episodes"] == 8 and v["query_loss_after"] < v["query_loss_before"] - 0.1
     assert json_field(read_metadata(recon["path"]), "training")["e2e"] is None
 
 
@@ -95,12 +97,13 @@ def test_cli_e2e_with_inner_steps_round_trips(lib, tiny, monkeypatch):
     reg, pool = lib
     r = run("library", "train-generator", "--epochs", "20", "--e2e-steps", "3", "--inner-steps",
             "1", "--meta-batch", "2", "--data", str(pool), "--ways", "3", "--shots", "4",
-            "--query", "4", "--json", home=reg)
+            "--query", "4", "--val-episodes", "2", "--json", home=reg)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     s = out["training"]["e2e"]
     assert s["order"] == "first" and s["steps"] == 3 and s["inner_steps"] == 1
     assert s["tasks"] == 6 and len(s["query_loss_curve"]) == 3
+    assert s["validation"]["episodes"] == 2
     header = read_metadata(out["path"])
     assert json_field(header, "training") == out["training"]
     assert json_field(header, "version") == out["version"]

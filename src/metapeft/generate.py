@@ -118,6 +118,7 @@ class E2E:
     ways: int = 5
     shots: int = 5
     query: int = 10
+    val_episodes: int = 8  # fixed held-out episodes of the pool, scored before and after
 
     def validate(self) -> None:
         for flag, name in (("--e2e-steps", "steps"), ("--inner-steps", "inner_steps")):
@@ -129,6 +130,9 @@ class E2E:
         if not self.steps and self.data is not None:
             raise UserError("--data is the end-to-end stage's pool; give --e2e-steps N too",
                             field="data")
+        if self.val_episodes < 0:
+            raise UserError(f"--val-episodes must be >= 0, got {self.val_episodes}",
+                            field="val_episodes")
         if self.meta_batch < 1:
             raise UserError(f"--meta-batch must be >= 1, got {self.meta_batch}",
                             field="meta_batch")
@@ -205,15 +209,42 @@ def e2e_gradients(net: Generator, adapter, scales: list[float], keymap, inner, e
     return losses, hits, grads
 
 
+def _episodes(adapter, source, seeds) -> tuple[mx.array, list, list]:
+    """(task embeddings, (support, query) Batches, tasks) of the pool's episodes ``seeds``."""
+    from metapeft.library import task_embedding
+    from metapeft.meta.batch import encode_episode
+
+    tasks = [source.sample(s) for s in seeds]
+    eps = [encode_episode(t, adapter.base.tokenizer, prepare=adapter.prepare) for t in tasks]
+    emb = mx.array(np.asarray([task_embedding(adapter.base, t) for t in tasks], np.float32))
+    return emb, [(e.support, e.query) for e in eps], tasks
+
+
+def mean_query_loss(net: Generator, adapter, scales, keymap, inner, emb, episodes) -> float:
+    """The mean query loss of the generated LoRAs after ``inner.inner_steps`` support steps."""
+    from metapeft.meta.learner import inner_adapt
+    from metapeft.train import batch_loss
+
+    want = adapter.flat(adapter.init_params(0))
+    theta = generated(net, emb, scales, keymap)
+    out = []
+    for j, (support, query) in enumerate(episodes):
+        th = adapter.unflat({k: theta[k][j].astype(want[k].dtype) for k in want})
+        loss = batch_loss(adapter, inner_adapt(adapter, th, support, inner), query)
+        mx.eval(loss)
+        out.append(loss.item())
+    return float(np.mean(out))
+
+
 def finetune_e2e(net: Generator, adapter, scales: list[float], keymap, cfg: E2E, *,
                  seed: int = 0, source=None, on_step=None) -> dict:
     """Stage 2 (module doc): ``cfg.steps`` Adam steps of the generator on the mean query loss of
     its θ (after ``cfg.inner_steps`` support steps) over fresh meta-train episodes. Returns the
-    settings and the query-loss curve (before each step)."""
+    settings, the query-loss curve (before each step) and ``validation``: the mean query loss
+    on ``cfg.val_episodes`` fixed episodes of the pool that training never draws, before and
+    after."""
     import mlx.optimizers as optim
 
-    from metapeft.library import task_embedding
-    from metapeft.meta.batch import encode_episode
     from metapeft.meta.learner import MetaConfig
 
     t0 = time.perf_counter()
@@ -224,17 +255,19 @@ def finetune_e2e(net: Generator, adapter, scales: list[float], keymap, cfg: E2E,
                        inner_optimizer="adam")  # k = 0 is allowed here: no validate()
     opt = optim.Adam(learning_rate=cfg.lr)
     curve, accs, classes, tasks = [], [], set(), 0
+    # validation: fixed episodes whose seeds training never draws (unseen episodes of the
+    # pool's classes), scored before and after
+    val = _episodes(adapter, source, [2_000_003 + seed * 100_003 + j
+                                      for j in range(cfg.val_episodes)])[:2]
+    val_before = mean_query_loss(net, adapter, scales, keymap, inner, *val) \
+        if cfg.val_episodes else None
 
-    for step in range(cfg.steps):
-        eps, embs = [], []
-        for j in range(cfg.meta_batch):  # episode seeds apart from `library build`'s seed + i
-            task = source.sample(1_000_003 + seed * 100_003 + step * cfg.meta_batch + j)
-            classes.update(task.labels)
-            eps.append(encode_episode(task, adapter.base.tokenizer, prepare=adapter.prepare))
-            embs.append(task_embedding(adapter.base, task))
-        emb = mx.array(np.asarray(embs, np.float32))
-        losses, hits, grads = e2e_gradients(net, adapter, scales, keymap, inner, emb,
-                                            [(ep.support, ep.query) for ep in eps])
+    for step in range(cfg.steps):  # episode seeds apart from `library build`'s seed + i
+        emb, eps, drawn = _episodes(adapter, source, [
+            1_000_003 + seed * 100_003 + step * cfg.meta_batch + j
+            for j in range(cfg.meta_batch)])
+        classes.update(label for t in drawn for label in t.labels)
+        losses, hits, grads = e2e_gradients(net, adapter, scales, keymap, inner, emb, eps)
         opt.update(net, grads)
         mx.eval(net.parameters(), opt.state)
         tasks += len(eps)
@@ -254,6 +287,10 @@ def finetune_e2e(net: Generator, adapter, scales: list[float], keymap, cfg: E2E,
             "query_loss_first": round(curve[0], 5) if curve else None,
             "query_loss_last": round(curve[-1], 5) if curve else None,
             "query_acc_last": round(accs[-1], 4) if accs else None,
+            "validation": None if val_before is None else {
+                "episodes": cfg.val_episodes, "query_loss_before": round(val_before, 5),
+                "query_loss_after": round(mean_query_loss(net, adapter, scales, keymap,
+                                                          inner, *val), 5)},
             "seconds": round(time.perf_counter() - t0, 3)}
 
 

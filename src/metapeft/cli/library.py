@@ -145,6 +145,9 @@ def library_train_generator(
     e2e_lr: float = typer.Option(1e-4, "--e2e-lr", help="The generator's Adam lr in the "
                                  "end-to-end stage."),
     meta_batch: int = typer.Option(4, "--meta-batch", help="Episodes per end-to-end step."),
+    val_episodes: int = typer.Option(8, "--val-episodes", help="Fixed episodes of --data that "
+                                     "the end-to-end stage never trains on, scored before and "
+                                     "after it (0: none)."),
     data: Optional[Path] = typer.Option(None, "--data", help="The meta-train pool (JSONL/CSV) "
                                         "the library was built from; pass the same domain "
                                         "filters, so no meta-test class is seen."),
@@ -170,7 +173,7 @@ def library_train_generator(
         e2e = E2E(steps=e2e_steps, inner_steps=inner_steps, second_order=second_order,
                   lr=e2e_lr, meta_batch=meta_batch, data=None if data is None else str(data),
                   domains=csv_list(domains), exclude_domains=csv_list(exclude_domains),
-                  ways=ways, shots=shots, query=query)
+                  ways=ways, shots=shots, query=query, val_episodes=val_episodes)
         e2e.validate()  # before the model loads
         base = load_base_model(model_options["model"], dequantize=model_options["dequantize"])
         adapter = get_adapter_class(DEFAULT_METHOD).attach(base, parse_sets(set_, config) or {})
@@ -192,7 +195,11 @@ def library_train_generator(
             tail = "" if stage2 is None else (
                 f"; end to end {stage2['steps']} steps ({stage2['tasks']} episodes, "
                 f"{stage2['inner_steps']} inner steps, order {stage2['order']}): query loss "
-                f"{stage2['query_loss_first']:.4g} -> {stage2['query_loss_last']:.4g}")
+                f"{stage2['query_loss_first']:.4g} -> {stage2['query_loss_last']:.4g}"
+                + ("" if stage2["validation"] is None else
+                   f", on {stage2['validation']['episodes']} held-out episodes "
+                   f"{stage2['validation']['query_loss_before']:.4g} -> "
+                   f"{stage2['validation']['query_loss_after']:.4g}"))
             out_console.print(f"generator v{res['version']} on {len(res['entries'])} library "
                               f"LoRAs: reconstruction loss {res['final_loss']:.4g}{tail}, "
                               f"{res['seconds']:.1f} s -> {res['path']}", highlight=False)
