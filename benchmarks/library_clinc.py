@@ -133,7 +133,8 @@ def run_task(args, task, registry: str, store: Path, saved: str | None) -> dict:
 
     out = {}
     arms = [("fresh", {}), ("compose", {"init": f"library:compose:{args.k}"}),
-            ("generate", {"init": f"library:generate@{args.gen_version}"}),
+            ("generate", {"init": "library:generate" + (f"@{args.gen_version}"
+                                                         if args.gen_version else "")}),
             ("route", {"route": "arrow"})]
     if args.meta_init:
         arms.append(("meta", {"init": args.meta_init}))
@@ -239,7 +240,7 @@ def main() -> None:
     else:
         info = build_library(args, registry)
     print(json.dumps(info), flush=True)
-    args.gen_version = info["generator_version"]
+    args.gen_version = info.get("generator_version")
     args.e2e_version = info.get("e2e_version") if args.e2e_steps else None
     every = ["fresh", "compose", "generate", "route"] + (["meta"] if args.meta_init else []) \
         + (["generate-e2e"] if args.e2e_version else [])
