@@ -89,7 +89,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
           stop_at_target: bool = False, budget_seconds: float | None = None,
           on_decision: Callable[[dict], None] | None = None, switch: str = "off",
           switch_window: int = 3, switch_tolerance: float = 0.01,
-          on_switch: Callable[[dict], None] | None = None) -> AdaptReport:
+          on_switch: Callable[[dict], None] | None = None,
+          inner_lr_scales: bool = True) -> AdaptReport:
     """Train one adapter on a task's support set; query accuracy at step 0 and after every step.
     ``stop_at_target``: end the run at the first step whose query accuracy reaches ``target``
     (that step is ``steps_to_target``; the curve stops there).
@@ -115,7 +116,13 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     ``switch="auto"``: when the query curve plateaus (no gain above ``switch_tolerance`` over
     ``switch_window`` steps), freeze what was trained and train the next method of the selector's
     ranking on top of it for the remaining steps (``metapeft.switching``); ``on_switch(record)``
-    is called at the switch and ``extra["switches"]`` lists it."""
+    is called at the switch and ``extra["switches"]`` lists it.
+
+    ``inner_lr_scales``: meta-weights trained with per-layer inner lrs (``meta-train
+    --inner-lr-mode per-layer``) carry a step multiplier per parameter leaf; they scale each
+    leaf's update (``train.train(lr_scales=...)``) unless this is False
+    (``--no-inner-lr-scales``). ``extra["inner_lr_scales"]`` says whether they were applied.
+    With ``switch="auto"`` they are not applied (the stack's tree is not the init's)."""
     import time
 
     from metapeft.adapter_io import describe_init, init_adapt_lr, resolve_init, save_adapter
@@ -202,6 +209,15 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         params, library_start = library_init(init, route, adapter, data, task, seed=seed)
     if lr is None:  # a learned init brings the step size chosen for it on validation tasks
         lr = (init_adapt_lr(init) if optimizer == "adam" else None) or cls.default_lr
+    from metapeft.adapter_io import init_lr_scales, inner_lr_summary
+
+    lr_scales = None if cls.training_free else init_lr_scales(init)
+    scales_note = None
+    if lr_scales:  # per-layer inner lrs learned with the init: applied unless opted out
+        scales_note = {"applied": bool(inner_lr_scales and switch != "auto"),
+                       "by_module": inner_lr_summary(lr_scales)}
+        if not scales_note["applied"]:
+            lr_scales = None
     if cls.training_free:  # the parameters come from the support set; no optimizer step runs
         params, steps, eval_at = adapter.fit(params, data.prepared(adapter, "support")), 0, None
     if decision is not None:  # what runs, as resolved now
@@ -230,7 +246,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
             res = train(adapter, params, data, steps=steps, lr=lr, optimizer=optimizer,
                         batch_size=batch_size, seed=seed, target=target, objective=objective,
                         on_step=on_step, eval_at=eval_at, stop_at_target=stop_at_target,
-                        stop=stop)
+                        stop=stop, lr_scales=lr_scales)
     except FloatingPointError as e:
         raise UserError(str(e), field="lr") from None
     if cls.training_free:
@@ -242,7 +258,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         **({} if decision is None else {"decision": decision}),
         **({} if switches is None else {"switches": switches}),
         **({} if init_choice is None else {"init_choice": init_choice_json(init_choice)}),
-        **({} if library_start is None else dict([library_start])))
+        **({} if library_start is None else dict([library_start])),
+        **({} if scales_note is None else {"inner_lr_scales": scales_note}))
     switched = bool(switches) and switches[0].get("to") is not None
     if out is not None:
         save_adapter(out, adapter, res.params, extra=describe_run(

@@ -67,6 +67,50 @@ def init_adapt_lr(init: str | Path | None, registry: str | Path | None = None) -
         return None
 
 
+INNER_LR_PREFIX = "inner_lr."  # per-layer inner-lr multipliers stored beside meta-weights
+
+
+def inner_lr_arrays(log_lr: dict) -> dict:
+    """Per-layer mode's log-multipliers (a tree, one scalar per parameter leaf) as the tensors
+    published with the version: ``inner_lr.<param>`` = exp(s), the multiplier itself."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    return {INNER_LR_PREFIX + k: mx.exp(v).astype(mx.float32) for k, v in tree_flatten(log_lr)}
+
+
+def split_inner_lr(arrays: dict) -> dict[str, float] | None:
+    """The stored multipliers by parameter name (``inner_lr.<param>``), or None when there are
+    none (shared inner lr, or weights published before per-layer lrs)."""
+    scales = {k[len(INNER_LR_PREFIX):]: float(v.item()) for k, v in arrays.items()
+              if k.startswith(INNER_LR_PREFIX)}
+    return scales or None
+
+
+def inner_lr_summary(scales: dict[str, float]) -> dict:
+    """Min / median / max multiplier per module type: the parameter name with its numeric parts
+    (block indices) dropped, e.g. every block's ``self_attn.q_proj.<leaf>`` together."""
+    import statistics
+
+    groups: dict[str, list[float]] = {}
+    for name, v in scales.items():
+        kind = ".".join(p for p in name.split(".") if not p.isdigit())
+        groups.setdefault(kind, []).append(v)
+    return {k: {"leaves": len(v), "min": round(min(v), 4),
+                "median": round(statistics.median(v), 4), "max": round(max(v), 4)}
+            for k, v in sorted(groups.items())}
+
+
+def init_lr_scales(init: str | Path | None, registry: str | Path | None = None
+                   ) -> dict[str, float] | None:
+    """The per-leaf inner-lr multipliers stored with ``init`` (meta-train --inner-lr-mode
+    per-layer), which ``adapt`` applies to the optimizer's update; None when it has none."""
+    if init is None or str(init).startswith("library:"):
+        return None
+    arrays, _ = load_safetensors(init_path(init, registry))
+    return split_inner_lr(arrays)
+
+
 def describe_init(init: str | Path | None, registry: str | Path | None = None) -> str | None:
     """How an adapter's provenance names its init: None (fresh), ``NAME@VERSION`` for a registry
     version (the version ``NAME`` or ``NAME@latest`` resolved to), ``library:...`` as given,

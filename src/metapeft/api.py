@@ -95,7 +95,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                gate_tasks: int = 20, gate_steps: int = 5, gate_tolerance: float = 0.02,
                gate_max_drift: float = 0.3, init: str | None = None,
                forgetting: str | None = None, ewc_lambda: float | None = None,
-               replay_fraction: float | None = None, since=None) -> MetaTrainReport:
+               replay_fraction: float | None = None, since=None,
+               inner_lr_mode: str = "shared",
+               inner_lr_meta_lr: float | None = None) -> MetaTrainReport:
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
     The defaults are the measured recipe (``config.META_RECIPE``); the inner lr defaults to the
     method's own ``default_lr`` with Adam (3x it with second-order MAML's plain SGD).
@@ -122,6 +124,11 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     ``parent``, ``forgetting`` and ``gain`` (also in ``result.extra["continual"]``). ``since`` (a
     datetime) keeps only the feedback rows from then on. Every published version stores its
     diagonal Fisher (``fisher.*`` tensors) for a later continuation's EWC.
+
+    ``inner_lr_mode="per-layer"``: meta-learn a multiplier of the inner lr per parameter leaf
+    (MAML++'s LSLR; ``meta.learner``), ``inner_lr_meta_lr`` its outer Adam lr. The multipliers
+    are published as ``inner_lr.*`` tensors (metadata ``inner_lr_mode`` and a per-module
+    summary, ``inner_lr_scales``); the lr calibration and ``adapt --init`` apply them.
 
     Under ``mlx.launch`` (``mx.distributed``, see ``meta.distributed``) the meta-steps, the
     validation and the calibration are split over the processes; rank 0 alone writes the
@@ -171,7 +178,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                          3 if inner_optimizer == "sgd" or (inner_optimizer is None
                                                            and algorithm == "maml") else 1),
                      inner_optimizer=inner_optimizer or ("sgd" if algorithm == "maml" else "adam"),
-                     outer_lr=outer_lr if outer_lr is not None else (1.0 if algorithm == "reptile" else 1e-3))
+                     outer_lr=outer_lr if outer_lr is not None else (1.0 if algorithm == "reptile" else 1e-3),
+                     inner_lr_mode=inner_lr_mode,
+                     **({} if inner_lr_meta_lr is None else {"inner_lr_meta_lr": inner_lr_meta_lr}))
     cfg.validate()
     if sources is None:
         sources = build_meta_sources(data, ways=ways, shots=shots, query=query, domains=domains,
@@ -209,6 +218,15 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     meta = version_metadata(adapter, cfg, result, spec=spec, meta_steps=meta_steps,
                             meta_batch=meta_batch, hyper={"ways": ways, "shots": shots,
                                                           "query": query, "seed": seed})
+    lr_scales = None
+    if result.best_log_lr is not None:  # per-layer inner lrs: stored with the weights
+        from metapeft.adapter_io import inner_lr_arrays, inner_lr_summary, split_inner_lr
+
+        lr_scales = split_inner_lr(inner_lr_arrays(result.best_log_lr))
+        import json
+
+        meta.update(inner_lr_mode=cfg.inner_lr_mode,
+                    inner_lr_scales=json.dumps(inner_lr_summary(lr_scales)))
     if calibrate_lr and sources.validation is not None and eval_episodes > 0:
         import json
 
@@ -217,7 +235,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
 
         cal = calibrate_adapt_lr(adapter, result.best_theta,
                                  validation_tasks(sources.validation, seed, eval_episodes),
-                                 cls.default_lr, on_trial=on_calibrate, group=group)
+                                 cls.default_lr, on_trial=on_calibrate, group=group,
+                                 lr_scales=lr_scales)
         meta.update(adapt_lr=str(cal["adapt_lr"]), adapt_lr_calibration=json.dumps(cal))
         result.extra["adapt_lr"] = cal
     fisher = None
@@ -237,6 +256,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     arrays = adapter.flat(result.best_theta)
     if fisher is not None:  # the version's diagonal Fisher, for a later continuation's EWC
         arrays.update(cont.fisher_arrays(fisher))
+    if result.best_log_lr is not None:  # the per-layer inner-lr multipliers, inner_lr.*
+        arrays.update(inner_lr_arrays(result.best_log_lr))
     if gate_plan is not None:
         kept = _gate_candidate(gate_plan, adapter, result, meta, cls.default_lr, arrays=arrays,
                                report_args=dict(

@@ -17,6 +17,15 @@ from typing import Any
 
 from metapeft.errors import UserError
 
+# Tensors stored beside a version's parameters that are not parameters: ``fisher.<param>`` (the
+# EWC Fisher, meta.continual) and ``inner_lr.<param>`` (per-layer inner-lr multipliers,
+# meta.learner's per-layer mode). Loaders that build a parameter tree skip them.
+EXTRA_TENSOR_PREFIXES = ("fisher.", "inner_lr.")
+
+
+def is_extra_tensor(name: str) -> bool:
+    return name.startswith(EXTRA_TENSOR_PREFIXES)
+
 
 def _fsync_dir(d: Path) -> None:
     try:

@@ -36,6 +36,7 @@ from typing import Any
 
 from metapeft.artifacts import (
     atomic_write_text,
+    is_extra_tensor,
     json_field,
     load_safetensors,
     read_metadata,
@@ -312,9 +313,9 @@ def show(spec: str, registry: str | Path | None = None) -> dict[str, Any]:
         "path": str(path), "size_bytes": path.stat().st_size,
         "metadata": {k: json_field(meta, k) for k in sorted(meta)},
         "tensors": tensors,
-        "num_tensors": sum(not k.startswith("fisher.") for k in tensors),
+        "num_tensors": sum(not is_extra_tensor(k) for k in tensors),
         "num_parameters": sum(math.prod(t["shape"]) for k, t in tensors.items()
-                              if not k.startswith("fisher.")),  # the stored EWC Fisher
+                              if not is_extra_tensor(k)),  # EWC Fisher, inner-lr multipliers
     }
 
 
@@ -336,7 +337,7 @@ def compare(spec_a: str, spec_b: str, registry: str | Path | None = None) -> dic
     for key, spec in (("a", spec_a), ("b", spec_b)):
         name, version, path = _resolve(spec, registry, "spec")
         arrays, meta = load_safetensors(path)
-        arrays = {k: v for k, v in arrays.items() if not k.startswith("fisher.")}  # EWC Fisher
+        arrays = {k: v for k, v in arrays.items() if not is_extra_tensor(k)}  # Fisher, inner lrs
         loaded.append((arrays, meta))
         out[key] = {"spec": spec, "name": name, "version": version, "path": str(path)}
     (arr_a, meta_a), (arr_b, meta_b) = loaded

@@ -28,7 +28,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from metapeft.adapters.base import Adapter
 from metapeft.data.tasks import Example, Task
@@ -196,13 +196,18 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
           target: float | None = None, compile: bool = True, objective: str = "ce",
           on_step: Callable[[int, float, float | None], None] | None = None,
           eval_at: set[int] | None = None, stop_at_target: bool = False,
-          stop: Callable[[int], bool] | None = None) -> AdaptResult:
+          stop: Callable[[int], bool] | None = None,
+          lr_scales: dict[str, float] | None = None) -> AdaptResult:
     """Train for ``steps`` optimizer steps; evaluate the query set at step 0 and after each step
     (or only at the steps in ``eval_at``: then ``accuracies`` holds those, in order, and
     ``extra["eval_steps"]`` says which steps they are). ``stop_at_target``: stop after the first
     evaluation that reaches ``target`` (``extra["stopped_at"]`` is then that step, else None).
     ``stop(step)`` is asked before every optimizer step (1-based); True ends the run before it
-    (``extra["stopped_early_at"]`` is then the last step run, else None): a time budget."""
+    (``extra["stopped_early_at"]`` is then the last step run, else None): a time budget.
+    ``lr_scales``: per-leaf multipliers of the step (parameter name -> factor; leaves not named
+    keep 1), the inner lrs a per-layer meta-training run learned (``adapter_io.init_lr_scales``).
+    Adam's update does not scale with the gradient, so the step itself is scaled, inside the
+    compiled step: new = old + scale · (optimizer's new − old)."""
     if steps < 0:
         raise UserError("--steps must be >= 0", field="steps")
     t0 = time.perf_counter()
@@ -216,10 +221,17 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
     holder = {"params": params}
     state = [holder, opt.state, mx.random.state]
     value_and_grad = mx.value_and_grad(partial(batch_loss, adapter, objective=objective))
+    scales = None
+    if lr_scales and any(float(v) != 1.0 for v in lr_scales.values()):  # all 1: the plain step
+        scales = tree_map_with_path(lambda k, _: mx.array(float(lr_scales.get(k, 1.0))), params)
 
     def step_fn(arrays):
         loss, grads = value_and_grad(holder["params"], [Batch(*a) for a in arrays])
-        holder["params"] = opt.apply_gradients(grads, holder["params"])
+        old = holder["params"]
+        new = opt.apply_gradients(grads, old)
+        if scales is not None:
+            new = tree_map(lambda o, n, c: o + c * (n - o), old, new, scales)
+        holder["params"] = new
         return loss, grads
 
     step = mx.compile(step_fn, inputs=state, outputs=state) if compile else step_fn

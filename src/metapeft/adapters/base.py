@@ -39,6 +39,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from metapeft import __version__
+from metapeft.artifacts import is_extra_tensor
 from metapeft.errors import UserError
 from metapeft.models import BaseModel
 from metapeft.scoring import Batch
@@ -318,8 +319,9 @@ class Adapter:
         return dict(tree_flatten(params))
 
     def unflat(self, flat: dict[str, mx.array]) -> dict:
-        # ``fisher.*``: the EWC Fisher stored with a version (meta.continual), not a parameter
-        return tree_unflatten([(k, v) for k, v in flat.items() if not k.startswith("fisher.")])
+        # ``fisher.*`` / ``inner_lr.*``: the EWC Fisher and the per-layer inner-lr multipliers
+        # stored with a version (artifacts.EXTRA_TENSOR_PREFIXES), not parameters
+        return tree_unflatten([(k, v) for k, v in flat.items() if not is_extra_tensor(k)])
 
     def check_origin(self, metadata: dict, source: str, what: str) -> None:
         """Refuse a file whose header names another method or base model (``what``: how the

@@ -157,6 +157,8 @@ def adapt(
     switch_tolerance: float = typer.Option(0.01, "--switch-tolerance", help="Gain in query "
                                            "accuracy (0-1) that counts as progress."),
     seed: int = typer.Option(0, help="Seed for the episode, the init and the batch order."),
+    inner_lr_scales: bool = typer.Option(True, help="Apply the per-layer lr multipliers stored "
+                                         "with --init (meta-train --inner-lr-mode per-layer)."),
     config: Optional[Path] = CONFIG_OPT,
     set_: Optional[list[str]] = SET_OPT,
     as_json: bool = JSON_OPT,
@@ -209,7 +211,7 @@ def adapt(
                                budget_seconds=budget_seconds, switch=switch.value, route=route,
                                keep=keep, max_size=max_size,
                                switch_window=switch_window, switch_tolerance=switch_tolerance,
-                               on_switch=on_switch)
+                               on_switch=on_switch, inner_lr_scales=inner_lr_scales)
         if as_json:
             print_json(report.to_json())
         else:

@@ -46,6 +46,11 @@ def meta_train(
                                                               "maml, adam otherwise)."),
     outer_lr: Optional[float] = typer.Option(None, help="Reptile ε (default 1.0, annealed); "
                                                         "FOMAML/MAML outer Adam lr (1e-3)."),
+    inner_lr_mode: str = typer.Option("shared", help="shared: one inner lr; per-layer: also "
+                                      "meta-learn a multiplier of it per parameter leaf (MAML++'s "
+                                      "LSLR), stored with the weights and applied by adapt."),
+    inner_lr_meta_lr: Optional[float] = typer.Option(None, help="per-layer: the outer Adam lr "
+                                                     "of the log-multipliers (default 0.05)."),
     domains: Optional[list[str]] = typer.Option(None, help="Keep only these domains (comma "
                                                            "list or repeated)."),
     exclude_domains: Optional[list[str]] = typer.Option(None, help="Drop these domains (keep "
@@ -170,6 +175,7 @@ def meta_train(
                 config=parse_sets(set_, config), ways=ways, shots=shots, query=query,
                 meta_steps=meta_steps, meta_batch=meta_batch, inner_steps=inner_steps,
                 inner_lr=inner_lr, inner_optimizer=inner_optimizer, outer_lr=outer_lr,
+                inner_lr_mode=inner_lr_mode, inner_lr_meta_lr=inner_lr_meta_lr,
                 seed=seed, eval_every=eval_every, eval_episodes=eval_episodes,
                 val_fraction=val_fraction, domains=csv_list(domains),
                 exclude_domains=csv_list(exclude_domains),

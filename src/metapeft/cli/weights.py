@@ -105,6 +105,11 @@ def _print_show_summary(d: dict) -> None:
                          for f, r in cal.get("table", {}).items())
         lines.append(f"  adapt lr    {cal['adapt_lr']:g} (x{cal['factor']} of {cal['base_lr']:g}; "
                      f"mean val accuracy over steps {cal['marks']}: {rows})")
+    scales = m.get("inner_lr_scales")
+    if isinstance(scales, dict) and scales:  # meta-train --inner-lr-mode per-layer
+        lines.append("  inner lrs   per layer, multiplier min / median / max by module:")
+        lines.extend(f"    {kind:<38} {r['min']:.3g} / {r['median']:.3g} / {r['max']:.3g} "
+                     f"({r['leaves']} leaves)" for kind, r in scales.items())
     gate = m.get("gate")
     if isinstance(gate, dict):  # meta-train --gate: the drift check it passed
         if gate.get("against") is None:

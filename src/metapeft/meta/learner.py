@@ -22,6 +22,20 @@ Continual runs (``meta.continual``): ``MetaLearner.anchor`` adds EWC's pull towa
 term is subtracted from the direction mean(φ − θ) (θ − φ being Reptile's gradient), the
 per-coordinate pull ε_t·2λF̂ capped at 1.
 
+Per-layer inner learning rates (``inner_lr_mode="per-layer"``; MAML++'s LSLR, Antoniou et al.
+2019, per parameter leaf rather than per step): every leaf of θ gets a learnable log-multiplier
+s_leaf (init 0), the inner step becomes θ ← θ − α·exp(s_leaf)·u (u the inner optimizer's update
+direction), and s has its own outer Adam (``inner_lr_meta_lr``), clipped to ±``LOG_LR_CLIP``.
+Its gradient:
+
+    maml      exact: mx.grad over the unrolled loop with respect to (θ, s)
+    fomaml    first order: dL_q/ds_leaf ≈ −Σ_t <g_q(φ), α·exp(s)·u_t>_leaf = −<g_q(φ), Δ>_leaf,
+              Δ the total step the optimizer took on the leaf (the dependence of u_t on s dropped)
+    reptile   the same first-order hypergradient, from the task's query gradient at φ. A
+              heuristic: Reptile's θ update follows φ − θ, not the query loss, so s and θ are
+              trained on different objectives (s: query loss after k steps from the current θ).
+              It costs one query backward per task, which plain Reptile does not run.
+
 Data parallel (``meta.distributed``): given an ``mx.distributed`` group, ``step`` receives only
 this rank's tasks and adds every rank's sums (contributions, losses, accuracies, task counts)
 with one ``all_sum`` before dividing by the total task count, whatever the algorithm.
@@ -33,6 +47,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 import mlx.core as mx
+import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from metapeft.errors import UserError
@@ -40,6 +55,8 @@ from metapeft.scoring import Batch
 from metapeft.train import batch_loss, make_optimizer, scored_hits
 
 ALGORITHMS = ("reptile", "fomaml", "maml")
+INNER_LR_MODES = ("shared", "per-layer")
+LOG_LR_CLIP = 3.0  # per-leaf multipliers stay within [e^-3, e^3] ≈ [0.05, 20]
 
 
 @dataclass
@@ -52,6 +69,8 @@ class MetaConfig:
     outer_optimizer: str = "adam"
     anneal: bool = True  # Reptile: ε decays linearly to 0 over the run
     objective: str = "ce"
+    inner_lr_mode: str = "shared"  # shared | per-layer (a learned multiplier per parameter leaf)
+    inner_lr_meta_lr: float = 0.05  # per-layer: the outer Adam lr of the log-multipliers
 
     def validate(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -63,6 +82,11 @@ class MetaConfig:
             raise UserError("inner optimizer must be adam or sgd", field="inner_optimizer")
         if self.inner_lr <= 0 or self.outer_lr <= 0:
             raise UserError("learning rates must be positive", field="inner_lr/outer_lr")
+        if self.inner_lr_mode not in INNER_LR_MODES:
+            raise UserError(f"unknown inner lr mode '{self.inner_lr_mode}'; choose one of "
+                            f"{', '.join(INNER_LR_MODES)}", field="inner_lr_mode")
+        if not self.inner_lr_meta_lr > 0:
+            raise UserError("--inner-lr-meta-lr must be positive", field="inner_lr_meta_lr")
         from metapeft.scoring import OBJECTIVES
 
         if self.objective not in OBJECTIVES:
@@ -86,7 +110,9 @@ def _take(batch, i):
 
 
 def inner_update(cfg: MetaConfig):
-    """The inner optimizer as an optax-style pair ``(init(params), update(params, grads, state))``.
+    """The inner optimizer as an optax-style pair ``(init(params), update(params, grads, state,
+    log_lr=None))``. ``log_lr``: per-layer mode's tree of per-leaf log-multipliers s (scalars, θ's
+    structure); the step on each leaf is then ``exp(s_leaf)`` times the shared one.
 
     Adam is written out because mlx.optimizers.Adam divides by ``sqrt(v) + eps``: at a fresh
     LoRA/DoRA/AdaLoRA init (B = 0) some gradients are exactly 0, and the derivative of ``sqrt(v)``
@@ -95,50 +121,96 @@ def inner_update(cfg: MetaConfig):
     eps wherever v >> eps**2. Like mlx's Adam (its default), no bias correction.
     """
     lr = cfg.inner_lr
+
+    def scaled(log_lr, params):
+        return (tree_map(lambda p: lr, params) if log_lr is None
+                else tree_map(lambda s: lr * mx.exp(s), log_lr))
+
     if cfg.inner_optimizer == "sgd":
-        return (lambda params: None,
-                lambda params, grads, state: (tree_map(lambda p, g: p - lr * g, params, grads),
-                                              None))
+        def sgd(params, grads, state, log_lr=None):
+            return tree_map(lambda p, g, a: p - a * g, params, grads,
+                            scaled(log_lr, params)), None
+
+        return lambda params: None, sgd
     b1, b2, eps2 = 0.9, 0.999, 1e-16
 
     def init(params):
         return tree_map(mx.zeros_like, params), tree_map(mx.zeros_like, params)
 
-    def update(params, grads, state):
+    def update(params, grads, state, log_lr=None):
         m, v = state
         m = tree_map(lambda m_, g: b1 * m_ + (1 - b1) * g, m, grads)
         v = tree_map(lambda v_, g: b2 * v_ + (1 - b2) * mx.square(g), v, grads)
-        params = tree_map(lambda p, m_, v_: p - lr * m_ / mx.sqrt(v_ + eps2), params, m, v)
+        params = tree_map(lambda p, m_, v_, a: p - a * m_ / mx.sqrt(v_ + eps2), params, m, v,
+                          scaled(log_lr, params))
         return params, (m, v)
 
     return init, update
 
 
-def inner_adapt(adapter, params: dict, support: Batch, cfg: MetaConfig) -> dict:
-    """``cfg.inner_steps`` optimizer steps on the support loss, with the adapter's step hook after
-    each (so AdaLoRA allocates ranks here as it does in ``adapt``); differentiable end to end and
-    free of ``mx.eval``, so it runs under ``mx.vmap``, ``mx.grad`` and ``mx.compile``."""
+def _inner_loop(adapter, params: dict, support: Batch, cfg: MetaConfig, log_lr=None,
+                track: bool = False):
+    """(φ, Δ): the inner loop, and with ``track`` the total step the optimizer took on each leaf,
+    Δ = Σ_t α·exp(s)·u_t = θ − φ before the adapter's hook (else None)."""
     grad_fn = mx.grad(partial(batch_loss, adapter, batches=support, objective=cfg.objective))
     init, update = inner_update(cfg)
     opt_state, hook_state = init(params), adapter.init_state(params)
+    moved = tree_map(mx.zeros_like, params) if track else None
     for i in range(1, cfg.inner_steps + 1):
         grads = grad_fn(params)
-        params, opt_state = update(params, grads, opt_state)
-        params, hook_state = adapter.on_step(params, grads, hook_state, i, cfg.inner_steps)
-    return params
+        new, opt_state = update(params, grads, opt_state, log_lr)
+        if track:
+            moved = tree_map(lambda d, p, n: d + (p - n), moved, params, new)
+        params, hook_state = adapter.on_step(new, grads, hook_state, i, cfg.inner_steps)
+    return params, moved
 
 
-def task_contribution(adapter, cfg: MetaConfig, theta: dict, support: Batch, query: Batch):
-    """(query loss after adaptation, query accuracy after adaptation, contribution tree)."""
+def inner_adapt(adapter, params: dict, support: Batch, cfg: MetaConfig, log_lr=None) -> dict:
+    """``cfg.inner_steps`` optimizer steps on the support loss, with the adapter's step hook after
+    each (so AdaLoRA allocates ranks here as it does in ``adapt``); differentiable end to end and
+    free of ``mx.eval``, so it runs under ``mx.vmap``, ``mx.grad`` and ``mx.compile``. ``log_lr``:
+    the per-leaf log-multipliers of per-layer mode (None: the shared lr)."""
+    return _inner_loop(adapter, params, support, cfg, log_lr)[0]
+
+
+def lr_hypergradient(query_grads: dict, moved: dict) -> dict:
+    """First-order dL_q/ds per leaf: −<g_q(φ), Δ>_leaf, Δ the leaf's total inner step."""
+    return tree_map(lambda g, d: -(g * d).sum(), query_grads, moved)
+
+
+def init_log_lr(theta: dict) -> dict:
+    """Per-layer mode's log-multipliers at their start: 0 (×1) for every leaf of θ."""
+    return tree_map(lambda p: mx.zeros((), dtype=mx.float32), theta)
+
+
+def task_contribution(adapter, cfg: MetaConfig, theta: dict, support: Batch, query: Batch,
+                      log_lr=None):
+    """(query loss after adaptation, query accuracy after adaptation, contribution tree). With
+    ``log_lr`` (per-layer mode) the contribution is ``{"theta": ..., "log_lr": dL_q/ds}``."""
     query_loss = partial(batch_loss, adapter, batches=query, objective=cfg.objective)
     if cfg.algorithm == "maml":
-        def outer_loss(th):
-            phi = inner_adapt(adapter, th, support, cfg)
-            return query_loss(phi), phi
+        if log_lr is None:
+            def outer_loss(th):
+                phi = inner_adapt(adapter, th, support, cfg)
+                return query_loss(phi), phi
 
-        (loss, phi), grads = mx.value_and_grad(outer_loss)(theta)
+            (loss, phi), grads = mx.value_and_grad(outer_loss)(theta)
+        else:  # exact: through the unrolled loop with respect to θ and s
+            def outer_loss(th, s):
+                phi = inner_adapt(adapter, th, support, cfg, s)
+                return query_loss(phi), phi
+
+            (loss, phi), (g_th, g_s) = mx.value_and_grad(outer_loss, argnums=(0, 1))(
+                theta, log_lr)
+            grads = {"theta": g_th, "log_lr": g_s}
         return loss, query_accuracy(adapter, tree_map(mx.stop_gradient, phi), query), grads
-    phi = tree_map(mx.stop_gradient, inner_adapt(adapter, theta, support, cfg))
+    phi, moved = _inner_loop(adapter, theta, support, cfg, log_lr, track=log_lr is not None)
+    phi = tree_map(mx.stop_gradient, phi)
+    if log_lr is not None:
+        loss, g_q = mx.value_and_grad(query_loss)(phi)
+        g_s = lr_hypergradient(g_q, tree_map(mx.stop_gradient, moved))
+        contrib = g_q if cfg.algorithm == "fomaml" else tree_map(lambda a, b: a - b, phi, theta)
+        return loss, query_accuracy(adapter, phi, query), {"theta": contrib, "log_lr": g_s}
     if cfg.algorithm == "fomaml":
         loss, grads = mx.value_and_grad(query_loss)(phi)
         return loss, query_accuracy(adapter, phi, query), grads
@@ -157,7 +229,8 @@ class MetaLearner:
     ``step(theta, groups, t, total)`` takes groups of stacked (support, query) Batches (each group
     shares shapes) and returns (new θ, mean query loss, mean query accuracy). With a distributed
     ``group`` of size > 1 the groups are this rank's share of the meta-batch (possibly none) and
-    the means are over every rank's tasks, so all ranks return the same θ.
+    the means are over every rank's tasks, so all ranks return the same θ. In per-layer mode the
+    learner also holds the inner lrs' log-multipliers, ``log_lr``, which each step updates.
     """
 
     def __init__(self, adapter, cfg: MetaConfig, vectorise: bool = True, compile: bool = True,
@@ -174,7 +247,19 @@ class MetaLearner:
         self.anchor = None  # meta.continual.Anchor: EWC's pull toward a parent θ, or None
         if cfg.algorithm != "reptile":
             self.outer = make_optimizer(cfg.outer_optimizer, cfg.outer_lr)
-        per_task = partial(task_contribution, adapter, cfg)
+        # per-layer inner lrs: the log-multipliers s (θ's structure, one scalar per leaf) and
+        # their own outer Adam; set by init_outer (or a checkpoint), carried across steps here
+        self.per_layer = cfg.inner_lr_mode == "per-layer"
+        self.log_lr = None
+        # bias-corrected, so a consistent hypergradient moves s by about inner_lr_meta_lr a step
+        self.lr_outer = (optim.Adam(learning_rate=cfg.inner_lr_meta_lr, bias_correction=True)
+                         if self.per_layer else None)
+        if self.per_layer:  # one argument, {"theta", "log_lr"}, so vmap and the sums stay alike
+            def per_task(state, support, query):
+                return task_contribution(adapter, cfg, state["theta"], support, query,
+                                         log_lr=state["log_lr"])
+        else:
+            per_task = partial(task_contribution, adapter, cfg)
         self._per_task = per_task
         vmapped = mx.vmap(per_task, in_axes=(None, 0, 0))
 
@@ -184,9 +269,12 @@ class MetaLearner:
 
         self._batched = mx.compile(batched) if self.compile else batched
 
-    def init_outer(self, theta: dict) -> None:
+    def init_outer(self, theta: dict, log_lr: dict | None = None) -> None:
         if self.outer is not None:
             self.outer.init(theta)
+        if self.per_layer:
+            self.log_lr = init_log_lr(theta) if log_lr is None else log_lr
+            self.lr_outer.init(self.log_lr)
 
     def _group_sums(self, theta, support: Batch, query: Batch):
         n = support[0].shape[0]
@@ -209,20 +297,27 @@ class MetaLearner:
         return loss_sum, acc_sum, total, n
 
     def step(self, theta: dict, groups: list[tuple[Batch, Batch]], t: int, total_steps: int):
+        if self.per_layer and self.log_lr is None:
+            self.init_outer(theta)
+        arg = {"theta": theta, "log_lr": self.log_lr} if self.per_layer else theta
         loss_sum, acc_sum, contrib_sum, n = 0.0, 0.0, None, 0
         for support, query in groups:
-            ls, ac, cs, k = self._group_sums(theta, support, query)
+            ls, ac, cs, k = self._group_sums(arg, support, query)
             loss_sum, acc_sum, n = loss_sum + ls, acc_sum + ac, n + k
             contrib_sum = cs if contrib_sum is None else tree_map(lambda a, b: a + b, contrib_sum, cs)
         if self.group is not None and self.group.size() > 1:
             from metapeft.meta.distributed import all_sum_tree
 
             if contrib_sum is None:  # this rank drew no task of the meta-batch
-                contrib_sum = tree_map(mx.zeros_like, theta)
+                contrib_sum = tree_map(mx.zeros_like, arg)
             contrib_sum, loss_sum, acc_sum, n = all_sum_tree(contrib_sum, self.group, loss_sum,
                                                              acc_sum, float(n))
             n = int(n.item())
         mean = tree_map(lambda c: c / n, contrib_sum)
+        if self.per_layer:  # s: its own Adam on dL_q/ds, clipped to ±LOG_LR_CLIP
+            s = self.lr_outer.apply_gradients(mean["log_lr"], self.log_lr)
+            self.log_lr = tree_map(lambda v: mx.clip(v, -LOG_LR_CLIP, LOG_LR_CLIP), s)
+            mean = mean["theta"]
         if self.cfg.algorithm == "reptile":
             eps = self.cfg.outer_lr * ((1.0 - t / max(total_steps, 1)) if self.cfg.anneal else 1.0)
             new = tree_map(lambda th, d: th + eps * d, theta, mean)
@@ -234,5 +329,5 @@ class MetaLearner:
                 mean = tree_map(lambda a, b: a + b, mean, self.anchor.gradient(theta))
             theta = self.outer.apply_gradients(mean, theta)
         loss, acc = loss_sum / n, acc_sum / n
-        mx.eval(theta, loss, acc)
+        mx.eval(theta, loss, acc, *([self.log_lr] if self.per_layer else []))
         return theta, float(loss), float(acc)

@@ -52,6 +52,9 @@ class MetaTrainResult:
     path: str | None = None
     fallback_reason: str | None = None
     extra: dict = field(default_factory=dict)
+    # per-layer inner lrs (MetaConfig.inner_lr_mode): the log-multipliers s that go with
+    # best_theta (θ's structure, one scalar per leaf); None in shared mode
+    best_log_lr: dict | None = None
 
 
 def _flat(prefix: str, tree) -> dict:
@@ -69,13 +72,15 @@ def validation_tasks(val_source, seed: int, count: int) -> list:
     return [val_source.sample(10_000_019 * (seed + 1) + i) for i in range(count)]
 
 
-def validate_theta(adapter, cfg: MetaConfig, theta: dict, episodes, group=None) -> float:
-    """Mean query accuracy after ``cfg.inner_steps`` inner steps from θ on fixed val episodes.
+def validate_theta(adapter, cfg: MetaConfig, theta: dict, episodes, group=None,
+                   log_lr: dict | None = None) -> float:
+    """Mean query accuracy after ``cfg.inner_steps`` inner steps from θ on fixed val episodes
+    (per-layer mode: at the learned per-leaf lrs ``log_lr``).
     With a distributed ``group`` each rank adapts its share and every rank gets the same mean."""
     accs = {}
     for i in dist.mine(len(episodes), group):
         e = episodes[i]
-        phi = inner_adapt(adapter, theta, e.support, cfg)
+        phi = inner_adapt(adapter, theta, e.support, cfg, log_lr)
         acc = query_accuracy(adapter, phi, e.query)
         mx.eval(acc)
         accs[i] = acc.item()
@@ -121,6 +126,7 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
     theta = init if init is not None else adapter.init_params(seed)
     learner.init_outer(theta)
     best_theta, best_val, best_step = theta, -math.inf, 0
+    best_log_lr = learner.log_lr  # per-layer mode's multipliers at the best step; else None
     losses, accs, val_steps, val_accs = [], [], [], []
     start = 0
     elapsed_before = 0.0
@@ -145,11 +151,17 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
                             field=changed[0])
         theta = _unflat("theta", arrays)
         best_theta = _unflat("best", arrays) or theta
+        if learner.outer is not None or learner.per_layer:
+            learner.init_outer(theta, _unflat("log_lr", arrays) if learner.per_layer else None)
         if learner.outer is not None:
             state = _unflat("outer", arrays)
-            learner.init_outer(theta)
             if state is not None:
                 learner.outer.state = state
+        if learner.per_layer:
+            state = _unflat("lr_outer", arrays)
+            if state is not None:
+                learner.lr_outer.state = state
+            best_log_lr = _unflat("best_log_lr", arrays) or learner.log_lr
         curves = json.loads(meta["curves"])
         losses, accs = curves["meta_loss"], curves["meta_accuracy"]
         val_steps, val_accs = curves["val_steps"], curves["val_accuracy"]
@@ -175,6 +187,9 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
         arrays = {**_flat("theta", theta), **_flat("best", best_theta)}
         if learner.outer is not None:
             arrays.update(_flat("outer", learner.outer.state))
+        if learner.per_layer:
+            arrays.update({**_flat("log_lr", learner.log_lr), **_flat("best_log_lr", best_log_lr),
+                           **_flat("lr_outer", learner.lr_outer.state)})
         curves = {"meta_loss": losses, "meta_accuracy": accs, "val_steps": val_steps,
                   "val_accuracy": val_accs, "best_val": best_val if best_val > -math.inf else None,
                   "best_step": best_step}
@@ -211,13 +226,14 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
             accs.append(round(acc, 6))
             val = None
             if val_eps and ((t + 1) % eval_every == 0 or t + 1 == meta_steps):
-                val = validate_theta(adapter, cfg, theta, val_eps, group)
+                val = validate_theta(adapter, cfg, theta, val_eps, group, learner.log_lr)
                 val_steps.append(t + 1)
                 val_accs.append(round(val, 6))
                 if val > best_val:
                     best_val, best_step, best_theta = val, t + 1, theta
+                    best_log_lr = learner.log_lr
             if not val_eps:
-                best_theta, best_step = theta, t + 1
+                best_theta, best_step, best_log_lr = theta, t + 1, learner.log_lr
             if on_step is not None:
                 on_step(t + 1, loss, acc, val)
             if checkpoint is not None and ((t + 1) % checkpoint_every == 0 or t + 1 == meta_steps):
@@ -233,6 +249,7 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
                            val_accuracies=val_accs,
                            seconds=elapsed_before + time.perf_counter() - t0,
                            steps_done=meta_steps, fallback_reason=learner.fallback_reason,
+                           best_log_lr=best_log_lr,
                            extra={"processes": dist.size_of(group),
                                   **({"replay": {"tasks_per_step": n_replay,
                                                  "labels": sorted(replay_labels)}}

@@ -28,8 +28,10 @@ DEFAULT_MARKS = (1, 2, 5, 10)
 
 def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
                        factors=DEFAULT_FACTORS, marks=DEFAULT_MARKS, optimizer: str = "adam",
-                       on_trial=None, group=None) -> dict:
+                       on_trial=None, group=None, lr_scales: dict | None = None) -> dict:
     """Choose the test-time lr for ``params`` on validation ``tasks`` (``Task`` objects).
+    ``lr_scales``: the per-leaf multipliers the init carries (per-layer inner lrs), applied as
+    ``adapt`` applies them, so the lr is chosen for the steps ``adapt`` will take.
 
     Returns ``{"adapt_lr", "factor", "base_lr", "marks", "num_tasks", "table"}`` where ``table``
     maps each factor (as a string) to its mean accuracy at each mark and overall."""
@@ -47,7 +49,7 @@ def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
         try:
             for i in dist.mine(n, group):
                 r = train(adapter, params, encoded[i], steps=marks[-1], lr=base_lr * f,
-                          optimizer=optimizer, eval_at=set(marks))
+                          optimizer=optimizer, eval_at=set(marks), lr_scales=lr_scales)
                 slots.update({i * k + j: a for j, a in enumerate(r.accuracies)})
         except FloatingPointError:  # this lr diverges from this init: never the one to use
             slots[n * k] = 1.0
