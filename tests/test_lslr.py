@@ -138,6 +138,11 @@ def test_multipliers_are_published_loaded_and_applied(tiny, tmp_path):
     params = resolve_init(str(rep.path), ad)
     assert {k for k, _ in tree_flatten(params)} == names
 
+    # the drift gate adapts a version as adapt would: with its multipliers
+    from metapeft.drift import load_contender
+
+    assert load_contender("ls", tiny, root).lr_scales == scales
+
     # weights show prints the summary
     out = CliRunner().invoke(app, ["weights", "show", "ls", "--registry", str(root)],
                              catch_exceptions=False)

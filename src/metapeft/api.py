@@ -433,7 +433,10 @@ def _gate_candidate(plan, adapter, result, meta: dict, default_lr: float, *, arr
 
     cal = result.extra.get("adapt_lr")
     lr, lr_from = (cal["adapt_lr"], "adapt_lr") if cal else (default_lr, "method default")
-    check = plan.run(adapter, result.best_theta, lr=lr, lr_from=lr_from)
+    from metapeft.adapter_io import split_inner_lr
+
+    check = plan.run(adapter, result.best_theta, lr=lr, lr_from=lr_from,
+                     lr_scales=split_inner_lr(arrays))  # per-layer inner lrs, as adapt applies
     summary = plan.summary(check)
     result.extra["gate"] = summary
     meta["gate"] = json.dumps(summary)

@@ -56,6 +56,8 @@ class Contender:
     name: str | None = None
     version: int | None = None
     path: str | None = None
+    # per-layer inner-lr multipliers stored with the version (inner_lr.*), applied as adapt does
+    lr_scales: dict | None = None
 
     def describe(self) -> dict:
         return {"spec": self.label, "name": self.name, "version": self.version,
@@ -76,7 +78,7 @@ def load_contender(spec: str, base, registry: str | Path | None = None, *,
                    field: str = "new") -> Contender:
     """Registry version ``spec`` (``NAME[@V]``) as an adapter on ``base``, with its own adapter
     options; a one-line error when it was trained on another base model or does not fit."""
-    from metapeft.adapter_io import check_base_model
+    from metapeft.adapter_io import check_base_model, split_inner_lr
     from metapeft.adapters import get_adapter_class
     from metapeft.artifacts import json_field, load_safetensors
     from metapeft.registry import parse_spec, resolve
@@ -100,7 +102,7 @@ def load_contender(spec: str, base, registry: str | Path | None = None, *,
     return Contender(label=f"{name}@{version}", adapter=adapter, params=params,
                      lr=lr if lr is not None else cls.default_lr,
                      lr_from="adapt_lr" if lr is not None else "method default", name=name,
-                     version=version, path=str(path))
+                     version=version, path=str(path), lr_scales=split_inner_lr(arrays))
 
 
 def probe_tasks(data: str | Path, *, tasks: int = DEFAULT_TASKS, ways: int = 5, shots: int = 5,
@@ -141,7 +143,8 @@ def adapt_and_score(c: Contender, enc, steps: int, seed: int = 0) -> tuple[np.nd
 
     from metapeft.train import train
 
-    res = train(c.adapter, c.params, enc, steps=steps, lr=c.lr, seed=seed, evaluate_query=False)
+    res = train(c.adapter, c.params, enc, steps=steps, lr=c.lr, seed=seed, evaluate_query=False,
+                lr_scales=c.lr_scales)
     params = c.adapter.scoring_params(res.params)
     logp, gold = [], []
     with c.adapter.scoring_mode():
@@ -346,15 +349,16 @@ class GatePlan:
     registry: Any = None
     old: Contender | None = None  # the latest version, loaded on the run's base model
 
-    def run(self, adapter, params: dict, *, lr: float, lr_from: str) -> DriftReport | None:
-        """The candidate (``adapter`` with ``params``, adapted at ``lr``) against the latest
-        version; None when there is none."""
+    def run(self, adapter, params: dict, *, lr: float, lr_from: str,
+            lr_scales: dict | None = None) -> DriftReport | None:
+        """The candidate (``adapter`` with ``params``, adapted at ``lr``, with its per-layer
+        multipliers ``lr_scales`` if any) against the latest version; None when there is none."""
         if self.against is None:
             return None
         old = self.old or load_contender(self.against, adapter.base, self.registry,
                                          field="gate")
         new = Contender(label=f"{self.name} (candidate)", adapter=adapter, params=params, lr=lr,
-                        lr_from=lr_from, name=self.name)
+                        lr_from=lr_from, name=self.name, lr_scales=lr_scales)
         report = compare(new, old, self.probes, steps=self.steps, tolerance=self.tolerance,
                          max_drift=self.max_drift, seed=self.seed, data=self.data,
                          registry=self.registry)
