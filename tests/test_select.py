@@ -192,3 +192,22 @@ def test_default_hyperparameters_are_the_adapters():
         assert hp["lr"] == cls.default_lr
         assert hp["steps"] == run_defaults()["steps"]
     assert default_hyperparameters("prompt")["num_virtual_tokens"] == 8
+
+
+def test_method_accuracy_comes_from_runs_of_its_own_init():
+    """A run from a meta-init or the library measures the init as much as the method: a task's
+    method accuracy is the mean of its fresh (or unknown-init) runs, the others only when it
+    has no such run."""
+    from metapeft.experience import ExperienceRecord
+    from metapeft.select.embedder import task_table
+
+    def rec(method, acc, source):
+        run = None if source is None else {"init_source": source}
+        return ExperienceRecord(task="t", method=method, features=[1.0, 2.0],
+                                final_accuracy=acc, run=run)
+
+    rows = task_table([rec("lora", 0.5, "fresh"), rec("lora", 0.9, "route"),
+                       rec("lora", 0.7, None), rec("dora", 0.8, "compose")])
+    assert len(rows) == 1
+    assert rows[0].accuracy["lora"] == pytest.approx(0.6)  # fresh + unknown; route left out
+    assert rows[0].accuracy["dora"] == pytest.approx(0.8)  # no own-init run: library run counts

@@ -63,9 +63,17 @@ class TaskRow:
 
 
 def task_table(records) -> list[TaskRow]:
-    """Group experience records into tasks (same name, domain and features)."""
+    """Group experience records into tasks (same name, domain and features).
+
+    A method's accuracy on a task is the mean of its runs from its own init (init source fresh,
+    or unknown for records written before it was kept): runs started from a meta-init or the
+    adapter library (``sweep --init-sources``) measure the init as much as the method, so they
+    count only where a (task, method) has no run from its own init."""
+    from metapeft.experience import init_source_of
+
     rows: dict[str, TaskRow] = {}
     sums: dict[tuple[str, str], list[float]] = {}
+    own: dict[tuple[str, str], list[float]] = {}
     best: dict[tuple[str, str], float] = {}
     for r in records:
         f = np.asarray(r.features, np.float64)
@@ -74,12 +82,14 @@ def task_table(records) -> list[TaskRow]:
         if row is None:
             row = rows[key] = TaskRow(key=key, name=r.task, domain=r.domain, features=f)
         sums.setdefault((key, r.method), []).append(r.final_accuracy)
+        if init_source_of(r) in (None, "fresh"):
+            own.setdefault((key, r.method), []).append(r.final_accuracy)
         if r.final_accuracy > best.get((key, r.method), -1.0):
             best[(key, r.method)] = r.final_accuracy
             row.best_hp[r.method] = dict(r.hyperparameters)
             row.record_ids[r.method] = r.id
     for (key, m), accs in sums.items():
-        rows[key].accuracy[m] = float(np.mean(accs))
+        rows[key].accuracy[m] = float(np.mean(own.get((key, m)) or accs))
     return list(rows.values())
 
 
