@@ -59,3 +59,22 @@ def small_task():
     from metapeft.data.synthetic import generate_task
 
     return generate_task(3, family="topic", ways=3, shots=4, query=4)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A registry root of this test's own (METAPEFT_HOME), so no two tests share a store."""
+    monkeypatch.setenv("METAPEFT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """A 3-way 3-shot synthetic topic task written as a task directory (files may define their
+    own ``task_dir`` with another task)."""
+    from metapeft.data.synthetic import generate_task
+    from metapeft.quickstart import write_task_dir
+
+    return write_task_dir(generate_task(5, family="topic", ways=3, shots=3, query=3),
+                          tmp_path_factory.mktemp("task"))
+

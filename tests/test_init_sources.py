@@ -17,21 +17,6 @@ from metapeft.select.features import FEATURE_NAMES
 LIBRARY = {"compose", "route"}
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("METAPEFT_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    from metapeft.data.synthetic import generate_task
-    from metapeft.quickstart import write_task_dir
-
-    return write_task_dir(generate_task(5, family="topic", ways=3, shots=3, query=3),
-                          tmp_path_factory.mktemp("task"))
-
-
 def cli(*args):
     from metapeft.cli import app
 

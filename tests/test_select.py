@@ -36,12 +36,6 @@ def synthetic_experience(n_tasks: int, seed: int = 0) -> list[ExperienceRecord]:
     return recs
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("METAPEFT_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def runner_app():
     from metapeft.cli.select import register
 
