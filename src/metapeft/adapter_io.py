@@ -107,7 +107,14 @@ def init_lr_scales(init: str | Path | None, registry: str | Path | None = None
     per-layer), which ``adapt`` applies to the optimizer's update; None when it has none."""
     if init is None or str(init).startswith("library:"):
         return None
-    arrays, _ = load_safetensors(init_path(init, registry))
+    from metapeft.artifacts import read_metadata
+
+    path = init_path(init, registry)
+    # the header says whether there are any (meta-train writes inner_lr_mode only with them):
+    # the usual init has none, and resolve_init has already loaded its tensors once
+    if read_metadata(path).get("inner_lr_mode") in (None, "shared"):
+        return None
+    arrays, _ = load_safetensors(path)
     return split_inner_lr(arrays)
 
 

@@ -218,13 +218,14 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     meta = version_metadata(adapter, cfg, result, spec=spec, meta_steps=meta_steps,
                             meta_batch=meta_batch, hyper={"ways": ways, "shots": shots,
                                                           "query": query, "seed": seed})
-    lr_scales = None
+    lr_scales = scale_arrays = None
     if result.best_log_lr is not None:  # per-layer inner lrs: stored with the weights
-        from metapeft.adapter_io import inner_lr_arrays, inner_lr_summary, split_inner_lr
-
-        lr_scales = split_inner_lr(inner_lr_arrays(result.best_log_lr))
         import json
 
+        from metapeft.adapter_io import inner_lr_arrays, inner_lr_summary, split_inner_lr
+
+        scale_arrays = inner_lr_arrays(result.best_log_lr)
+        lr_scales = split_inner_lr(scale_arrays)
         meta.update(inner_lr_mode=cfg.inner_lr_mode,
                     inner_lr_scales=json.dumps(inner_lr_summary(lr_scales)))
     if calibrate_lr and sources.validation is not None and eval_episodes > 0:
@@ -256,8 +257,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     arrays = adapter.flat(result.best_theta)
     if fisher is not None:  # the version's diagonal Fisher, for a later continuation's EWC
         arrays.update(cont.fisher_arrays(fisher))
-    if result.best_log_lr is not None:  # the per-layer inner-lr multipliers, inner_lr.*
-        arrays.update(inner_lr_arrays(result.best_log_lr))
+    if scale_arrays is not None:  # the per-layer inner-lr multipliers, inner_lr.*
+        arrays.update(scale_arrays)
     if gate_plan is not None:
         kept = _gate_candidate(gate_plan, adapter, result, meta, cls.default_lr, arrays=arrays,
                                report_args=dict(
