@@ -176,6 +176,17 @@ def generated(net: Generator, emb: mx.array, scales: list[float],
     return out
 
 
+def _task_thetas(net: Generator, adapter, emb: mx.array, scales: list[float], keymap
+                 ) -> list[dict]:
+    """The adapter parameter tree the generator gives each of the N task embeddings (evaluated,
+    so no gradient flows back into the generator from them)."""
+    want = adapter.flat(adapter.init_params(0))
+    theta = generated(net, emb, scales, keymap)
+    mx.eval(theta)
+    return [adapter.unflat({k: theta[k][j].astype(want[k].dtype) for k in want})
+            for j in range(emb.shape[0])]
+
+
 def e2e_gradients(net: Generator, adapter, scales: list[float], keymap, inner, emb: mx.array,
                   episodes: list) -> tuple[list[float], list[float], dict]:
     """(query losses, query accuracies, the generator's gradient) for one meta-batch: task i's
@@ -188,11 +199,8 @@ def e2e_gradients(net: Generator, adapter, scales: list[float], keymap, inner, e
     from metapeft.meta.learner import task_contribution
 
     want = adapter.flat(adapter.init_params(0))
-    theta = generated(net, emb, scales, keymap)
-    mx.eval(theta)
     losses, hits, cots = [], [], []
-    for j, (support, query) in enumerate(episodes):
-        th = adapter.unflat({k: theta[k][j].astype(want[k].dtype) for k in want})
+    for th, (support, query) in zip(_task_thetas(net, adapter, emb, scales, keymap), episodes):
         loss, acc, g = task_contribution(adapter, inner, th, support, query)
         g = adapter.flat(tree_map(mx.stop_gradient, g))
         mx.eval(loss, acc, g)
@@ -225,11 +233,8 @@ def mean_query_loss(net: Generator, adapter, scales, keymap, inner, emb, episode
     from metapeft.meta.learner import inner_adapt
     from metapeft.train import batch_loss
 
-    want = adapter.flat(adapter.init_params(0))
-    theta = generated(net, emb, scales, keymap)
     out = []
-    for j, (support, query) in enumerate(episodes):
-        th = adapter.unflat({k: theta[k][j].astype(want[k].dtype) for k in want})
+    for th, (support, query) in zip(_task_thetas(net, adapter, emb, scales, keymap), episodes):
         loss = batch_loss(adapter, inner_adapt(adapter, th, support, inner), query)
         mx.eval(loss)
         out.append(loss.item())
