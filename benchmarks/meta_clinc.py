@@ -140,6 +140,11 @@ def main() -> None:
                     help="adapt the meta and multitask inits at the test-time lr chosen for each "
                          "on the run's validation tasks (metapeft.meta.stepsize), cached as "
                          "DIR/<init>.json; meta-weights that carry adapt_lr use it")
+    ap.add_argument("--calibrate-decays", default="0",
+                    help="inverse-time lr decays tried with every lr factor in the calibration "
+                         "(train.lr_schedule; 0 = constant lr)")
+    ap.add_argument("--inits", default=None,
+                    help="comma-separated subset of fresh,meta,multitask to adapt (default all)")
     ap.add_argument("--calibrate-inits", default="meta,multitask",
                     help="which inits this process calibrates when DIR lacks them (two "
                          "processes can split the work)")
@@ -227,6 +232,7 @@ def main() -> None:
     print(f"meta-train {meta_seconds:.0f} s (best val step {best_step}: {val_accs}); "
           f"multitask {mt_steps} steps {mt_seconds:.0f} s", flush=True)
     lrs = {name: lr for name in inits}  # the test-time Adam lr of each init
+    decays = {name: 0.0 for name in inits}  # and its inverse-time decay (train.lr_schedule)
     calibration = {}
     if args.calibrate:
         import json
@@ -249,13 +255,15 @@ def main() -> None:
                 tc = time.perf_counter()
                 cal = calibrate_adapt_lr(
                     adapter, inits[name], validation_tasks(sources.validation, 0, 6), lr,
+                    decays=[float(x) for x in args.calibrate_decays.split(",")],
                     on_trial=lambda fct, row, n=name: print(f"  {n} lr x{fct}: {row}", flush=True))
                 cal["seconds"] = round(time.perf_counter() - tc, 1)
                 write_json(str(f), cal)
                 calibration[name] = cal
         for name, cal in calibration.items():
             lrs[name] = cal["adapt_lr"]
-        print(f"test-time lr per init: {lrs}", flush=True)
+            decays[name] = cal.get("adapt_lr_decay", 0.0)
+        print(f"test-time lr per init: {lrs}; inverse-time decay per init: {decays}", flush=True)
     if args.tasks == 0:  # inits only (meta-weights in --registry, --multitask-weights)
         return
 
@@ -264,7 +272,7 @@ def main() -> None:
     header = {"args": vars(args), "spec": spec, "meta_seconds": meta_seconds,
               "val_steps": val_steps, "val_accuracy": val_accs, "best_step": best_step,
               "multitask_steps": mt_steps, "multitask_seconds": mt_seconds,
-              "inits": list(inits), "lr": lrs, "calibration": calibration}
+              "inits": list(inits), "lr": lrs, "lr_decay": decays, "calibration": calibration}
     # by default every step to 10: steps-to-accuracy at step resolution
     marks_short = sorted({0, 10} | {int(m) for m in args.marks.split(",") if int(m) <= 10})
     marks_long = marks_short + ([int(m) for m in args.long_marks.split(",")]
@@ -291,8 +299,11 @@ def main() -> None:
             rec["seconds"][name] = round(time.perf_counter() - tb, 2)
         marks = marks_long if i < args.long_tasks else marks_short
         for name, init in inits.items():
+            if args.inits and name not in args.inits.split(","):
+                continue
             tb = time.perf_counter()
-            r = train(adapter, init, data, steps=marks[-1], lr=lrs[name], eval_at=set(marks))
+            r = train(adapter, init, data, steps=marks[-1], lr=lrs[name], eval_at=set(marks),
+                      lr_decay=decays[name])
             rec["acc"][name] = dict(zip(r.extra["eval_steps"], r.accuracies))
             rec["seconds"][name] = round(time.perf_counter() - tb, 2)
         records.append(rec)

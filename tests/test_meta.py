@@ -247,7 +247,7 @@ def test_adapt_lr_is_calibrated_on_validation_and_used_by_adapt(tmp_path):
                          inner_steps=2, meta_batch=2, meta_steps=2, eval_every=2, eval_episodes=2,
                          on_calibrate=lambda f, row: trials.append((f, row["mean"])))
     cal = res.result.extra["adapt_lr"]
-    assert [f for f, _ in trials] == [2.0, 1.0, 0.5, 0.2] and cal["num_tasks"] == 2
+    assert [f for f, _ in trials] == ["2.0", "1.0", "0.5", "0.2"] and cal["num_tasks"] == 2
     best = max(m for _, m in trials)
     assert cal["table"][str(cal["factor"])]["mean"] == best
     assert cal["adapt_lr"] == pytest.approx(cal["base_lr"] * cal["factor"])
@@ -275,3 +275,51 @@ def test_calibration_never_picks_a_diverging_lr(tiny):
     cal = calibrate_adapt_lr(adapter, adapter.init_params(0), tasks, 1e-3,
                              factors=(1e9, 1.0), marks=(1, 2))
     assert cal["factor"] == 1.0 and cal["table"]["1000000000.0"]["diverged"]
+
+
+def test_lr_decay_keeps_the_first_step_and_scales_the_later_ones(tiny):
+    """Inverse-time decay: update 1 runs at the full lr, update t at lr / (1 + d(t-1)). Adam's
+    second update from the same point is the same direction, so with d = 1 it is exactly half."""
+    from metapeft.train import encode_task, train
+
+    adapter = get_adapter_class("lora").attach(tiny, {})
+    data = encode_task(generate_task(3, family="intent", ways=3, shots=2, query=2), tiny.tokenizer)
+    init = adapter.init_params(0)
+    flat = lambda p: np.concatenate([np.asarray(v).ravel() for _, v in tree_flatten(p)])
+    run = lambda steps, d: flat(train(adapter, init, data, steps=steps, lr=1e-3, lr_decay=d,
+                                      evaluate_query=False).params)
+    one_const, one_decay = run(1, 0.0), run(1, 1.0)
+    np.testing.assert_allclose(one_decay, one_const, atol=1e-7)
+    second_const = run(2, 0.0) - one_const
+    second_decay = run(2, 1.0) - one_decay
+    assert np.abs(second_const).max() > 1e-5
+    np.testing.assert_allclose(second_decay, 0.5 * second_const, atol=1e-6)
+
+
+def test_calibrated_lr_decay_is_published_and_used_by_adapt(tmp_path):
+    """With decays to try, every (factor, decay) pair is a candidate; the chosen decay goes into
+    the header (adapt_lr_decay) and adapt --init applies it unless --lr or --lr-decay says
+    otherwise. A bad --lr-decays is a one-line error (exit 2)."""
+    from metapeft import api
+    from metapeft import registry as reg
+    from metapeft.quickstart import write_task_dir
+
+    home = tmp_path / "home"
+    trials = []
+    res = api.meta_train("synthetic", name="d", registry=home, ways=3, shots=2, query=2,
+                         inner_steps=2, meta_batch=2, meta_steps=2, eval_every=2, eval_episodes=2,
+                         calibrate_decays=(0.5,),
+                         on_calibrate=lambda k, row: trials.append(k))
+    cal = res.result.extra["adapt_lr"]
+    assert trials == ["2.0/decay0.5", "1.0/decay0.5", "0.5/decay0.5", "0.2/decay0.5"]
+    assert cal["adapt_lr_decay"] == 0.5
+    assert float(reg.show("d", home)["metadata"]["adapt_lr_decay"]) == 0.5
+    task = tmp_path / "task"
+    write_task_dir(generate_task(7, family="intent", ways=3, shots=2, query=2), task)
+    assert api.adapt(str(task), steps=1, init=res.path).extra["lr_decay"] == 0.5
+    assert "lr_decay" not in api.adapt(str(task), steps=1, init=res.path, lr=5e-4).extra
+    assert "lr_decay" not in api.adapt(str(task), steps=1, init=res.path, lr_decay=0.0).extra
+    bad = run_cli("meta-train", "--name", "e", "--lr-decays", "0,-1", "--meta-steps", "1",
+                  home=home)
+    assert bad.returncode == 2 and "--lr-decays" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

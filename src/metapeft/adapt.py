@@ -90,7 +90,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
           on_decision: Callable[[dict], None] | None = None, switch: str = "off",
           switch_window: int = 3, switch_tolerance: float = 0.01,
           on_switch: Callable[[dict], None] | None = None,
-          inner_lr_scales: bool = True) -> AdaptReport:
+          inner_lr_scales: bool = True, lr_decay: float | None = None) -> AdaptReport:
     """Train one adapter on a task's support set; query accuracy at step 0 and after every step.
     ``stop_at_target``: end the run at the first step whose query accuracy reaches ``target``
     (that step is ``steps_to_target``; the curve stops there).
@@ -122,10 +122,15 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     --inner-lr-mode per-layer``) carry a step multiplier per parameter leaf; they scale each
     leaf's update (``train.train(lr_scales=...)``) unless this is False
     (``--no-inner-lr-scales``). ``extra["inner_lr_scales"]`` says whether they were applied.
-    With ``switch="auto"`` they are not applied (the stack's tree is not the init's)."""
+    With ``switch="auto"`` they are not applied (the stack's tree is not the init's).
+
+    ``lr_decay``: step t runs at ``lr / (1 + lr_decay · (t − 1))`` (``train.lr_schedule``). None:
+    the decay the init's calibration chose (``adapt_lr_decay``; 0 when it has none or ``lr`` is
+    given)."""
     import time
 
-    from metapeft.adapter_io import describe_init, init_adapt_lr, resolve_init, save_adapter
+    from metapeft.adapter_io import (describe_init, init_adapt_lr, init_adapt_lr_decay,
+                                      resolve_init, save_adapter)
     from metapeft.adapters import get_adapter_class
     from metapeft.models import load_base_model
     from metapeft.scoring import OBJECTIVES
@@ -209,6 +214,9 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         params, library_start = library_init(init, route, adapter, data, task, seed=seed)
     if lr is None:  # a learned init brings the step size chosen for it on validation tasks
         lr = (init_adapt_lr(init) if optimizer == "adam" else None) or cls.default_lr
+        if lr_decay is None and optimizer == "adam":  # and its schedule, when one was chosen
+            lr_decay = init_adapt_lr_decay(init)
+    lr_decay = lr_decay or 0.0
     from metapeft.adapter_io import init_lr_scales, inner_lr_summary
 
     lr_scales = None if cls.training_free else init_lr_scales(init)
@@ -246,7 +254,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
             res = train(adapter, params, data, steps=steps, lr=lr, optimizer=optimizer,
                         batch_size=batch_size, seed=seed, target=target, objective=objective,
                         on_step=on_step, eval_at=eval_at, stop_at_target=stop_at_target,
-                        stop=stop, lr_scales=lr_scales)
+                        stop=stop, lr_scales=lr_scales, lr_decay=lr_decay)
     except FloatingPointError as e:
         raise UserError(str(e), field="lr") from None
     if cls.training_free:
@@ -259,7 +267,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         **({} if switches is None else {"switches": switches}),
         **({} if init_choice is None else {"init_choice": init_choice_json(init_choice)}),
         **({} if library_start is None else dict([library_start])),
-        **({} if scales_note is None else {"inner_lr_scales": scales_note}))
+        **({} if scales_note is None else {"inner_lr_scales": scales_note}),
+        **({"lr_decay": lr_decay} if lr_decay else {}))
     switched = bool(switches) and switches[0].get("to") is not None
     if out is not None:
         save_adapter(out, adapter, res.params, extra=describe_run(

@@ -67,6 +67,19 @@ def init_adapt_lr(init: str | Path | None, registry: str | Path | None = None) -
         return None
 
 
+def init_adapt_lr_decay(init: str | Path | None, registry: str | Path | None = None) -> float:
+    """The inverse-time lr decay that goes with ``init_adapt_lr`` (``train.lr_schedule``): the
+    one its calibration chose, or 0 (a constant lr) when there is none."""
+    if init is None or str(init).startswith("library:"):
+        return 0.0
+    from metapeft.artifacts import read_metadata
+
+    try:
+        return max(0.0, float(read_metadata(init_path(init, registry)).get("adapt_lr_decay", 0)))
+    except (TypeError, ValueError):
+        return 0.0
+
+
 INNER_LR_PREFIX = "inner_lr."  # per-layer inner-lr multipliers stored beside meta-weights
 
 

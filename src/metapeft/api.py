@@ -97,7 +97,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                forgetting: str | None = None, ewc_lambda: float | None = None,
                replay_fraction: float | None = None, since=None,
                inner_lr_mode: str = "shared",
-               inner_lr_meta_lr: float | None = None) -> MetaTrainReport:
+               inner_lr_meta_lr: float | None = None,
+               calibrate_decays=(0.0,)) -> MetaTrainReport:
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
     The defaults are the measured recipe (``config.META_RECIPE``); the inner lr defaults to the
     method's own ``default_lr`` with Adam (3x it with second-order MAML's plain SGD).
@@ -107,8 +108,10 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     validated, right before the first meta-step, and ``on_step(t, loss, acc, val)`` after each.
 
     ``calibrate_lr``: after training, choose the test-time Adam lr for the published init on the
-    validation tasks (``meta.stepsize``; ``on_calibrate(factor, row)`` after each candidate) and
+    validation tasks (``meta.stepsize``; ``on_calibrate(key, row)`` after each candidate, ``stepsize.candidate_key``) and
     store it as ``adapt_lr``, which ``adapt --init`` then uses unless ``--lr`` is given.
+    ``calibrate_decays``: the inverse-time lr decays tried with every factor (0: a constant lr);
+    the chosen one, when not 0, is stored as ``adapt_lr_decay`` and ``adapt --init`` applies it.
 
     ``gate``: publish only when the new weights pass the drift check (``drift``, as ``weights
     check``) against ``name``'s latest version on ``gate_tasks`` probe tasks from ``gate_data``
@@ -237,8 +240,10 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
         cal = calibrate_adapt_lr(adapter, result.best_theta,
                                  validation_tasks(sources.validation, seed, eval_episodes),
                                  cls.default_lr, on_trial=on_calibrate, group=group,
-                                 lr_scales=lr_scales)
+                                 lr_scales=lr_scales, decays=calibrate_decays)
         meta.update(adapt_lr=str(cal["adapt_lr"]), adapt_lr_calibration=json.dumps(cal))
+        if cal["adapt_lr_decay"]:
+            meta["adapt_lr_decay"] = str(cal["adapt_lr_decay"])
         result.extra["adapt_lr"] = cal
     fisher = None
     if sources.validation is not None and eval_episodes > 0:  # stored for a later EWC

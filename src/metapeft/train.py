@@ -39,9 +39,22 @@ OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}
 BUCKET_SIZE = 32
 
 
-def make_optimizer(name: str, lr: float) -> optim.Optimizer:
+def lr_schedule(lr: float, decay: float = 0.0):
+    """The step size of optimizer update t (0-based): ``lr / (1 + decay · t)``, inverse-time decay;
+    the constant ``lr`` for decay 0. A learned init sits near a solution already, so its first step
+    wants the full lr and the later ones less (``meta.stepsize`` chooses ``decay`` on validation
+    tasks). Inverse time rather than exponential: the sum of the steps keeps growing (like log t),
+    so a long run still learns."""
+    if decay < 0:
+        raise UserError(f"--lr-decay must be >= 0 (got {decay:g})", field="lr_decay")
+    if decay == 0:
+        return lr
+    return lambda t: lr / (1.0 + decay * t)
+
+
+def make_optimizer(name: str, lr: float, decay: float = 0.0) -> optim.Optimizer:
     try:
-        return OPTIMIZERS[name](learning_rate=lr)
+        return OPTIMIZERS[name](learning_rate=lr_schedule(lr, decay))
     except KeyError:
         raise UserError(f"unknown optimizer '{name}'; choose from {sorted(OPTIMIZERS)}",
                         field="optimizer") from None
@@ -197,7 +210,7 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
           on_step: Callable[[int, float, float | None], None] | None = None,
           eval_at: set[int] | None = None, stop_at_target: bool = False,
           stop: Callable[[int], bool] | None = None,
-          lr_scales: dict[str, float] | None = None) -> AdaptResult:
+          lr_scales: dict[str, float] | None = None, lr_decay: float = 0.0) -> AdaptResult:
     """Train for ``steps`` optimizer steps; evaluate the query set at step 0 and after each step
     (or only at the steps in ``eval_at``: then ``accuracies`` holds those, in order, and
     ``extra["eval_steps"]`` says which steps they are). ``stop_at_target``: stop after the first
@@ -207,7 +220,8 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
     ``lr_scales``: per-leaf multipliers of the step (parameter name -> factor; leaves not named
     keep 1), the inner lrs a per-layer meta-training run learned (``adapter_io.init_lr_scales``).
     Adam's update does not scale with the gradient, so the step itself is scaled, inside the
-    compiled step: new = old + scale · (optimizer's new − old)."""
+    compiled step: new = old + scale · (optimizer's new − old).
+    ``lr_decay``: update t runs at ``lr / (1 + lr_decay · (t − 1))`` (``lr_schedule``)."""
     if steps < 0:
         raise UserError("--steps must be >= 0", field="steps")
     t0 = time.perf_counter()
@@ -215,7 +229,7 @@ def train(adapter: Adapter, params: dict, data: EncodedTask, *, steps: int, eval
     # the tree so the caller's init stays intact (meta-learners reuse it).
     params = tree_map(lambda x: x, params)
     mx.eval(params)
-    opt = make_optimizer(optimizer, lr)
+    opt = make_optimizer(optimizer, lr, lr_decay)
     opt.init(params)
     mx.random.seed(seed)  # dropout masks: reproducible per run
     holder = {"params": params}

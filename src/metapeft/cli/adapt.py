@@ -141,6 +141,9 @@ def adapt(
     out: Optional[Path] = typer.Option(None, help="Write adapters.safetensors and "
                                                   "adapter_config.json here."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: per method)."),
+    lr_decay: Optional[float] = typer.Option(None, "--lr-decay", min=0.0, help="Inverse-time "
+                                             "decay: step t runs at lr / (1 + d(t-1)) (default: "
+                                             "the init's calibrated one, else 0)."),
     optimizer: str = typer.Option("adam", help="adam, adamw or sgd."),
     loss: str = typer.Option("ce", help="Training loss: ce (cross-entropy over the candidates' "
                                         "scores), nll, ce_mean or ce_nll."),
@@ -204,7 +207,8 @@ def adapt(
                     bar.start()
 
             report = api.adapt(task, **model_options, method=method, steps=steps, target=target, init=init, out=out, config=options,
-                               lr=lr, optimizer=optimizer, batch_size=batch_size, objective=loss,
+                               lr=lr, lr_decay=lr_decay, optimizer=optimizer,
+                               batch_size=batch_size, objective=loss,
                                seed=seed, **task_options,
                                on_start=on_start, on_step=on_step, on_decision=on_decision,
                                record_experience=True, stop_at_target=stop_at_target,

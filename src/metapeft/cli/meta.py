@@ -81,6 +81,9 @@ def meta_train(
     calibrate_lr: bool = typer.Option(True, help="After training, choose the test-time lr for "
                                                  "the init on the validation tasks (adapt --init "
                                                  "then uses it unless --lr is given)."),
+    lr_decays: str = typer.Option("0", "--lr-decays", help="With --calibrate-lr: inverse-time "
+                                  "decays to try with every lr factor, comma-separated (step t "
+                                  "at lr / (1 + d(t-1)); 0 = a constant lr)."),
     processes: int = typer.Option(1, help="Data-parallel processes on this machine: re-run this "
                                           "command as N ranks of MLX's ring backend (localhost); "
                                           "each adapts its share of every meta-batch."),
@@ -184,6 +187,7 @@ def meta_train(
                 min_samples=min_samples, replay=rw, resume=resume, vectorise=not sequential,
                 compile=compile_, on_sources=on_sources, on_start=bar.start, on_step=on_step,
                 record_experience=True, calibrate_lr=calibrate_lr,
+                calibrate_decays=_decays(lr_decays),
                 gate=gate, gate_data=gate_data, gate_tasks=gate_tasks, gate_steps=gate_steps,
                 gate_tolerance=gate_tolerance, gate_max_drift=gate_max_drift,
                 init=init, forgetting=forgetting, ewc_lambda=ewc_lambda,
@@ -221,9 +225,25 @@ def meta_train(
                               f"{res.best_step}")
         cal = res.result.extra.get("adapt_lr")
         if cal:
+            decay = (f", decaying as 1/(1 + {cal['adapt_lr_decay']:g}(t-1))"
+                     if cal.get("adapt_lr_decay") else "")
             out_console.print(f"test-time lr for this init: {cal['adapt_lr']:g} (x{cal['factor']} "
-                              f"of {method}'s default; chosen on the validation tasks)")
+                              f"of {method}'s default{decay}; chosen on the validation tasks)")
         out_console.print(f"next: metapeft adapt TASK --method {method} --init {name}")
+
+
+def _decays(text: str) -> tuple[float, ...]:
+    """``--lr-decays 0,1`` as floats, each >= 0 (a one-line error otherwise)."""
+    from metapeft.errors import UserError
+
+    try:
+        out = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        out = ()
+    if not out or any(d < 0 for d in out):
+        raise UserError(f"--lr-decays must be comma-separated numbers >= 0 (got {text!r})",
+                        field="lr_decays")
+    return out
 
 
 def _since(since: str | None, days: int | None):

@@ -12,6 +12,12 @@ accuracy over the marks (steps 1, 2, 5, 10 by default: the area under the early 
 a "handful of steps" user lives in). Ties go to the factor closest to 1. The whole table is stored,
 so ``weights show`` can say why.
 
+Schedule: with ``decays`` the candidates are every (factor, decay) pair, and step t runs at
+``lr / (1 + decay · (t − 1))`` (``train.lr_schedule``): the full step first, smaller ones after,
+for an init whose first step already lands near the task's solution (on SmolLM2 the Reptile init
+dipped from 92.6% at step 1 to 90.6% at step 5 on the test split at a constant lr). Ties go to
+the smaller decay (the plain constant lr first).
+
 In a distributed run (``meta.distributed``) each rank adapts its share of the tasks for every
 factor and the curves are gathered exactly, so every rank chooses the same lr as one process.
 """
@@ -24,17 +30,26 @@ import numpy as np
 
 DEFAULT_FACTORS = (2.0, 1.0, 0.5, 0.2)
 DEFAULT_MARKS = (1, 2, 5, 10)
+DEFAULT_DECAYS = (0.0,)
+
+
+def candidate_key(factor: float, decay: float) -> str:
+    """A candidate's key in the stored table: ``"0.5"`` for a constant lr (as before schedules
+    existed), ``"0.5/decay1.0"`` for a decaying one."""
+    return str(factor) if decay == 0 else f"{factor}/decay{decay}"
 
 
 def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
                        factors=DEFAULT_FACTORS, marks=DEFAULT_MARKS, optimizer: str = "adam",
-                       on_trial=None, group=None, lr_scales: dict | None = None) -> dict:
+                       on_trial=None, group=None, lr_scales: dict | None = None,
+                       decays=DEFAULT_DECAYS) -> dict:
     """Choose the test-time lr for ``params`` on validation ``tasks`` (``Task`` objects).
     ``lr_scales``: the per-leaf multipliers the init carries (per-layer inner lrs), applied as
     ``adapt`` applies them, so the lr is chosen for the steps ``adapt`` will take.
 
-    Returns ``{"adapt_lr", "factor", "base_lr", "marks", "num_tasks", "table"}`` where ``table``
-    maps each factor (as a string) to its mean accuracy at each mark and overall."""
+    Returns ``{"adapt_lr", "factor", "adapt_lr_decay", "base_lr", "marks", "num_tasks", "table"}``
+    where ``table`` maps each candidate (``candidate_key``) to its mean accuracy at each mark and
+    overall. ``on_trial(key, row)`` is called after each candidate."""
     from metapeft.meta import distributed as dist
     from metapeft.train import encode_task, train
 
@@ -44,30 +59,33 @@ def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
     encoded = [encode_task(t, adapter.base.tokenizer) for t in tasks]
     table = {}
     n, k = len(encoded), len(marks)
-    for f in factors:
+    candidates = [(float(f), float(d)) for d in decays for f in factors]
+    for f, d in candidates:
         slots = {}  # (task i, mark j) -> accuracy at slot i*k + j; slot n*k counts divergences
         try:
             for i in dist.mine(n, group):
                 r = train(adapter, params, encoded[i], steps=marks[-1], lr=base_lr * f,
-                          optimizer=optimizer, eval_at=set(marks), lr_scales=lr_scales)
+                          optimizer=optimizer, eval_at=set(marks), lr_scales=lr_scales,
+                          lr_decay=d)
                 slots.update({i * k + j: a for j, a in enumerate(r.accuracies)})
         except FloatingPointError:  # this lr diverges from this init: never the one to use
             slots[n * k] = 1.0
         gathered = dist.gather_slots(slots, n * k + 1, group)
         if gathered[-1] > 0:
-            table[f] = {"mean": float("-inf"), "diverged": True}
+            table[f, d] = {"mean": float("-inf"), "diverged": True}
         else:
             curves = np.asarray(gathered[:-1], dtype=float).reshape(n, k)
             per_mark = np.mean(curves, axis=0)
-            table[f] = {"mean": round(float(per_mark.mean()), 6),
-                        **{str(m): round(float(a), 6) for m, a in zip(marks, per_mark)}}
+            table[f, d] = {"mean": round(float(per_mark.mean()), 6),
+                           **{str(m): round(float(a), 6) for m, a in zip(marks, per_mark)}}
         if on_trial is not None:
-            on_trial(f, table[f])
-    best = max(factors, key=lambda f: (table[f]["mean"], -abs(math.log(f))))
-    if table[best].get("diverged"):
+            on_trial(candidate_key(f, d), table[f, d])
+    best_f, best_d = max(candidates, key=lambda c: (table[c]["mean"], -c[1], -abs(math.log(c[0]))))
+    if table[best_f, best_d].get("diverged"):
         raise FloatingPointError(f"every candidate lr diverged from this init (base {base_lr:g})")
     for row in table.values():  # JSON has no -inf
         if row.get("diverged"):
             row["mean"] = None
-    return {"adapt_lr": base_lr * best, "factor": best, "base_lr": base_lr, "marks": marks,
-            "num_tasks": len(tasks), "table": {str(f): v for f, v in table.items()}}
+    return {"adapt_lr": base_lr * best_f, "factor": best_f, "adapt_lr_decay": best_d,
+            "base_lr": base_lr, "marks": marks, "num_tasks": len(tasks),
+            "table": {candidate_key(f, d): v for (f, d), v in table.items()}}
