@@ -191,6 +191,12 @@ def test_select_and_adapt_auto_end_to_end(home, task_dir, tmp_path, tiny):
                                     "confidence", "runs"}
     h = cli("select", task_dir)
     assert h.exit_code == 0 and "recommended init source: route" in h.stdout
+    # what is not available, one reason per line, inside 80 columns when piped
+    lines = h.stdout.splitlines()
+    at = lines.index("not available:")
+    missing = [x for x in lines[at + 1:] if x.startswith("  ")]
+    assert {x[2:].split(":")[0] for x in missing if x[2] != " "} == {"meta", "generate"}
+    assert max(map(len, missing)) <= 80
     # adapt --init auto starts from it and says so; the run is recorded as a routed one
     r = cli("adapt", task_dir, "--init", "auto", "--steps", "1", "--json")
     assert r.exit_code == 0, r.stderr

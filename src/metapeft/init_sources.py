@@ -309,12 +309,18 @@ def recommend(features, method: str, base, *, config: dict | None = None, regist
     return out
 
 
-def describe_missing(missing: list[dict]) -> str:
-    """The unavailable sources with their reasons, sources that share a reason together."""
+def missing_groups(missing: list[dict]) -> list[str]:
+    """The unavailable sources with their reasons, sources that share a reason together, one
+    ``"a/b: reason"`` string per reason."""
     groups: dict[str, list[str]] = {}
     for m in missing:
         groups.setdefault(m["reason"], []).append(m["source"])
-    return "; ".join(f"{'/'.join(ss)}: {why}" for why, ss in groups.items())
+    return [f"{'/'.join(ss)}: {why}" for why, ss in groups.items()]
+
+
+def describe_missing(missing: list[dict]) -> str:
+    """``missing_groups`` on one line."""
+    return "; ".join(missing_groups(missing))
 
 
 def public_json(choice: dict | None) -> dict | None:

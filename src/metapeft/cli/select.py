@@ -307,11 +307,20 @@ def print_init_sources(c: dict) -> None:
                                                     else "-")),
              f"{r['expected_gain']:+.1%} ±{r['uncertainty']:.1%}", _fmt(r["confidence"], True),
              str(r["runs"])) for i, r in enumerate(c["ranking"], start=1)])
-    from metapeft.init_sources import describe_missing
+    from metapeft.init_sources import missing_groups
 
-    if c.get("unavailable"):
-        out_console.print(f"[dim]not available: {describe_missing(c['unavailable'])}[/dim]",
-                          highlight=False)
+    if c.get("unavailable"):  # one line per reason: readable at 80 columns, piped or not
+        out_console.print("[dim]not available:[/dim]", highlight=False)
+        import shutil
+        import textwrap
+
+        from rich.markup import escape
+
+        width = shutil.get_terminal_size((80, 24)).columns
+        for group in missing_groups(c["unavailable"]):
+            text = textwrap.fill(group, width=width, initial_indent="  ",
+                                 subsequent_indent="    ", break_on_hyphens=False)
+            out_console.print(f"[dim]{escape(text)}[/dim]", highlight=False)
     out_console.print(f"recommended init source: [bold]{c['chosen']}[/bold] ({c['reason']})",
                       highlight=False)
 
