@@ -25,11 +25,26 @@ examples per class), every arm adapted with Adam at LoRA's default lr, query acc
 
 ``--arms`` runs a subset of the arms, ``--marks`` sets the evaluated steps (default 0,1,5,10).
 
+Sharding and pairing with the meta-init table: ``--task-seed 30000`` samples the same test tasks
+as ``meta_clinc.py`` (task i is episode seed 30000 + i there); ``--pair-with RUN.json`` (a
+``meta_clinc.py --json`` run on the same tasks) then adds its ``fresh``, ``meta`` and
+``multitask`` curves (same adapter, LoRA's default lr, meta/multitask at their calibrated lrs) as
+arms of this table, task by task, when this run does not run them itself. ``--shard I/N`` runs
+tasks i ≡ I (mod N) (every shard after the build: ``--registry`` the built library),
+``--resume`` keeps the tasks already in ``--json`` (written after every task), and ``--merge
+A.json,B.json`` prints the table of shards' runs together.
+
 Compositions found on the held-out tasks are not kept between tasks (each task sees the store as
 the build left it), so the tasks stay independent. Paired differences are per task.
 
     uv run python benchmarks/library_clinc.py --tasks 60               # stories260K
     uv run python benchmarks/library_clinc.py --smol --tasks 100       # SmolLM2-135M
+    # SmolLM2, build once, then two shards paired with meta_clinc.py's run on the same tasks:
+    uv run python benchmarks/library_clinc.py --smol --registry LIB --tasks 0 \
+        --per-domain 4 --build-steps 20 --build-shots 5
+    uv run python benchmarks/library_clinc.py --smol --registry LIB --tasks 100 --task-seed 30000 \
+        --arms compose,generate,route --pair-with meta100.json --shard 0/2 --json a.json  # and 1/2
+    uv run python benchmarks/library_clinc.py --merge a.json,b.json --pair-with meta100.json
     uv run python benchmarks/library_clinc.py --per-domain 1 --warm-tasks 0 --e2e-steps 30 \
         --arms generate,generate-e2e --marks 0,1,5 --tasks 30               # e2e vs reconstruction
 """
@@ -49,6 +64,7 @@ from _common import (CLINC, HELD_OUT_DOMAINS, SMOL, STORIES, clinc_pool, fmt, me
                      require, write_json)
 
 STEPS = (0, 1, 5, 10)
+BUILD_INFO = "library_clinc_build.json"  # in the registry: what building the library cost
 
 
 def build_library(args, registry: str) -> dict:
@@ -181,7 +197,9 @@ def table(results: list[dict], arms: list[str]) -> list[str]:
     pairs = [("compose", "fresh"), ("generate", "fresh"), ("route", "fresh"),
              ("compose", "route"), ("compose", "generate")]
     if "meta" in arms:
-        pairs += [("compose", "meta"), ("route", "meta")]
+        pairs += [("compose", "meta"), ("generate", "meta"), ("route", "meta")]
+    if "multitask" in arms:
+        pairs += [("compose", "multitask"), ("generate", "multitask")]
     pairs += [("generate-e2e", "generate"), ("generate-e2e", "fresh")]
     for a, b in pairs:
         if a not in arms or b not in arms:
@@ -194,11 +212,90 @@ def table(results: list[dict], arms: list[str]) -> list[str]:
     return lines
 
 
+PAIRABLE = ("fresh", "meta", "multitask")  # arms a meta_clinc.py run holds per task
+
+
+def pair_with(results: list[dict], path: str | None, arms: list[str]) -> list[str]:
+    """Add the curves of a ``meta_clinc.py`` run on the same tasks (by task index) as arms this
+    run did not run itself; returns the arm list with them."""
+    if not path:
+        return arms
+    records = {r["i"]: r for r in json.loads(Path(path).read_text())["records"]}
+    missing = [r["i"] for r in results if r["i"] not in records]
+    if missing:
+        raise SystemExit(f"{path}: no record for tasks {missing[:5]} (run it with --tasks >= "
+                         f"{max(missing) + 1})")
+    added = [a for a in PAIRABLE if a not in arms and all(
+        a in records[r["i"]]["acc"] for r in results)]
+    for r in results:
+        for a in added:
+            curve = records[r["i"]]["acc"][a]
+            r[a] = {"acc": [curve[str(s)] for s in STEPS], "from": path}
+    return arms + added
+
+
+def summary(results: list[dict], info: dict, arms: list[str], args, load: str) -> list[str]:
+    lines = table(results, arms)
+    ran = [a for a in arms if "from" not in results[0][a]]
+    search = [r["compose"]["search_seconds"] for r in results] if "compose" in ran else [0]
+    first = ran[0]  # a run's seconds per step (evaluations included)
+    step_s = [r[first]["seconds"] / max(STEPS) for r in results]
+    paired = [a for a in arms if a not in ran]
+    lines += ["", f"{len(results)} held-out tasks ({', '.join(HELD_OUT_DOMAINS)}, 5-way 5-shot, "
+              f"10 query per class; episode seeds {args.task_seed} + i), model "
+              f"{Path(args.model).name}; library: "
+              f"{info['adapters']} LoRAs from {len(info.get('domains', [])) or '?'} meta-train "
+              f"domains, {info['disk_bytes'] / 2**20:.2f} MiB, built in "
+              f"{info.get('build_seconds', '?')} s (+{info.get('warm_seconds', 0)} s for "
+              f"{info.get('warm_compositions', 0)} warm-start compositions, "
+              f"+{info.get('generator_seconds', '?')} s to train the generator"
+              + (f", +{info['e2e_seconds']:.0f} s for its {args.e2e_steps} end-to-end steps "
+                 f"({info['e2e']['tasks']} episodes, {args.e2e_inner_steps} inner steps)"
+                 if info.get("e2e") else "") + "); "
+              + (f"composition search {fmt(search, pct=False)} s per task; "
+                 if "compose" in ran else "")
+              + f"a {first} run: {fmt(step_s, pct=False)} s per step incl. evaluation; "
+              + (f"route build+score "
+                 f"{fmt([r['route']['route_seconds'] for r in results], pct=False)} s; "
+                 if "route" in ran else "")
+              + (f"arms {', '.join(paired)} from {args.pair_with} (same tasks); "
+                 if paired else "")
+              + f"uptime at start: {load}; at end: "
+              + subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
+    return lines
+
+
+def merge(args) -> None:
+    """The table of several shards' ``--json`` runs together (``--merge A,B``)."""
+    runs = [json.loads(Path(p).read_text()) for p in args.merge.split(",")]
+    global STEPS
+    STEPS = tuple(runs[0]["args"]["steps"])
+    results = sorted({r["i"]: r for run in runs for r in run["results"]}.values(),
+                     key=lambda r: r["i"])
+    for k in ("task_seed", "model", "e2e_steps", "e2e_inner_steps"):
+        setattr(args, k, runs[0]["args"][k])
+    args.pair_with = args.pair_with or runs[0]["args"].get("pair_with")
+    arms = pair_with(results, args.pair_with, runs[0]["args"]["arm_list"])
+    load = runs[0].get("load", "?")
+    lines = summary(results, runs[0]["info"], arms, args, load)
+    print("\n".join(lines))
+    write_json(args.json, {"info": runs[0]["info"], "results": results, "table": lines,
+                           "args": vars(args), "merged": args.merge.split(",")})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(STORIES))
     ap.add_argument("--smol", action="store_true", help="SmolLM2-135M instead of stories260K")
     ap.add_argument("--tasks", type=int, default=40)
+    ap.add_argument("--task-seed", type=int, default=None,
+                    help="task i is test episode seed TASK_SEED + i (default --seed; 30000 = the "
+                         "tasks of meta_clinc.py)")
+    ap.add_argument("--pair-with", help="a meta_clinc.py --json run on the same tasks: its fresh, "
+                    "meta and multitask curves join the table as arms")
+    ap.add_argument("--shard", default="0/1", help="I/N: run tasks i with i mod N == I")
+    ap.add_argument("--resume", action="store_true", help="keep the tasks already in --json")
+    ap.add_argument("--merge", help="A.json,B.json: print the table of shards' runs together")
     ap.add_argument("--per-domain", type=int, default=4, help="library adapters per domain")
     ap.add_argument("--build-steps", type=int, default=30)
     ap.add_argument("--build-shots", type=int, default=10)
@@ -216,8 +313,13 @@ def main() -> None:
     ap.add_argument("--marks", default="0,1,5,10", help="steps at which to evaluate")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args)
     global STEPS
     STEPS = tuple(sorted({int(x) for x in args.marks.split(",")}))
+    args.steps = list(STEPS)
+    if args.task_seed is None:
+        args.task_seed = args.seed
     if args.smol:
         args.model = str(SMOL)
     require(Path(args.model), "the model")
@@ -232,13 +334,16 @@ def main() -> None:
     os.environ.setdefault("METAPEFT_EXPERIENCE", "off")
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"model {Path(args.model).name}; registry {registry}; {load}", flush=True)
+    built = Path(registry) / BUILD_INFO  # the build's own figures, for runs that reuse it
     if library.entries(registry):
-        info = {"reused": True, "adapters": len(library.entries(registry)),
+        info = {**(json.loads(built.read_text()) if built.exists() else {}), "reused": True,
+                "adapters": len(library.entries(registry)),
                 "disk_bytes": library.disk_bytes(registry), **versions(registry)}
         if args.e2e_steps and "e2e_version" not in info:
             info.update(train_e2e(args, registry))
     else:
         info = build_library(args, registry)
+        write_json(str(built), info)
     print(json.dumps(info), flush=True)
     args.gen_version = info.get("generator_version")
     args.e2e_version = info.get("e2e_version") if args.e2e_steps else None
@@ -249,40 +354,30 @@ def main() -> None:
     saved = store.read_text() if store.exists() else None
     test = EpisodeSource(clinc_pool("test", domains=HELD_OUT_DOMAINS), ways=5, shots=5,
                          query=10, name="clinc-test-held-out")
-    results, t0 = [], time.perf_counter()
-    for i in range(args.tasks):
+    shard, num_shards = (int(x) for x in args.shard.split("/"))
+    mine = [i for i in range(args.tasks) if i % num_shards == shard]
+    results = []
+    if args.resume and args.json and Path(args.json).exists():
+        results = [r for r in json.loads(Path(args.json).read_text())["results"] if r["i"] in mine]
+        done = {r["i"] for r in results}
+        mine = [i for i in mine if i not in done]
+        print(f"resuming: {len(done)} tasks already in {args.json}, {len(mine)} to run", flush=True)
+    t0 = time.perf_counter()
+    for i in mine:
         if args.time_budget and time.perf_counter() - t0 > args.time_budget:
             break
-        results.append(run_task(args, test.sample(args.seed + i), registry, store, saved))
-        r = results[-1]
+        r = {"i": i, **run_task(args, test.sample(args.task_seed + i), registry, store, saved)}
+        results.append(r)
         print(f"task {i}: " + "  ".join(f"{a} {' '.join(f'{x:.0%}' for x in r[a]['acc'])}"
-                                         for a in r), flush=True)
-    arms = args.arm_list
-    lines = table(results, arms)
-    search = [r["compose"]["search_seconds"] for r in results] if "compose" in arms else [0]
-    first = arms[0]  # a run's seconds per step (evaluations included)
-    step_s = [r[first]["seconds"] / max(STEPS) for r in results]
-    lines += ["", f"{len(results)} held-out tasks ({', '.join(HELD_OUT_DOMAINS)}, 5-way 5-shot, "
-              f"10 query per class), model {Path(args.model).name}; library: "
-              f"{info['adapters']} LoRAs from {len(info.get('domains', [])) or '?'} meta-train "
-              f"domains, {info['disk_bytes'] / 2**20:.2f} MiB, built in "
-              f"{info.get('build_seconds', '?')} s (+{info.get('warm_seconds', 0)} s for "
-              f"{info.get('warm_compositions', 0)} warm-start compositions, "
-              f"+{info.get('generator_seconds', '?')} s to train the generator"
-              + (f", +{info['e2e_seconds']:.0f} s for its {args.e2e_steps} end-to-end steps "
-                 f"({info['e2e']['tasks']} episodes, {args.e2e_inner_steps} inner steps)"
-                 if info.get("e2e") else "") + "); "
-              + (f"composition search {fmt(search, pct=False)} s per task; "
-                 if "compose" in arms else "")
-              + f"a {first} run: {fmt(step_s, pct=False)} s per step incl. evaluation; "
-              + (f"route build+score "
-                 f"{fmt([r['route']['route_seconds'] for r in results], pct=False)} s; "
-                 if "route" in arms else "")
-              + f"uptime at start: {load}; at end: "
-              + subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
-    print("\n".join(lines))
-    write_json(args.json, {"info": info, "results": results, "table": lines,
-                           "args": vars(args)})
+                                         for a in args.arm_list), flush=True)
+        write_json(args.json, {"info": info, "results": results, "args": vars(args),
+                               "load": load})
+    if results:
+        arms = pair_with(results, args.pair_with, args.arm_list)
+        lines = summary(results, info, arms, args, load)
+        print("\n".join(lines))
+        write_json(args.json, {"info": info, "results": results, "table": lines,
+                               "args": vars(args), "load": load})
     if tmp and not args.registry:
         shutil.rmtree(tmp, ignore_errors=True)
 
