@@ -73,11 +73,9 @@ def init_adapt_lr_decay(init: str | Path | None, registry: str | Path | None = N
     if init is None or str(init).startswith("library:"):
         return 0.0
     from metapeft.artifacts import read_metadata
+    from metapeft.drift import stored_lr_decay
 
-    try:
-        return max(0.0, float(read_metadata(init_path(init, registry)).get("adapt_lr_decay", 0)))
-    except (TypeError, ValueError):
-        return 0.0
+    return stored_lr_decay(read_metadata(init_path(init, registry)))
 
 
 INNER_LR_PREFIX = "inner_lr."  # per-layer inner-lr multipliers stored beside meta-weights

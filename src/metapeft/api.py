@@ -442,7 +442,8 @@ def _gate_candidate(plan, adapter, result, meta: dict, default_lr: float, *, arr
     from metapeft.adapter_io import split_inner_lr
 
     check = plan.run(adapter, result.best_theta, lr=lr, lr_from=lr_from,
-                     lr_scales=split_inner_lr(arrays))  # per-layer inner lrs, as adapt applies
+                     lr_scales=split_inner_lr(arrays),  # per-layer inner lrs, as adapt applies
+                     lr_decay=(cal or {}).get("adapt_lr_decay", 0.0))
     summary = plan.summary(check)
     result.extra["gate"] = summary
     meta["gate"] = json.dumps(summary)

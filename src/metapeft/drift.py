@@ -58,11 +58,12 @@ class Contender:
     path: str | None = None
     # per-layer inner-lr multipliers stored with the version (inner_lr.*), applied as adapt does
     lr_scales: dict | None = None
+    lr_decay: float = 0.0  # the inverse-time decay stored with the version (adapt_lr_decay)
 
     def describe(self) -> dict:
         return {"spec": self.label, "name": self.name, "version": self.version,
                 "path": self.path, "method": self.adapter.method, "lr": self.lr,
-                "lr_from": self.lr_from}
+                "lr_from": self.lr_from, **({"lr_decay": self.lr_decay} if self.lr_decay else {})}
 
 
 def stored_lr(meta: dict) -> float | None:
@@ -72,6 +73,15 @@ def stored_lr(meta: dict) -> float | None:
     except (KeyError, TypeError, ValueError):
         return None
     return value if math.isfinite(value) and value > 0 else None
+
+
+def stored_lr_decay(meta: dict) -> float:
+    """The ``adapt_lr_decay`` in a version's header, or 0 (a constant lr)."""
+    try:
+        value = float(meta.get("adapt_lr_decay", 0.0))
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 def load_contender(spec: str, base, registry: str | Path | None = None, *,
@@ -102,7 +112,8 @@ def load_contender(spec: str, base, registry: str | Path | None = None, *,
     return Contender(label=f"{name}@{version}", adapter=adapter, params=params,
                      lr=lr if lr is not None else cls.default_lr,
                      lr_from="adapt_lr" if lr is not None else "method default", name=name,
-                     version=version, path=str(path), lr_scales=split_inner_lr(arrays))
+                     version=version, path=str(path), lr_scales=split_inner_lr(arrays),
+                     lr_decay=stored_lr_decay(meta))
 
 
 def probe_tasks(data: str | Path, *, tasks: int = DEFAULT_TASKS, ways: int = 5, shots: int = 5,
@@ -144,7 +155,7 @@ def adapt_and_score(c: Contender, enc, steps: int, seed: int = 0) -> tuple[np.nd
     from metapeft.train import train
 
     res = train(c.adapter, c.params, enc, steps=steps, lr=c.lr, seed=seed, evaluate_query=False,
-                lr_scales=c.lr_scales)
+                lr_scales=c.lr_scales, lr_decay=c.lr_decay)
     params = c.adapter.scoring_params(res.params)
     logp, gold = [], []
     with c.adapter.scoring_mode():
@@ -350,7 +361,7 @@ class GatePlan:
     old: Contender | None = None  # the latest version, loaded on the run's base model
 
     def run(self, adapter, params: dict, *, lr: float, lr_from: str,
-            lr_scales: dict | None = None) -> DriftReport | None:
+            lr_scales: dict | None = None, lr_decay: float = 0.0) -> DriftReport | None:
         """The candidate (``adapter`` with ``params``, adapted at ``lr``, with its per-layer
         multipliers ``lr_scales`` if any) against the latest version; None when there is none."""
         if self.against is None:
@@ -358,7 +369,8 @@ class GatePlan:
         old = self.old or load_contender(self.against, adapter.base, self.registry,
                                          field="gate")
         new = Contender(label=f"{self.name} (candidate)", adapter=adapter, params=params, lr=lr,
-                        lr_from=lr_from, name=self.name, lr_scales=lr_scales)
+                        lr_from=lr_from, name=self.name, lr_scales=lr_scales,
+                        lr_decay=lr_decay)
         report = compare(new, old, self.probes, steps=self.steps, tolerance=self.tolerance,
                          max_drift=self.max_drift, seed=self.seed, data=self.data,
                          registry=self.registry)
