@@ -272,8 +272,9 @@ def main() -> None:
     header = {"args": vars(args), "spec": spec, "meta_seconds": meta_seconds,
               "val_steps": val_steps, "val_accuracy": val_accs, "best_step": best_step,
               "multitask_steps": mt_steps, "multitask_seconds": mt_seconds,
-              "inits": list(inits), "lr": lrs, "lr_decay": decays, "calibration": calibration}
+              "inits": run_inits, "lr": lrs, "lr_decay": decays, "calibration": calibration}
     # by default every step to 10: steps-to-accuracy at step resolution
+    run_inits = [k for k in inits if not args.inits or k in args.inits.split(",")]
     marks_short = sorted({0, 10} | {int(m) for m in args.marks.split(",") if int(m) <= 10})
     marks_long = marks_short + ([int(m) for m in args.long_marks.split(",")]
                                 if args.long_tasks > 0 else [])
@@ -298,9 +299,8 @@ def main() -> None:
             rec[name] = free[name]()
             rec["seconds"][name] = round(time.perf_counter() - tb, 2)
         marks = marks_long if i < args.long_tasks else marks_short
-        for name, init in inits.items():
-            if args.inits and name not in args.inits.split(","):
-                continue
+        for name in run_inits:
+            init = inits[name]
             tb = time.perf_counter()
             r = train(adapter, init, data, steps=marks[-1], lr=lrs[name], eval_at=set(marks),
                       lr_decay=decays[name])
@@ -309,7 +309,7 @@ def main() -> None:
         records.append(rec)
         if n_done % 10 == 0:
             print(f"  {n_done}/{len(mine)} tasks: " + "  ".join(
-                f"{k} @10 {np.mean([r['acc'][k][10] for r in records]):.3f}" for k in inits),
+                f"{k} @10 {np.mean([r['acc'][k][10] for r in records]):.3f}" for k in run_inits),
                 flush=True)
         if n_done % 10 == 0 and n_done < len(mine):
             report(header, records, args.json)
@@ -364,6 +364,21 @@ def report(header: dict, records: list[dict], json_path: str | None) -> None:
         print(f"test-time Adam lr per init: {header['lr']}")
     # speed-up: the steps fresh init needs for a level, over the steps each init needs for it
     # (first mark whose mean accuracy, over the tasks run to that mark, reaches the level)
+    if "fresh" in inits:
+        speedups = _speedups(inits, acc, steps_to)
+    else:
+        speedups = {}
+    paired = {} if "meta" not in inits else _paired(inits, records, acc, shown, free)
+    write_json(json_path, {**header, "nearest_class_mean": mean_ci(ncm) + (len(ncm),),
+                           "training_free": {k: mean_ci(v) + (len(v),) for k, v in free.items()},
+                           "steps_to_fresh_level": speedups, "paired_meta_minus": paired,
+                           "accuracy": {k: {m: mean_ci(v) + (len(v),) for m, v in d.items() if v}
+                                        for k, d in acc.items()},
+                           "records": records})
+
+
+def _speedups(inits, acc, steps_to) -> dict:
+    """The steps fresh init needs for a level over the steps each init needs for it."""
     print("\n| fresh init's level | " + " | ".join(f"{k} steps" for k in inits if k != "fresh")
           + " |\n|---|" + "---|" * (len(inits) - 1))
     speedups = {}
@@ -381,9 +396,14 @@ def report(header: dict, records: list[dict], json_path: str | None) -> None:
                          f"{s_} ({k / max(s_, 1):.1f}x speed-up)" if s_ > 0 else "0 (at init)")
         print(f"| {100 * level:.1f}% (fresh @ {k}, {n} tasks) | " + " | ".join(cells) + " |")
     ref = float(np.mean(acc["fresh"][10]))
-    print(f"\nfresh init reaches {100 * ref:.1f}% at step 10; meta init reaches that at step "
-          f"{steps_to('meta', ref)}, multitask init at step {steps_to('multitask', ref)}",
+    print(f"\nfresh init reaches {100 * ref:.1f}% at step 10; " + ", ".join(
+        f"{k} init reaches that at step {steps_to(k, ref)}" for k in inits if k != "fresh"),
           flush=True)
+    return speedups
+
+
+def _paired(inits, records, acc, shown, free) -> dict:
+    """Meta minus every other init and training-free arm, per task."""
     # paired per-task differences: every init ran on the same tasks, so the task-to-task spread
     # cancels and the CI is tighter than the two unpaired ones side by side
     paired = {}
@@ -401,12 +421,7 @@ def report(header: dict, records: list[dict], json_path: str | None) -> None:
         paired[name] = {m: mean_ci(d) for m, d in diffs.items()}
         print(f"| meta − {name} | " + " | ".join(
             "%+.1f ± %.1f" % tuple(100 * x for x in paired[name][m]) for m in full) + " |")
-    write_json(json_path, {**header, "nearest_class_mean": mean_ci(ncm) + (len(ncm),),
-                           "training_free": {k: mean_ci(v) + (len(v),) for k, v in free.items()},
-                           "steps_to_fresh_level": speedups, "paired_meta_minus": paired,
-                           "accuracy": {k: {m: mean_ci(v) + (len(v),) for m, v in d.items() if v}
-                                        for k, d in acc.items()},
-                           "records": records})
+    return paired
 
 
 def _load_run(path: str) -> dict:
