@@ -269,12 +269,12 @@ def main() -> None:
 
     from metapeft.train import encode_task, train
 
+    run_inits = [k for k in inits if not args.inits or k in args.inits.split(",")]
     header = {"args": vars(args), "spec": spec, "meta_seconds": meta_seconds,
               "val_steps": val_steps, "val_accuracy": val_accs, "best_step": best_step,
               "multitask_steps": mt_steps, "multitask_seconds": mt_seconds,
               "inits": run_inits, "lr": lrs, "lr_decay": decays, "calibration": calibration}
     # by default every step to 10: steps-to-accuracy at step resolution
-    run_inits = [k for k in inits if not args.inits or k in args.inits.split(",")]
     marks_short = sorted({0, 10} | {int(m) for m in args.marks.split(",") if int(m) <= 10})
     marks_long = marks_short + ([int(m) for m in args.long_marks.split(",")]
                                 if args.long_tasks > 0 else [])
