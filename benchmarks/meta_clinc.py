@@ -14,6 +14,9 @@ On 2 cores the evaluation can be split: build the inits once (``--tasks 0 --regi
 --multitask-weights M``), evaluate shards in parallel (``--meta-weights R/.../v0001.safetensors
 --multitask-weights M --shard 0/2 --json a.json``, ``--shard 1/2 --json b.json``), then
 ``--merge a.json b.json`` prints the combined tables.
+``--compare NEW.json OLD.json`` puts a run of some inits with new settings (``--inits meta
+--calibrate-decays 0,1``, say) beside an earlier run on the same tasks, paired task by task: each
+of NEW's inits (named ``<init>*``) minus every arm of OLD.
 
 ``--processes N`` runs the meta-training over MLX's distributed engine: it is handed to
 ``metapeft meta-train --processes N`` (N data-parallel ranks of MLX's ring backend on this
@@ -134,6 +137,8 @@ def main() -> None:
     ap.add_argument("--shard", default="0/1",
                     help="K/N: evaluate only the test tasks i with i %% N == K (run N processes, "
                          "then --merge their JSON files)")
+    ap.add_argument("--compare", nargs=2, default=None, metavar=("NEW", "OLD"),
+                    help="NEW's inits against OLD's arms on the tasks both ran, paired")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="combine the per-task results of sharded runs' JSON files and report")
     ap.add_argument("--calibrate", default=None, metavar="DIR",
@@ -159,6 +164,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.json)
+    if args.compare:
+        return compare(*args.compare)
     require(Path(args.model), "the model")
     require(CLINC, "CLINC150")
     from metapeft import api
@@ -432,6 +439,45 @@ def _load_run(path: str) -> dict:
     for r in run["records"]:  # JSON object keys are strings
         r["acc"] = {k: {int(m): a for m, a in v.items()} for k, v in r["acc"].items()}
     return run
+
+
+def compare(new_path: str, old_path: str) -> None:
+    """``--compare NEW OLD``: NEW's inits (as ``<init>*``) beside OLD's inits and training-free
+    arms on the tasks both runs hold, with NEW minus each of them paired per task."""
+    new, old = _load_run(new_path), _load_run(old_path)
+    olds = {r["i"]: r for r in old["records"]}
+    recs = [(r, olds[r["i"]]) for r in sorted(new["records"], key=lambda r: r["i"])
+            if r["i"] in olds]
+    marks = sorted(set.intersection(*(set(r["acc"][k]) for r, _ in recs for k in r["acc"])))
+    free = [k for k in ("ncm", "logreg", "icl") if all(k in o for _, o in recs)]
+    arms = {**{f"{k}*": [r["acc"][k] for r, _ in recs] for k in new["inits"]},
+            **{k: [o["acc"][k] for _, o in recs] for k in old["inits"]}}
+    long = sorted({m for r, o in recs for k in new["inits"] for m in r["acc"][k]
+                   if m not in marks and all(m in o["acc"][j] for j in old["inits"])})
+    n_long = sum(1 for r, _ in recs if long and long[0] in r["acc"][new["inits"][0]])
+    print(f"\n{len(recs)} tasks in both {new_path} (*: {new['inits']}, lr {new.get('lr')}, "
+          f"decay {new.get('lr_decay')}) and {old_path} (lr {old.get('lr')})\n")
+    shown = marks + long
+    print("| arm | " + " | ".join(f"acc@{m}" + (f" ({n_long} tasks)" if m in long else "")
+                                 for m in shown) + " |\n|---|" + "---|" * len(shown))
+    for name, curves in arms.items():
+        print(f"| {name} | " + " | ".join(fmt([c[m] for c in curves if m in c]) for m in shown)
+              + " |")
+    for k in free:
+        print(f"| {k} (training-free) | {fmt([o[k] for _, o in recs])} |" + " |" * (len(shown) - 1))
+    print("\n| paired (points) | " + " | ".join(f"@{m}" for m in shown)
+          + " |\n|---|" + "---|" * len(shown))
+    for k in new["inits"]:
+        mine = [r["acc"][k] for r, _ in recs]
+        others = {**{j: [o["acc"][j] for _, o in recs] for j in old["inits"]},
+                  **{j: [{m: o[j] for m in shown} for _, o in recs] for j in free}}
+        for j, theirs in others.items():
+            cells = []
+            for m in shown:
+                d = [a[m] - b[m] for a, b in zip(mine, theirs) if m in a and m in b]
+                mu, ci = mean_ci(d)
+                cells.append(f"{100 * mu:+.1f} ± {100 * ci:.1f}")
+            print(f"| {k}* − {j} | " + " | ".join(cells) + " |")
 
 
 def merge(paths: list[str], json_path: str | None) -> None:
