@@ -108,8 +108,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     validated, right before the first meta-step, and ``on_step(t, loss, acc, val)`` after each.
 
     ``calibrate_lr``: after training, choose the test-time Adam lr for the published init on the
-    validation tasks (``meta.stepsize``; ``on_calibrate(key, row)`` after each candidate, ``stepsize.candidate_key``) and
-    store it as ``adapt_lr``, which ``adapt --init`` then uses unless ``--lr`` is given.
+    validation tasks (``meta.stepsize``; ``on_calibrate(key, row)`` after each candidate, keyed
+    by ``stepsize.candidate_key``) and store it as ``adapt_lr``, which ``adapt --init`` then uses
+    unless ``--lr`` is given.
     ``calibrate_decays``: the inverse-time lr decays tried with every factor (0: a constant lr);
     the chosen one, when not 0, is stored as ``adapt_lr_decay`` and ``adapt --init`` applies it.
 
