@@ -73,9 +73,19 @@ def init_adapt_lr_decay(init: str | Path | None, registry: str | Path | None = N
     if init is None or str(init).startswith("library:"):
         return 0.0
     from metapeft.artifacts import read_metadata
-    from metapeft.drift import stored_lr_decay
 
     return stored_lr_decay(read_metadata(init_path(init, registry)))
+
+
+def stored_lr_decay(meta: dict) -> float:
+    """The ``adapt_lr_decay`` in a version's header, or 0 (a constant lr)."""
+    import math
+
+    try:
+        value = float(meta.get("adapt_lr_decay", 0.0))
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 INNER_LR_PREFIX = "inner_lr."  # per-layer inner-lr multipliers stored beside meta-weights

@@ -75,20 +75,11 @@ def stored_lr(meta: dict) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
-def stored_lr_decay(meta: dict) -> float:
-    """The ``adapt_lr_decay`` in a version's header, or 0 (a constant lr)."""
-    try:
-        value = float(meta.get("adapt_lr_decay", 0.0))
-    except (TypeError, ValueError):
-        return 0.0
-    return value if math.isfinite(value) and value > 0 else 0.0
-
-
 def load_contender(spec: str, base, registry: str | Path | None = None, *,
                    field: str = "new") -> Contender:
     """Registry version ``spec`` (``NAME[@V]``) as an adapter on ``base``, with its own adapter
     options; a one-line error when it was trained on another base model or does not fit."""
-    from metapeft.adapter_io import check_base_model, split_inner_lr
+    from metapeft.adapter_io import check_base_model, split_inner_lr, stored_lr_decay
     from metapeft.adapters import get_adapter_class
     from metapeft.artifacts import json_field, load_safetensors
     from metapeft.registry import parse_spec, resolve
