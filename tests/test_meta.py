@@ -314,9 +314,14 @@ def test_calibrated_lr_decay_is_published_and_used_by_adapt(tmp_path):
     assert trials == ["2.0/decay0.5", "1.0/decay0.5", "0.5/decay0.5", "0.2/decay0.5"]
     assert cal["adapt_lr_decay"] == 0.5
     assert float(reg.show("d", home)["metadata"]["adapt_lr_decay"]) == 0.5
+    shown = run_cli("weights", "show", "d", home=home)
+    assert "decaying as 1/(1 + 0.5(t-1))" in shown.stdout
     task = tmp_path / "task"
     write_task_dir(generate_task(7, family="intent", ways=3, shots=2, query=2), task)
-    assert api.adapt(str(task), steps=1, init=res.path).extra["lr_decay"] == 0.5
+    assert api.adapt(str(task), steps=1, init=res.path, out=tmp_path / "a").extra["lr_decay"] == 0.5
+    from metapeft.adapter_io import read_adapter_info
+
+    assert read_adapter_info(tmp_path / "a").provenance["lr_decay"] == 0.5  # reproducible
     assert "lr_decay" not in api.adapt(str(task), steps=1, init=res.path, lr=5e-4).extra
     assert "lr_decay" not in api.adapt(str(task), steps=1, init=res.path, lr_decay=0.0).extra
     bad = run_cli("meta-train", "--name", "e", "--lr-decays", "0,-1", "--meta-steps", "1",

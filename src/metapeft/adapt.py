@@ -232,6 +232,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         decision["hyperparameters"] = {
             **({} if cls.training_free else {"lr": lr, "optimizer": optimizer,
                                              "objective": objective}),
+            **({"lr_decay": lr_decay} if lr_decay and not cls.training_free else {}),
             "steps": steps, **adapter.config.to_dict()}
         if on_decision is not None:
             on_decision(decision)
@@ -438,6 +439,8 @@ def describe_run(report: AdaptReport, encoder, *, task: str, objective: str, ini
                 "init": init, "seed": seed, "steps": len(report.losses),
                 "final_accuracy": report.final_accuracy,
                 "steps_to_target": report.steps_to_target, "target": target, "lr": lr,
+                **({"lr_decay": report.extra["lr_decay"]} if report.extra.get("lr_decay")
+                   else {}),
                 "optimizer": optimizer, "batch_size": batch_size,
                 "num_support": report.num_support, "num_query": report.num_query,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

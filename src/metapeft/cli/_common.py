@@ -291,6 +291,12 @@ def parse_sets(values: list[str] | None, config_file: Path | None) -> dict:
     return out
 
 
+def decay_note(cal: dict) -> str:
+    """", decaying as 1/(1 + d(t-1))" for a calibration that chose a step-size decay, else ""."""
+    d = cal.get("adapt_lr_decay")
+    return f", decaying as 1/(1 + {d:g}(t-1))" if d else ""
+
+
 def csv_list(values: list[str] | None) -> list[str] | None:
     """Repeated and/or comma-separated values as one list (None when none given)."""
     if not values:

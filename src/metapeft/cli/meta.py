@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from metapeft.cli._common import (CONFIG_OPT, JSON_OPT, METHOD_OPT, REGISTRY_OPT, SET_OPT,
-                                  LazyBar, csv_list, err_console, out_console, parse_sets,
-                                  print_json, progress, user_errors, with_model_options)
+                                  LazyBar, csv_list, decay_note, err_console, out_console,
+                                  parse_sets, print_json, progress, user_errors, with_model_options)
 from metapeft.config import GATE, META_RECIPE
 
 
@@ -225,10 +225,9 @@ def meta_train(
                               f"{res.best_step}")
         cal = res.result.extra.get("adapt_lr")
         if cal:
-            decay = (f", decaying as 1/(1 + {cal['adapt_lr_decay']:g}(t-1))"
-                     if cal.get("adapt_lr_decay") else "")
             out_console.print(f"test-time lr for this init: {cal['adapt_lr']:g} (x{cal['factor']} "
-                              f"of {method}'s default{decay}; chosen on the validation tasks)")
+                              f"of {method}'s default{decay_note(cal)}; chosen on the "
+                              "validation tasks)")
         out_console.print(f"next: metapeft adapt TASK --method {method} --init {name}")
 
 
@@ -237,7 +236,7 @@ def _decays(text: str) -> tuple[float, ...]:
     from metapeft.errors import UserError
 
     try:
-        out = tuple(float(x) for x in text.split(",") if x.strip())
+        out = tuple(float(x) for x in csv_list([text]) or ())
     except ValueError:
         out = ()
     if not out or any(d < 0 for d in out):

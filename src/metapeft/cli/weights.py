@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from metapeft.cli._common import (REGISTRY_OPT, LazyBar, compact_table, csv_list,
-                                  err_console, out_console, print_json, short_time, user_errors,
+                                  decay_note, err_console, out_console, print_json, short_time,
+                                  user_errors,
                                   with_model_options)
 from metapeft.config import GATE
 
@@ -103,7 +104,8 @@ def _print_show_summary(d: dict) -> None:
     if isinstance(cal, dict):  # the test-time lr chosen on the validation tasks (meta.stepsize)
         rows = ", ".join(f"x{f}: {r['mean']:.1%}" if r.get("mean") is not None else f"x{f}: diverged"
                          for f, r in cal.get("table", {}).items())
-        lines.append(f"  adapt lr    {cal['adapt_lr']:g} (x{cal['factor']} of {cal['base_lr']:g}; "
+        lines.append(f"  adapt lr    {cal['adapt_lr']:g} (x{cal['factor']} of {cal['base_lr']:g}"
+                     f"{decay_note(cal)}; "
                      f"mean val accuracy over steps {cal['marks']}: {rows})")
     scales = m.get("inner_lr_scales")
     if isinstance(scales, dict) and scales:  # meta-train --inner-lr-mode per-layer
