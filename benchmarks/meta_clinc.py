@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--calibrate-decays", default="0",
                     help="inverse-time lr decays tried with every lr factor in the calibration "
                          "(train.lr_schedule; 0 = constant lr)")
+    ap.add_argument("--calibrate-factors", default="2,1,0.5,0.2",
+                    help="lr factors (x the method's default lr) tried in the calibration")
     ap.add_argument("--inits", default=None,
                     help="comma-separated subset of fresh,meta,multitask to adapt (default all)")
     ap.add_argument("--calibrate-inits", default="meta,multitask",
@@ -192,8 +194,13 @@ def main() -> None:
     t0 = time.perf_counter()
     from metapeft.artifacts import json_field, load_safetensors
 
-    meta = {}
-    if args.meta_weights:
+    wanted_inits = set(args.inits.split(",")) if args.inits else {"fresh", "meta", "multitask"}
+    meta, arrays = {}, None
+    val_steps = val_accs = best_step = None
+    meta_seconds = 0.0
+    if "meta" not in wanted_inits and not args.meta_weights:
+        pass  # e.g. a process that only trains the multitask init, beside one that meta-trains
+    elif args.meta_weights:
         arrays, meta = load_safetensors(args.meta_weights)
         val_steps, val_accs = json_field(meta, "val_steps"), json_field(meta, "val_accuracy")
         best_step = json_field(meta, "best_step")
@@ -211,6 +218,9 @@ def main() -> None:
                                      inner_steps=args.inner_steps, inner_lr=args.inner_lr,
                                      outer_lr=args.outer_lr, eval_every=10, eval_episodes=6,
                                      sources=sources, vectorise=args.vectorise,
+                                     # with --calibrate the step size is chosen below, on the
+                                     # grid given there (--calibrate-factors/-decays)
+                                     calibrate_lr=not args.calibrate,
                                      on_step=lambda t, l, a, v: print(
                                          f"  meta-step {t}: loss {l:.3f} acc {a:.2f}"
                                          + ("" if v is None else f" val {v:.3f}"), flush=True))
@@ -218,13 +228,18 @@ def main() -> None:
         val_steps, val_accs, best_step = res.val_steps, res.val_accuracies, res.best_step
         meta_seconds = time.perf_counter() - t0
     adapter = get_adapter_class(args.method).attach(base, options)
-    inits = {"fresh": adapter.init_params(0), "meta": adapter.unflat(arrays)}
+    inits = {"fresh": adapter.init_params(0)}
+    if arrays is not None:
+        inits["meta"] = adapter.unflat(arrays)
     mt_steps = args.multitask_steps or args.meta_steps * args.meta_batch * args.inner_steps // 2
     t1 = time.perf_counter()
     from metapeft.artifacts import save_safetensors
 
     mt_file = Path(args.multitask_weights) if args.multitask_weights else None
-    if mt_file is not None and mt_file.exists():
+    mt_seconds = 0.0
+    if "multitask" not in wanted_inits:
+        pass
+    elif mt_file is not None and mt_file.exists():
         mt_arrays, mt_meta = load_safetensors(mt_file)
         inits["multitask"] = adapter.unflat(mt_arrays)
         mt_steps = int(mt_meta["multitask_steps"])
@@ -254,7 +269,7 @@ def main() -> None:
             calibration["meta"] = json.loads(meta["adapt_lr_calibration"])
         for name in ("meta", "multitask"):
             f = cal_dir / f"{name}.json"
-            if name in calibration:
+            if name in calibration or name not in inits:
                 continue
             if f.exists():
                 calibration[name] = json.loads(f.read_text())
@@ -263,11 +278,14 @@ def main() -> None:
                 cal = calibrate_adapt_lr(
                     adapter, inits[name], validation_tasks(sources.validation, 0, 6), lr,
                     decays=[float(x) for x in args.calibrate_decays.split(",")],
+                    factors=[float(x) for x in args.calibrate_factors.split(",")],
                     on_trial=lambda fct, row, n=name: print(f"  {n} lr x{fct}: {row}", flush=True))
                 cal["seconds"] = round(time.perf_counter() - tc, 1)
                 write_json(str(f), cal)
                 calibration[name] = cal
         for name, cal in calibration.items():
+            if name not in inits:
+                continue
             lrs[name] = cal["adapt_lr"]
             decays[name] = cal.get("adapt_lr_decay", 0.0)
         print(f"test-time lr per init: {lrs}; inverse-time decay per init: {decays}", flush=True)
@@ -318,14 +336,24 @@ def main() -> None:
             print(f"  {n_done}/{len(mine)} tasks: " + "  ".join(
                 f"{k} @10 {np.mean([r['acc'][k][10] for r in records]):.3f}" for k in run_inits),
                 flush=True)
-        if n_done % 10 == 0 and n_done < len(mine):
-            report(header, records, args.json)
+        if n_done < len(mine):  # every task on disk, so a stopped run resumes where it was
+            report(header, records, args.json, quiet=n_done % 10 != 0)
     report(header, records, args.json)
 
 
-def report(header: dict, records: list[dict], json_path: str | None) -> None:
+def report(header: dict, records: list[dict], json_path: str | None, quiet: bool = False) -> None:
     """Print the tables and write the JSON (header + per-task records) for the tasks done so far;
-    called periodically, so a long run that is stopped early still leaves its results."""
+    called after every task (``quiet``: write only), so a stopped run leaves all it measured."""
+    if quiet:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            return _report(header, records, json_path)
+    return _report(header, records, json_path)
+
+
+def _report(header: dict, records: list[dict], json_path: str | None) -> None:
     args = header["args"]
     records = sorted(records, key=lambda r: r["i"])  # long tasks (lowest indices) first
     inits = header["inits"]
