@@ -102,11 +102,19 @@ def _print_show_summary(d: dict) -> None:
              f"  parameters  {d['num_parameters']:,} in {d['num_tensors']} tensors"]
     cal = m.get("adapt_lr_calibration")
     if isinstance(cal, dict):  # the test-time lr chosen on the validation tasks (meta.stepsize)
-        rows = ", ".join(f"x{f}: {r['mean']:.1%}" if r.get("mean") is not None else f"x{f}: diverged"
-                         for f, r in cal.get("table", {}).items())
+        from metapeft.meta.stepsize import candidate_key
+
+        chosen = candidate_key(float(cal["factor"]), float(cal.get("adapt_lr_decay") or 0.0))
         lines.append(f"  adapt lr    {cal['adapt_lr']:g} (x{cal['factor']} of {cal['base_lr']:g}"
-                     f"{decay_note(cal)}; "
-                     f"mean val accuracy over steps {cal['marks']}: {rows})")
+                     f"{decay_note(cal)}); mean val accuracy at steps "
+                     f"{'/'.join(str(k) for k in cal['marks'])}:")
+        # one candidate per line: with step-size decays the table is too wide for one line
+        table = cal.get("table", {})
+        width = max((len(k) for k in table), default=0) + 1
+        lines.extend(f"    x{k:<{width}} "
+                     + (f"{r['mean']:.1%}" if r.get("mean") is not None else "diverged")
+                     + ("  (chosen)" if k == chosen else "")
+                     for k, r in table.items())
     scales = m.get("inner_lr_scales")
     if isinstance(scales, dict) and scales:  # meta-train --inner-lr-mode per-layer
         lines.append("  inner lrs   per layer, multiplier min / median / max by module:")
