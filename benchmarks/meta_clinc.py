@@ -484,7 +484,8 @@ def compare(new_path: str, old_path: str) -> None:
                    if m not in marks and all(m in o["acc"][j] for j in old["inits"])})
     n_long = sum(1 for r, _ in recs if long and long[0] in r["acc"][new["inits"][0]])
     print(f"\n{len(recs)} tasks in both {new_path} (*: {new['inits']}, lr {new.get('lr')}, "
-          f"decay {new.get('lr_decay')}) and {old_path} (lr {old.get('lr')})\n")
+          f"decay {new.get('lr_decay')}) and {old_path} (lr {old.get('lr')}, "
+          f"decay {old.get('lr_decay')})\n")
     shown = marks + long
     print("| arm | " + " | ".join(f"acc@{m}" + (f" ({n_long} tasks)" if m in long else "")
                                  for m in shown) + " |\n|---|" + "---|" * len(shown))
