@@ -108,13 +108,15 @@ def _print_show_summary(d: dict) -> None:
         lines.append(f"  adapt lr    {cal['adapt_lr']:g} (x{cal['factor']} of {cal['base_lr']:g}"
                      f"{decay_note(cal)}); mean val accuracy at steps "
                      f"{'/'.join(str(k) for k in cal['marks'])}:")
-        # one candidate per line: with step-size decays the table is too wide for one line
-        table = cal.get("table", {})
-        width = max((len(k) for k in table), default=0) + 1
-        lines.extend(f"    x{k:<{width}} "
-                     + (f"{r['mean']:.1%}" if r.get("mean") is not None else "diverged")
-                     + ("  (chosen)" if k == chosen else "")
-                     for k, r in table.items())
+        # one line per decay (constant first): with decays one line ran to 200+ columns
+        by_decay: dict[str, list[str]] = {}
+        for k, r in cal.get("table", {}).items():
+            factor, _, decay = k.partition("/decay")
+            by_decay.setdefault(decay, []).append(
+                f"x{factor} " + (f"{r['mean']:.1%}" if r.get("mean") is not None else "diverged")
+                + (" (chosen)" if k == chosen else ""))
+        lines.extend(f"    {'constant lr' if not d else f'decay {d}':<12} {', '.join(cells)}"
+                     for d, cells in by_decay.items())
     scales = m.get("inner_lr_scales")
     if isinstance(scales, dict) and scales:  # meta-train --inner-lr-mode per-layer
         lines.append("  inner lrs   per layer, multiplier min / median / max by module:")
