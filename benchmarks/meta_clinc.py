@@ -148,6 +148,12 @@ def main() -> None:
     ap.add_argument("--calibrate-decays", default="0",
                     help="inverse-time lr decays tried with every lr factor in the calibration "
                          "(train.lr_schedule; 0 = constant lr)")
+    ap.add_argument("--lr-decay", type=float, default=0.0,
+                    help="test-time inverse-time decay for every init that --calibrate does not "
+                         "set (with --lr: one fixed schedule, e.g. a candidate chosen elsewhere)")
+    ap.add_argument("--calibrate-tasks", type=int, default=6,
+                    help="validation tasks the calibration adapts (the first 6 are early "
+                         "stopping's; 6 could not separate candidates 0.3 points apart on SmolLM2)")
     ap.add_argument("--calibrate-factors", default="2,1,0.5,0.2",
                     help="lr factors (x the method's default lr) tried in the calibration")
     ap.add_argument("--inits", default=None,
@@ -254,7 +260,7 @@ def main() -> None:
     print(f"meta-train {meta_seconds:.0f} s (best val step {best_step}: {val_accs}); "
           f"multitask {mt_steps} steps {mt_seconds:.0f} s", flush=True)
     lrs = {name: lr for name in inits}  # the test-time Adam lr of each init
-    decays = {name: 0.0 for name in inits}  # and its inverse-time decay (train.lr_schedule)
+    decays = {name: args.lr_decay for name in inits}  # and its inverse-time decay (lr_schedule)
     calibration = {}
     if args.calibrate:
         import json
@@ -276,7 +282,7 @@ def main() -> None:
             elif name in wanted:
                 tc = time.perf_counter()
                 cal = calibrate_adapt_lr(
-                    adapter, inits[name], validation_tasks(sources.validation, 0, 6), lr,
+                    adapter, inits[name], validation_tasks(sources.validation, 0, args.calibrate_tasks), lr,
                     decays=[float(x) for x in args.calibrate_decays.split(",")],
                     factors=[float(x) for x in args.calibrate_factors.split(",")],
                     on_trial=lambda fct, row, n=name: print(f"  {n} lr x{fct}: {row}", flush=True))
