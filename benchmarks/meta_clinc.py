@@ -282,7 +282,8 @@ def main() -> None:
             elif name in wanted:
                 tc = time.perf_counter()
                 cal = calibrate_adapt_lr(
-                    adapter, inits[name], validation_tasks(sources.validation, 0, args.calibrate_tasks), lr,
+                    adapter, inits[name],
+                    validation_tasks(sources.validation, 0, args.calibrate_tasks), lr,
                     decays=[float(x) for x in args.calibrate_decays.split(",")],
                     factors=[float(x) for x in args.calibrate_factors.split(",")],
                     on_trial=lambda fct, row, n=name: print(f"  {n} lr x{fct}: {row}", flush=True))

@@ -102,7 +102,7 @@ def _print_show_summary(d: dict) -> None:
              f"  parameters  {d['num_parameters']:,} in {d['num_tensors']} tensors"]
     cal = m.get("adapt_lr_calibration")
     if isinstance(cal, dict):  # the test-time lr chosen on the validation tasks (meta.stepsize)
-        from metapeft.meta.stepsize import candidate_key
+        from metapeft.meta.stepsize import candidate_key, split_candidate_key
 
         chosen = candidate_key(float(cal["factor"]), float(cal.get("adapt_lr_decay") or 0.0))
         lines.append(f"  adapt lr    {cal['adapt_lr']:g} (x{cal['factor']} of {cal['base_lr']:g}"
@@ -111,7 +111,7 @@ def _print_show_summary(d: dict) -> None:
         # one line per decay (constant first): with decays one line ran to 200+ columns
         by_decay: dict[str, list[str]] = {}
         for k, r in cal.get("table", {}).items():
-            factor, _, decay = k.partition("/decay")
+            factor, decay = split_candidate_key(k)
             by_decay.setdefault(decay, []).append(
                 f"x{factor} " + (f"{r['mean']:.1%}" if r.get("mean") is not None else "diverged")
                 + (" (chosen)" if k == chosen else ""))

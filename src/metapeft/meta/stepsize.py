@@ -39,6 +39,13 @@ def candidate_key(factor: float, decay: float) -> str:
     return str(factor) if decay == 0 else f"{factor}/decay{decay}"
 
 
+def split_candidate_key(key: str) -> tuple[str, str]:
+    """``candidate_key``'s inverse, as the stored strings: ``"0.5/decay1.0"`` -> ``("0.5", "1.0")``,
+    ``"0.5"`` -> ``("0.5", "")`` (a constant lr)."""
+    factor, _, decay = key.partition("/decay")
+    return factor, decay
+
+
 def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
                        factors=DEFAULT_FACTORS, marks=DEFAULT_MARKS, optimizer: str = "adam",
                        on_trial=None, group=None, lr_scales: dict | None = None,
