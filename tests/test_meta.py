@@ -268,6 +268,7 @@ def test_adapt_lr_is_calibrated_on_validation_and_used_by_adapt(tmp_path):
     assert shown.stdout.count("(chosen)") == 1, shown.stdout
     assert f"x{cal['factor']} {best:.1%} (chosen)" in shown.stdout, shown.stdout
     assert sum(f"x{f} " in shown.stdout for f, _ in trials) == len(trials)
+    assert "points over x" in shown.stdout and "(paired, 2 tasks)" in shown.stdout
 
 
 def test_calibration_never_picks_a_diverging_lr(tiny):
@@ -279,6 +280,34 @@ def test_calibration_never_picks_a_diverging_lr(tiny):
     cal = calibrate_adapt_lr(adapter, adapter.init_params(0), tasks, 1e-3,
                              factors=(1e9, 1.0), marks=(1, 2))
     assert cal["factor"] == 1.0 and cal["table"]["1000000000.0"]["diverged"]
+
+
+def test_calibration_reports_the_choice_paired_lead_over_the_runner_up(tiny):
+    """Each candidate keeps its per-task means (over the marks); the result says by how much,
+    task by task, the chosen candidate led the runner-up, so a tie on few tasks shows as one."""
+    from metapeft.meta.stepsize import calibrate_adapt_lr, candidate_key
+
+    adapter = get_adapter_class("lora").attach(tiny, {})
+    tasks = [generate_task(s, family="intent", ways=3, shots=2, query=2) for s in (1, 2, 3)]
+    cal = calibrate_adapt_lr(adapter, adapter.init_params(0), tasks, 1e-3,
+                             factors=(1.0, 8.0), decays=(0.0, 1.0), marks=(1, 2))
+    table = cal["table"]
+    for row in table.values():
+        assert len(row["tasks"]) == 3
+        assert row["mean"] == pytest.approx(np.mean(row["tasks"]), abs=1e-5)
+    chosen = candidate_key(cal["factor"], cal["adapt_lr_decay"])
+    margin = cal["margin"]
+    others = [k for k in table if k != chosen]
+    assert margin["over"] in others
+    assert table[margin["over"]]["mean"] == max(table[k]["mean"] for k in others)
+    lead = np.subtract(table[chosen]["tasks"], table[margin["over"]]["tasks"])
+    assert margin["mean"] == pytest.approx(lead.mean(), abs=1e-5) and margin["mean"] >= -1e-6
+    assert margin["ci95"] == pytest.approx(1.96 * lead.std(ddof=1) / np.sqrt(3), abs=1e-5)
+    one = calibrate_adapt_lr(adapter, adapter.init_params(0), tasks[:1], 1e-3, factors=(1.0, 0.5),
+                             marks=(1,))
+    assert one["margin"]["ci95"] is None  # one task: no spread to read a CI from
+    assert calibrate_adapt_lr(adapter, adapter.init_params(0), tasks[:1], 1e-3, factors=(1.0,),
+                              marks=(1,))["margin"] is None
 
 
 def test_lr_decay_keeps_the_first_step_and_scales_the_later_ones(tiny):

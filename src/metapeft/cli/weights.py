@@ -117,6 +117,13 @@ def _print_show_summary(d: dict) -> None:
                 + (" (chosen)" if k == chosen else ""))
         lines.extend(f"    {'constant lr' if not d else f'decay {d}':<12} {', '.join(cells)}"
                      for d, cells in by_decay.items())
+        margin = cal.get("margin")  # older files lack it
+        if isinstance(margin, dict) and margin.get("mean") is not None:
+            rival_factor, rival_decay = split_candidate_key(margin["over"])
+            ci = "" if margin.get("ci95") is None else f" ± {100 * margin['ci95']:.1f}"
+            lines.append(f"    {'lead':<12} {100 * margin['mean']:+.1f}{ci} points over "
+                         f"x{rival_factor}" + (f" decay {rival_decay}" if rival_decay else "")
+                         + f" (paired, {cal.get('num_tasks', '?')} tasks)")
     scales = m.get("inner_lr_scales")
     if isinstance(scales, dict) and scales:  # meta-train --inner-lr-mode per-layer
         lines.append("  inner lrs   per layer, multiplier min / median / max by module:")

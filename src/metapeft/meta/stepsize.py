@@ -54,9 +54,11 @@ def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
     ``lr_scales``: the per-leaf multipliers the init carries (per-layer inner lrs), applied as
     ``adapt`` applies them, so the lr is chosen for the steps ``adapt`` will take.
 
-    Returns ``{"adapt_lr", "factor", "adapt_lr_decay", "base_lr", "marks", "num_tasks", "table"}``
-    where ``table`` maps each candidate (``candidate_key``) to its mean accuracy at each mark and
-    overall. ``on_trial(key, row)`` is called after each candidate."""
+    Returns ``{"adapt_lr", "factor", "adapt_lr_decay", "base_lr", "marks", "num_tasks", "margin",
+    "table"}`` where ``table`` maps each candidate (``candidate_key``) to its mean accuracy at each
+    mark and overall, and each task's mean over the marks (``tasks``); ``margin`` is the choice's
+    paired lead over the runner-up (``{"over", "mean", "ci95"}``, ``ci95`` None for one task; None
+    with a single candidate or a diverged runner-up). ``on_trial(key, row)`` is called after each candidate."""
     from metapeft.meta import distributed as dist
     from metapeft.train import encode_task, train
 
@@ -84,15 +86,29 @@ def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
             curves = np.asarray(gathered[:-1], dtype=float).reshape(n, k)
             per_mark = np.mean(curves, axis=0)
             table[f, d] = {"mean": round(float(per_mark.mean()), 6),
-                           **{str(m): round(float(a), 6) for m, a in zip(marks, per_mark)}}
+                           **{str(m): round(float(a), 6) for m, a in zip(marks, per_mark)},
+                           # each task's mean over the marks: what the paired margin is read from
+                           "tasks": [round(float(a), 6) for a in curves.mean(axis=1)]}
         if on_trial is not None:
             on_trial(candidate_key(f, d), table[f, d])
-    best_f, best_d = max(candidates, key=lambda c: (table[c]["mean"], -c[1], -abs(math.log(c[0]))))
+    ranked = sorted(candidates, key=lambda c: (table[c]["mean"], -c[1], -abs(math.log(c[0]))),
+                    reverse=True)
+    best_f, best_d = ranked[0]
     if table[best_f, best_d].get("diverged"):
         raise FloatingPointError(f"every candidate lr diverged from this init (base {base_lr:g})")
+    margin = None
+    if len(ranked) > 1 and not table[ranked[1]].get("diverged"):
+        # the choice's paired lead over the runner-up, task by task: a CI that spans 0 says the
+        # validation tasks could not tell the two apart (more of them would)
+        from metapeft.drift import mean_ci
+
+        lead = np.subtract(table[ranked[0]]["tasks"], table[ranked[1]]["tasks"])
+        ci = mean_ci(lead)
+        margin = {"over": candidate_key(*ranked[1]), "mean": round(ci["mean"], 6),
+                  "ci95": None if ci["ci"] is None else round(ci["ci"], 6)}
     for row in table.values():  # JSON has no -inf
         if row.get("diverged"):
             row["mean"] = None
     return {"adapt_lr": base_lr * best_f, "factor": best_f, "adapt_lr_decay": best_d,
-            "base_lr": base_lr, "marks": marks, "num_tasks": len(tasks),
+            "base_lr": base_lr, "marks": marks, "num_tasks": len(tasks), "margin": margin,
             "table": {candidate_key(f, d): v for (f, d), v in table.items()}}
