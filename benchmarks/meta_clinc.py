@@ -266,7 +266,7 @@ def main() -> None:
         import json
 
         from metapeft.meta.run import validation_tasks
-        from metapeft.meta.stepsize import calibrate_adapt_lr
+        from metapeft.meta.stepsize import calibrate_adapt_lr, describe_lead
 
         cal_dir = Path(args.calibrate)
         cal_dir.mkdir(parents=True, exist_ok=True)
@@ -290,12 +290,10 @@ def main() -> None:
                 cal["seconds"] = round(time.perf_counter() - tc, 1)
                 write_json(str(f), cal)
                 calibration[name] = cal
-                lead = cal["margin"]
+                lead = describe_lead(cal)
                 if lead is not None:  # can the validation tasks tell the top two apart?
-                    ci = "" if lead["ci95"] is None else f" ± {100 * lead['ci95']:.1f}"
-                    print(f"  {name}: lead of x{cal['factor']}/decay{cal['adapt_lr_decay']} over "
-                          f"{lead['over']}: {100 * lead['mean']:+.1f}{ci} points "
-                          f"({cal['num_tasks']} tasks, paired)", flush=True)
+                    print(f"  {name}: x{cal['factor']} decay {cal['adapt_lr_decay']} leads by "
+                          f"{lead}", flush=True)
         for name, cal in calibration.items():
             if name not in inits:
                 continue

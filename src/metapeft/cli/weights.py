@@ -102,7 +102,7 @@ def _print_show_summary(d: dict) -> None:
              f"  parameters  {d['num_parameters']:,} in {d['num_tensors']} tensors"]
     cal = m.get("adapt_lr_calibration")
     if isinstance(cal, dict):  # the test-time lr chosen on the validation tasks (meta.stepsize)
-        from metapeft.meta.stepsize import candidate_key, split_candidate_key
+        from metapeft.meta.stepsize import candidate_key, describe_lead, split_candidate_key
 
         chosen = candidate_key(float(cal["factor"]), float(cal.get("adapt_lr_decay") or 0.0))
         lines.append(f"  adapt lr    {cal['adapt_lr']:g} (x{cal['factor']} of {cal['base_lr']:g}"
@@ -117,13 +117,9 @@ def _print_show_summary(d: dict) -> None:
                 + (" (chosen)" if k == chosen else ""))
         lines.extend(f"    {'constant lr' if not d else f'decay {d}':<12} {', '.join(cells)}"
                      for d, cells in by_decay.items())
-        margin = cal.get("margin")  # older files lack it
-        if isinstance(margin, dict) and margin.get("mean") is not None:
-            rival_factor, rival_decay = split_candidate_key(margin["over"])
-            ci = "" if margin.get("ci95") is None else f" ± {100 * margin['ci95']:.1f}"
-            lines.append(f"    {'lead':<12} {100 * margin['mean']:+.1f}{ci} points over "
-                         f"x{rival_factor}" + (f" decay {rival_decay}" if rival_decay else "")
-                         + f" (paired, {cal.get('num_tasks', '?')} tasks)")
+        lead = describe_lead(cal)  # older files have no margin
+        if lead is not None:
+            lines.append(f"    {'lead':<12} {lead}")
     scales = m.get("inner_lr_scales")
     if isinstance(scales, dict) and scales:  # meta-train --inner-lr-mode per-layer
         lines.append("  inner lrs   per layer, multiplier min / median / max by module:")

@@ -46,6 +46,19 @@ def split_candidate_key(key: str) -> tuple[str, str]:
     return factor, decay
 
 
+def describe_lead(cal: dict) -> str | None:
+    """A calibration's ``margin`` in words, ``"+0.5 ± 1.7 points over x1.0 decay 3.0 (paired, 6
+    tasks)"``; None when it has none (one candidate, a diverged runner-up, or an older file)."""
+    margin = cal.get("margin")
+    if not isinstance(margin, dict) or margin.get("mean") is None:
+        return None
+    factor, decay = split_candidate_key(margin["over"])
+    ci = "" if margin.get("ci95") is None else f" ± {100 * margin['ci95']:.1f}"
+    return (f"{100 * margin['mean']:+.1f}{ci} points over x{factor}"
+            + (f" decay {decay}" if decay else "")
+            + f" (paired, {cal.get('num_tasks', '?')} tasks)")
+
+
 def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
                        factors=DEFAULT_FACTORS, marks=DEFAULT_MARKS, optimizer: str = "adam",
                        on_trial=None, group=None, lr_scales: dict | None = None,
@@ -58,7 +71,8 @@ def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
     "table"}`` where ``table`` maps each candidate (``candidate_key``) to its mean accuracy at each
     mark and overall, and each task's mean over the marks (``tasks``); ``margin`` is the choice's
     paired lead over the runner-up (``{"over", "mean", "ci95"}``, ``ci95`` None for one task; None
-    with a single candidate or a diverged runner-up). ``on_trial(key, row)`` is called after each candidate."""
+    with a single candidate or a diverged runner-up; ``describe_lead`` words it).
+    ``on_trial(key, row)`` is called after each candidate."""
     from metapeft.meta import distributed as dist
     from metapeft.train import encode_task, train
 
