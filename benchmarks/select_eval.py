@@ -70,10 +70,14 @@ def build_group(name: str, args, grp=None) -> list:
     else:
         from metapeft.data.tasks import read_rows
 
-        data, model = str(CLINC), str(STORIES)
+        data, model = str(CLINC), str(args.clinc_model)
         domains = sorted({str(e.extra.get("domain")) for e in read_rows(CLINC)})
     cache = Path(args.cache).expanduser()
-    store = ExperienceStore(cache / f"{name}-s{args.steps}-seed{args.seed}.safetensors")
+    # one store per model: another model's oracle is other experience (stories260K keeps the
+    # name it always had, so existing caches stay valid)
+    tag = "" if name == "synthetic" or Path(args.clinc_model) == STORIES else \
+        f"-{Path(args.clinc_model).name}-shots{args.max_shots}-ways{args.max_ways}"
+    store = ExperienceStore(cache / f"{name}{tag}-s{args.steps}-seed{args.seed}.safetensors")
     if args.eval_only:
         return store.load()
     have: dict[str, set] = {}
@@ -246,6 +250,10 @@ def main(argv=None) -> int:
     ap.add_argument("--groups", default="synthetic,clinc",
                     help="comma list of synthetic, clinc (clinc is skipped when ../shared lacks "
                          "CLINC150 or stories260K)")
+    ap.add_argument("--clinc-model", type=Path, default=STORIES,
+                    help="the model the clinc group's oracle adapts (default stories260K; e.g. "
+                         "../shared/models/SmolLM2-135M-Instruct, with --max-shots/--max-ways "
+                         "capped for time)")
     ap.add_argument("--per-domain", type=int, default=4, help="tasks per domain/family")
     ap.add_argument("--steps", type=int, default=8, help="adaptation steps per run")
     ap.add_argument("--methods", default="all")
@@ -273,8 +281,8 @@ def main(argv=None) -> int:
     random.seed(args.seed)
     out, raw = [], []
     for g in [x.strip() for x in args.groups.split(",") if x.strip()]:
-        if g == "clinc" and not (CLINC.exists() and (STORIES / "config.json").exists()):
-            print(f"skipping clinc: {CLINC} or {STORIES} is absent", file=sys.stderr)
+        if g == "clinc" and not (CLINC.exists() and (args.clinc_model / "config.json").exists()):
+            print(f"skipping clinc: {CLINC} or {args.clinc_model} is absent", file=sys.stderr)
             continue
         t0 = time.time()
         recs = build_group(g, args, grp)
@@ -291,7 +299,8 @@ def main(argv=None) -> int:
         Path(args.json_out).write_text(json.dumps(raw, default=lambda o: o.tolist()
                                                   if hasattr(o, "tolist") else bool(o)))
     print(f"settings: per-domain {args.per_domain}, steps {args.steps}, shots 1-{args.max_shots}, "
-          f"ways 2-{args.max_ways}, query {args.query}/class, seed {args.seed}")
+          f"ways 2-{args.max_ways}, query {args.query}/class, seed {args.seed}, clinc model "
+          f"{args.clinc_model.name}")
     return 0
 
 
