@@ -75,8 +75,8 @@ def build_group(name: str, args, grp=None) -> list:
     cache = Path(args.cache).expanduser()
     # one store per model: another model's oracle is other experience (stories260K keeps the
     # name it always had, so existing caches stay valid)
-    tag = "" if name == "synthetic" or Path(args.clinc_model) == STORIES else \
-        f"-{Path(args.clinc_model).name}-shots{args.max_shots}-ways{args.max_ways}"
+    tag = "" if name == "synthetic" or args.clinc_model.resolve() == STORIES.resolve() else \
+        f"-{args.clinc_model.name}-shots{args.max_shots}-ways{args.max_ways}"
     store = ExperienceStore(cache / f"{name}{tag}-s{args.steps}-seed{args.seed}.safetensors")
     if args.eval_only:
         return store.load()
@@ -248,8 +248,8 @@ def report(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--groups", default="synthetic,clinc",
-                    help="comma list of synthetic, clinc (clinc is skipped when ../shared lacks "
-                         "CLINC150 or stories260K)")
+                    help="comma list of synthetic, clinc (clinc is skipped when CLINC150 or "
+                         "--clinc-model is absent)")
     ap.add_argument("--clinc-model", type=Path, default=STORIES,
                     help="the model the clinc group's oracle adapts (default stories260K; e.g. "
                          "../shared/models/SmolLM2-135M-Instruct, with --max-shots/--max-ways "
