@@ -84,6 +84,8 @@ def launched_meta_train(args, registry: str):
            "--json", *(x for o in args.options for x in ("--set", o))]
     if not args.vectorise:
         cmd.append("--sequential")
+    if args.calibrate or args.no_calibrate:  # the step size is chosen by main(), or not at all
+        cmd.append("--no-calibrate-lr")
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
                        env={**os.environ, "METAPEFT_EXPERIENCE": "off"})
     if p.returncode != 0:
@@ -145,6 +147,10 @@ def main() -> None:
                     help="adapt the meta and multitask inits at the test-time lr chosen for each "
                          "on the run's validation tasks (metapeft.meta.stepsize), cached as "
                          "DIR/<init>.json; meta-weights that carry adapt_lr use it")
+    ap.add_argument("--no-calibrate", action="store_true",
+                    help="no step-size calibration at all: every init adapts at --lr (default: "
+                         "the method's lr) with --lr-decay, and meta-training skips the "
+                         "calibration it otherwise runs when --calibrate is not given")
     ap.add_argument("--calibrate-decays", default="0",
                     help="inverse-time lr decays tried with every lr factor in the calibration "
                          "(train.lr_schedule; 0 = constant lr)")
@@ -170,6 +176,8 @@ def main() -> None:
                     help="keep the per-task records already in --json (same inits and settings) "
                          "and run only the missing tasks, e.g. to grow a 40-task run to 200")
     args = ap.parse_args()
+    if args.no_calibrate and args.calibrate:
+        ap.error("--no-calibrate and --calibrate exclude each other")
     if args.merge:
         return merge(args.merge, args.json)
     if args.compare:
@@ -226,7 +234,7 @@ def main() -> None:
                                      sources=sources, vectorise=args.vectorise,
                                      # with --calibrate the step size is chosen below, on the
                                      # grid given there (--calibrate-factors/-decays)
-                                     calibrate_lr=not args.calibrate,
+                                     calibrate_lr=not (args.calibrate or args.no_calibrate),
                                      on_step=lambda t, l, a, v: print(
                                          f"  meta-step {t}: loss {l:.3f} acc {a:.2f}"
                                          + ("" if v is None else f" val {v:.3f}"), flush=True))
