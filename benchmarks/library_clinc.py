@@ -17,7 +17,9 @@ examples per class), every arm adapted with Adam at LoRA's default lr, query acc
 * generate: ``adapt --init library:generate`` (the generator's LoRA for the task's embedding);
 * route: ``adapt --route arrow``; its step 0 is Arrow's per-token routed model (training-free),
   steps 1+ train from the merged mixture (its own step 0 is reported as "route, merged");
-* meta (``--meta-init NAME@V``): a registry init, at its calibrated lr;
+* meta (``--meta-init NAME@V`` or a file): a registry init, at its calibrated lr;
+* compose-meta (with ``--meta-init``): ``library:compose:K+INIT``, the meta-init as one more
+  member (the search also starts from it alone), adapted at the meta-init's calibrated lr;
 * generate-e2e (``--e2e-steps N``): the same generator (same seed, same reconstruction stage)
   then fine-tuned end to end for N steps on the query loss of its LoRAs over 5-way 5-shot
   episodes of the meta-train domains (``library train-generator --e2e-steps``, ``--e2e-inner-steps
@@ -154,6 +156,7 @@ def run_task(args, task, registry: str, store: Path, saved: str | None) -> dict:
             ("route", {"route": "arrow"})]
     if args.meta_init:
         arms.append(("meta", {"init": args.meta_init}))
+        arms.append(("compose-meta", {"init": f"library:compose:{args.k}+{args.meta_init}"}))
     if args.e2e_version:
         arms.append(("generate-e2e", {"init": f"library:generate@{args.e2e_version}"}))
     for name, kw in arms:
@@ -167,7 +170,7 @@ def run_task(args, task, registry: str, store: Path, saved: str | None) -> dict:
         r = adapt(task, model=args.model, method="lora", steps=max(STEPS), target=None,
                   eval_at=set(STEPS), seed=args.seed, **kw)
         row = {"acc": list(r.accuracies), "seconds": time.perf_counter() - t0}
-        if name == "compose":
+        if name.startswith("compose"):
             c = r.extra["composition"]
             row.update(search_seconds=c["search_seconds"], weights=c["weights"],
                        members=[m["id"] for m in c["members"]], warm=c["warm_points"],
@@ -197,7 +200,8 @@ def table(results: list[dict], arms: list[str]) -> list[str]:
     pairs = [("compose", "fresh"), ("generate", "fresh"), ("route", "fresh"),
              ("compose", "route"), ("compose", "generate")]
     if "meta" in arms:
-        pairs += [("compose", "meta"), ("generate", "meta"), ("route", "meta")]
+        pairs += [("compose", "meta"), ("generate", "meta"), ("route", "meta"),
+                  ("compose-meta", "meta"), ("compose-meta", "compose")]
     if "multitask" in arms:
         pairs += [("compose", "multitask"), ("generate", "multitask")]
     pairs += [("generate-e2e", "generate"), ("generate-e2e", "fresh")]
@@ -237,7 +241,8 @@ def pair_with(results: list[dict], path: str | None, arms: list[str]) -> list[st
 def summary(results: list[dict], info: dict, arms: list[str], args, load: str) -> list[str]:
     lines = table(results, arms)
     ran = [a for a in arms if "from" not in results[0][a]]
-    search = [r["compose"]["search_seconds"] for r in results] if "compose" in ran else [0]
+    composed = next((a for a in ("compose", "compose-meta") if a in ran), None)
+    search = [r[composed]["search_seconds"] for r in results] if composed else [0]
     first = ran[0]  # a run's seconds per step (evaluations included)
     step_s = [r[first]["seconds"] / max(STEPS) for r in results]
     paired = [a for a in arms if a not in ran]
@@ -252,8 +257,8 @@ def summary(results: list[dict], info: dict, arms: list[str], args, load: str) -
               + (f", +{info['e2e_seconds']:.0f} s for its {args.e2e_steps} end-to-end steps "
                  f"({info['e2e']['tasks']} episodes, {args.e2e_inner_steps} inner steps)"
                  if info.get("e2e") else "") + "); "
-              + (f"composition search {fmt(search, pct=False)} s per task; "
-                 if "compose" in ran else "")
+              + (f"composition search ({composed}) {fmt(search, pct=False)} s per task; "
+                 if composed else "")
               + f"a {first} run: {fmt(step_s, pct=False)} s per step incl. evaluation; "
               + (f"route build+score "
                  f"{fmt([r['route']['route_seconds'] for r in results], pct=False)} s; "
@@ -347,7 +352,8 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     args.gen_version = info.get("generator_version")
     args.e2e_version = info.get("e2e_version") if args.e2e_steps else None
-    every = ["fresh", "compose", "generate", "route"] + (["meta"] if args.meta_init else []) \
+    every = ["fresh", "compose", "generate", "route"] \
+        + (["meta", "compose-meta"] if args.meta_init else []) \
         + (["generate-e2e"] if args.e2e_version else [])
     args.arm_list = every if not args.arms else [a for a in every if a in args.arms.split(",")]
     store = library.library_dir(registry) / library.COMPOSITIONS

@@ -262,6 +262,32 @@ def test_compose_with_an_init_as_one_more_member(home, tmp_path, tiny):
                           encode_task(task, tiny.tokenizer), task, trials=3, record=False)
     assert len(rep["members"]) == 2 and rep["members"][1].get("init") is True
     assert library.compositions() == []  # record=False keeps the store as it was
+    # the search's third start is the init alone: its objective is the init's support loss + L1
+    from metapeft.adapter_io import load_adapter
+    from metapeft.compose import L1, support_loss
+
+    _, init_params = load_adapter(tmp_path / "init")
+    alone = support_loss(adapter, init_params,
+                         encode_task(task, tiny.tokenizer).prepared(adapter, "support"))
+    assert rep["objective_init"] == pytest.approx(alone + L1, rel=1e-5)
+    assert rep["objective"] <= rep["objective_init"]
+
+
+def test_composition_anchored_at_an_init_adapts_at_its_step_size(tmp_path):
+    """``library:compose+INIT`` trains at INIT's calibrated lr and schedule; a composition
+    without an anchor, or an anchor without a calibration, keeps the method's default."""
+    from metapeft.adapter_io import init_adapt_lr, init_adapt_lr_decay
+    from metapeft.artifacts import save_safetensors
+
+    cal, plain = tmp_path / "cal.safetensors", tmp_path / "plain.safetensors"
+    save_safetensors(cal, {"w": mx.zeros((2,))}, {"adapt_lr": "0.0005", "adapt_lr_decay": "1"})
+    save_safetensors(plain, {"w": mx.zeros((2,))}, {})
+    assert init_adapt_lr(f"library:compose:3+{cal}") == pytest.approx(5e-4)
+    assert init_adapt_lr_decay(f"library:compose+{cal}") == pytest.approx(1.0)
+    assert init_adapt_lr(f"library:compose+{plain}") is None
+    assert init_adapt_lr_decay(f"library:compose+{plain}") == 0.0
+    assert init_adapt_lr("library:compose:3") is None
+    assert init_adapt_lr_decay("library:generate") == 0.0
 
 
 def test_library_build_cli(home, tmp_path):

@@ -52,10 +52,21 @@ def resolve_init(init: str | Path | None, adapter, registry: str | Path | None =
     return adapter.check_compatible(adapter.unflat(arrays), meta, str(path))
 
 
+def _anchor_init(init) -> str | None:
+    """INIT of ``library:compose[:K]+INIT`` (a composition anchored at a learned init), else
+    None: such a start adapts at INIT's calibrated step size and schedule."""
+    text = str(init)
+    if not text.startswith("library:compose"):
+        return None
+    return text.partition("+")[2] or None
+
+
 def init_adapt_lr(init: str | Path | None, registry: str | Path | None = None) -> float | None:
     """The Adam lr that ``adapt`` should use from ``init``: the one its meta-training run chose on
-    validation tasks (``meta.stepsize``), or None (fresh init, a library init, or weights
-    published before it)."""
+    validation tasks (``meta.stepsize``), or None (fresh init, a library init without an anchor
+    init, or weights published before it)."""
+    if init is not None and _anchor_init(init):
+        return init_adapt_lr(_anchor_init(init), registry)
     if init is None or str(init).startswith("library:"):
         return None
     from metapeft.artifacts import read_metadata
@@ -70,6 +81,8 @@ def init_adapt_lr(init: str | Path | None, registry: str | Path | None = None) -
 def init_adapt_lr_decay(init: str | Path | None, registry: str | Path | None = None) -> float:
     """The inverse-time lr decay that goes with ``init_adapt_lr`` (``train.lr_schedule``): the
     one its calibration chose, or 0 (a constant lr) when there is none."""
+    if init is not None and _anchor_init(init):
+        return init_adapt_lr_decay(_anchor_init(init), registry)
     if init is None or str(init).startswith("library:"):
         return 0.0
     from metapeft.artifacts import read_metadata

@@ -4,7 +4,9 @@
 library LoRAs nearest to the task (``library.similarity``; same base model and the same LoRA
 structure only: rank, alpha, target modules, depth, parameter shapes) are mixed as
 A = Σ wᵢ·Aᵢ and B = Σ wᵢ·Bᵢ, summed separately as LoraHub does (so one member at weight 1 is that
-adapter exactly). ``+INIT`` adds a registry or file init (the meta-init) as one more member.
+adapter exactly). ``+INIT`` adds a registry or file init (the meta-init) as one more member:
+the search also starts from INIT alone, and ``adapt`` trains the composed init at the step size
+calibrated for INIT (``adapter_io.init_adapt_lr``), since the mixture is anchored there.
 The weights w ∈ [-1.5, 1.5]^K minimise the support loss + ``L1`` (0.05, LoraHub's) · Σ|wᵢ| over
 ``trials`` (default max(20, 4K)) evaluations of metapeft's one Bayesian optimiser
 (``tune.gp.minimize``: skopt GP + EI after a Latin-hypercube start). The search starts from
@@ -103,6 +105,8 @@ def compose_init(init: str, adapter, data, task, *, registry=None, seed: int = 0
 
     ids = [m["id"] for m in info_members]
     x0 = [[1.0] + [0.0] * (n - 1), [1.0 / n] * n]
+    if extra is not None:  # the init alone: the search can keep it when no mixture helps
+        x0.append([0.0] * (n - 1) + [1.0])
     warm = _warm_points(query, ids, registry)
     x0 += [w for w in warm if w not in x0]
     trials = max(20, 4 * n) if trials is None else trials
@@ -118,6 +122,8 @@ def compose_init(init: str, adapter, data, task, *, registry=None, seed: int = 0
     report = {"members": info_members, "weights": weights, "k": k, "trials": len(res["ys"]),
               "objective": round(res["y"], 6), "objective_uniform": uniform,
               "objective_nearest": res["ys"][0], "l1": L1,
+              **({"objective_init": res["ys"][2]} if extra is not None and len(res["ys"]) > 2
+                 else {}),
               "support_loss": round(support_loss(adapter, params, support), 6),
               "warm_points": len(warm), "skipped": skipped,
               "search_seconds": round(res["seconds"], 3),
