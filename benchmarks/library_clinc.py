@@ -203,7 +203,8 @@ def table(results: list[dict], arms: list[str]) -> list[str]:
         pairs += [("compose", "meta"), ("generate", "meta"), ("route", "meta"),
                   ("compose-meta", "meta"), ("compose-meta", "compose")]
     if "multitask" in arms:
-        pairs += [("compose", "multitask"), ("generate", "multitask")]
+        pairs += [("compose", "multitask"), ("generate", "multitask"),
+                  ("compose-meta", "multitask")]
     pairs += [("generate-e2e", "generate"), ("generate-e2e", "fresh")]
     for a, b in pairs:
         if a not in arms or b not in arms:
