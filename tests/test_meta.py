@@ -245,6 +245,7 @@ def test_adapt_lr_is_calibrated_on_validation_and_used_by_adapt(tmp_path):
     trials = []
     res = api.meta_train("synthetic", name="c", registry=home, ways=3, shots=2, query=2,
                          inner_steps=2, meta_batch=2, meta_steps=2, eval_every=2, eval_episodes=2,
+                         calibrate_decays=(0.0,),  # constant lrs only (decays: the test below)
                          on_calibrate=lambda f, row: trials.append((f, row["mean"])))
     cal = res.result.extra["adapt_lr"]
     assert [f for f, _ in trials] == ["2.0", "1.0", "0.5", "0.2"] and cal["num_tasks"] == 2
@@ -269,6 +270,21 @@ def test_adapt_lr_is_calibrated_on_validation_and_used_by_adapt(tmp_path):
     assert f"x{cal['factor']} {best:.1%} (chosen)" in shown.stdout, shown.stdout
     assert sum(f"x{f} " in shown.stdout for f, _ in trials) == len(trials)
     assert "points over x" in shown.stdout and "(paired, 2 tasks)" in shown.stdout
+
+
+def test_default_calibration_grid_is_the_measured_recipe(tmp_path):
+    """meta-train's default grid (API and CLI alike) tries every lr factor constant and with an
+    inverse-time decay of 1: what the SmolLM2 schedule was measured with."""
+    import inspect
+
+    from metapeft import api
+    from metapeft.config import META_RECIPE
+
+    assert META_RECIPE["lr_decays"] == (0.0, 1.0)
+    assert inspect.signature(api.meta_train).parameters["calibrate_decays"].default == (0.0, 1.0)
+    shown = run_cli("meta-train", "--help", home=tmp_path)
+    assert shown.returncode == 0 and "[default: 0,1]" in shown.stdout.replace("\n", " "), \
+        shown.stdout
 
 
 def test_calibration_never_picks_a_diverging_lr(tiny):

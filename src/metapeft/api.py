@@ -98,7 +98,7 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                replay_fraction: float | None = None, since=None,
                inner_lr_mode: str = "shared",
                inner_lr_meta_lr: float | None = None,
-               calibrate_decays=(0.0,)) -> MetaTrainReport:
+               calibrate_decays=META_RECIPE["lr_decays"]) -> MetaTrainReport:
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
     The defaults are the measured recipe (``config.META_RECIPE``); the inner lr defaults to the
     method's own ``default_lr`` with Adam (3x it with second-order MAML's plain SGD).

@@ -81,9 +81,11 @@ def meta_train(
     calibrate_lr: bool = typer.Option(True, help="After training, choose the test-time lr for "
                                                  "the init on the validation tasks (adapt --init "
                                                  "then uses it unless --lr is given)."),
-    lr_decays: str = typer.Option("0", "--lr-decays", help="With --calibrate-lr: inverse-time "
+    lr_decays: str = typer.Option(",".join(f"{d:g}" for d in META_RECIPE["lr_decays"]),
+                                  "--lr-decays", help="With --calibrate-lr: inverse-time "
                                   "decays to try with every lr factor, comma-separated (step t "
-                                  "at lr / (1 + d(t-1)); 0 = a constant lr)."),
+                                  "at lr / (1 + d(t-1)); 0 = a constant lr; '0' alone halves "
+                                  "the calibration's time)."),
     processes: int = typer.Option(1, help="Data-parallel processes on this machine: re-run this "
                                           "command as N ranks of MLX's ring backend (localhost); "
                                           "each adapts its share of every meta-batch."),
