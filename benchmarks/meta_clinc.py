@@ -61,6 +61,10 @@ def multitask_init(adapter, source, tokenizer, steps: int, lr: float, seed: int 
     return params
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
 def launched_meta_train(args, registry: str):
     """The meta-training step as ``metapeft meta-train --processes N`` (ring backend): the same
     data, sources (held-out domains left out, 5-way 5-shot, 5 query, 15% validation classes,
@@ -86,6 +90,8 @@ def launched_meta_train(args, registry: str):
         cmd.append("--sequential")
     if args.calibrate or args.no_calibrate:  # the step size is chosen by main(), or not at all
         cmd.append("--no-calibrate-lr")
+    else:
+        cmd += ["--lr-decays", args.calibrate_decays]
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
                        env={**os.environ, "METAPEFT_EXPERIENCE": "off"})
     if p.returncode != 0:
@@ -151,9 +157,11 @@ def main() -> None:
                     help="no step-size calibration at all: every init adapts at --lr (default: "
                          "the method's lr) with --lr-decay, and meta-training skips the "
                          "calibration it otherwise runs when --calibrate is not given")
-    ap.add_argument("--calibrate-decays", default="0",
+    ap.add_argument("--calibrate-decays", default="0,1",
                     help="inverse-time lr decays tried with every lr factor in the calibration "
-                         "(train.lr_schedule; 0 = constant lr)")
+                         "(train.lr_schedule; 0 = constant lr); the default is meta-train's "
+                         "(config.META_RECIPE). Without --calibrate it is the grid of the "
+                         "calibration that meta-training itself runs and stores")
     ap.add_argument("--lr-decay", type=float, default=0.0,
                     help="test-time inverse-time decay for every init that --calibrate does not "
                          "set (with --lr: one fixed schedule, e.g. a candidate chosen elsewhere)")
@@ -235,6 +243,7 @@ def main() -> None:
                                      # with --calibrate the step size is chosen below, on the
                                      # grid given there (--calibrate-factors/-decays)
                                      calibrate_lr=not (args.calibrate or args.no_calibrate),
+                                     calibrate_decays=_floats(args.calibrate_decays),
                                      on_step=lambda t, l, a, v: print(
                                          f"  meta-step {t}: loss {l:.3f} acc {a:.2f}"
                                          + ("" if v is None else f" val {v:.3f}"), flush=True))
@@ -292,8 +301,8 @@ def main() -> None:
                 cal = calibrate_adapt_lr(
                     adapter, inits[name],
                     validation_tasks(sources.validation, 0, args.calibrate_tasks), lr,
-                    decays=[float(x) for x in args.calibrate_decays.split(",")],
-                    factors=[float(x) for x in args.calibrate_factors.split(",")],
+                    decays=_floats(args.calibrate_decays),
+                    factors=_floats(args.calibrate_factors),
                     on_trial=lambda fct, row, n=name: print(f"  {n} lr x{fct}: {row}", flush=True))
                 cal["seconds"] = round(time.perf_counter() - tc, 1)
                 write_json(str(f), cal)
