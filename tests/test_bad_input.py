@@ -18,7 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 META = ["--meta-steps", "1", "--shots", "2", "--query", "2", "--inner-steps", "1",
-        "--meta-batch", "1", "--eval-episodes", "1"]
+        "--meta-batch", "1", "--eval-episodes", "1",
+        "--lr-decays", "0"]  # constant-lr calibration: half the time; the grid is test_meta's
 FAST = ["--steps", "1"]
 
 

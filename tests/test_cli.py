@@ -149,7 +149,8 @@ def test_dequantize_flag(task_dir):
 
 
 META = ["--meta-steps", "1", "--ways", "3", "--shots", "2", "--query", "2", "--inner-steps", "1",
-        "--meta-batch", "2", "--eval-every", "1", "--eval-episodes", "2"]
+        "--meta-batch", "2", "--eval-every", "1", "--eval-episodes", "2",
+        "--lr-decays", "0"]  # constant-lr calibration: half the time; the grid is test_meta's
 
 
 def test_meta_train_json_is_the_api_report(tmp_path):

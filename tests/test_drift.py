@@ -22,7 +22,7 @@ from metapeft.errors import UserError
 SMALL = dict(ways=3, shots=2, query=2)
 PROBE = ["--tasks", "4", "--steps", "2", "--ways", "3", "--shots", "2", "--query", "2"]
 META = dict(ways=3, shots=2, query=2, inner_steps=2, meta_batch=2, meta_steps=3, eval_every=1,
-            eval_episodes=2)
+            eval_episodes=2, calibrate_decays=(0.0,))  # constant lrs: half the calibration time
 
 
 def run(*args, env=None):
@@ -144,7 +144,8 @@ def test_cli_exit_codes(root):
 # ----------------------------------------------------------------------------- meta-train --gate
 
 CLI_META = ["--meta-steps", "3", "--ways", "3", "--shots", "2", "--query", "2", "--inner-steps",
-            "2", "--meta-batch", "2", "--eval-every", "1", "--eval-episodes", "2"]
+            "2", "--meta-batch", "2", "--eval-every", "1", "--eval-episodes", "2",
+            "--lr-decays", "0"]
 CLI_GATE = ["--gate", "--gate-tasks", "4", "--gate-steps", "2"]
 
 

@@ -15,7 +15,8 @@ from metapeft import runs
 from metapeft.errors import UserError
 
 META = ["--meta-steps", "2", "--ways", "3", "--shots", "2", "--query", "2", "--inner-steps", "1",
-        "--meta-batch", "2", "--eval-every", "1", "--eval-episodes", "2"]
+        "--meta-batch", "2", "--eval-every", "1", "--eval-episodes", "2",
+        "--lr-decays", "0"]  # constant-lr calibration: half the time; the grid is test_meta's
 
 
 def run(*args, home, env=None):
