@@ -52,26 +52,28 @@ def resolve_init(init: str | Path | None, adapter, registry: str | Path | None =
     return adapter.check_compatible(adapter.unflat(arrays), meta, str(path))
 
 
-def _anchor_init(init) -> str | None:
-    """INIT of ``library:compose[:K]+INIT`` (a composition anchored at a learned init), else
-    None: such a start adapts at INIT's calibrated step size and schedule."""
-    text = str(init)
-    if not text.startswith("library:compose"):
+def step_size_source(init: str | Path | None) -> str | Path | None:
+    """The init whose calibrated step size ``adapt`` uses from ``init``: ``init`` itself, INIT
+    for ``library:compose[:K]+INIT`` (the mixture is anchored at INIT), else None (a fresh init,
+    or a library init without an anchor init). ``compose.parse_spec`` splits the same "+"."""
+    if init is None:
         return None
-    return text.partition("+")[2] or None
+    text = str(init)
+    if text.startswith("library:compose"):
+        return text.partition("+")[2] or None
+    return None if text.startswith("library:") else init
 
 
 def init_adapt_lr(init: str | Path | None, registry: str | Path | None = None) -> float | None:
     """The Adam lr that ``adapt`` should use from ``init``: the one its meta-training run chose on
-    validation tasks (``meta.stepsize``), or None (fresh init, a library init without an anchor
-    init, or weights published before it)."""
-    if init is not None and _anchor_init(init):
-        return init_adapt_lr(_anchor_init(init), registry)
-    if init is None or str(init).startswith("library:"):
+    validation tasks (``meta.stepsize``), or None (no ``step_size_source``, or weights published
+    before it)."""
+    source = step_size_source(init)
+    if source is None:
         return None
     from metapeft.artifacts import read_metadata
 
-    value = read_metadata(init_path(init, registry)).get("adapt_lr")
+    value = read_metadata(init_path(source, registry)).get("adapt_lr")
     try:
         return float(value) if value is not None else None
     except (TypeError, ValueError):
@@ -81,13 +83,12 @@ def init_adapt_lr(init: str | Path | None, registry: str | Path | None = None) -
 def init_adapt_lr_decay(init: str | Path | None, registry: str | Path | None = None) -> float:
     """The inverse-time lr decay that goes with ``init_adapt_lr`` (``train.lr_schedule``): the
     one its calibration chose, or 0 (a constant lr) when there is none."""
-    if init is not None and _anchor_init(init):
-        return init_adapt_lr_decay(_anchor_init(init), registry)
-    if init is None or str(init).startswith("library:"):
+    source = step_size_source(init)
+    if source is None:
         return 0.0
     from metapeft.artifacts import read_metadata
 
-    return stored_lr_decay(read_metadata(init_path(init, registry)))
+    return stored_lr_decay(read_metadata(init_path(source, registry)))
 
 
 def stored_lr_decay(meta: dict) -> float:
