@@ -287,6 +287,31 @@ def test_default_calibration_grid_is_the_measured_recipe(tmp_path):
         shown.stdout
 
 
+def test_default_meta_steps_follow_the_model_size(tmp_path, tiny, monkeypatch):
+    """meta-train's default meta-steps are each model tier's measured recipe: 30 under 10M
+    parameters (stories260K, the tiny model), 10 from there (SmolLM2-135M); an explicit value
+    wins. The resolved number reaches the progress bar and the published version."""
+    from metapeft import api, config
+    from metapeft.artifacts import read_metadata
+
+    assert tiny.num_parameters == sum(v.size for _, v in tree_flatten(tiny.model.parameters()))
+    assert config.recipe_meta_steps(260_032) == 30  # stories260K
+    assert config.recipe_meta_steps(134_515_008) == 10  # SmolLM2-135M, counted unpacked
+    shown = run_cli("meta-train", "--help", home=tmp_path)
+    assert "30; 10 for models of 10M+" in " ".join(shown.stdout.split()), shown.stdout
+
+    monkeypatch.setattr(config, "LARGE_MODEL_PARAMETERS", 1000)  # the tiny model is "large"
+    monkeypatch.setattr(config, "LARGE_MODEL_META_STEPS", 2)
+    started = []
+    kw = dict(registry=tmp_path / "reg", ways=3, shots=2, query=2, meta_batch=1, inner_steps=1,
+              eval_episodes=1, calibrate_lr=False, on_start=started.append)
+    res = api.meta_train("synthetic", name="size", **kw)
+    assert started == [2] and res.result.steps_done == 2
+    assert json.loads(read_metadata(res.path)["hyperparameters"])["meta_steps"] == 2
+    res = api.meta_train("synthetic", name="size", meta_steps=1, **kw)
+    assert started == [2, 1] and res.result.steps_done == 1
+
+
 def test_calibration_never_picks_a_diverging_lr(tiny):
     """A candidate lr that blows the adapter up scores nothing; the others are compared."""
     from metapeft.meta.stepsize import calibrate_adapt_lr

@@ -78,7 +78,7 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                method: str = DEFAULT_METHOD, algorithm: str = "reptile", name: str = "default",
                registry: str | Path | None = None, config: dict | None = None, ways: int = 5,
                shots: int = 5, query: int = META_RECIPE["query"],
-               meta_steps: int = META_RECIPE["meta_steps"],
+               meta_steps: int | None = None,
                meta_batch: int = META_RECIPE["meta_batch"],
                inner_steps: int = META_RECIPE["inner_steps"], inner_lr: float | None = None,
                inner_optimizer: str | None = None, outer_lr: float | None = None, seed: int = 0,
@@ -100,12 +100,14 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                inner_lr_meta_lr: float | None = None,
                calibrate_decays=META_RECIPE["lr_decays"]) -> MetaTrainReport:
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
-    The defaults are the measured recipe (``config.META_RECIPE``); the inner lr defaults to the
-    method's own ``default_lr`` with Adam (3x it with second-order MAML's plain SGD).
+    The defaults are the measured recipe (``config.META_RECIPE``); ``meta_steps`` defaults to
+    the model size's (``config.recipe_meta_steps``: 30, or 10 from 10M parameters); the inner lr
+    defaults to the method's own ``default_lr`` with Adam (3x it with second-order MAML's plain
+    SGD).
 
     ``sources`` (a ``MetaSources``) replaces building them from ``data`` and its options;
-    ``on_sources(sources)`` is called once they are built, ``on_start()`` once the inputs are
-    validated, right before the first meta-step, and ``on_step(t, loss, acc, val)`` after each.
+    ``on_sources(sources)`` is called once they are built, ``on_start(meta_steps)`` once the inputs
+    are validated, right before the first meta-step (with the number of meta-steps, resolved), and ``on_step(t, loss, acc, val)`` after each.
 
     ``calibrate_lr``: after training, choose the test-time Adam lr for the published init on the
     validation tasks (``meta.stepsize``; ``on_calibrate(key, row)`` after each candidate, keyed
@@ -195,6 +197,10 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     spec = sources.spec
     base = load_base_model(model, dequantize=dequantize)
     adapter = cls.attach(base, config or {})
+    if meta_steps is None:
+        from metapeft.config import recipe_meta_steps
+
+        meta_steps = recipe_meta_steps(base.num_parameters)
     _check_meta_memory(adapter, sources.train, meta_batch=meta_batch, seed=seed)
     group = dist.world()  # this process alone unless started by mlx.launch
     plan = (_plan_continual(init, adapter, cfg, registry, forgetting=forgetting,
@@ -213,7 +219,7 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
         on_sources(sources)
     ckpt = reg.checkpoint_path(name, registry)
     if on_start is not None:
-        on_start()
+        on_start(meta_steps)
     result = run(adapter, cfg, sources.train, val_source=sources.validation,
                  meta_steps=meta_steps, meta_batch=meta_batch, seed=seed, eval_every=eval_every,
                  eval_episodes=eval_episodes, checkpoint=ckpt, checkpoint_every=checkpoint_every,

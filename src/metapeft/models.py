@@ -49,6 +49,22 @@ class BaseModel:
         return int(self.config.get("head_dim")
                    or self.config["hidden_size"] // self.config["num_attention_heads"])
 
+    @property
+    def num_parameters(self) -> int:
+        """The model's parameter count as trained: a quantized weight counts its unpacked
+        entries (32 / bits per uint32), and its quantization scales and biases do not count."""
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        bits = int((self.config.get("quantization") or {}).get("bits") or 0)
+        total = 0
+        for name, value in tree_flatten(self.model.parameters()):
+            if bits and value.dtype == mx.uint32:
+                total += value.size * 32 // bits
+            elif not (bits and name.endswith((".scales", ".biases"))):
+                total += value.size
+        return total
+
     def embed(self, tokens):
         """Token embeddings from the frozen input table (dequantised if needed)."""
         return self.model.model.embed_tokens(tokens)

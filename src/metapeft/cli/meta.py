@@ -10,7 +10,7 @@ import typer
 from metapeft.cli._common import (CONFIG_OPT, JSON_OPT, METHOD_OPT, REGISTRY_OPT, SET_OPT,
                                   LazyBar, csv_list, decay_note, err_console, out_console,
                                   parse_sets, print_json, progress, user_errors, with_model_options)
-from metapeft.config import GATE, META_RECIPE
+from metapeft.config import GATE, META_RECIPE, META_STEPS_HELP
 
 
 def _print_replay_stats(stats: dict, data: str) -> None:
@@ -37,7 +37,7 @@ def meta_train(
     ways: int = typer.Option(5, help="Classes per episode."),
     shots: int = typer.Option(5, help="Support examples per class."),
     query: int = typer.Option(META_RECIPE["query"], help="Query examples per class."),
-    meta_steps: int = typer.Option(META_RECIPE["meta_steps"], help="Meta-iterations."),
+    meta_steps: Optional[int] = typer.Option(None, help=META_STEPS_HELP, show_default=False),
     meta_batch: int = typer.Option(META_RECIPE["meta_batch"], help="Tasks per meta-iteration."),
     inner_steps: int = typer.Option(META_RECIPE["inner_steps"], help="Inner-loop steps per task."),
     inner_lr: Optional[float] = typer.Option(None, help="Inner learning rate (default: the "
