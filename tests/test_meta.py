@@ -312,6 +312,22 @@ def test_default_meta_steps_follow_the_model_size(tmp_path, tiny, monkeypatch):
     assert started == [2, 1] and res.result.steps_done == 1
 
 
+def test_calibration_adapts_calibrate_tasks_validation_tasks(tmp_path):
+    """--calibrate-tasks N calibrates on N validation tasks (default: the --eval-episodes early
+    stopping uses); N < 1 is a one-line error, exit 2."""
+    from metapeft import api
+
+    kw = dict(registry=tmp_path / "reg", ways=3, shots=2, query=2, meta_steps=1, meta_batch=1,
+              inner_steps=1, eval_episodes=1, calibrate_decays=(0.0,))
+    assert api.meta_train("synthetic", name="c1", **kw).result.extra["adapt_lr"]["num_tasks"] == 1
+    res = api.meta_train("synthetic", name="c3", calibrate_tasks=3, **kw)
+    assert res.result.extra["adapt_lr"]["num_tasks"] == 3
+    bad = run_cli("meta-train", "--name", "c0", *COMMON, "--meta-steps", "1",
+                  "--calibrate-tasks", "0", home=tmp_path)
+    assert bad.returncode == 2 and "--calibrate-tasks must be >= 1" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
 def test_calibration_never_picks_a_diverging_lr(tiny):
     """A candidate lr that blows the adapter up scores nothing; the others are compared."""
     from metapeft.meta.stepsize import calibrate_adapt_lr
