@@ -272,44 +272,42 @@ def test_adapt_lr_is_calibrated_on_validation_and_used_by_adapt(tmp_path):
     assert "points over x" in shown.stdout and "(paired, 2 tasks)" in shown.stdout
 
 
-def test_default_calibration_grid_is_the_measured_recipe(tmp_path):
-    """meta-train's default grid (API and CLI alike) tries every lr factor constant and with an
-    inverse-time decay of 1: what the SmolLM2 schedule was measured with."""
-    import inspect
-
-    from metapeft import api
-    from metapeft.config import META_RECIPE
-
-    assert META_RECIPE["lr_decays"] == (0.0, 1.0)
-    assert inspect.signature(api.meta_train).parameters["calibrate_decays"].default == (0.0, 1.0)
-    shown = run_cli("meta-train", "--help", home=tmp_path)
-    assert shown.returncode == 0 and "[default: 0,1]" in shown.stdout.replace("\n", " "), \
-        shown.stdout
-
-
-def test_default_meta_steps_follow_the_model_size(tmp_path, tiny, monkeypatch):
-    """meta-train's default meta-steps are each model tier's measured recipe: 30 under 10M
-    parameters (stories260K, the tiny model), 10 from there (SmolLM2-135M); an explicit value
-    wins. The resolved number reaches the progress bar and the published version."""
+def test_defaults_are_each_model_sizes_measured_recipe(tmp_path, tiny, monkeypatch):
+    """meta-train's defaults (API and CLI alike) follow the base model's size: under 10M
+    parameters (stories260K, the tiny model) 30 meta-steps and every lr factor constant and with
+    an inverse-time decay of 1 on the early-stopping episodes; from 10M (SmolLM2-135M) 10
+    meta-steps and x1/x0.5 with decays 1 and 3 on 24 validation tasks. An explicit value wins;
+    the resolved values reach the progress bar, the calibration and the published version."""
     from metapeft import api, config
     from metapeft.artifacts import read_metadata
 
     assert tiny.num_parameters == sum(v.size for _, v in tree_flatten(tiny.model.parameters()))
-    assert config.recipe_meta_steps(260_032) == 30  # stories260K
-    assert config.recipe_meta_steps(134_515_008) == 10  # SmolLM2-135M, counted unpacked
-    shown = run_cli("meta-train", "--help", home=tmp_path)
-    assert "30; 10 for models of 10M+" in " ".join(shown.stdout.split()), shown.stdout
+    small, large = config.recipe_for(260_032), config.recipe_for(134_515_008)  # stories, SmolLM2
+    assert (small["meta_steps"], small["lr_factors"], small["lr_decays"],
+            small["calibrate_tasks"]) == (30, (2.0, 1.0, 0.5, 0.2), (0.0, 1.0), None)
+    assert (large["meta_steps"], large["lr_factors"], large["lr_decays"],
+            large["calibrate_tasks"]) == (10, (1.0, 0.5), (1.0, 3.0), 24)
+    shown = " ".join(run_cli("meta-train", "--help", home=tmp_path).stdout.split())
+    for text in ("[default: 30; 10 for models of 10M+ parameters]",
+                 "[default: 0,1; 1,3 for models of 10M+ parameters]",
+                 "[default: 2,1,0.5,0.2; 1,0.5 for models of 10M+ parameters]",
+                 "[default: --eval-episodes; 24 for models of 10M+ parameters]"):
+        assert text in shown, shown
 
     monkeypatch.setattr(config, "LARGE_MODEL_PARAMETERS", 1000)  # the tiny model is "large"
-    monkeypatch.setattr(config, "LARGE_MODEL_META_STEPS", 2)
+    monkeypatch.setattr(config, "LARGE_MODEL_RECIPE", {"meta_steps": 2, "lr_factors": (1.0,),
+                                                       "lr_decays": (3.0,), "calibrate_tasks": 2})
     started = []
     kw = dict(registry=tmp_path / "reg", ways=3, shots=2, query=2, meta_batch=1, inner_steps=1,
-              eval_episodes=1, calibrate_lr=False, on_start=started.append)
+              eval_episodes=1, on_start=started.append)
     res = api.meta_train("synthetic", name="size", **kw)
     assert started == [2] and res.result.steps_done == 2
     assert json.loads(read_metadata(res.path)["hyperparameters"])["meta_steps"] == 2
-    res = api.meta_train("synthetic", name="size", meta_steps=1, **kw)
+    cal = res.result.extra["adapt_lr"]
+    assert (cal["num_tasks"], cal["factor"], cal["adapt_lr_decay"]) == (2, 1.0, 3.0)
+    res = api.meta_train("synthetic", name="size", meta_steps=1, calibrate_decays=(0.0,), **kw)
     assert started == [2, 1] and res.result.steps_done == 1
+    assert res.result.extra["adapt_lr"]["adapt_lr_decay"] == 0.0
 
 
 def test_calibration_adapts_calibrate_tasks_validation_tasks(tmp_path):
@@ -322,10 +320,13 @@ def test_calibration_adapts_calibrate_tasks_validation_tasks(tmp_path):
     assert api.meta_train("synthetic", name="c1", **kw).result.extra["adapt_lr"]["num_tasks"] == 1
     res = api.meta_train("synthetic", name="c3", calibrate_tasks=3, **kw)
     assert res.result.extra["adapt_lr"]["num_tasks"] == 3
-    bad = run_cli("meta-train", "--name", "c0", *COMMON, "--meta-steps", "1",
-                  "--calibrate-tasks", "0", home=tmp_path)
-    assert bad.returncode == 2 and "--calibrate-tasks must be >= 1" in bad.stderr, bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    for option, value, message in (("--calibrate-tasks", "0", "--calibrate-tasks must be >= 1"),
+                                   ("--lr-factors", "1,0", "--lr-factors must be comma-separated "
+                                                           "numbers > 0 (got '1,0')")):
+        bad = run_cli("meta-train", "--name", "c0", *COMMON, "--meta-steps", "1", option, value,
+                      home=tmp_path)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_calibration_never_picks_a_diverging_lr(tiny):

@@ -98,13 +98,14 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                replay_fraction: float | None = None, since=None,
                inner_lr_mode: str = "shared",
                inner_lr_meta_lr: float | None = None,
-               calibrate_decays=META_RECIPE["lr_decays"],
+               calibrate_decays=None, calibrate_factors=None,
                calibrate_tasks: int | None = None) -> MetaTrainReport:
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
-    The defaults are the measured recipe (``config.META_RECIPE``); ``meta_steps`` defaults to
-    the model size's (``config.recipe_meta_steps``: 30, or 10 from 10M parameters); the inner lr
-    defaults to the method's own ``default_lr`` with Adam (3x it with second-order MAML's plain
-    SGD).
+    The defaults are the measured recipe (``config.META_RECIPE``); ``meta_steps`` and the
+    calibration's ``calibrate_factors``, ``calibrate_decays`` and ``calibrate_tasks`` default to
+    the model size's (``config.recipe_for``: from 10M parameters, SmolLM2-135M's recipe); the
+    inner lr defaults to the method's own ``default_lr`` with Adam (3x it with second-order
+    MAML's plain SGD).
 
     ``sources`` (a ``MetaSources``) replaces building them from ``data`` and its options;
     ``on_sources(sources)`` is called once they are built, ``on_start(meta_steps)`` once the inputs
@@ -114,9 +115,10 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     validation tasks (``meta.stepsize``; ``on_calibrate(key, row)`` after each candidate, keyed
     by ``stepsize.candidate_key``) and store it as ``adapt_lr``, which ``adapt --init`` then uses
     unless ``--lr`` is given.
-    ``calibrate_decays``: the inverse-time lr decays tried with every factor (0: a constant lr);
-    the chosen one, when not 0, is stored as ``adapt_lr_decay`` and ``adapt --init`` applies it.
-    ``calibrate_tasks``: validation tasks the calibration adapts (default ``eval_episodes``, the
+    ``calibrate_factors``: the lr factors tried (x the method's lr); ``calibrate_decays``: the
+    inverse-time lr decays tried with every factor (0: a constant lr); the chosen one, when not
+    0, is stored as ``adapt_lr_decay`` and ``adapt --init`` applies it. ``calibrate_tasks``:
+    validation tasks the calibration adapts (None in the recipe: ``eval_episodes``, the
     early-stopping episodes, which are also the first ones of a longer list). On SmolLM2-135M,
     6 could not separate candidates 0.3 points apart and 24 could.
 
@@ -175,6 +177,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     if ewc_lambda < 0 or not 0 <= replay_fraction <= 1:
         raise UserError("--ewc-lambda must be >= 0 and --replay-fraction in [0, 1]",
                         field="ewc_lambda" if ewc_lambda < 0 else "replay_fraction")
+    if calibrate_factors is not None and any(not f > 0 for f in calibrate_factors):
+        raise UserError(f"--lr-factors must be > 0, got {list(calibrate_factors)}",
+                        field="lr_factors")
     if calibrate_tasks is not None and calibrate_tasks < 1:
         raise UserError(f"--calibrate-tasks must be >= 1, got {calibrate_tasks}",
                         field="calibrate_tasks")
@@ -204,10 +209,14 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     spec = sources.spec
     base = load_base_model(model, dequantize=dequantize)
     adapter = cls.attach(base, config or {})
-    if meta_steps is None:
-        from metapeft.config import recipe_meta_steps
+    if None in (meta_steps, calibrate_factors, calibrate_decays, calibrate_tasks):
+        from metapeft.config import recipe_for
 
-        meta_steps = recipe_meta_steps(base.num_parameters)
+        recipe = recipe_for(base.num_parameters)
+        meta_steps = recipe["meta_steps"] if meta_steps is None else meta_steps
+        calibrate_factors = calibrate_factors or recipe["lr_factors"]
+        calibrate_decays = calibrate_decays or recipe["lr_decays"]
+        calibrate_tasks = calibrate_tasks or recipe["calibrate_tasks"]
     _check_meta_memory(adapter, sources.train, meta_batch=meta_batch, seed=seed)
     group = dist.world()  # this process alone unless started by mlx.launch
     plan = (_plan_continual(init, adapter, cfg, registry, forgetting=forgetting,
@@ -255,7 +264,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
         cal = calibrate_adapt_lr(adapter, result.best_theta,
                                  validation_tasks(sources.validation, seed, n_calibrate),
                                  cls.default_lr, on_trial=on_calibrate, group=group,
-                                 lr_scales=lr_scales, decays=calibrate_decays)
+                                 lr_scales=lr_scales, decays=calibrate_decays,
+                                 factors=calibrate_factors)
         meta.update(adapt_lr=str(cal["adapt_lr"]), adapt_lr_calibration=json.dumps(cal))
         if cal["adapt_lr_decay"]:
             meta["adapt_lr_decay"] = str(cal["adapt_lr_decay"])

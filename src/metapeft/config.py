@@ -21,38 +21,43 @@ from metapeft.errors import UserError
 RUN_DEFAULTS = {"objective": "ce", "optimizer": "adam", "steps": 20, "target": 0.8}
 
 # `meta-train`'s defaults: the recipe the README's meta-learning results were measured with
-# (benchmarks/meta_clinc.py: Reptile, 30 meta-steps (10 on large models, see
-# recipe_meta_steps) x 4 tasks x 10 inner Adam steps at the
+# (benchmarks/meta_clinc.py: Reptile, 30 meta-steps x 4 tasks x 10 inner Adam steps at the
 # method's own lr, 5 query examples per class, 15% of the classes held out for validation every
 # 10 meta-steps on 6 episodes, the best validation step published). The earlier defaults (100
 # meta-steps, 5 inner steps, 15 query, 3x the lr) gave +8.6 +- 6.6 points over fresh on 20
 # held-out tasks where this recipe gives +14.0 +- 2.4 on 200.
 META_RECIPE = {"meta_steps": 30, "meta_batch": 4, "inner_steps": 10, "query": 5,
                "val_fraction": 0.15, "eval_every": 10, "eval_episodes": 6,
-               # the test-time step-size calibration tries each lr factor constant and with an
-               # inverse-time decay of 1: on SmolLM2-135M it chose x0.5 with the decay (+3.2
-               # points at step 5 over the constant lr, 50 test tasks); on stories260K it keeps
-               # the constant 1e-3, so its tables are unchanged. Twice the calibration time.
-               "lr_decays": (0.0, 1.0)}
+               # the test-time step-size calibration (meta/stepsize.py): these lr factors, each
+               # constant and with an inverse-time decay of 1, on the early-stopping episodes
+               # (calibrate_tasks None). On stories260K it keeps the constant 1e-3.
+               "lr_factors": (2.0, 1.0, 0.5, 0.2), "lr_decays": (0.0, 1.0),
+               "calibrate_tasks": None}
 
-# Meta-steps by model size, each tier's measured recipe: 30 on stories260K (260K parameters:
-# +14.0 +- 2.4 points over fresh at step 10, 200 tasks); 10 on SmolLM2-135M, where a meta-step
-# costs about 3 min on 2 CPU cores and the 10-step init, calibrated, reached 95.1 +- 0.9% by
-# step 5 on 100 held-out tasks (+1.0 +- 0.7 over the multitask init). Models with at least
-# LARGE_MODEL_PARAMETERS parameters get the second.
+# What the recipe measured on large models changes, from LARGE_MODEL_PARAMETERS parameters on
+# (SmolLM2-135M; README "Results"). 10 meta-steps: a meta-step costs about 3 min on 2 CPU
+# cores. The calibration on 24 validation tasks over x1 and x0.5 the lr with decays 1 and 3:
+# 6 tasks could not separate the top candidates (x0.5 decay 1 and x1 decay 3 tied at 96.5%);
+# 24 chose x1 with decay 3, which keeps the full first step.
 LARGE_MODEL_PARAMETERS = 10_000_000
-LARGE_MODEL_META_STEPS = 10
+LARGE_MODEL_RECIPE = {"meta_steps": 10, "lr_factors": (1.0, 0.5), "lr_decays": (1.0, 3.0),
+                      "calibrate_tasks": 24}
 
 
-def recipe_meta_steps(num_parameters: int) -> int:
-    """`meta-train`'s default meta-steps for a base model of ``num_parameters`` parameters."""
-    return (LARGE_MODEL_META_STEPS if num_parameters >= LARGE_MODEL_PARAMETERS
-            else META_RECIPE["meta_steps"])
+def recipe_for(num_parameters: int) -> dict:
+    """`meta-train`'s defaults for a base model of ``num_parameters`` parameters."""
+    large = num_parameters >= LARGE_MODEL_PARAMETERS
+    return {**META_RECIPE, **(LARGE_MODEL_RECIPE if large else {})}
 
 
-META_STEPS_HELP = (f"Meta-iterations [default: {META_RECIPE['meta_steps']}; "
-                   f"{LARGE_MODEL_META_STEPS} for models of {LARGE_MODEL_PARAMETERS // 10**6}M+ "
-                   "parameters: the recipes measured on stories260K and SmolLM2-135M]")
+def tier_default(key: str, small: str | None = None) -> str:
+    """``[default: SMALL; LARGE for models of 10M+ parameters]`` for a --help text."""
+    def show(v):
+        return ",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else str(v)
+
+    return (f"[default: {small or show(META_RECIPE[key])}; {show(LARGE_MODEL_RECIPE[key])} for "
+            f"models of {LARGE_MODEL_PARAMETERS // 10**6}M+ parameters]")
+
 
 # The drift gate's defaults (``drift.py``; ``weights check`` and ``meta-train --gate``), here so
 # the CLI can show them without importing numpy: probe tasks, adaptation steps per version and

@@ -10,7 +10,7 @@ import typer
 from metapeft.cli._common import (CONFIG_OPT, JSON_OPT, METHOD_OPT, REGISTRY_OPT, SET_OPT,
                                   LazyBar, csv_list, decay_note, err_console, out_console,
                                   parse_sets, print_json, progress, user_errors, with_model_options)
-from metapeft.config import GATE, META_RECIPE, META_STEPS_HELP
+from metapeft.config import GATE, META_RECIPE, tier_default
 
 
 def _print_replay_stats(stats: dict, data: str) -> None:
@@ -37,7 +37,9 @@ def meta_train(
     ways: int = typer.Option(5, help="Classes per episode."),
     shots: int = typer.Option(5, help="Support examples per class."),
     query: int = typer.Option(META_RECIPE["query"], help="Query examples per class."),
-    meta_steps: Optional[int] = typer.Option(None, help=META_STEPS_HELP, show_default=False),
+    meta_steps: Optional[int] = typer.Option(
+        None, help="Meta-iterations " + tier_default("meta_steps") + ": each tier's measured "
+                   "recipe (stories260K, SmolLM2-135M)."),
     meta_batch: int = typer.Option(META_RECIPE["meta_batch"], help="Tasks per meta-iteration."),
     inner_steps: int = typer.Option(META_RECIPE["inner_steps"], help="Inner-loop steps per task."),
     inner_lr: Optional[float] = typer.Option(None, help="Inner learning rate (default: the "
@@ -81,14 +83,17 @@ def meta_train(
     calibrate_lr: bool = typer.Option(True, help="After training, choose the test-time lr for "
                                                  "the init on the validation tasks (adapt --init "
                                                  "then uses it unless --lr is given)."),
-    lr_decays: str = typer.Option(",".join(f"{d:g}" for d in META_RECIPE["lr_decays"]),
-                                  "--lr-decays", help="With --calibrate-lr: inverse-time "
-                                  "decays to try with every lr factor, comma-separated (step t "
-                                  "at lr / (1 + d(t-1)); 0 = a constant lr; '0' alone halves "
-                                  "the calibration's time)."),
+    lr_factors: Optional[str] = typer.Option(
+        None, "--lr-factors", help="With --calibrate-lr: lr factors (x the method's lr) to try, "
+                                   "comma-separated " + tier_default("lr_factors") + "."),
+    lr_decays: Optional[str] = typer.Option(
+        None, "--lr-decays", help="With --calibrate-lr: inverse-time decays to try with every lr "
+                                  "factor, comma-separated (step t at lr / (1 + d(t-1)); 0 = a "
+                                  "constant lr) " + tier_default("lr_decays") + "."),
     calibrate_tasks: Optional[int] = typer.Option(
-        None, help="With --calibrate-lr: validation tasks it adapts (default: --eval-episodes; "
-                   "on SmolLM2-135M 6 could not separate candidates 0.3 points apart, 24 did)."),
+        None, help="With --calibrate-lr: validation tasks it adapts "
+                   + tier_default("calibrate_tasks", "--eval-episodes")
+                   + " (on SmolLM2-135M 6 could not separate the top candidates, 24 did)."),
     processes: int = typer.Option(1, help="Data-parallel processes on this machine: re-run this "
                                           "command as N ranks of MLX's ring backend (localhost); "
                                           "each adapts its share of every meta-batch."),
@@ -192,7 +197,9 @@ def meta_train(
                 min_samples=min_samples, replay=rw, resume=resume, vectorise=not sequential,
                 compile=compile_, on_sources=on_sources, on_start=bar.start, on_step=on_step,
                 record_experience=True, calibrate_lr=calibrate_lr,
-                calibrate_decays=_decays(lr_decays), calibrate_tasks=calibrate_tasks,
+                calibrate_decays=_numbers(lr_decays, "lr_decays", positive=False),
+                calibrate_factors=_numbers(lr_factors, "lr_factors", positive=True),
+                calibrate_tasks=calibrate_tasks,
                 gate=gate, gate_data=gate_data, gate_tasks=gate_tasks, gate_steps=gate_steps,
                 gate_tolerance=gate_tolerance, gate_max_drift=gate_max_drift,
                 init=init, forgetting=forgetting, ewc_lambda=ewc_lambda,
@@ -236,17 +243,22 @@ def meta_train(
         out_console.print(f"next: metapeft adapt TASK --method {method} --init {name}")
 
 
-def _decays(text: str) -> tuple[float, ...]:
-    """``--lr-decays 0,1`` as floats, each >= 0 (a one-line error otherwise)."""
+def _numbers(text: str | None, field: str, *, positive: bool) -> tuple[float, ...] | None:
+    """``--lr-decays 0,1`` / ``--lr-factors 1,0.5`` as floats, each >= 0 (> 0 when
+    ``positive``), a one-line error otherwise; None (the model's recipe) when not given."""
+    import math
+
     from metapeft.errors import UserError
 
+    if text is None:
+        return None
     try:
         out = tuple(float(x) for x in csv_list([text]) or ())
     except ValueError:
         out = ()
-    if not out or any(d < 0 for d in out):
-        raise UserError(f"--lr-decays must be comma-separated numbers >= 0 (got {text!r})",
-                        field="lr_decays")
+    if not out or not all(math.isfinite(x) and (x > 0 if positive else x >= 0) for x in out):
+        raise UserError(f"--{field.replace('_', '-')} must be comma-separated numbers "
+                        f"{'> 0' if positive else '>= 0'} (got {text!r})", field=field)
     return out
 
 
