@@ -108,8 +108,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     MAML's plain SGD).
 
     ``sources`` (a ``MetaSources``) replaces building them from ``data`` and its options;
-    ``on_sources(sources)`` is called once they are built, ``on_start(meta_steps)`` once the inputs
-    are validated, right before the first meta-step (with the number of meta-steps, resolved), and ``on_step(t, loss, acc, val)`` after each.
+    ``on_sources(sources)`` is called once they are built, ``on_start(meta_steps)`` (the number
+    of meta-steps, resolved) once the inputs are validated, right before the first meta-step,
+    and ``on_step(t, loss, acc, val)`` after each.
 
     ``calibrate_lr``: after training, choose the test-time Adam lr for the published init on the
     validation tasks (``meta.stepsize``; ``on_calibrate(key, row)`` after each candidate, keyed
