@@ -54,11 +54,13 @@ def fmt(values, pct: bool = True) -> str:
     return f"{100 * m:.1f} ± {100 * c:.1f}" if pct else f"{m:.3g} ± {c:.2g}"
 
 
-def clinc_pool(split: str = "train", domains=None, exclude=None):
+def clinc_pool(split: str = "train", domains=None, exclude=None, root: Path = CLINC):
+    """A split's rows, filtered by domain; ``root`` holds ``<split>.jsonl`` (CLINC150 by default,
+    or another corpus in its layout, e.g. benchmarks/wordnet_tasks.py's)."""
     from metapeft.data.pools import filter_pool
     from metapeft.data.tasks import read_rows
 
-    pool = read_rows(require(CLINC / f"{split}.jsonl", "CLINC150"))
+    pool = read_rows(require(Path(root) / f"{split}.jsonl", "the task data"))
     return filter_pool(pool, domains=domains, exclude_domains=exclude)
 
 

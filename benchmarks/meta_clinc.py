@@ -1,4 +1,5 @@
-"""Meta-learned init vs fresh init vs a multi-task-pretrained init, on held-out CLINC150 domains.
+"""Meta-learned init vs fresh init vs a multi-task-pretrained init, on held-out CLINC150 domains
+(or another corpus's: ``--data DIR --held-out DOMAINS``, e.g. benchmarks/wordnet_tasks.py's).
 
 Model: stories260K by default (`--model DIR` for any mlx-lm model, e.g. SmolLM2-135M). Meta-train: CLINC150 train split minus the held-out domains (banking, travel),
 8 domains / 120 intents, of which a share of intents is kept aside for validation (early
@@ -77,8 +78,8 @@ def launched_meta_train(args, registry: str):
     import sys
     from types import SimpleNamespace
 
-    cmd = [sys.executable, "-m", "metapeft.cli", "meta-train", "--data", str(CLINC / "train.jsonl"),
-           "--exclude-domains", ",".join(HELD_OUT_DOMAINS), "--ways", "5", "--shots", "5",
+    cmd = [sys.executable, "-m", "metapeft.cli", "meta-train", "--data",
+           str(Path(args.data) / "train.jsonl"), "--exclude-domains", args.held_out, "--ways", "5", "--shots", "5",
            "--query", "5", "--val-fraction", "0.15", "--seed", "0", "--model", args.model,
            "--method", args.method, "--algorithm", args.algorithm, "--name", "bench",
            "--registry", str(registry), "--meta-steps", str(args.meta_steps),
@@ -107,6 +108,11 @@ def main() -> None:
     ap.add_argument("--model", default=str(STORIES),
                     help="any mlx-lm model directory (default stories260K; the headline model is "
                          "../shared/models/SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", default=str(CLINC),
+                    help="a directory with train.jsonl and test.jsonl rows {text, label, domain} "
+                         "(default: CLINC150; benchmarks/wordnet_tasks.py builds another)")
+    ap.add_argument("--held-out", default=",".join(HELD_OUT_DOMAINS),
+                    help="the meta-test domains (comma-separated); meta-training never sees them")
     ap.add_argument("--method", default="lora")
     ap.add_argument("--algorithm", default="reptile")
     ap.add_argument("--meta-steps", type=int, default=30)
@@ -191,7 +197,8 @@ def main() -> None:
     if args.compare:
         return compare(*args.compare)
     require(Path(args.model), "the model")
-    require(CLINC, "CLINC150")
+    data_dir = require(Path(args.data), "the task data")
+    held_out = args.held_out.split(",")
     from metapeft import api
     from metapeft.adapters import get_adapter_class
     from metapeft.data.episodes import EpisodeSource
@@ -202,11 +209,11 @@ def main() -> None:
     import yaml
 
     options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.options)}
-    sources = api.build_meta_sources(str(CLINC / "train.jsonl"), exclude_domains=HELD_OUT_DOMAINS,
+    sources = api.build_meta_sources(str(data_dir / "train.jsonl"), exclude_domains=held_out,
                                      ways=5, shots=5, query=5, val_fraction=0.15, seed=0)
     train_src, _, spec, _ = sources
-    test_src = EpisodeSource(clinc_pool("test", domains=HELD_OUT_DOMAINS), ways=5, shots=5,
-                             query=10, name="clinc150-test-banking-travel")
+    test_src = EpisodeSource(clinc_pool("test", domains=held_out, root=data_dir), ways=5,
+                             shots=5, query=10, name=f"{data_dir.name}-test-{'-'.join(held_out)}")
     overlap = set(spec["train_classes"]) & set(test_src.classes)
     assert not overlap, overlap
     print(f"meta-train classes {len(spec['train_classes'])}, validation classes "
@@ -407,8 +414,10 @@ def _report(header: dict, records: list[dict], json_path: str | None) -> None:
 
     model = Path(args.get("model") or "stories260K").name
     print(f"\n## meta_clinc: {args['method']}/{args['algorithm']} on {model}; meta-test "
-          f"{len(records)} tasks (5-way 5-shot, query 10/class) from the CLINC150 test split of "
-          f"{', '.join(HELD_OUT_DOMAINS)}; steps past 10 on the first {n_long}\n")
+          f"{len(records)} tasks (5-way 5-shot, query 10/class) from the "
+          f"{Path(args.get('data') or CLINC).name} test split of "
+          f"{args.get('held_out') or ', '.join(HELD_OUT_DOMAINS)}; steps past 10 on the first "
+          f"{n_long}\n")
     shown = [m for m in marks_long if m in (0, 1, 2, 3, 5, 10, 20, 50)]
     print("| init | " + " | ".join(f"acc@{m}" for m in shown) + " | steps to 80% (mean curve) |")
     print("|---|" + "---|" * (len(shown) + 1))
