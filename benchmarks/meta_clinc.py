@@ -79,8 +79,8 @@ def launched_meta_train(args, registry: str):
     from types import SimpleNamespace
 
     cmd = [sys.executable, "-m", "metapeft.cli", "meta-train", "--data",
-           str(Path(args.data) / "train.jsonl"), "--exclude-domains", args.held_out, "--ways", "5", "--shots", "5",
-           "--query", "5", "--val-fraction", "0.15", "--seed", "0", "--model", args.model,
+           str(Path(args.data) / "train.jsonl"), "--exclude-domains", args.held_out,
+           "--ways", "5", "--shots", "5", "--query", "5", "--val-fraction", "0.15", "--seed", "0", "--model", args.model,
            "--method", args.method, "--algorithm", args.algorithm, "--name", "bench",
            "--registry", str(registry), "--meta-steps", str(args.meta_steps),
            "--meta-batch", str(args.meta_batch), "--inner-steps", str(args.inner_steps),
@@ -416,8 +416,8 @@ def _report(header: dict, records: list[dict], json_path: str | None) -> None:
     print(f"\n## meta_clinc: {args['method']}/{args['algorithm']} on {model}; meta-test "
           f"{len(records)} tasks (5-way 5-shot, query 10/class) from the "
           f"{Path(args.get('data') or CLINC).name} test split of "
-          f"{args.get('held_out') or ', '.join(HELD_OUT_DOMAINS)}; steps past 10 on the first "
-          f"{n_long}\n")
+          f"{', '.join((args.get('held_out') or ','.join(HELD_OUT_DOMAINS)).split(','))}; "
+          f"steps past 10 on the first {n_long}\n")
     shown = [m for m in marks_long if m in (0, 1, 2, 3, 5, 10, 20, 50)]
     print("| init | " + " | ".join(f"acc@{m}" for m in shown) + " | steps to 80% (mean curve) |")
     print("|---|" + "---|" * (len(shown) + 1))

@@ -30,6 +30,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from metapeft.artifacts import atomic_write_text
+
 POS_FILES = {"noun": "data.noun", "verb": "data.verb", "adjective": "data.adj",
              "adverb": "data.adv"}
 # lexicographer-file names that are not words: a readable label instead
@@ -101,11 +103,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     train, test = [], []
     for key in sorted(by_class):
-        seen, unique = set(), []
-        for row in by_class[key]:
-            if row["text"] not in seen:
-                seen.add(row["text"])
-                unique.append(row)
+        # one row per distinct gloss (within a class, equal texts are equal rows)
+        unique = list({row["text"]: row for row in by_class[key]}.values())
         rng.shuffle(unique)
         unique = unique[:args.per_class]
         n_test = round(len(unique) * args.test_fraction)
@@ -113,7 +112,7 @@ def main() -> None:
         train += unique[n_test:]
     args.out.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", train), ("test", test)):
-        (args.out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+        atomic_write_text(args.out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in part))
     counts = {}
     for (domain, _), members in by_class.items():
         counts[domain] = counts.get(domain, 0) + 1
