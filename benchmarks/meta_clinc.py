@@ -30,36 +30,14 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 from _baselines import in_context_accuracy, logistic_regression_accuracy
 from _common import (CLINC, HELD_OUT_DOMAINS, STORIES, clinc_pool, fmt, mean_ci,
                      nearest_class_mean_accuracy, require, write_json)
 
-import mlx.core as mx
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
-
-
-def multitask_init(adapter, source, tokenizer, steps: int, lr: float, seed: int = 0) -> dict:
-    """The strong baseline: one adapter trained jointly on the meta-train tasks (each step: one
-    sampled episode's support + query, standard cross-entropy), no meta-learning."""
-    from metapeft.train import batch_loss
-    from metapeft.scoring import TaskEncoder
-
-    params = adapter.init_params(seed)
-    opt = optim.Adam(learning_rate=lr)
-    opt.init(params)
-    vg = mx.value_and_grad(partial(batch_loss, adapter))
-    for s in range(steps):
-        task = source.sample(7_000_000 + s)
-        batch = TaskEncoder(tokenizer, task.labels).encode(task.support + task.query)
-        loss, grads = vg(params, batch)
-        params = opt.apply_gradients(grads, params)
-        mx.eval(params, loss)
-    return params
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -87,6 +65,8 @@ def launched_meta_train(args, registry: str):
            "--inner-lr", str(args.inner_lr), "--outer-lr", str(args.outer_lr),
            "--eval-every", "10", "--eval-episodes", "6", "--processes", str(args.processes),
            "--json", *(x for o in args.options for x in ("--set", o))]
+    if args.meta_start == "multitask":
+        cmd += ["--start-from", args.multitask_weights]
     if not args.vectorise:
         cmd.append("--sequential")
     if args.calibrate or args.no_calibrate:  # the step size is chosen by main(), or not at all
@@ -145,6 +125,10 @@ def main() -> None:
     ap.add_argument("--registry", default=None, help="keep the meta-weights here (default: temp)")
     ap.add_argument("--meta-weights", default=None,
                     help="skip meta-training: evaluate these published meta-weights")
+    ap.add_argument("--meta-start", choices=("fresh", "multitask"), default="fresh",
+                    help="where meta-training starts: a fresh adapter, or the multitask init of "
+                         "--multitask-weights (build it first: --inits multitask --tasks 0), i.e. "
+                         "multitask pretraining then meta-learning (meta-train --start-from)")
     ap.add_argument("--multitask-weights", default=None,
                     help="load the multitask init from this file if it exists, else train it and "
                          "save it there (so sharded evaluations share one init)")
@@ -197,6 +181,12 @@ def main() -> None:
     if args.compare:
         return compare(*args.compare)
     require(Path(args.model), "the model")
+    if args.meta_start == "multitask" and not args.meta_weights:
+        if not args.multitask_weights:
+            ap.error("--meta-start multitask needs --multitask-weights FILE")
+        if not Path(args.multitask_weights).exists():
+            ap.error(f"--meta-start multitask: no multitask init at {args.multitask_weights} "
+                     "(--inits multitask --tasks 0 --multitask-weights FILE builds it)")
     data_dir = require(Path(args.data), "the task data")
     held_out = args.held_out.split(",")
     from metapeft import api
@@ -251,6 +241,8 @@ def main() -> None:
                                      # grid given there (--calibrate-factors/-decays)
                                      calibrate_lr=not (args.calibrate or args.no_calibrate),
                                      calibrate_decays=_floats(args.calibrate_decays),
+                                     start_from=(args.multitask_weights
+                                                 if args.meta_start == "multitask" else None),
                                      on_step=lambda t, l, a, v: print(
                                          f"  meta-step {t}: loss {l:.3f} acc {a:.2f}"
                                          + ("" if v is None else f" val {v:.3f}"), flush=True))
@@ -264,6 +256,7 @@ def main() -> None:
     mt_steps = args.multitask_steps or args.meta_steps * args.meta_batch * args.inner_steps // 2
     t1 = time.perf_counter()
     from metapeft.artifacts import save_safetensors
+    from metapeft.meta.pretrain import multitask_pretrain
 
     mt_file = Path(args.multitask_weights) if args.multitask_weights else None
     mt_seconds = 0.0
@@ -275,7 +268,7 @@ def main() -> None:
         mt_steps = int(mt_meta["multitask_steps"])
         mt_seconds = float(mt_meta.get("seconds", "nan"))  # older files lack it
     else:
-        inits["multitask"] = multitask_init(adapter, train_src, base.tokenizer, mt_steps, lr)
+        inits["multitask"] = multitask_pretrain(adapter, train_src, mt_steps, lr)
         mt_seconds = time.perf_counter() - t1
         if mt_file is not None:
             save_safetensors(mt_file, dict(tree_flatten(inits["multitask"])),

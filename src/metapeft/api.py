@@ -99,7 +99,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                inner_lr_mode: str = "shared",
                inner_lr_meta_lr: float | None = None,
                calibrate_decays=None, calibrate_factors=None,
-               calibrate_tasks: int | None = None) -> MetaTrainReport:
+               calibrate_tasks: int | None = None, pretrain_steps: int = 0,
+               start_from: str | Path | None = None) -> MetaTrainReport:
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
     The defaults are the measured recipe (``config.META_RECIPE``); ``meta_steps`` and the
     calibration's ``calibrate_factors``, ``calibrate_decays`` and ``calibrate_tasks`` default to
@@ -137,6 +138,12 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     ``parent``, ``forgetting`` and ``gain`` (also in ``result.extra["continual"]``). ``since`` (a
     datetime) keeps only the feedback rows from then on. Every published version stores its
     diagonal Fisher (``fisher.*`` tensors) for a later continuation's EWC.
+
+    ``pretrain_steps``: first train θ jointly on that many meta-train episodes (multitask
+    pretraining, ``meta.pretrain``; Meta-Baseline's classifier-then-meta recipe) and meta-learn
+    from it. ``start_from``: meta-learn from this adapter instead of a fresh init (a file, an
+    adapter directory or ``NAME@V``; e.g. a pretraining kept from an earlier run), with none of
+    ``init``'s continual-learning machinery. The published version records either as ``start``.
 
     ``inner_lr_mode="per-layer"``: meta-learn a multiplier of the inner lr per parameter leaf
     (MAML++'s LSLR; ``meta.learner``), ``inner_lr_meta_lr`` its outer Adam lr. The multipliers
@@ -184,6 +191,15 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     if calibrate_tasks is not None and calibrate_tasks < 1:
         raise UserError(f"--calibrate-tasks must be >= 1, got {calibrate_tasks}",
                         field="calibrate_tasks")
+    if pretrain_steps < 0:
+        raise UserError(f"--pretrain-steps must be >= 0, got {pretrain_steps}",
+                        field="pretrain_steps")
+    starts = [flag for flag, on in (("--init", init is not None),
+                                    ("--pretrain-steps", pretrain_steps > 0),
+                                    ("--start-from", start_from is not None)) if on]
+    if len(starts) > 1:
+        raise UserError(f"{' and '.join(starts)} each set where meta-training starts; give one",
+                        field=starts[1].lstrip("-").replace("-", "_"))
     if init is not None and config is None:  # the parent's adapter options, so shapes match
         from metapeft.artifacts import json_field
 
@@ -235,16 +251,27 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     if on_sources is not None:
         on_sources(sources)
     ckpt = reg.checkpoint_path(name, registry)
+    start_theta, start = _meta_start(adapter, sources.train, pretrain_steps=pretrain_steps,
+                                     start_from=start_from, registry=registry, seed=seed,
+                                     skip=resume and Path(ckpt).exists())
     if on_start is not None:
         on_start(meta_steps)
+    run_args = plan.run_args() if plan is not None else {}
+    if start_theta is not None:
+        run_args["init"] = start_theta
     result = run(adapter, cfg, sources.train, val_source=sources.validation,
                  meta_steps=meta_steps, meta_batch=meta_batch, seed=seed, eval_every=eval_every,
                  eval_episodes=eval_episodes, checkpoint=ckpt, checkpoint_every=checkpoint_every,
                  resume=resume, vectorise=vectorise, compile=compile, spec=spec, on_step=on_step,
-                 group=group, **(plan.run_args() if plan is not None else {}))
+                 group=group, **run_args)
     meta = version_metadata(adapter, cfg, result, spec=spec, meta_steps=meta_steps,
                             meta_batch=meta_batch, hyper={"ways": ways, "shots": shots,
                                                           "query": query, "seed": seed})
+    if start is not None:
+        import json
+
+        meta["start"] = json.dumps(start)
+        result.extra["start"] = start
     lr_scales = scale_arrays = None
     if result.best_log_lr is not None:  # per-layer inner lrs: stored with the weights
         import json
@@ -314,6 +341,31 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
         path = reg.version_path(name, version, registry)
         report.version, report.path = result.version, result.path = version, str(path)
     return report
+
+
+def _meta_start(adapter, train_source, *, pretrain_steps: int, start_from, registry, seed: int,
+                skip: bool) -> tuple[dict | None, dict | None]:
+    """(θ to meta-learn from, what the published version records of it as ``start``), or
+    (None, None) for the adapter's fresh init. ``skip``: a resumed run, whose θ comes from the
+    checkpoint (the record is still returned)."""
+    if start_from is not None:
+        from metapeft.adapter_io import init_path, resolve_init
+
+        path = init_path(start_from, registry)
+        theta = None if skip else resolve_init(start_from, adapter, registry)
+        return theta, {"from": str(start_from), "file": path.name}
+    if pretrain_steps > 0:
+        import time
+
+        from metapeft.meta.pretrain import multitask_pretrain
+
+        t0 = time.perf_counter()
+        lr = type(adapter).default_lr
+        theta = None if skip else multitask_pretrain(adapter, train_source, pretrain_steps, lr,
+                                                     seed=seed)
+        return theta, {"pretrain_steps": pretrain_steps, "lr": lr,
+                       "seconds": round(time.perf_counter() - t0, 3)}
+    return None, None
 
 
 def _encode_tasks(adapter, tasks: list) -> list:

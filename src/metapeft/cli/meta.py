@@ -114,6 +114,12 @@ def meta_train(
                                        "version with it as parent."),
     forgetting: Optional[str] = typer.Option(None, help="With --init: ewc, replay, both or none "
                                                         "(default both)."),
+    pretrain_steps: int = typer.Option(0, help="First train the adapter jointly on N meta-train "
+                                       "episodes (multitask pretraining, Meta-Baseline), then "
+                                       "meta-learn from it."),
+    start_from: Optional[str] = typer.Option(None, help="Meta-learn from this adapter (file, "
+                                             "adapter dir or NAME@V) instead of a fresh init; "
+                                             "no continual-learning terms, unlike --init."),
     ewc_lambda: Optional[float] = typer.Option(None, help="EWC strength λ in λ·Σ F̂·(θ − "
                                                "θ_parent)², F̂ the Fisher scaled to mean 1 "
                                                "(default 1.0)."),
@@ -204,6 +210,7 @@ def meta_train(
                 gate_tolerance=gate_tolerance, gate_max_drift=gate_max_drift,
                 init=init, forgetting=forgetting, ewc_lambda=ewc_lambda,
                 replay_fraction=replay_fraction, since=since_dt,
+                pretrain_steps=pretrain_steps, start_from=start_from,
                 on_calibrate=lambda f, row: console.print(
                     f"  test-time lr x{f}: mean validation accuracy "
                     + ("diverged" if row.get("mean") in (None, float("-inf"))
