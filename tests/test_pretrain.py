@@ -81,6 +81,10 @@ def test_meta_train_starts_from_its_pretraining_or_the_same_file(tmp_path):
     assert json.loads(pre_meta["start"])["pretrain_steps"] == 4
     assert json.loads(file_meta["start"])["file"] == "pretrained.safetensors"
     assert "start" not in fresh_meta
+    env = {**os.environ, "COLUMNS": "100", "METAPEFT_RUNS": "off"}
+    shown = subprocess.run([sys.executable, "-m", "metapeft.cli", "weights", "show", "pre",
+                            "--registry", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert "start       after 4 multitask pretraining steps (lr 0.001" in shown.stdout, shown
 
 
 def test_conflicting_or_mismatched_starts_are_refused(tmp_path):

@@ -100,7 +100,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                inner_lr_meta_lr: float | None = None,
                calibrate_decays=None, calibrate_factors=None,
                calibrate_tasks: int | None = None, pretrain_steps: int = 0,
-               start_from: str | Path | None = None) -> MetaTrainReport:
+               start_from: str | Path | None = None,
+               on_pretrain_step: Callable | None = None) -> MetaTrainReport:
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
     The defaults are the measured recipe (``config.META_RECIPE``); ``meta_steps`` and the
     calibration's ``calibrate_factors``, ``calibrate_decays`` and ``calibrate_tasks`` default to
@@ -143,7 +144,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     pretraining, ``meta.pretrain``; Meta-Baseline's classifier-then-meta recipe) and meta-learn
     from it. ``start_from``: meta-learn from this adapter instead of a fresh init (a file, an
     adapter directory or ``NAME@V``; e.g. a pretraining kept from an earlier run), with none of
-    ``init``'s continual-learning machinery. The published version records either as ``start``.
+    ``init``'s continual-learning machinery. The published version records either as ``start``;
+    ``on_pretrain_step(t, loss)`` is called after each pretraining step.
 
     ``inner_lr_mode="per-layer"``: meta-learn a multiplier of the inner lr per parameter leaf
     (MAML++'s LSLR; ``meta.learner``), ``inner_lr_meta_lr`` its outer Adam lr. The multipliers
@@ -253,7 +255,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     ckpt = reg.checkpoint_path(name, registry)
     start_theta, start = _meta_start(adapter, sources.train, pretrain_steps=pretrain_steps,
                                      start_from=start_from, registry=registry, seed=seed,
-                                     skip=resume and Path(ckpt).exists())
+                                     skip=resume and Path(ckpt).exists(),
+                                     on_step=on_pretrain_step)
     if on_start is not None:
         on_start(meta_steps)
     run_args = plan.run_args() if plan is not None else {}
@@ -344,7 +347,7 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
 
 
 def _meta_start(adapter, train_source, *, pretrain_steps: int, start_from, registry, seed: int,
-                skip: bool) -> tuple[dict | None, dict | None]:
+                skip: bool, on_step=None) -> tuple[dict | None, dict | None]:
     """(θ to meta-learn from, what the published version records of it as ``start``), or
     (None, None) for the adapter's fresh init. ``skip``: a resumed run, whose θ comes from the
     checkpoint (the record is still returned)."""
@@ -362,7 +365,7 @@ def _meta_start(adapter, train_source, *, pretrain_steps: int, start_from, regis
         t0 = time.perf_counter()
         lr = type(adapter).default_lr
         theta = None if skip else multitask_pretrain(adapter, train_source, pretrain_steps, lr,
-                                                     seed=seed)
+                                                     seed=seed, on_step=on_step)
         return theta, {"pretrain_steps": pretrain_steps, "lr": lr,
                        "seconds": round(time.perf_counter() - t0, 3)}
     return None, None

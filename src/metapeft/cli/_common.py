@@ -407,9 +407,15 @@ class LazyBar:
         self.start()
         self.progress.update(self.task, **fields)
 
+    def close(self) -> None:
+        """Stop the bar now (rich shows one live display at a time: close one phase's bar
+        before the next phase's starts)."""
+        if self.task is not None:
+            self.progress.stop()
+            self.task = None
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.task is not None:
-            self.progress.stop()
+        self.close()

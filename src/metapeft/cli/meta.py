@@ -183,8 +183,12 @@ def meta_train(
             console.print(f"meta-train classes: {sources.num_train_classes}   validation: "
                           f"{sources.num_validation}")
 
-        with rank_outcome(rank), \
+        with rank_outcome(rank), LazyBar(pretrain_steps, "multitask pretraining", console) as pre, \
                 LazyBar(meta_steps, f"meta-train {method}/{algorithm}", console) as bar:
+            def on_start(total):
+                pre.close()
+                bar.start(total)
+
             def on_step(t, loss, acc, val):
                 bar.update(completed=t, loss=f"{loss:.3f}",
                            acc=f"{acc:.1%}" + ("" if val is None else f" val {val:.1%}"))
@@ -201,7 +205,7 @@ def meta_train(
                 labels_from=str(labels_from) if labels_from else None,
                 exclude_labels=csv_list(exclude_labels), task_strategy=task_strategy,
                 min_samples=min_samples, replay=rw, resume=resume, vectorise=not sequential,
-                compile=compile_, on_sources=on_sources, on_start=bar.start, on_step=on_step,
+                compile=compile_, on_sources=on_sources, on_start=on_start, on_step=on_step,
                 record_experience=True, calibrate_lr=calibrate_lr,
                 calibrate_decays=_numbers(lr_decays, "lr_decays", positive=False),
                 calibrate_factors=_numbers(lr_factors, "lr_factors", positive=True),
@@ -211,6 +215,7 @@ def meta_train(
                 init=init, forgetting=forgetting, ewc_lambda=ewc_lambda,
                 replay_fraction=replay_fraction, since=since_dt,
                 pretrain_steps=pretrain_steps, start_from=start_from,
+                on_pretrain_step=lambda t, loss: pre.update(completed=t, loss=f"{loss:.3f}"),
                 on_calibrate=lambda f, row: console.print(
                     f"  test-time lr x{f}: mean validation accuracy "
                     + ("diverged" if row.get("mean") in (None, float("-inf"))

@@ -135,6 +135,12 @@ def _print_show_summary(d: dict) -> None:
             lines.append(f"  gate        passed against {gate['against']}: delta "
                          f"{'-' if delta is None else f'{delta:+.1%}'}, drift "
                          f"{'-' if drift is None else f'{drift:.3f}'}")
+    start = m.get("start")
+    if isinstance(start, dict):  # meta-train --pretrain-steps / --start-from
+        lines.append("  start       " + (
+            f"after {start['pretrain_steps']} multitask pretraining steps (lr {start['lr']:g}, "
+            f"{start['seconds']:.0f} s)" if "pretrain_steps" in start
+            else f"from {start['from']}"))
     lines.extend(_continual_lines(m))
     hyper = m.get("hyperparameters")
     if isinstance(hyper, dict):
