@@ -40,10 +40,6 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(","))
-
-
 def launched_meta_train(args, registry: str):
     """The meta-training step as ``metapeft meta-train --processes N`` (ring backend): the same
     data, sources (held-out domains left out, 5-way 5-shot, 5 query, 15% validation classes,
@@ -176,6 +172,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.no_calibrate and args.calibrate:
         ap.error("--no-calibrate and --calibrate exclude each other")
+    from metapeft.cli._common import parse_numbers
+    from metapeft.errors import UserError
+
+    try:
+        cal_decays = parse_numbers(args.calibrate_decays, "calibrate_decays", positive=False)
+        cal_factors = parse_numbers(args.calibrate_factors, "calibrate_factors", positive=True)
+    except UserError as e:
+        ap.error(str(e))
     if args.merge:
         return merge(args.merge, args.json)
     if args.compare:
@@ -240,7 +244,7 @@ def main() -> None:
                                      # with --calibrate the step size is chosen below, on the
                                      # grid given there (--calibrate-factors/-decays)
                                      calibrate_lr=not (args.calibrate or args.no_calibrate),
-                                     calibrate_decays=_floats(args.calibrate_decays),
+                                     calibrate_decays=cal_decays,
                                      start_from=(args.multitask_weights
                                                  if args.meta_start == "multitask" else None),
                                      on_step=lambda t, l, a, v: print(
@@ -301,8 +305,8 @@ def main() -> None:
                 cal = calibrate_adapt_lr(
                     adapter, inits[name],
                     validation_tasks(sources.validation, 0, args.calibrate_tasks), lr,
-                    decays=_floats(args.calibrate_decays),
-                    factors=_floats(args.calibrate_factors),
+                    decays=cal_decays,
+                    factors=cal_factors,
                     on_trial=lambda fct, row, n=name: print(f"  {n} lr x{fct}: {row}", flush=True))
                 cal["seconds"] = round(time.perf_counter() - tc, 1)
                 write_json(str(f), cal)

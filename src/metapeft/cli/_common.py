@@ -304,6 +304,26 @@ def csv_list(values: list[str] | None) -> list[str] | None:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+def parse_numbers(text: str | None, field: str, *, positive: bool) -> tuple[float, ...] | None:
+    """``--lr-decays 0,1`` / ``--lr-factors 1,0.5`` (the option ``field`` names) as floats, each
+    >= 0 (> 0 when ``positive``), a one-line error otherwise; None (the model's recipe) when not
+    given. meta-train and benchmarks/meta_clinc.py parse their lr grids with it."""
+    import math
+
+    from metapeft.errors import UserError
+
+    if text is None:
+        return None
+    try:
+        out = tuple(float(x) for x in csv_list([text]) or ())
+    except ValueError:
+        out = ()
+    if not out or not all(math.isfinite(x) and (x > 0 if positive else x >= 0) for x in out):
+        raise UserError(f"--{field.replace('_', '-')} must be comma-separated numbers "
+                        f"{'> 0' if positive else '>= 0'} (got {text!r})", field=field)
+    return out
+
+
 class PlainProgress:
     """Progress as plain lines, for when the console is not a terminal (a log file, a pipe, CI):
     one line when a task starts, then at most one every ``METAPEFT_PROGRESS_SECONDS`` (default

@@ -9,7 +9,8 @@ import typer
 
 from metapeft.cli._common import (CONFIG_OPT, JSON_OPT, METHOD_OPT, REGISTRY_OPT, SET_OPT,
                                   LazyBar, csv_list, decay_note, err_console, out_console,
-                                  parse_sets, print_json, progress, user_errors, with_model_options)
+                                  parse_numbers, parse_sets, print_json, progress, user_errors,
+                                  with_model_options)
 from metapeft.config import GATE, META_RECIPE, tier_default
 
 
@@ -207,8 +208,8 @@ def meta_train(
                 min_samples=min_samples, replay=rw, resume=resume, vectorise=not sequential,
                 compile=compile_, on_sources=on_sources, on_start=on_start, on_step=on_step,
                 record_experience=True, calibrate_lr=calibrate_lr,
-                calibrate_decays=_numbers(lr_decays, "lr_decays", positive=False),
-                calibrate_factors=_numbers(lr_factors, "lr_factors", positive=True),
+                calibrate_decays=parse_numbers(lr_decays, "lr_decays", positive=False),
+                calibrate_factors=parse_numbers(lr_factors, "lr_factors", positive=True),
                 calibrate_tasks=calibrate_tasks,
                 gate=gate, gate_data=gate_data, gate_tasks=gate_tasks, gate_steps=gate_steps,
                 gate_tolerance=gate_tolerance, gate_max_drift=gate_max_drift,
@@ -253,25 +254,6 @@ def meta_train(
                               f"of {method}'s default{decay_note(cal)}; chosen on the "
                               "validation tasks)")
         out_console.print(f"next: metapeft adapt TASK --method {method} --init {name}")
-
-
-def _numbers(text: str | None, field: str, *, positive: bool) -> tuple[float, ...] | None:
-    """``--lr-decays 0,1`` / ``--lr-factors 1,0.5`` as floats, each >= 0 (> 0 when
-    ``positive``), a one-line error otherwise; None (the model's recipe) when not given."""
-    import math
-
-    from metapeft.errors import UserError
-
-    if text is None:
-        return None
-    try:
-        out = tuple(float(x) for x in csv_list([text]) or ())
-    except ValueError:
-        out = ()
-    if not out or not all(math.isfinite(x) and (x > 0 if positive else x >= 0) for x in out):
-        raise UserError(f"--{field.replace('_', '-')} must be comma-separated numbers "
-                        f"{'> 0' if positive else '>= 0'} (got {text!r})", field=field)
-    return out
 
 
 def _since(since: str | None, days: int | None):
