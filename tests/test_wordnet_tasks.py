@@ -61,4 +61,4 @@ def test_glosses_become_labelled_rows_and_shared_names_are_left_out(tmp_path):
 def test_a_missing_source_is_one_line(tmp_path):
     p = subprocess.run([sys.executable, str(BENCH / "wordnet_tasks.py"), str(tmp_path / "nope"),
                         str(tmp_path / "out")], capture_output=True, text=True)
-    assert p.returncode != 0 and p.stderr.strip().count("\n") == 0 and "not found" in p.stderr
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "not found" in p.stderr
