@@ -33,11 +33,25 @@ import time
 from pathlib import Path
 
 from _baselines import in_context_accuracy, logistic_regression_accuracy
-from _common import (CLINC, HELD_OUT_DOMAINS, STORIES, clinc_pool, fmt, mean_ci,
+from _common import (CLINC, HELD_OUT_DOMAINS, STORIES, bad_input, clinc_pool, fmt, mean_ci,
                      nearest_class_mean_accuracy, require, write_json)
 
+import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+
+
+def _params_digest(params) -> str:
+    """A short fingerprint of an init's weights: a calibration cached under --calibrate DIR
+    belongs to the weights it was run on, and DIR/meta.json must not be reused for another
+    meta init."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(tree_flatten(params), key=lambda kv: kv[0]):
+        h.update(k.encode())
+        h.update(np.array(v.astype(mx.float32)).tobytes())
+    return h.hexdigest()[:16]
 
 
 def launched_meta_train(args, registry: str):
@@ -298,8 +312,12 @@ def main() -> None:
             f = cal_dir / f"{name}.json"
             if name in calibration or name not in inits:
                 continue
+            digest = _params_digest(inits[name])
             if f.exists():
                 calibration[name] = json.loads(f.read_text())
+                if calibration[name].get("init_digest", digest) != digest:  # older files lack it
+                    bad_input(f"{f}: calibrated for other {name} weights than these; give this "
+                              "init its own --calibrate DIR")
             elif name in wanted:
                 tc = time.perf_counter()
                 cal = calibrate_adapt_lr(
@@ -309,6 +327,7 @@ def main() -> None:
                     factors=cal_factors,
                     on_trial=lambda fct, row, n=name: print(f"  {n} lr x{fct}: {row}", flush=True))
                 cal["seconds"] = round(time.perf_counter() - tc, 1)
+                cal["init_digest"] = digest
                 write_json(str(f), cal)
                 calibration[name] = cal
                 lead = describe_lead(cal)
