@@ -366,8 +366,8 @@ def _meta_start(adapter, train_source, *, pretrain_steps: int, start_from, regis
         lr = type(adapter).default_lr
         theta = None if skip else multitask_pretrain(adapter, train_source, pretrain_steps, lr,
                                                      seed=seed, on_step=on_step)
-        return theta, {"pretrain_steps": pretrain_steps, "lr": lr,
-                       "seconds": round(time.perf_counter() - t0, 3)}
+        return theta, {"pretrain_steps": pretrain_steps, "lr": lr,  # seconds: None on resume
+                       "seconds": None if skip else round(time.perf_counter() - t0, 3)}
     return None, None
 
 

@@ -110,17 +110,17 @@ def meta_train(
                                          "in mean accuracy (absolute)."),
     gate_max_drift: float = typer.Option(GATE["max_drift"], help="--gate: largest accepted mean "
                                          "KL(old || new) of the predictive distributions."),
-    init: Optional[str] = typer.Option(None, "--init", help="Continue from this published "
-                                       "version (NAME@V) on the new --data; publishes the next "
-                                       "version with it as parent."),
-    forgetting: Optional[str] = typer.Option(None, help="With --init: ewc, replay, both or none "
-                                                        "(default both)."),
     pretrain_steps: int = typer.Option(0, help="First train the adapter jointly on N meta-train "
                                        "episodes (multitask pretraining, Meta-Baseline), then "
                                        "meta-learn from it."),
     start_from: Optional[str] = typer.Option(None, help="Meta-learn from this adapter (file, "
                                              "adapter dir or NAME@V) instead of a fresh init; "
                                              "no continual-learning terms, unlike --init."),
+    init: Optional[str] = typer.Option(None, "--init", help="Continue from this published "
+                                       "version (NAME@V) on the new --data; publishes the next "
+                                       "version with it as parent."),
+    forgetting: Optional[str] = typer.Option(None, help="With --init: ewc, replay, both or none "
+                                                        "(default both)."),
     ewc_lambda: Optional[float] = typer.Option(None, help="EWC strength λ in λ·Σ F̂·(θ − "
                                                "θ_parent)², F̂ the Fisher scaled to mean 1 "
                                                "(default 1.0)."),
@@ -184,7 +184,8 @@ def meta_train(
             console.print(f"meta-train classes: {sources.num_train_classes}   validation: "
                           f"{sources.num_validation}")
 
-        with rank_outcome(rank), LazyBar(pretrain_steps, "multitask pretraining", console) as pre, \
+        with rank_outcome(rank), \
+                LazyBar(pretrain_steps, "multitask pretraining", console) as pre, \
                 LazyBar(meta_steps, f"meta-train {method}/{algorithm}", console) as bar:
             def on_start(total):
                 pre.close()

@@ -138,8 +138,9 @@ def _print_show_summary(d: dict) -> None:
     start = m.get("start")
     if isinstance(start, dict):  # meta-train --pretrain-steps / --start-from
         lines.append("  start       " + (
-            f"after {start['pretrain_steps']} multitask pretraining steps (lr {start['lr']:g}, "
-            f"{start['seconds']:.0f} s)" if "pretrain_steps" in start
+            f"after {start['pretrain_steps']} multitask pretraining steps (lr {start['lr']:g}"
+            + (f", {start['seconds']:.0f} s)" if start.get("seconds") is not None else ")")
+            if "pretrain_steps" in start
             else f"from {start['from']}"))
     lines.extend(_continual_lines(m))
     hyper = m.get("hyperparameters")
