@@ -110,3 +110,28 @@ def test_cli_conflicting_starts_exit_2_with_one_line(tmp_path):
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--pretrain-steps and --start-from" in lines[0], p.stderr
+
+
+@pytest.mark.parametrize("curve,kept", [([0.9, 0.5, 0.6], True), ([0.2, 0.5, 0.6], False)])
+def test_early_stopping_keeps_the_start_when_no_meta_step_beats_it(tmp_path, monkeypatch,
+                                                                   curve, kept):
+    """The start is validated as meta-step 0; the validation accuracies are scripted here so that
+    both outcomes of the choice are exercised."""
+    from metapeft import api
+    from metapeft.meta import run as meta_run
+    from metapeft.meta.pretrain import multitask_pretrain
+
+    sources, adapter = _sources_and_adapter()
+    start = tmp_path / "start.safetensors"
+    start_theta = adapter.flat(multitask_pretrain(adapter, sources.train, 4,
+                                                  type(adapter).default_lr))
+    save_safetensors(start, start_theta, {})
+    values = iter(curve)
+    monkeypatch.setattr(meta_run, "validate_theta", lambda *a, **k: next(values))
+    rep = api.meta_train("synthetic", name="v", registry=tmp_path, start_from=str(start),
+                         **{**K, "meta_steps": 2, "eval_every": 1})
+    assert rep.result.val_steps == [0, 1, 2]
+    assert rep.result.best_step == (0 if kept else 2)
+    published, _ = _theta(tmp_path, "v@1")
+    gap = max(float(np.abs(published[k] - np.array(start_theta[k])).max()) for k in published)
+    assert (gap == 0.0) == kept

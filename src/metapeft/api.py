@@ -260,8 +260,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     if on_start is not None:
         on_start(meta_steps)
     run_args = plan.run_args() if plan is not None else {}
-    if start_theta is not None:
-        run_args["init"] = start_theta
+    if start_theta is not None:  # and early stopping may keep it (validated as meta-step 0)
+        run_args.update(init=start_theta, validate_start=True)
     result = run(adapter, cfg, sources.train, val_source=sources.validation,
                  meta_steps=meta_steps, meta_batch=meta_batch, seed=seed, eval_every=eval_every,
                  eval_episodes=eval_episodes, checkpoint=ckpt, checkpoint_every=checkpoint_every,

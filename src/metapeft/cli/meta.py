@@ -249,6 +249,9 @@ def meta_train(
             out_console.print(f"validation accuracy (held-out classes, after {inner_steps} inner "
                               f"steps): best {max(res.val_accuracies):.1%} at step "
                               f"{res.best_step}")
+            if res.best_step == 0:  # a pretrained or given start that no meta-step beat
+                out_console.print("no meta-step beat the start on the validation tasks: the "
+                                  "start is published unchanged")
         cal = res.result.extra.get("adapt_lr")
         if cal:
             out_console.print(f"test-time lr for this init: {cal['adapt_lr']:g} (x{cal['factor']} "

@@ -93,7 +93,7 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
                checkpoint: Path | None = None, checkpoint_every: int = 5, resume: bool = False,
                vectorise: bool = True, compile: bool = False, spec: dict | None = None,
                init: dict | None = None, anchor=None, replay_source=None,
-               replay_fraction: float = 0.0,
+               replay_fraction: float = 0.0, validate_start: bool = False,
                on_step: Callable[[int, float, float, float | None], None] | None = None,
                group=None) -> MetaTrainResult:
     """``group``: the ``mx.distributed`` group to split the work over (default
@@ -101,7 +101,11 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
 
     Continual runs (``meta.continual``): ``init`` is the parent's θ, ``anchor`` its EWC pull
     (``MetaLearner.anchor``), and with a ``replay_source`` the last ``replay_tasks`` of each
-    meta-batch's tasks come from it (the parent's meta-train source)."""
+    meta-batch's tasks come from it (the parent's meta-train source).
+
+    ``validate_start``: also validate ``init`` itself, as meta-step 0, so that early stopping
+    publishes the start unchanged when no meta-step beats it on the validation tasks (a
+    pretrained start, ``meta-train --pretrain-steps``: meta-learning never leaves it worse there)."""
     from metapeft.artifacts import load_safetensors, save_safetensors
 
     if meta_steps < 1 or meta_batch < 1:
@@ -197,6 +201,11 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
             "kind": "meta-checkpoint", "step": str(step), "identity": ident,
             "schedule": schedule, "curves": curves,
             "spec": spec, "seconds": str(elapsed_before + time.perf_counter() - t0)})
+
+    if validate_start and val_eps and start == 0:
+        best_val = validate_theta(adapter, cfg, theta, val_eps, group, learner.log_lr)
+        val_steps.append(0)
+        val_accs.append(round(best_val, 6))
 
     t = start
     try:
