@@ -99,6 +99,9 @@ def test_conflicting_or_mismatched_starts_are_refused(tmp_path):
     with pytest.raises(UserError, match="shape"):
         api.meta_train("synthetic", name="x", registry=tmp_path, start_from="r8@1",
                        config={"rank": 4}, **K)
+    with pytest.raises(UserError, match="not 'library:compose'"):
+        api.meta_train("synthetic", name="x", registry=tmp_path, start_from="library:compose",
+                       **K)
     assert reg.list_versions("x", tmp_path) == []
 
 

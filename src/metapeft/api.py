@@ -202,6 +202,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     if len(starts) > 1:
         raise UserError(f"{' and '.join(starts)} each set where meta-training starts; give one",
                         field=starts[1].lstrip("-").replace("-", "_"))
+    if start_from is not None:
+        _start_path(start_from, registry)
     if init is not None and config is None:  # the parent's adapter options, so shapes match
         from metapeft.artifacts import json_field
 
@@ -346,17 +348,30 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     return report
 
 
+def _start_path(start_from, registry) -> Path:
+    """The file ``--start-from`` names (a one-line error if none), checked before the model
+    loads."""
+    from metapeft.adapter_io import init_path
+
+    if str(start_from).startswith("library:"):  # built per task by adapt, not one θ
+        raise UserError(f"--start-from takes an adapter file, directory or NAME@V, not "
+                        f"{start_from!r}", field="start_from")
+    try:
+        return init_path(start_from, registry)
+    except UserError as e:  # resolve() names the field adapt's --init
+        raise UserError(e.message, path=e.path, line=e.line, field="start_from") from None
+
+
 def _meta_start(adapter, train_source, *, pretrain_steps: int, start_from, registry, seed: int,
                 skip: bool, on_step=None) -> tuple[dict | None, dict | None]:
     """(θ to meta-learn from, what the published version records of it as ``start``), or
     (None, None) for the adapter's fresh init. ``skip``: a resumed run, whose θ comes from the
     checkpoint (the record is still returned)."""
     if start_from is not None:
-        from metapeft.adapter_io import init_path, resolve_init
+        from metapeft.adapter_io import resolve_init
 
-        path = init_path(start_from, registry)
         theta = None if skip else resolve_init(start_from, adapter, registry)
-        return theta, {"from": str(start_from), "file": path.name}
+        return theta, {"from": str(start_from), "file": _start_path(start_from, registry).name}
     if pretrain_steps > 0:
         import time
 
