@@ -202,8 +202,7 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     if len(starts) > 1:
         raise UserError(f"{' and '.join(starts)} each set where meta-training starts; give one",
                         field=starts[1].lstrip("-").replace("-", "_"))
-    if start_from is not None:
-        _start_path(start_from, registry)
+    start_path = _start_path(start_from, registry) if start_from is not None else None
     if init is not None and config is None:  # the parent's adapter options, so shapes match
         from metapeft.artifacts import json_field
 
@@ -256,7 +255,7 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
         on_sources(sources)
     ckpt = reg.checkpoint_path(name, registry)
     start_theta, start = _meta_start(adapter, sources.train, pretrain_steps=pretrain_steps,
-                                     start_from=start_from, registry=registry, seed=seed,
+                                     start_from=start_from, start_path=start_path, seed=seed,
                                      skip=resume and Path(ckpt).exists(),
                                      on_step=on_pretrain_step)
     if on_start is not None:
@@ -362,7 +361,7 @@ def _start_path(start_from, registry) -> Path:
         raise UserError(e.message, path=e.path, line=e.line, field="start_from") from None
 
 
-def _meta_start(adapter, train_source, *, pretrain_steps: int, start_from, registry, seed: int,
+def _meta_start(adapter, train_source, *, pretrain_steps: int, start_from, start_path, seed: int,
                 skip: bool, on_step=None) -> tuple[dict | None, dict | None]:
     """(θ to meta-learn from, what the published version records of it as ``start``), or
     (None, None) for the adapter's fresh init. ``skip``: a resumed run, whose θ comes from the
@@ -370,8 +369,8 @@ def _meta_start(adapter, train_source, *, pretrain_steps: int, start_from, regis
     if start_from is not None:
         from metapeft.adapter_io import resolve_init
 
-        theta = None if skip else resolve_init(start_from, adapter, registry)
-        return theta, {"from": str(start_from), "file": _start_path(start_from, registry).name}
+        theta = None if skip else resolve_init(start_path, adapter)  # resolved before loading
+        return theta, {"from": str(start_from), "file": start_path.name}
     if pretrain_steps > 0:
         import time
 

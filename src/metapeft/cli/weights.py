@@ -136,12 +136,12 @@ def _print_show_summary(d: dict) -> None:
                          f"{'-' if delta is None else f'{delta:+.1%}'}, drift "
                          f"{'-' if drift is None else f'{drift:.3f}'}")
     start = m.get("start")
-    if isinstance(start, dict):  # meta-train --pretrain-steps / --start-from
-        lines.append("  start       " + (
-            f"after {start['pretrain_steps']} multitask pretraining steps (lr {start['lr']:g}"
-            + (f", {start['seconds']:.0f} s)" if start.get("seconds") is not None else ")")
-            if "pretrain_steps" in start
-            else f"from {start['from']}"))
+    if isinstance(start, dict) and "pretrain_steps" in start:  # meta-train --pretrain-steps
+        took = "" if start.get("seconds") is None else f", {start['seconds']:.0f} s"  # resumed
+        lines.append(f"  start       after {start['pretrain_steps']} multitask pretraining steps "
+                     f"(lr {start['lr']:g}{took})")
+    elif isinstance(start, dict):  # meta-train --start-from
+        lines.append(f"  start       from {start['from']}")
     lines.extend(_continual_lines(m))
     hyper = m.get("hyperparameters")
     if isinstance(hyper, dict):
