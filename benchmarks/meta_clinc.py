@@ -73,7 +73,7 @@ def launched_meta_train(args, registry: str):
            "--registry", str(registry), "--meta-steps", str(args.meta_steps),
            "--meta-batch", str(args.meta_batch), "--inner-steps", str(args.inner_steps),
            "--inner-lr", str(args.inner_lr), "--outer-lr", str(args.outer_lr),
-           "--eval-every", "10", "--eval-episodes", "6", "--processes", str(args.processes),
+           "--eval-every", str(args.eval_every), "--eval-episodes", "6", "--processes", str(args.processes),
            "--json", *(x for o in args.options for x in ("--set", o))]
     if args.meta_start == "multitask":
         cmd += ["--start-from", args.multitask_weights]
@@ -111,6 +111,9 @@ def main() -> None:
     ap.add_argument("--inner-lr", type=float, default=1e-3,
                     help="3e-3 diverged on meta-train episodes (10-step support loss 5-15)")
     ap.add_argument("--outer-lr", type=float, default=1.0)
+    ap.add_argument("--eval-every", type=int, default=10,
+                    help="validate every N meta-steps; the published init is the best validated "
+                         "step's (default 10: the last step of the 10-step SmolLM2 recipe)")
     ap.add_argument("--lr", type=float, default=None,
                     help="test-time Adam lr for every init (default: the method's default lr)")
     ap.add_argument("--tasks", type=int, default=200, help="held-out test tasks (to step 10)")
@@ -253,7 +256,7 @@ def main() -> None:
                                      name="bench", registry=args.registry or tmp,
                                      meta_steps=args.meta_steps, meta_batch=args.meta_batch,
                                      inner_steps=args.inner_steps, inner_lr=args.inner_lr,
-                                     outer_lr=args.outer_lr, eval_every=10, eval_episodes=6,
+                                     outer_lr=args.outer_lr, eval_every=args.eval_every, eval_episodes=6,
                                      sources=sources, vectorise=args.vectorise,
                                      # with --calibrate the step size is chosen below, on the
                                      # grid given there (--calibrate-factors/-decays)

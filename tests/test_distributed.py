@@ -66,6 +66,9 @@ def weights(path) -> tuple[dict, dict]:
     ("reptile", ["--meta-batch", "3", "--eval-every", "2", "--eval-episodes", "3"]),
     # FOMAML (outer Adam): 4 tasks split 2+2, no validation or calibration
     ("fomaml", ["--meta-batch", "4", "--eval-every", "0", "--no-calibrate-lr"]),
+    # pretraining first: rank 0 alone pretrains and hands θ to rank 1 (one all-reduce)
+    ("reptile", ["--meta-batch", "2", "--eval-every", "0", "--no-calibrate-lr",
+                 "--pretrain-steps", "3"]),
 ])
 def test_two_processes_publish_the_one_process_theta(tmp_path, algorithm, extra):
     args = [*SMALL, "--algorithm", algorithm, "--meta-steps", "3", "--name", "d", *extra]
@@ -87,7 +90,7 @@ def test_two_processes_publish_the_one_process_theta(tmp_path, algorithm, extra)
     for k in w1:
         np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-5, err_msg=k)
     assert two["adapt_lr"] == one["adapt_lr"]
-    if algorithm == "reptile":  # the calibration table gathered from both ranks is the same
+    if "--no-calibrate-lr" not in extra:  # the calibration table gathered from both ranks
         cal1, cal2 = (json.loads(m["adapt_lr_calibration"]) for m in (m1, m2))
         assert cal2["table"] == cal1["table"] and cal2["num_tasks"] == 3
 

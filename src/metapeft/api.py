@@ -257,7 +257,7 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     start_theta, start = _meta_start(adapter, sources.train, pretrain_steps=pretrain_steps,
                                      start_from=start_from, start_path=start_path, seed=seed,
                                      skip=resume and Path(ckpt).exists(),
-                                     on_step=on_pretrain_step)
+                                     on_step=on_pretrain_step, group=group)
     if on_start is not None:
         on_start(meta_steps)
     run_args = plan.run_args() if plan is not None else {}
@@ -362,10 +362,11 @@ def _start_path(start_from, registry) -> Path:
 
 
 def _meta_start(adapter, train_source, *, pretrain_steps: int, start_from, start_path, seed: int,
-                skip: bool, on_step=None) -> tuple[dict | None, dict | None]:
+                skip: bool, on_step=None, group=None) -> tuple[dict | None, dict | None]:
     """(θ to meta-learn from, what the published version records of it as ``start``), or
     (None, None) for the adapter's fresh init. ``skip``: a resumed run, whose θ comes from the
-    checkpoint (the record is still returned)."""
+    checkpoint (the record is still returned). Under ``mlx.launch`` rank 0 alone pretrains and
+    hands its θ to the others (one all-reduce), rather than every rank repeating the same work."""
     if start_from is not None:
         from metapeft.adapter_io import resolve_init
 
@@ -376,10 +377,16 @@ def _meta_start(adapter, train_source, *, pretrain_steps: int, start_from, start
 
         from metapeft.meta.pretrain import multitask_pretrain
 
+        from metapeft.meta import distributed as dist
+
         t0 = time.perf_counter()
         lr = type(adapter).default_lr
-        theta = None if skip else multitask_pretrain(adapter, train_source, pretrain_steps, lr,
-                                                     seed=seed, on_step=on_step)
+        theta = None
+        if not skip:
+            theta = (multitask_pretrain(adapter, train_source, pretrain_steps, lr, seed=seed,
+                                        on_step=on_step)
+                     if dist.is_root(group) else adapter.init_params(seed))  # shapes only
+            theta = dist.broadcast_tree(theta, group)
         return theta, {"pretrain_steps": pretrain_steps, "lr": lr,  # seconds: None on resume
                        "seconds": None if skip else round(time.perf_counter() - t0, 3)}
     return None, None

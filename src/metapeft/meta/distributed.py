@@ -41,7 +41,7 @@ import os
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from metapeft.errors import UserError
 
@@ -212,6 +212,16 @@ def all_sum_tree(tree, group, *scalars):
     summed = all_sum([*scalars, *(v for _, v in flat)], group)
     k = len(scalars)
     return (tree_unflatten([(key, v) for (key, _), v in zip(flat, summed[k:])]), *summed[:k])
+
+
+def broadcast_tree(tree, group):
+    """Rank 0's tree on every rank, in one all-reduce: the other ranks pass a tree of the same
+    shapes (their values are ignored: zeros go in, so the sum is rank 0's values exactly)."""
+    if size_of(group) == 1:
+        return tree
+    if not is_root(group):
+        tree = tree_map(mx.zeros_like, tree)
+    return all_sum_tree(tree, group)[0]
 
 
 def gather_slots(values: dict[int, float], count: int, group) -> list[float]:
