@@ -342,9 +342,9 @@ class PlainProgress:
         self.clock = time.monotonic
         self.tasks: list[dict] = []
 
-    def add_task(self, description: str, total=None, **fields) -> int:
+    def add_task(self, description: str, total=None, completed=0, **fields) -> int:
         now = self.clock()
-        self.tasks.append({"description": description, "total": total, "completed": 0,
+        self.tasks.append({"description": description, "total": total, "completed": completed,
                            "fields": fields, "start": now, "printed": now, "dirty": False})
         self._line(self.tasks[-1], "started")
         return len(self.tasks) - 1
@@ -416,12 +416,13 @@ class LazyBar:
         self.total, self.description, self.console = total, description, console
         self.progress = self.task = None
 
-    def start(self, total: int | None = None) -> None:
+    def start(self, total: int | None = None, completed: int = 0) -> None:
+        """``completed``: where a resumed run starts (its bar shows 5/10, not 0/10)."""
         if self.task is None:
             self.progress = progress(total or self.total, self.description, self.console)
             self.progress.start()
             self.task = self.progress.add_task(self.description, total=total or self.total,
-                                               loss="-", acc="-")
+                                               completed=completed, loss="-", acc="-")
 
     def update(self, **fields) -> None:
         self.start()

@@ -189,7 +189,7 @@ def meta_train(
                 LazyBar(meta_steps, f"meta-train {method}/{algorithm}", console) as bar:
             def on_start(total):
                 pre.close()
-                bar.start(total)
+                bar.start(total, completed=_checkpoint_step(name, registry) if resume else 0)
 
             def on_step(t, loss, acc, val):
                 bar.update(completed=t, loss=f"{loss:.3f}",
@@ -333,3 +333,16 @@ def quickstart(
 def register(app: typer.Typer) -> None:
     app.command()(quickstart)
     app.command("meta-train")(meta_train)
+
+
+def _checkpoint_step(name: str, registry) -> int:
+    """The meta-step a ``--resume`` continues from (its checkpoint's header; 0 if unreadable:
+    the run itself reports a missing or broken checkpoint)."""
+    from metapeft import registry as reg
+    from metapeft.artifacts import read_metadata
+    from metapeft.errors import UserError
+
+    try:
+        return int(read_metadata(reg.checkpoint_path(name, registry)).get("step", 0))
+    except (UserError, OSError, ValueError):
+        return 0
