@@ -133,54 +133,49 @@ COMMON = ["--ways", "3", "--shots", "2", "--query", "2", "--inner-steps", "2", "
           "--eval-every", "2", "--eval-episodes", "2"]
 
 
-def test_cli_resume_shows_the_bar_from_the_checkpoint_step(tmp_path):
-    """A resumed run's progress starts where its checkpoint is, not at 0/4."""
+class Killed(Exception):
+    pass
+
+
+def killed_run(**kw) -> None:
+    """``api.meta_train`` on the synthetic pool, "killed" (a callback that raises) after the
+    second meta-step, with a checkpoint every step: what ``--resume`` continues."""
     from metapeft import api
-
-    home = tmp_path / "home"
-
-    class Kill(Exception):
-        pass
 
     def killer(t, *a):
         if t == 2:
-            raise Kill
+            raise Killed
 
-    with pytest.raises(Kill):
-        api.meta_train("synthetic", name="b", registry=home, ways=3, shots=2, query=2,
-                       inner_steps=2, meta_batch=2, meta_steps=4, eval_every=2,
-                       eval_episodes=2, seed=3, checkpoint_every=1, calibrate_lr=False,
-                       on_step=killer)
+    with pytest.raises(Killed):
+        api.meta_train("synthetic", checkpoint_every=1, on_step=killer, **kw)
+
+
+def test_cli_resume_shows_the_bar_from_the_checkpoint_step(tmp_path):
+    """A resumed run's progress starts where its checkpoint is, not at 0/4."""
     from metapeft import registry as reg
     from metapeft.artifacts import read_metadata
 
+    home = tmp_path / "home"
+    killed_run(name="b", registry=home, ways=3, shots=2, query=2, inner_steps=2, meta_batch=2,
+               meta_steps=4, eval_every=2, eval_episodes=2, seed=3, calibrate_lr=False)
     step = int(read_metadata(reg.checkpoint_path("b", home))["step"])
     assert 0 < step < 4
-    r = run_cli("meta-train", "--data", "synthetic", "--name", "b", "--resume", *COMMON, "--meta-steps",
-                "4", "--seed", "3", "--no-calibrate-lr", home=home)
+    r = run_cli("meta-train", "--data", "synthetic", "--name", "b", "--resume", *COMMON,
+                "--meta-steps", "4", "--seed", "3", "--no-calibrate-lr", home=home)
     assert r.returncode == 0, r.stderr
     started = [ln for ln in (r.stdout + r.stderr).splitlines() if "started" in ln]
     assert started and f" {step}/4 " in started[0], r.stdout + r.stderr
 
 
 def test_meta_train_publish_resume_and_adapt(tmp_path):
-    # a run "killed" after 2 of 4 meta-steps: api with a callback that raises
+    # a run "killed" after 2 of 4 meta-steps, then resumed through the api
     from metapeft import api
     from metapeft import registry as reg
 
     home = tmp_path / "home"
-
-    class Kill(Exception):
-        pass
-
-    def killer(t, *a):
-        if t == 2:
-            raise Kill
-
     kw = dict(name="r", registry=home, ways=3, shots=2, query=2, inner_steps=2, meta_batch=2,
               meta_steps=4, eval_every=2, eval_episodes=2, seed=3)
-    with pytest.raises(Kill):
-        api.meta_train("synthetic", checkpoint_every=1, on_step=killer, **kw)
+    killed_run(**kw)
     ck = reg.checkpoint_path("r", home)
     assert ck.exists() and not reg.list_versions("r", home)
     resumed = api.meta_train("synthetic", resume=True, **kw)
