@@ -375,9 +375,8 @@ def _meta_start(adapter, train_source, *, pretrain_steps: int, start_from, start
     if pretrain_steps > 0:
         import time
 
-        from metapeft.meta.pretrain import multitask_pretrain
-
         from metapeft.meta import distributed as dist
+        from metapeft.meta.pretrain import multitask_pretrain
 
         t0 = time.perf_counter()
         lr = type(adapter).default_lr
