@@ -323,6 +323,12 @@ def test_resume_with_other_settings_is_refused_and_the_checkpoint_kept(world):
     assert ck.read_bytes() == before
 
 
+def test_resume_without_a_checkpoint_fails_before_any_work(world):
+    r = invoke(world, "meta-train", "--name", "never-ran", "--resume", "--ways", "3", *META[2:])
+    assert_one_line(r, 2, "nothing to resume")
+    assert "started" not in r.output  # refused before the model loads and the bar starts
+
+
 def test_query_0_json_is_valid_json_with_null(world):
     r = invoke(world, "adapt", world["{pool}"], "--shots", "2", "--query", "0", "--json", *FAST)
     assert r.exit_code == 0, r.output

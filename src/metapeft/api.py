@@ -203,6 +203,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
         raise UserError(f"{' and '.join(starts)} each set where meta-training starts; give one",
                         field=starts[1].lstrip("-").replace("-", "_"))
     start_path = _start_path(start_from, registry) if start_from is not None else None
+    if resume and not reg.checkpoint_path(name, registry).exists():  # before the model loads
+        raise UserError("nothing to resume: no checkpoint",
+                        path=str(reg.checkpoint_path(name, registry)), field="resume")
     if init is not None and config is None:  # the parent's adapter options, so shapes match
         from metapeft.artifacts import json_field
 
