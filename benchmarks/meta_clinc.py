@@ -73,7 +73,8 @@ def launched_meta_train(args, registry: str):
            "--registry", str(registry), "--meta-steps", str(args.meta_steps),
            "--meta-batch", str(args.meta_batch), "--inner-steps", str(args.inner_steps),
            "--inner-lr", str(args.inner_lr), "--outer-lr", str(args.outer_lr),
-           "--eval-every", str(args.eval_every), "--eval-episodes", "6", "--processes", str(args.processes),
+           "--eval-every", str(args.eval_every), "--eval-episodes", "6",
+           "--processes", str(args.processes),
            "--json", *(x for o in args.options for x in ("--set", o))]
     if args.meta_start == "multitask":
         cmd += ["--start-from", args.multitask_weights]
@@ -256,7 +257,8 @@ def main() -> None:
                                      name="bench", registry=args.registry or tmp,
                                      meta_steps=args.meta_steps, meta_batch=args.meta_batch,
                                      inner_steps=args.inner_steps, inner_lr=args.inner_lr,
-                                     outer_lr=args.outer_lr, eval_every=args.eval_every, eval_episodes=6,
+                                     outer_lr=args.outer_lr, eval_every=args.eval_every,
+                                     eval_episodes=6,
                                      sources=sources, vectorise=args.vectorise,
                                      # with --calibrate the step size is chosen below, on the
                                      # grid given there (--calibrate-factors/-decays)

@@ -161,7 +161,7 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     from metapeft.adapters import get_adapter_class
     from metapeft.meta import distributed as dist
     from metapeft.meta.learner import MetaConfig
-    from metapeft.meta.run import meta_train as run, version_metadata
+    from metapeft.meta.run import meta_train as run, require_checkpoint, version_metadata
     from metapeft.models import load_base_model
 
     from metapeft.artifacts import writable_dir
@@ -203,9 +203,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
         raise UserError(f"{' and '.join(starts)} each set where meta-training starts; give one",
                         field=starts[1].lstrip("-").replace("-", "_"))
     start_path = _start_path(start_from, registry) if start_from is not None else None
-    if resume and not reg.checkpoint_path(name, registry).exists():  # before the model loads
-        raise UserError("nothing to resume: no checkpoint",
-                        path=str(reg.checkpoint_path(name, registry)), field="resume")
+    ckpt = reg.checkpoint_path(name, registry)
+    if resume:
+        require_checkpoint(ckpt)  # before the model loads
     if init is not None and config is None:  # the parent's adapter options, so shapes match
         from metapeft.artifacts import json_field
 
@@ -256,10 +256,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                                exclude_labels=exclude_labels)
     if on_sources is not None:
         on_sources(sources)
-    ckpt = reg.checkpoint_path(name, registry)
     start_theta, start = _meta_start(adapter, sources.train, pretrain_steps=pretrain_steps,
                                      start_from=start_from, start_path=start_path, seed=seed,
-                                     skip=resume and Path(ckpt).exists(),
+                                     skip=resume,  # θ comes from the checkpoint
                                      on_step=on_pretrain_step, group=group)
     if on_start is not None:
         on_start(meta_steps)

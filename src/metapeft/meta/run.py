@@ -66,6 +66,13 @@ def _unflat(prefix: str, arrays: dict):
     return tree_unflatten(items) if items else None
 
 
+def require_checkpoint(checkpoint: Path | None) -> None:
+    """``resume=True`` needs a checkpoint: a one-line error naming it otherwise (``api.meta_train``
+    calls this before the model loads, ``meta_train`` again for its direct callers)."""
+    if checkpoint is None or not Path(checkpoint).exists():
+        raise UserError("nothing to resume: no checkpoint", path=str(checkpoint), field="resume")
+
+
 def validation_tasks(val_source, seed: int, count: int) -> list:
     """The fixed validation episodes of a run with ``seed`` (early stopping and the test-time lr
     calibration both use these)."""
@@ -135,9 +142,7 @@ def meta_train(adapter, cfg: MetaConfig, train_source, *, val_source=None, meta_
     start = 0
     elapsed_before = 0.0
     if resume:
-        if checkpoint is None or not Path(checkpoint).exists():
-            raise UserError("nothing to resume: no checkpoint", path=str(checkpoint),
-                            field="resume")
+        require_checkpoint(checkpoint)
         arrays, meta = load_safetensors(checkpoint)
         saved = json.loads(meta.get("identity", "{}"))
         for k in ("method", "base_model_hash", "algorithm"):
