@@ -1,4 +1,4 @@
-"""The CLI end to end in subprocesses: help speed, --json contract, bad input -> one line, exit 2."""
+"""The CLI end to end (in subprocesses, or in-process where a case ends before any real work): help speed, --json contract, bad input -> one line, exit 2."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _cli import in_process
 
 EXE = [sys.executable, "-m", "metapeft.cli"]
 
@@ -89,11 +90,11 @@ def test_bad_input_is_one_line_exit_2(task_dir, tmp_path, args, needle):
 
 
 def test_init_from_adapter_and_mismatch(task_dir, tmp_path):
-    assert run("adapt", str(task_dir), "--steps", "1", "--out", str(tmp_path / "a")).returncode == 0
-    ok = run("adapt", str(task_dir), "--steps", "1", "--init", str(tmp_path / "a"), "--json")
+    assert in_process("adapt", task_dir, "--steps", "1", "--out", tmp_path / "a").returncode == 0
+    ok = in_process("adapt", task_dir, "--steps", "1", "--init", tmp_path / "a", "--json")
     assert ok.returncode == 0, ok.stderr
-    mismatch = run("adapt", str(task_dir), "--steps", "1", "--init", str(tmp_path / "a"),
-                   "--set", "rank=4")
+    mismatch = in_process("adapt", str(task_dir), "--steps", "1", "--init", str(tmp_path / "a"),
+                          "--set", "rank=4")
     assert mismatch.returncode == 2 and "shape" in mismatch.stderr
 
 

@@ -3,13 +3,11 @@ families: parent/forgetting/gain recorded, the Fisher stored and ignored by load
 toward the parent, replay draws the parent's classes, mismatched inits refused."""
 
 import json
-import os
-import subprocess
-import sys
 from datetime import datetime, timezone
 
 import mlx.core as mx
 import pytest
+from _cli import in_process
 from mlx.utils import tree_flatten
 
 from metapeft import registry as reg
@@ -132,26 +130,20 @@ def test_mismatched_init_is_refused(root):
 
 
 def test_cli_init_refusal_exits_2_and_show_prints_forgetting(root):
-    env = {**os.environ, "COLUMNS": "200", "METAPEFT_RUNS": "off"}
-    bad = subprocess.run([sys.executable, "-m", "metapeft.cli", "meta-train", "--model", "tiny",
-                          "--name", "c", "--registry", str(root), "--init", "c@1", "--method",
-                          "prompt", "--meta-steps", "1", "--ways", "3"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    env = {"METAPEFT_RUNS": "off"}
+    bad = in_process("meta-train", "--model", "tiny", "--name", "c", "--registry", root, "--init",
+                     "c@1", "--method", "prompt", "--meta-steps", "1", "--ways", "3", env=env)
     assert bad.returncode == 2 and "cannot continue from c@1" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
-    shown = subprocess.run([sys.executable, "-m", "metapeft.cli", "weights", "show", "c@2",
-                            "--registry", str(root)], capture_output=True, text=True, env=env,
-                           timeout=300)
+    shown = in_process("weights", "show", "c@2", "--registry", root, env=env)
     assert shown.returncode == 0, shown.stderr
     assert "parent      c@1" in shown.stdout
     assert "forgetting" in shown.stdout and "gain" in shown.stdout
-    js = subprocess.run([sys.executable, "-m", "metapeft.cli", "meta-train", "--model", "tiny",
-                         "--name", "cj", "--registry", str(root), "--init", "c@1", "--domains",
-                         "intent", "--ways", "3", "--shots", "2", "--query", "2", "--meta-steps",
-                         "2", "--meta-batch", "2", "--inner-steps", "2", "--eval-episodes", "2",
-                         "--val-fraction", "0.34", "--no-calibrate-lr", "--forgetting", "ewc",
-                         "--ewc-lambda", "10", "--json"],
-                        capture_output=True, text=True, env=env, timeout=300)
+    js = in_process("meta-train", "--model", "tiny", "--name", "cj", "--registry", root, "--init",
+                    "c@1", "--domains", "intent", "--ways", "3", "--shots", "2", "--query", "2",
+                    "--meta-steps", "2", "--meta-batch", "2", "--inner-steps", "2",
+                    "--eval-episodes", "2", "--val-fraction", "0.34", "--no-calibrate-lr",
+                    "--forgetting", "ewc", "--ewc-lambda", "10", "--json", env=env)
     assert js.returncode == 0, js.stderr
     obj = json.loads(js.stdout)
     assert obj["parent"] == "c@1" and obj["continual"]["ewc_lambda"] == 10

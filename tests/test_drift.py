@@ -13,6 +13,7 @@ import metapeft  # noqa: F401  (preloads OpenBLAS before mlx)
 # isort: split
 import mlx.core as mx
 import pytest
+from _cli import in_process
 
 from metapeft import drift
 from metapeft import registry as reg
@@ -137,7 +138,7 @@ def test_cli_exit_codes(root):
     for args, needle in ((["d@9", "--against", "d@1", "--data", "synthetic"], "d@9"),
                          (["d", "--against", "d@1", "--data", "/no/such.jsonl"], "probe data"),
                          (["d", "--against", "d@1"], "--data")):
-        r = run("weights", "check", *args, "--registry", str(root), *PROBE)
+        r = in_process("weights", "check", *args, "--registry", str(root), *PROBE)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
@@ -207,8 +208,8 @@ def test_meta_train_gate_bad_input_fails_before_training(tmp_path):
                           (["--gate-tolerance", "-1"], "tolerance"),
                           (["--gate-tasks", "0"], "tasks"),
                           (["--method", "dora"], "this run trains dora")):
-        r = run("meta-train", "--name", "b", "--registry", str(reg_dir), *CLI_META, *CLI_GATE,
-                *extra)
+        r = in_process("meta-train", "--name", "b", "--registry", str(reg_dir), *CLI_META,
+                       *CLI_GATE, *extra)
         assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert "meta-train lora" not in r.stdout + r.stderr  # no progress: nothing trained
     assert reg.list_versions("b", reg_dir) == [1]

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from _cli import in_process
 
 EXE = [sys.executable, "-m", "metapeft.cli"]
 EPISODE = {"ways": 3, "shots": 4, "query": 4}
@@ -120,20 +121,21 @@ def test_cli_e2e_with_inner_steps_round_trips(lib, tiny, monkeypatch):
 
 def test_bad_input_is_one_line(lib, tmp_path):
     reg, pool = lib
-    _one_line(run("library", "train-generator", "--e2e-steps", "2", home=reg), "--data")
-    _one_line(run("library", "train-generator", "--data", str(pool), home=reg), "--e2e-steps")
-    _one_line(run("library", "train-generator", "--e2e-steps", "2", "--inner-steps", "-1",
-                  "--data", str(pool), home=reg), "--inner-steps")
-    _one_line(run("library", "train-generator", "--e2e-steps", "2", "--data", str(pool),
-                  "--exclude-domains", "nope", home=reg), "unknown domain")
+    gen = ("library", "train-generator")
+    _one_line(in_process(*gen, "--e2e-steps", "2", home=reg), "--data")
+    _one_line(in_process(*gen, "--data", str(pool), home=reg), "--e2e-steps")
+    _one_line(in_process(*gen, "--e2e-steps", "2", "--inner-steps", "-1", "--data", str(pool),
+                         home=reg), "--inner-steps")
+    _one_line(in_process(*gen, "--e2e-steps", "2", "--data", str(pool), "--exclude-domains",
+                         "nope", home=reg), "unknown domain")
     from metapeft.quickstart import write_task_dir
     from metapeft.data.synthetic import generate_task
 
     write_task_dir(generate_task(6, family="topic", **EPISODE), tmp_path / "t")
-    _one_line(run("adapt", str(tmp_path / "t"), "--init", "library:generate@x", "--steps", "1",
-                  home=reg), "version number")
-    _one_line(run("adapt", str(tmp_path / "t"), "--init", "library:generate@99", "--steps", "1",
-                  home=reg), "version 99")
+    for init, needle in (("library:generate@x", "version number"),
+                         ("library:generate@99", "version 99")):
+        _one_line(in_process("adapt", tmp_path / "t", "--init", init, "--steps", "1", home=reg),
+                  needle)
 
 
 def test_e2e_gradient_is_the_query_loss_gradient_through_the_generator(lib, tiny):

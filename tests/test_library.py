@@ -9,6 +9,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from _cli import in_process
 
 EXE = [sys.executable, "-m", "metapeft.cli"]
 
@@ -127,7 +128,7 @@ def test_empty_library_and_bad_route_are_one_line_errors(home, tmp_path):
         (("--init", "library:compose:0"), "K >= 1"),
         (("--keep", "--max-size", "0"), "--max-size must be >= 1"),
     ]:
-        r = run("adapt", t, "--steps", "1", *args, home=home)
+        r = in_process("adapt", t, "--steps", "1", *args, home=home)
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, (args, r.stderr)
 
@@ -142,11 +143,12 @@ def test_mismatched_base_model_is_skipped(home, tmp_path, tiny):
     arrays, meta = load_safetensors(e.path)
     save_safetensors(e.path, arrays, {**meta, "base_model_hash": "0123456789abcdef",
                                       "base_model": "other"})
-    r = run("adapt", str(_task_dir(tmp_path)), "--route", "arrow", "--steps", "1", home=home)
+    r = in_process("adapt", str(_task_dir(tmp_path)), "--route", "arrow", "--steps", "1",
+                   home=home)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "base model other" in r.stderr
     # and `library add` refuses a directory trained on another model than --model
-    r = run("library", "add", str(tmp_path / "a"), "--model", "nosuchmodel", home=home)
+    r = in_process("library", "add", str(tmp_path / "a"), "--model", "nosuchmodel", home=home)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -338,9 +340,9 @@ def test_generate_without_a_generator_is_one_line(home, tmp_path, tiny):
 
     _adapt(_task(22), tmp_path / "a")
     library.add(tmp_path / "a", base=tiny)
-    r = run("adapt", str(_task_dir(tmp_path)), "--init", "library:generate", "--steps", "1",
-            home=home)
+    r = in_process("adapt", str(_task_dir(tmp_path)), "--init", "library:generate", "--steps",
+                   "1", home=home)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "train-generator" in r.stderr
-    r = run("library", "train-generator", home=home)  # the entry has no task embedding
+    r = in_process("library", "train-generator", home=home)  # the entry has no task embedding
     assert r.returncode == 2 and "at least 2" in r.stderr
