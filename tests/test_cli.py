@@ -1,4 +1,5 @@
-"""The CLI end to end (in subprocesses, or in-process where a case ends before any real work): help speed, --json contract, bad input -> one line, exit 2."""
+"""The CLI end to end: help speed, --json contract, bad input -> one line, exit 2. In subprocesses,
+or in-process (tests/_cli.py) where a case ends before any real work."""
 
 import json
 import os
