@@ -68,7 +68,8 @@ def launched_meta_train(args, registry: str):
 
     cmd = [sys.executable, "-m", "metapeft.cli", "meta-train", "--data",
            str(Path(args.data) / "train.jsonl"), "--exclude-domains", args.held_out,
-           "--ways", "5", "--shots", "5", "--query", "5", "--val-fraction", "0.15", "--seed", "0", "--model", args.model,
+           "--ways", "5", "--shots", "5", "--query", "5", "--seed", "0", "--model", args.model,
+           *(("--val-domains", args.val_domains) if args.val_domains else ("--val-fraction", "0.15")),
            "--method", args.method, "--algorithm", args.algorithm, "--name", "bench",
            "--registry", str(registry), "--meta-steps", str(args.meta_steps),
            "--meta-batch", str(args.meta_batch), "--inner-steps", str(args.inner_steps),
@@ -104,6 +105,10 @@ def main() -> None:
                          "(default: CLINC150; benchmarks/wordnet_tasks.py builds another)")
     ap.add_argument("--held-out", default=",".join(HELD_OUT_DOMAINS),
                     help="the meta-test domains (comma-separated); meta-training never sees them")
+    ap.add_argument("--val-domains", default=None,
+                    help="hold these meta-train domains out whole as the validation classes "
+                         "(early stopping, the lr calibration), as the meta-test holds out "
+                         "--held-out; default: 15%% of the classes of every meta-train domain")
     ap.add_argument("--method", default="lora")
     ap.add_argument("--algorithm", default="reptile")
     ap.add_argument("--meta-steps", type=int, default=30)
@@ -222,7 +227,9 @@ def main() -> None:
 
     options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.options)}
     sources = api.build_meta_sources(str(data_dir / "train.jsonl"), exclude_domains=held_out,
-                                     ways=5, shots=5, query=5, val_fraction=0.15, seed=0)
+                                     ways=5, shots=5, query=5, val_fraction=0.15, seed=0,
+                                     val_domains=args.val_domains.split(",")
+                                     if args.val_domains else None)
     train_src, _, spec, _ = sources
     test_src = EpisodeSource(clinc_pool("test", domains=held_out, root=data_dir), ways=5,
                              shots=5, query=10, name=f"{data_dir.name}-test-{'-'.join(held_out)}")
@@ -323,6 +330,9 @@ def main() -> None:
                 if calibration[name].get("init_digest", digest) != digest:  # older files lack it
                     bad_input(f"{f}: calibrated for other {name} weights than these; give this "
                               "init its own --calibrate DIR")
+                if calibration[name].get("val_classes", spec["val_classes"]) != spec["val_classes"]:
+                    bad_input(f"{f}: calibrated on other validation classes than this run's "
+                              "(--val-domains); give it its own --calibrate DIR")
             elif name in wanted:
                 tc = time.perf_counter()
                 cal = calibrate_adapt_lr(
@@ -333,6 +343,7 @@ def main() -> None:
                     on_trial=lambda fct, row, n=name: print(f"  {n} lr x{fct}: {row}", flush=True))
                 cal["seconds"] = round(time.perf_counter() - tc, 1)
                 cal["init_digest"] = digest
+                cal["val_classes"] = spec["val_classes"]
                 write_json(str(f), cal)
                 calibration[name] = cal
                 lead = describe_lead(cal)

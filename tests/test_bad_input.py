@@ -202,6 +202,8 @@ CASES = [
     ("meta-train --name a --algorithm nope " + " ".join(META), "unknown algorithm"),
     ("meta-train --name a --inner-lr -1 " + " ".join(META), "learning rates must be positive"),
     ("meta-train --name a --val-fraction 1.5 " + " ".join(META), "val fraction"),
+    ("meta-train --name a --val-domains nope " + " ".join(META), "unknown validation domain"),
+    ("meta-train --name a --data {task} --val-domains x " + " ".join(META), "needs a pool file"),
     ("meta-train --name a --data {missing} " + " ".join(META), "does not exist"),
     ("meta-train --name fresh --resume " + " ".join(META), "nothing to resume"),
     ("meta-train --name a --registry {file.txt} " + " ".join(META), "not a directory"),

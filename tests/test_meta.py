@@ -227,6 +227,45 @@ def test_meta_train_classes_disjoint_from_held_out(tmp_path):
         assert not set(tr.sample(s).labels) & held_out
 
 
+def test_val_domains_hold_whole_domains_out_for_validation():
+    """--val-domains: the validation classes are exactly the named domains' classes (as a
+    held-out-domain meta-test), disjoint from the meta-train classes, and validation episodes
+    draw only from them; without it, validation classes come from every domain."""
+    from metapeft import api
+    from metapeft.data.synthetic import family_labels
+    from metapeft.errors import UserError
+
+    tr, va, spec, _ = api.build_meta_sources("synthetic", val_domains=["intent", "sentiment"],
+                                             exclude_domains=["topic"], ways=3, shots=2, query=2)
+    held = set(family_labels("intent")) | set(family_labels("sentiment"))
+    assert set(spec["val_classes"]) == held and spec["val_domains"] == ["intent", "sentiment"]
+    assert not set(spec["train_classes"]) & held and not set(spec["train_classes"]) & set(
+        family_labels("topic"))
+    for s in range(10):
+        assert set(va.sample(s).labels) <= held and not set(tr.sample(s).labels) & held
+    _, _, by_fraction, _ = api.build_meta_sources("synthetic", ways=3, shots=2, query=2)
+    assert not set(by_fraction["val_classes"]) <= held  # the default mixes every domain
+    for kw, needle in (({"val_domains": ["nope"]}, "unknown validation domain"),
+                       ({"val_domains": ["intent"], "exclude_domains": ["intent"]},
+                        "both excluded and validation"),
+                       ({"val_domains": ["intent"], "domains": ["intent"]},
+                        "0 meta-train and")):
+        with pytest.raises(UserError, match=needle) as e:
+            api.build_meta_sources("synthetic", ways=3, shots=2, query=2, **kw)
+        assert e.value.field == "val_domains"
+
+
+def test_val_domains_refuse_a_label_on_both_sides(tmp_path):
+    from metapeft.data import Example, split_classes_by_domain
+    from metapeft.errors import UserError
+
+    pool = [Example(f"t{i}", lab, extra={"domain": dom}) for i, (lab, dom) in enumerate(
+        [("a", "x"), ("b", "x"), ("c", "y"), ("d", "y"), ("a", "y")])]
+    with pytest.raises(UserError, match="both inside and outside"):
+        split_classes_by_domain(pool, ["x"])
+    assert split_classes_by_domain(pool[:4], ["x"]) == (["c", "d"], ["a", "b"])
+
+
 def test_replay_stats_cli(tmp_path):
     log = tmp_path / "fb.jsonl"
     rows = [{"text": f"t{i}", "label": "ab"[i % 2], "project": "p", "intent": "i",

@@ -84,7 +84,7 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                inner_optimizer: str | None = None, outer_lr: float | None = None, seed: int = 0,
                eval_every: int = META_RECIPE["eval_every"],
                eval_episodes: int = META_RECIPE["eval_episodes"],
-               val_fraction: float = META_RECIPE["val_fraction"],
+               val_fraction: float = META_RECIPE["val_fraction"], val_domains=None,
                domains=None, exclude_domains=None, labels_from=None, exclude_labels=None,
                task_strategy: str | None = None, min_samples: int = 20, replay=None,
                resume: bool = False, vectorise: bool = True, compile: bool = False,
@@ -227,8 +227,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
         sources = build_meta_sources(data, ways=ways, shots=shots, query=query, domains=domains,
                                      exclude_domains=exclude_domains, labels_from=labels_from,
                                      exclude_labels=exclude_labels, val_fraction=val_fraction,
-                                     task_strategy=task_strategy, min_samples=min_samples,
-                                     replay=replay, seed=seed, since=since)
+                                     val_domains=val_domains, task_strategy=task_strategy,
+                                     min_samples=min_samples, replay=replay, seed=seed,
+                                     since=since)
     spec = sources.spec
     base = load_base_model(model, dequantize=dequantize)
     adapter = cls.attach(base, config or {})

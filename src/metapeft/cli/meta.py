@@ -62,6 +62,10 @@ def meta_train(
     exclude_labels: Optional[list[str]] = typer.Option(None, help="Drop these labels."),
     val_fraction: float = typer.Option(META_RECIPE["val_fraction"], help="Share of meta-train "
                                        "classes held out for validation."),
+    val_domains: Optional[list[str]] = typer.Option(None, help="Hold these domains' classes out "
+                                                    "whole for validation, instead of "
+                                                    "--val-fraction (a pool with a domain "
+                                                    "column): as a held-out-domain meta-test."),
     eval_every: int = typer.Option(META_RECIPE["eval_every"], help="Validate every N "
                                    "meta-steps (0: never)."),
     eval_episodes: int = typer.Option(META_RECIPE["eval_episodes"], help="Validation episodes."),
@@ -181,8 +185,10 @@ def meta_train(
                 from metapeft.data.feedback import format_report
 
                 out.print(format_report(sources.extraction_report))
+            held = sources.spec.get("val_domains")
             console.print(f"meta-train classes: {sources.num_train_classes}   validation: "
-                          f"{sources.num_validation}")
+                          f"{sources.num_validation}"
+                          + (f" (domains {', '.join(held)})" if held else ""))
 
         with rank_outcome(rank), \
                 LazyBar(pretrain_steps, "multitask pretraining", console) as pre, \
@@ -202,7 +208,8 @@ def meta_train(
                 inner_lr=inner_lr, inner_optimizer=inner_optimizer, outer_lr=outer_lr,
                 inner_lr_mode=inner_lr_mode, inner_lr_meta_lr=inner_lr_meta_lr,
                 seed=seed, eval_every=eval_every, eval_episodes=eval_episodes,
-                val_fraction=val_fraction, domains=csv_list(domains),
+                val_fraction=val_fraction, val_domains=csv_list(val_domains),
+                domains=csv_list(domains),
                 exclude_domains=csv_list(exclude_domains),
                 labels_from=str(labels_from) if labels_from else None,
                 exclude_labels=csv_list(exclude_labels), task_strategy=task_strategy,

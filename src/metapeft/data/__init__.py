@@ -12,7 +12,8 @@ from metapeft.data.episodes import (EpisodeSource, load_task, sample_episode, sa
                                     split_classes)
 from metapeft.data.feedback import (ReplayWeights, TaskGroup, extract_tasks, format_report,
                                     read_feedback, replay_stats, replay_weights)
-from metapeft.data.pools import class_overlap, filter_pool, read_label_list
+from metapeft.data.pools import (class_overlap, filter_pool, read_label_list,
+                                 split_classes_by_domain)
 from metapeft.data.tasks import Example, Task, read_rows, read_task_dir
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "sample_episode",
     "sample_sweep_tasks",
     "split_classes",
+    "split_classes_by_domain",
 ]

@@ -16,6 +16,14 @@ exclude_labels=None, domain_field="domain") -> list[Example]``
     ``UserError`` listing the available domains (field ``domain_field``); so does asking for
     domains when no example has a ``domain_field`` column. An empty result raises ``UserError``.
 
+``split_classes_by_domain(pool, val_domains, domain_field="domain") -> (train, val)``
+    The meta-train and validation labels when whole domains are held out for validation:
+    ``val`` is every label of the examples in ``val_domains``, ``train`` every other label
+    (both sorted). This mirrors a meta-test on held-out domains, where ``split_classes`` draws
+    validation classes from inside the meta-train domains. A domain no example carries, a label
+    found both inside and outside ``val_domains``, or fewer than 2 labels on either side raises
+    ``UserError``.
+
 ``read_label_list(path) -> list[str]``
     The labels ``labels_from`` names (sorted, distinct).
 
@@ -32,7 +40,7 @@ from pathlib import Path
 from metapeft.data.tasks import Example, read_lines, read_rows
 from metapeft.errors import UserError
 
-__all__ = ["class_overlap", "filter_pool", "read_label_list"]
+__all__ = ["class_overlap", "filter_pool", "read_label_list", "split_classes_by_domain"]
 
 
 def _looks_like_pool(path: Path, lines: list[str]) -> bool:
@@ -111,3 +119,26 @@ def _label_set(x) -> set[str]:
 def class_overlap(a: Iterable, b: Iterable) -> set[str]:
     """Labels shared by ``a`` and ``b`` (each labels or ``Example`` objects)."""
     return _label_set(a) & _label_set(b)
+
+
+def split_classes_by_domain(pool: Sequence[Example], val_domains: Iterable[str],
+                            domain_field: str = "domain") -> tuple[list[str], list[str]]:
+    """(meta-train labels, validation labels) with ``val_domains`` held out whole (module doc)."""
+    val_domains = [str(d) for d in val_domains]
+    available = sorted({d for e in pool if (d := _domain_of(e, domain_field)) is not None})
+    unknown = sorted(set(val_domains) - set(available))
+    if unknown:
+        raise UserError(f"unknown validation domain(s) {unknown}; available domains (after "
+                        f"the domain filters): {available}", field="val_domains")
+    inside = {e.label for e in pool if _domain_of(e, domain_field) in set(val_domains)}
+    outside = {e.label for e in pool if _domain_of(e, domain_field) not in set(val_domains)}
+    if inside & outside:
+        both = sorted(inside & outside)
+        raise UserError(f"label(s) {both[:3]}{' ...' if len(both) > 3 else ''} occur both inside "
+                        f"and outside the validation domains {val_domains}: a class cannot be on "
+                        f"both sides", field="val_domains")
+    if len(inside) < 2 or len(outside) < 2:
+        raise UserError(f"validation domains {val_domains} leave {len(outside)} meta-train and "
+                        f"{len(inside)} validation classes; each side needs at least 2",
+                        field="val_domains")
+    return sorted(outside), sorted(inside)

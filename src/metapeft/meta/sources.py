@@ -105,8 +105,10 @@ def _feedback_sources(data, spec: dict, *, ways, shots, query, val_fraction, tas
 
 
 def _pool_sources(data, spec: dict, *, ways, shots, query, domains, exclude_domains, labels_from,
-                  exclude_labels, val_fraction, replay, seed, text_field, label_field):
-    from metapeft.data import EpisodeSource, filter_pool, read_rows, replay_weights, split_classes
+                  exclude_labels, val_fraction, val_domains, replay, seed, text_field,
+                  label_field):
+    from metapeft.data import (EpisodeSource, filter_pool, read_rows, replay_weights,
+                               split_classes, split_classes_by_domain)
 
     if str(data) == SYNTHETIC:
         pool = synthetic_pool()
@@ -115,12 +117,16 @@ def _pool_sources(data, spec: dict, *, ways, shots, query, domains, exclude_doma
     pool = filter_pool(pool, domains=domains, exclude_domains=exclude_domains,
                        labels_from=labels_from, exclude_labels=exclude_labels)
     labels = sorted({e.label for e in pool})
-    train_labels, val_labels = split_classes(labels, val_fraction, seed)
+    if val_domains:
+        train_labels, val_labels = split_classes_by_domain(pool, val_domains)
+    else:
+        train_labels, val_labels = split_classes(labels, val_fraction, seed)
     weights = None
     if replay is not None and any("rating" in e.extra for e in pool):
         weights = replay_weights(pool, replay)
     if ways > len(train_labels):  # refused, never capped: a capped run is not the one asked for
-        held = f", {len(val_labels)} held out by --val-fraction" if val_labels else ""
+        held = (f", {len(val_labels)} held out by "
+                f"{'--val-domains' if val_domains else '--val-fraction'}" if val_labels else "")
         raise UserError(f"--ways {ways} but only {len(train_labels)} meta-train classes are "
                         f"available ({len(labels)} labels{held})", path=str(data), field="ways")
     # validation episodes use every held-out class when there are fewer than --ways of them
@@ -154,7 +160,7 @@ def _task_dir_sources(data, spec: dict, *, ways, shots, query, val_fraction, see
 
 def build_meta_sources(data: str | Path = SYNTHETIC, *, ways: int = 5, shots: int = 5,
                        query: int = 15, domains=None, exclude_domains=None, labels_from=None,
-                       exclude_labels=None, val_fraction: float = 0.2,
+                       exclude_labels=None, val_fraction: float = 0.2, val_domains=None,
                        task_strategy: str | None = None, min_samples: int = 20, replay=None,
                        seed: int = 0, text_field: str = "text",
                        label_field: str = "label", since=None) -> MetaSources:
@@ -164,8 +170,19 @@ def build_meta_sources(data: str | Path = SYNTHETIC, *, ways: int = 5, shots: in
     split into meta-train and validation classes, disjoint), a directory of task folders/files,
     or with ``task_strategy`` a feedback log (project/intent/temporal/mixed groups); ``since`` (a
     datetime) keeps only the log's rows whose ``timestamp`` is at or after it (rows without one
-    are dropped), and is refused for other data.
+    are dropped), and is refused for other data. ``val_domains`` (a pool only) holds those
+    domains' classes out whole as the validation classes, instead of ``val_fraction`` of the
+    classes drawn from every domain (``data.split_classes_by_domain``).
     """
+    val_domains = list(val_domains) if val_domains else None
+    if val_domains and (task_strategy is not None
+                        or (str(data) != SYNTHETIC and not Path(data).is_file())):
+        raise UserError("--val-domains holds out a labelled pool's domains: it needs a pool "
+                        "file or 'synthetic', not a task directory or a feedback log",
+                        field="val_domains")
+    if val_domains and exclude_domains and set(val_domains) & set(exclude_domains):
+        raise UserError(f"domain(s) {sorted(set(val_domains) & set(exclude_domains))} are both "
+                        f"excluded and validation domains", field="val_domains")
     if since is not None and task_strategy is None:
         raise UserError("--since/--days filter a feedback log by its timestamp field: give "
                         "--task-strategy too (a pool or task directory has no timestamps)",
@@ -174,6 +191,8 @@ def build_meta_sources(data: str | Path = SYNTHETIC, *, ways: int = 5, shots: in
             "domains": domains, "exclude_domains": exclude_domains,
             "exclude_labels": exclude_labels, "labels_from": labels_from,
             "val_fraction": val_fraction, "task_strategy": task_strategy}
+    if val_domains:  # only when given, so that older checkpoints' specs still match on resume
+        spec["val_domains"] = val_domains
     fields = {"ways": ways, "shots": shots, "query": query, "val_fraction": val_fraction,
               "seed": seed, "text_field": text_field, "label_field": label_field}
     report = None
@@ -184,7 +203,7 @@ def build_meta_sources(data: str | Path = SYNTHETIC, *, ways: int = 5, shots: in
     elif str(data) == SYNTHETIC or Path(data).is_file():
         tr, va = _pool_sources(data, spec, domains=domains, exclude_domains=exclude_domains,
                                labels_from=labels_from, exclude_labels=exclude_labels,
-                               replay=replay, **fields)
+                               val_domains=val_domains, replay=replay, **fields)
     elif Path(data).is_dir():
         tr, va = _task_dir_sources(data, spec, **fields)
     else:
