@@ -1,6 +1,7 @@
 """benchmarks/meta_clinc.py on stories260K with a 1-meta-step recipe: --meta-start multitask
 meta-learns from the multitask init (and the version says so), and a step-size calibration cached
-under --calibrate DIR is refused for other weights (it once could be silently reused)."""
+under --calibrate DIR is refused for other weights or other validation classes (it once could be
+silently reused)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,10 @@ def test_meta_start_multitask_and_the_calibration_cache_guard(tmp_path):
     other = bench(*TINY, "--inits", "meta", "--registry", str(tmp_path / "R2"), *cal)
     lines = [ln for ln in other.stderr.splitlines() if ln.strip()]
     assert other.returncode == 2 and "calibrated for other meta weights" in lines[-1], other.stderr
+
+    # the same weights, validated on whole held-out domains: not the cached calibration's tasks
+    same = bench(*TINY, "--inits", "meta", "--meta-weights",
+                 str(tmp_path / "R" / "weights" / "bench" / "v0001.safetensors"),
+                 "--val-domains", "work", *cal)
+    lines = [ln for ln in same.stderr.splitlines() if ln.strip()]
+    assert same.returncode == 2 and "other validation classes" in lines[-1], same.stderr
