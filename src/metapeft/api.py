@@ -112,7 +112,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     ``sources`` (a ``MetaSources``) replaces building them from ``data`` and its options;
     ``on_sources(sources)`` is called once they are built, ``on_start(meta_steps)`` (the number
     of meta-steps, resolved) once the inputs are validated, right before the first meta-step,
-    and ``on_step(t, loss, acc, val)`` after each.
+    and ``on_step(t, loss, acc, val)`` after each. The validation classes (early stopping and
+    the calibration below) are ``val_fraction`` of the pool's classes, or with ``val_domains``
+    every class of those domains (``build_meta_sources``).
 
     ``calibrate_lr``: after training, choose the test-time Adam lr for the published init on the
     validation tasks (``meta.stepsize``; ``on_calibrate(key, row)`` after each candidate, keyed
