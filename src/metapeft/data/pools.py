@@ -71,6 +71,19 @@ def _domain_of(e: Example, domain_field: str):
     return None if value is None else str(value)
 
 
+def _require_domains(pool, asked, domain_field: str, *, what: str = "domain(s)",
+                     field: str | None = None) -> None:
+    """Every name in ``asked`` is a domain some example of ``pool`` carries, else one line."""
+    available = sorted({d for e in pool if (d := _domain_of(e, domain_field)) is not None})
+    if not available:
+        raise UserError(f"no example has a '{domain_field}' column to filter domains on",
+                        field=domain_field)
+    unknown = sorted(set(asked) - set(available))
+    if unknown:
+        raise UserError(f"unknown {what} {unknown}; available domains: {available}",
+                        field=field or domain_field)
+
+
 def filter_pool(pool: Sequence[Example], *, domains: Iterable[str] | None = None,
                 exclude_domains: Iterable[str] | None = None,
                 labels_from: str | Path | None = None,
@@ -81,16 +94,7 @@ def filter_pool(pool: Sequence[Example], *, domains: Iterable[str] | None = None
     domains = None if domains is None else [str(d) for d in domains]
     exclude_domains = None if exclude_domains is None else [str(d) for d in exclude_domains]
     if domains is not None or exclude_domains is not None:
-        seen = (_domain_of(e, domain_field) for e in pool)
-        available = sorted({d for d in seen if d is not None})
-        if not available:
-            raise UserError(f"no example has a '{domain_field}' column to filter domains on",
-                            field=domain_field)
-        asked = (domains or []) + (exclude_domains or [])
-        unknown = sorted({d for d in asked if d not in set(available)})
-        if unknown:
-            raise UserError(f"unknown domain(s) {unknown}; available domains: {available}",
-                            field=domain_field)
+        _require_domains(pool, (domains or []) + (exclude_domains or []), domain_field)
     keep_labels = None if labels_from is None else set(read_label_list(labels_from))
     drop_labels = set() if exclude_labels is None else {str(x).strip() for x in exclude_labels}
     keep_domains = None if domains is None else set(domains)
@@ -125,13 +129,12 @@ def split_classes_by_domain(pool: Sequence[Example], val_domains: Iterable[str],
                             domain_field: str = "domain") -> tuple[list[str], list[str]]:
     """(meta-train labels, validation labels) with ``val_domains`` held out whole (module doc)."""
     val_domains = [str(d) for d in val_domains]
-    available = sorted({d for e in pool if (d := _domain_of(e, domain_field)) is not None})
-    unknown = sorted(set(val_domains) - set(available))
-    if unknown:
-        raise UserError(f"unknown validation domain(s) {unknown}; available domains (after "
-                        f"the domain filters): {available}", field="val_domains")
-    inside = {e.label for e in pool if _domain_of(e, domain_field) in set(val_domains)}
-    outside = {e.label for e in pool if _domain_of(e, domain_field) not in set(val_domains)}
+    _require_domains(pool, val_domains, domain_field, what="validation domain(s)",
+                     field="val_domains")
+    held = set(val_domains)
+    inside, outside = set(), set()
+    for e in pool:
+        (inside if _domain_of(e, domain_field) in held else outside).add(e.label)
     if inside & outside:
         both = sorted(inside & outside)
         raise UserError(f"label(s) {both[:3]}{' ...' if len(both) > 3 else ''} occur both inside "
