@@ -29,19 +29,13 @@ Appends are read-modify-write under an exclusive ``fcntl.flock`` on the sidecar
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import math
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from typing import Any, Iterable
 
 from metapeft.errors import UserError
 
@@ -168,17 +162,11 @@ class ExperienceStore:
         self.lock_path = self.path.with_name(self.path.name + ".lock")
 
     # ------------------------------------------------------------------------- locking
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a+") as f:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    def locked(self):
+        """The store's exclusive lock (``artifacts.file_lock`` on the sidecar ``.lock``)."""
+        from metapeft.artifacts import file_lock
+
+        return file_lock(self.lock_path)
 
     # ------------------------------------------------------------------------- reading
     def exists(self) -> bool:

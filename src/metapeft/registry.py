@@ -30,12 +30,12 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from metapeft.artifacts import (
     atomic_write_text,
+    file_lock,
     is_extra_tensor,
     json_field,
     load_safetensors,
@@ -43,11 +43,6 @@ from metapeft.artifacts import (
     save_safetensors,
 )
 from metapeft.errors import UserError
-
-try:  # POSIX; elsewhere saves are still atomic, just not serialised across processes
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _VERSION_FILE_RE = re.compile(r"v(\d{4,})\.safetensors")
@@ -135,17 +130,9 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
 
 # ----------------------------------------------------------------------------- state
 
-@contextlib.contextmanager
-def _locked(d: Path) -> Iterator[None]:
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / ".lock", "a+") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+def _locked(d: Path):
+    """The exclusive lock on one name's directory, held around every mutation."""
+    return file_lock(d / ".lock")
 
 
 def _scan(d: Path) -> list[int]:
