@@ -297,21 +297,10 @@ class ExperienceStore:
         """Append every row of a JSONL file (as written by ``export_jsonl``); ids that already
         exist in the store are skipped, so importing twice is harmless."""
         path = Path(path)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise UserError("file does not exist", path=str(path)) from None
-        except UnicodeDecodeError:
-            raise UserError("not UTF-8 text", path=str(path)) from None
-        recs = []
-        for i, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"malformed JSON ({e.msg})", path=str(path), line=i) from None
-            recs.append(make_record(obj, where=f"{path}:{i}"))
+        from metapeft.data.tasks import jsonl_objects, read_lines
+
+        recs = [make_record(obj, where=f"{path}:{i}")
+                for i, obj in jsonl_objects(read_lines(path), str(path))]
         with self.locked():
             existing = self.load()
             seen = {r.id for r in existing}

@@ -62,6 +62,24 @@ def decode_lines(raw: bytes, source: str) -> list[str]:
     return out
 
 
+def jsonl_objects(lines: list[str], source: str) -> list[tuple[int, dict]]:
+    """Each non-blank line of JSONL ``lines`` parsed, with its line number; anything but a JSON
+    object raises ``UserError`` naming ``source`` and the line."""
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"malformed JSON ({e.msg} at column {e.colno})", path=source,
+                            line=i) from None
+        if not isinstance(obj, dict):
+            raise UserError("expected a JSON object per line", path=source, line=i)
+        rows.append((i, obj))
+    return rows
+
+
 def read_rows(path: str | Path, *, text_field: str = "text", label_field: str = "label",
               require_label: bool = True, lines: list[str] | None = None,
               fmt: str | None = None, with_lines: bool = False) -> list[Example]:
@@ -90,17 +108,7 @@ def read_rows(path: str | Path, *, text_field: str = "text", label_field: str = 
             raise UserError(f"malformed CSV ({e})", path=str(path),
                             line=reader.line_num or 1) from None
     else:
-        for i, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"malformed JSON ({e.msg} at column {e.colno})", path=str(path),
-                                line=i) from None
-            if not isinstance(obj, dict):
-                raise UserError("expected a JSON object per line", path=str(path), line=i)
-            rows.append((i, obj))
+        rows = jsonl_objects(lines, str(path))
     examples = []
     for line_no, obj in rows:
         text = obj.get(text_field)
