@@ -90,10 +90,12 @@ def weights_dir(registry: str | Path | None = None) -> Path:
     return registry_root(registry) / "weights"
 
 
-def validate_name(name: str) -> str:
+def validate_name(name: str, what: str = "meta-weights name") -> str:
+    """``name`` if it is safe as one path component under the registry root (meta-weights,
+    schedules); a one-line ``UserError`` naming ``what`` otherwise."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise UserError(f"invalid meta-weights name {name!r}: use letters, digits, '.', '_' "
-                        "and '-', starting with a letter or digit", field="name")
+        raise UserError(f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-', "
+                        "starting with a letter or digit", field="name")
     return name
 
 

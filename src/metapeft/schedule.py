@@ -46,7 +46,7 @@ from typing import Any
 
 from metapeft.artifacts import atomic_write_json, atomic_write_text, file_lock
 from metapeft.errors import UserError
-from metapeft.registry import NAME_RE, registry_root
+from metapeft.registry import registry_root, validate_name
 
 EVERY_RE = re.compile(r"(\d+)\s*([mhdw])")
 UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -75,10 +75,7 @@ def schedules_dir(registry: str | Path | None = None) -> Path:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise UserError(f"invalid schedule name {name!r}: use letters, digits, '.', '_' and "
-                        "'-', starting with a letter or digit", field="name")
-    return name
+    return validate_name(name, "schedule name")
 
 
 @dataclass
