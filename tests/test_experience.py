@@ -81,6 +81,15 @@ def test_bad_inputs_are_user_errors(tmp_path):
     assert "rows.jsonl:1" in str(e.value) and "features" in str(e.value)
     with pytest.raises(UserError, match="no record"):
         ExperienceStore(tmp_path / "c.safetensors").get("nope")
+    # the import reads JSONL as every other input does: line and cause named, nothing appended
+    for body, where, cause in [(b'\n[1]\n', ":2", "expected a JSON object"),
+                               (b'{"task": \n', ":1", "malformed JSON"),
+                               (b'\n\n{"task": "\xff"}\n', ":3", "not valid UTF-8")]:
+        rows.write_bytes(body)
+        with pytest.raises(UserError) as e:
+            ExperienceStore(tmp_path / "c.safetensors").import_jsonl(rows)
+        assert f"rows.jsonl{where}" in str(e.value) and cause in str(e.value), str(e.value)
+    assert not (tmp_path / "c.safetensors").exists()
 
 
 def test_record_adapt_from_a_real_run(tmp_path, tiny, small_task):
