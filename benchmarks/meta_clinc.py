@@ -179,6 +179,13 @@ def main() -> None:
                          "stopping's; 6 could not separate candidates 0.3 points apart on SmolLM2)")
     ap.add_argument("--calibrate-factors", default="2,1,0.5,0.2",
                     help="lr factors (x the method's default lr) tried in the calibration")
+    ap.add_argument("--calibrate-horizons", default="",
+                    help="steps at which the calibration also makes a choice of its own, by the "
+                         "accuracy at that step (meta.stepsize horizons; e.g. 5,50)")
+    ap.add_argument("--horizon", type=int, default=None,
+                    help="each calibrated init adapts at its calibration's choice for a run of "
+                         "this many steps (schedule_for_steps, as adapt --steps N does; "
+                         "default: the overall choice)")
     ap.add_argument("--inits", default=None,
                     help="comma-separated subset of fresh,meta,multitask to adapt (default all)")
     ap.add_argument("--calibrate-inits", default="meta,multitask",
@@ -201,6 +208,8 @@ def main() -> None:
     try:
         cal_decays = parse_numbers(args.calibrate_decays, "calibrate_decays", positive=False)
         cal_factors = parse_numbers(args.calibrate_factors, "calibrate_factors", positive=True)
+        cal_horizons = [int(h) for h in parse_numbers(args.calibrate_horizons or None,
+                                                      "calibrate_horizons", positive=True) or []]
     except UserError as e:
         ap.error(str(e))
     if args.merge:
@@ -333,13 +342,18 @@ def main() -> None:
                 if calibration[name].get("val_classes", spec["val_classes"]) != spec["val_classes"]:
                     bad_input(f"{f}: calibrated on other validation classes than this run's "
                               "(--val-domains); give it its own --calibrate DIR")
+                missing = {str(h) for h in cal_horizons} - set(calibration[name].get("horizons",
+                                                                                     {}))
+                if missing:
+                    bad_input(f"{f}: has no choice for horizon(s) {', '.join(sorted(missing))} "
+                              "(--calibrate-horizons); give it its own --calibrate DIR")
             elif name in wanted:
                 tc = time.perf_counter()
                 cal = calibrate_adapt_lr(
                     adapter, inits[name],
                     validation_tasks(sources.validation, 0, args.calibrate_tasks), lr,
                     decays=cal_decays,
-                    factors=cal_factors,
+                    factors=cal_factors, horizons=cal_horizons,
                     on_trial=lambda fct, row, n=name: print(f"  {n} lr x{fct}: {row}", flush=True))
                 cal["seconds"] = round(time.perf_counter() - tc, 1)
                 cal["init_digest"] = digest
@@ -350,11 +364,16 @@ def main() -> None:
                 if lead is not None:  # can the validation tasks tell the top two apart?
                     print(f"  {name}: x{cal['factor']} decay {cal['adapt_lr_decay']} leads by "
                           f"{lead}", flush=True)
+        from metapeft.meta.stepsize import schedule_for_steps
+
         for name, cal in calibration.items():
             if name not in inits:
                 continue
-            lrs[name] = cal["adapt_lr"]
-            decays[name] = cal.get("adapt_lr_decay", 0.0)
+            chosen = (schedule_for_steps(cal, args.horizon) if args.horizon
+                      else {"adapt_lr": cal["adapt_lr"],
+                            "adapt_lr_decay": cal.get("adapt_lr_decay", 0.0)})
+            lrs[name] = chosen["adapt_lr"]
+            decays[name] = chosen["adapt_lr_decay"]
         print(f"test-time lr per init: {lrs}; inverse-time decay per init: {decays}", flush=True)
     if args.tasks == 0:  # inits only (meta-weights in --registry, --multitask-weights)
         return

@@ -432,6 +432,80 @@ def test_calibration_reports_the_choice_paired_lead_over_the_runner_up(tiny):
                               marks=(1,))["margin"] is None
 
 
+def test_calibration_horizons_choose_by_the_accuracy_at_their_step(tiny):
+    """A horizon is one more reading of the same curves: the overall choice (the marks' mean)
+    is what it is without horizons, and horizon h's choice is the best mean accuracy at step h,
+    with its own paired margin read from each task's accuracy at h."""
+    from metapeft.meta.stepsize import calibrate_adapt_lr, candidate_key
+
+    adapter = get_adapter_class("lora").attach(tiny, {})
+    tasks = [generate_task(s, family="intent", ways=3, shots=2, query=2) for s in (1, 2, 3)]
+    grid = dict(factors=(0.2, 1.0, 8.0), decays=(0.0, 1.0), marks=(1, 2))
+    plain = calibrate_adapt_lr(adapter, adapter.init_params(0), tasks, 1e-3, **grid)
+    cal = calibrate_adapt_lr(adapter, adapter.init_params(0), tasks, 1e-3, horizons=(4,), **grid)
+    assert "horizons" not in plain
+    assert (cal["factor"], cal["adapt_lr_decay"]) == (plain["factor"], plain["adapt_lr_decay"])
+    for key, row in cal["table"].items():  # the marks' readings are the same runs'
+        assert row["mean"] == pytest.approx(plain["table"][key]["mean"], abs=1e-6)
+        assert "4" not in plain["table"][key] and len(row["tasks_at"]["4"]) == 3
+        assert row["4"] == pytest.approx(np.mean(row["tasks_at"]["4"]), abs=1e-5)
+    h = cal["horizons"]["4"]
+    best = max(cal["table"][k]["4"] for k in cal["table"])
+    assert cal["table"][candidate_key(h["factor"], h["adapt_lr_decay"])]["4"] == best
+    assert h["adapt_lr"] == pytest.approx(1e-3 * h["factor"])
+    over = cal["table"][h["margin"]["over"]]["tasks_at"]["4"]
+    lead = np.subtract(cal["table"][candidate_key(h["factor"], h["adapt_lr_decay"])]
+                       ["tasks_at"]["4"], over)
+    assert h["margin"]["mean"] == pytest.approx(lead.mean(), abs=1e-5)
+    with pytest.raises(ValueError, match="horizons"):
+        calibrate_adapt_lr(adapter, adapter.init_params(0), tasks, 1e-3, horizons=(0,), **grid)
+
+
+def test_a_run_takes_the_step_size_calibrated_for_its_length():
+    """The smallest calibrated horizon at or past the run's steps; the overall choice stands
+    for the marks' last step; past every horizon, the longest; none stored, the overall."""
+    from metapeft.meta.stepsize import schedule_for_steps
+
+    cal = {"adapt_lr": 1e-3, "adapt_lr_decay": 1.0, "marks": [1, 2, 5, 10],
+           "horizons": {"5": {"adapt_lr": 2e-3, "adapt_lr_decay": 0.0},
+                        "50": {"adapt_lr": 5e-4, "adapt_lr_decay": 3.0}}}
+    want = {1: (2e-3, 0.0, 5), 5: (2e-3, 0.0, 5), 6: (1e-3, 1.0, None), 10: (1e-3, 1.0, None),
+            11: (5e-4, 3.0, 50), 50: (5e-4, 3.0, 50), 400: (5e-4, 3.0, 50)}
+    for steps, (lr, decay, horizon) in want.items():
+        got = schedule_for_steps(cal, steps)
+        assert (got["adapt_lr"], got["adapt_lr_decay"], got["horizon"]) == (lr, decay, horizon), steps
+    bare = {k: v for k, v in cal.items() if k != "horizons"}
+    assert schedule_for_steps(bare, 50) == {"adapt_lr": 1e-3, "adapt_lr_decay": 1.0,
+                                            "horizon": None}
+
+
+def test_adapt_from_an_init_uses_its_horizon_step_size(tiny, tmp_path):
+    """``adapt --init`` reads the calibration in the init's header: a 3-step run takes the
+    3-step choice, a 10-step run the overall one, and the report says which."""
+    import json
+
+    from metapeft import api
+    from metapeft.artifacts import save_safetensors
+
+    adapter = get_adapter_class("lora").attach(tiny, {})
+    cal = {"adapt_lr": 1e-3, "factor": 1.0, "adapt_lr_decay": 0.0, "base_lr": 1e-3,
+           "marks": [1, 2, 5, 10], "table": {},
+           "horizons": {"3": {"adapt_lr": 4e-3, "factor": 4.0, "adapt_lr_decay": 1.0,
+                              "margin": None}}}
+    init = tmp_path / "init.safetensors"
+    save_safetensors(init, dict(tree_flatten(adapter.init_params(0))),
+                     {"adapt_lr": "0.001", "adapt_lr_calibration": json.dumps(cal)})
+    task = generate_task(4, family="intent", ways=3, shots=2, query=2)
+    short = api.adapt(task, model="tiny", init=str(init), steps=3, target=None)
+    long = api.adapt(task, model="tiny", init=str(init), steps=10, target=None)
+    assert short.to_json()["step_size"] == {"lr": 4e-3, "lr_decay": 1.0, "horizon": 3,
+                                            "source": "init calibration"}
+    assert (short.extra["lr"], short.extra["lr_decay"]) == (4e-3, 1.0)
+    assert long.to_json()["step_size"] == {"lr": 1e-3, "lr_decay": 0.0, "horizon": None,
+                                           "source": "init calibration"}
+    assert long.extra["lr"] == 1e-3 and "lr_decay" not in long.extra
+
+
 def test_lr_decay_keeps_the_first_step_and_scales_the_later_ones(tiny):
     """Inverse-time decay: update 1 runs at the full lr, update t at lr / (1 + d(t-1)). Adam's
     second update from the same point is the same direction, so with d = 1 it is exactly half."""

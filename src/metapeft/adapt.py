@@ -129,8 +129,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     given)."""
     import time
 
-    from metapeft.adapter_io import (describe_init, init_adapt_lr, init_adapt_lr_decay,
-                                      resolve_init, save_adapter)
+    from metapeft.adapter_io import describe_init, init_step_size, resolve_init, save_adapter
     from metapeft.adapters import get_adapter_class
     from metapeft.models import load_base_model
     from metapeft.scoring import OBJECTIVES
@@ -212,10 +211,15 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         from metapeft.compose import library_init
 
         params, library_start = library_init(init, route, adapter, data, task, seed=seed)
+    step_size = None  # the init's calibrated step size, when this run takes it
     if lr is None:  # a learned init brings the step size chosen for it on validation tasks
-        lr = (init_adapt_lr(init) if optimizer == "adam" else None) or cls.default_lr
-        if lr_decay is None and optimizer == "adam":  # and its schedule, when one was chosen
-            lr_decay = init_adapt_lr_decay(init)
+        calibrated = init_step_size(init, steps=steps) if optimizer == "adam" else None
+        lr = (calibrated or {}).get("adapt_lr") or cls.default_lr
+        if lr_decay is None and calibrated:  # and its schedule, when one was chosen
+            lr_decay = calibrated["adapt_lr_decay"]
+        if calibrated:  # horizon: the calibrated run length whose choice this is (or None)
+            step_size = {"lr": lr, "lr_decay": lr_decay or 0.0,
+                         "horizon": calibrated["horizon"], "source": "init calibration"}
     lr_decay = lr_decay or 0.0
     from metapeft.adapter_io import init_lr_scales, inner_lr_summary
 
@@ -269,7 +273,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         **({} if init_choice is None else {"init_choice": init_choice_json(init_choice)}),
         **({} if library_start is None else dict([library_start])),
         **({} if scales_note is None else {"inner_lr_scales": scales_note}),
-        **({"lr_decay": lr_decay} if lr_decay else {}))
+        **({"lr_decay": lr_decay} if lr_decay else {}),
+        **({} if step_size is None or cls.training_free else {"step_size": step_size}))
     switched = bool(switches) and switches[0].get("to") is not None
     if out is not None:
         save_adapter(out, adapter, res.params, extra=describe_run(

@@ -64,31 +64,57 @@ def step_size_source(init: str | Path | None) -> str | Path | None:
     return None if text.startswith("library:") else init
 
 
-def init_adapt_lr(init: str | Path | None, registry: str | Path | None = None) -> float | None:
+def init_adapt_lr(init: str | Path | None, registry: str | Path | None = None, *,
+                  steps: int | None = None) -> float | None:
     """The Adam lr that ``adapt`` should use from ``init``: the one its meta-training run chose on
     validation tasks (``meta.stepsize``), or None (no ``step_size_source``, or weights published
-    before it)."""
-    source = step_size_source(init)
-    if source is None:
-        return None
-    from metapeft.artifacts import read_metadata
-
-    value = read_metadata(init_path(source, registry)).get("adapt_lr")
-    try:
-        return float(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
+    before it). ``steps``: the run's length, for a calibration with horizons (the choice made for
+    that many steps, ``stepsize.schedule_for_steps``)."""
+    chosen = init_step_size(init, registry, steps=steps)
+    return None if chosen is None else chosen["adapt_lr"]
 
 
-def init_adapt_lr_decay(init: str | Path | None, registry: str | Path | None = None) -> float:
+def init_adapt_lr_decay(init: str | Path | None, registry: str | Path | None = None, *,
+                        steps: int | None = None) -> float:
     """The inverse-time lr decay that goes with ``init_adapt_lr`` (``train.lr_schedule``): the
     one its calibration chose, or 0 (a constant lr) when there is none."""
+    chosen = init_step_size(init, registry, steps=steps)
+    return 0.0 if chosen is None else chosen["adapt_lr_decay"]
+
+
+def init_step_size(init: str | Path | None, registry: str | Path | None = None, *,
+                   steps: int | None = None) -> dict | None:
+    """``{"adapt_lr", "adapt_lr_decay", "horizon"}`` calibrated for ``init`` (``horizon``: the
+    calibrated run length whose choice it is, None for the overall choice), or None when the init
+    brings no step size."""
     source = step_size_source(init)
     if source is None:
-        return 0.0
+        return None
     from metapeft.artifacts import read_metadata
 
-    return stored_lr_decay(read_metadata(init_path(source, registry)))
+    return stored_step_size(read_metadata(init_path(source, registry)), steps)
+
+
+def stored_step_size(meta: dict, steps: int | None = None) -> dict | None:
+    """A version header's calibrated step size (see ``init_step_size``): the overall choice in
+    ``adapt_lr``/``adapt_lr_decay``, or with ``steps`` and a calibration that has horizons, the
+    choice for a run of that length."""
+    try:
+        lr = float(meta["adapt_lr"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    chosen = {"adapt_lr": lr, "adapt_lr_decay": stored_lr_decay(meta), "horizon": None}
+    from metapeft.artifacts import json_field
+
+    cal = json_field(meta, "adapt_lr_calibration")  # a JSON string in the header
+    if steps is None or not isinstance(cal, dict) or not cal.get("horizons"):
+        return chosen
+    from metapeft.meta.stepsize import schedule_for_steps
+
+    try:
+        return schedule_for_steps(cal, steps)
+    except (KeyError, TypeError, ValueError):  # a malformed table: the overall choice stands
+        return chosen
 
 
 def stored_lr_decay(meta: dict) -> float:

@@ -99,8 +99,8 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                inner_lr_mode: str = "shared",
                inner_lr_meta_lr: float | None = None,
                calibrate_decays=None, calibrate_factors=None,
-               calibrate_tasks: int | None = None, pretrain_steps: int = 0,
-               start_from: str | Path | None = None,
+               calibrate_tasks: int | None = None, calibrate_horizons=(),
+               pretrain_steps: int = 0, start_from: str | Path | None = None,
                on_pretrain_step: Callable | None = None) -> MetaTrainReport:
     """Meta-learn an adapter init and publish it as a new version of ``name`` in the registry.
     The defaults are the measured recipe (``config.META_RECIPE``); ``meta_steps`` and the
@@ -125,7 +125,10 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     0, is stored as ``adapt_lr_decay`` and ``adapt --init`` applies it. ``calibrate_tasks``:
     validation tasks the calibration adapts (None in the recipe: ``eval_episodes``, the
     early-stopping episodes, which are also the first ones of a longer list). On SmolLM2-135M,
-    6 could not separate candidates 0.3 points apart and 24 could.
+    6 could not separate candidates 0.3 points apart and 24 could. ``calibrate_horizons``: run
+    lengths (steps) that get a choice of their own, by the accuracy at that step; ``adapt --steps
+    N`` then takes the one for N (``stepsize.schedule_for_steps``). The calibration runs to the
+    last of them, so a horizon of 50 costs 5x the default's 10 steps.
 
     ``gate``: publish only when the new weights pass the drift check (``drift``, as ``weights
     check``) against ``name``'s latest version on ``gate_tasks`` probe tasks from ``gate_data``
@@ -195,6 +198,9 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
     if calibrate_tasks is not None and calibrate_tasks < 1:
         raise UserError(f"--calibrate-tasks must be >= 1, got {calibrate_tasks}",
                         field="calibrate_tasks")
+    if any(int(h) != h or h < 1 for h in calibrate_horizons or ()):
+        raise UserError("--calibrate-horizons must be whole numbers of steps >= 1, got "
+                        f"{list(calibrate_horizons)}", field="calibrate_horizons")
     if pretrain_steps < 0:
         raise UserError(f"--pretrain-steps must be >= 0, got {pretrain_steps}",
                         field="pretrain_steps")
@@ -302,7 +308,7 @@ def meta_train(data: str | Path = "synthetic", *, model: str = DEFAULT_MODEL,
                                  validation_tasks(sources.validation, seed, n_calibrate),
                                  cls.default_lr, on_trial=on_calibrate, group=group,
                                  lr_scales=lr_scales, decays=calibrate_decays,
-                                 factors=calibrate_factors)
+                                 factors=calibrate_factors, horizons=calibrate_horizons or ())
         meta.update(adapt_lr=str(cal["adapt_lr"]), adapt_lr_calibration=json.dumps(cal))
         if cal["adapt_lr_decay"]:
             meta["adapt_lr_decay"] = str(cal["adapt_lr_decay"])

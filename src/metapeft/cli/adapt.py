@@ -81,6 +81,13 @@ def _print_report(report, out: Path | None) -> None:
                           + ("" if after is None else
                              f"; training stopped after step {after} of {budget['steps']}")
                           + ("; exceeded" if budget["exceeded"] else ""), highlight=False)
+    step_size = report.extra.get("step_size") or {}
+    if step_size.get("horizon"):  # the init's calibration chose a step size for runs this long
+        decay = step_size.get("lr_decay")
+        out_console.print(f"step size: lr {step_size['lr']:g}" + (f", decay {decay:g}" if decay
+                                                                  else "")
+                          + f" (the init's calibrated choice for {step_size['horizon']}-step "
+                          "runs)", highlight=False)
     _print_library(report.extra)
     if out is not None:
         out_console.print(f"adapter written to [bold]{out}[/bold]")

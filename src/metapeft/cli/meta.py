@@ -99,6 +99,10 @@ def meta_train(
         None, help="With --calibrate-lr: validation tasks it adapts "
                    + tier_default("calibrate_tasks", "--eval-episodes")
                    + " (on SmolLM2-135M 6 could not separate the top candidates, 24 did)."),
+    calibrate_horizons: Optional[str] = typer.Option(
+        None, help="With --calibrate-lr: run lengths (steps, comma-separated, e.g. 5,50) that "
+                   "get a step size of their own, by validation accuracy at that step; adapt "
+                   "--steps N takes the one for N. The calibration runs to the last of them."),
     processes: int = typer.Option(1, help="Data-parallel processes on this machine: re-run this "
                                           "command as N ranks of MLX's ring backend (localhost); "
                                           "each adapts its share of every meta-batch."),
@@ -219,6 +223,8 @@ def meta_train(
                 calibrate_decays=parse_numbers(lr_decays, "lr_decays", positive=False),
                 calibrate_factors=parse_numbers(lr_factors, "lr_factors", positive=True),
                 calibrate_tasks=calibrate_tasks,
+                calibrate_horizons=parse_numbers(calibrate_horizons, "calibrate_horizons",
+                                                 positive=True) or (),
                 gate=gate, gate_data=gate_data, gate_tasks=gate_tasks, gate_steps=gate_steps,
                 gate_tolerance=gate_tolerance, gate_max_drift=gate_max_drift,
                 init=init, forgetting=forgetting, ewc_lambda=ewc_lambda,
@@ -264,6 +270,9 @@ def meta_train(
             out_console.print(f"test-time lr for this init: {cal['adapt_lr']:g} (x{cal['factor']} "
                               f"of {method}'s default{decay_note(cal)}; chosen on the "
                               "validation tasks)")
+            for h, c in sorted((cal.get("horizons") or {}).items(), key=lambda hc: int(hc[0])):
+                out_console.print(f"  for runs of up to {h} steps: {c['adapt_lr']:g} "
+                                  f"(x{c['factor']}{decay_note(c)})", highlight=False)
         out_console.print(f"next: metapeft adapt TASK --method {method} --init {name}")
 
 

@@ -120,6 +120,15 @@ def _print_show_summary(d: dict) -> None:
         lead = describe_lead(cal)  # older files have no margin
         if lead is not None:
             lines.append(f"    {'lead':<12} {lead}")
+        for h, c in sorted((cal.get("horizons") or {}).items(), key=lambda hc: int(hc[0])):
+            # a run of up to h steps takes this one (adapt --steps; stepsize.schedule_for_steps)
+            lead = describe_lead({**c, "num_tasks": cal.get("num_tasks")})
+            decay = c.get("adapt_lr_decay")
+            lines.append(f"    {f'{h}-step run':<12} x{c['factor']}"
+                         + (f" decay {decay:g}" if decay else "") + f" ({c['adapt_lr']:g}): "
+                         f"best val accuracy at step {h}")
+            if lead is not None:
+                lines.append(f"    {'':<12} {lead}")
     scales = m.get("inner_lr_scales")
     if isinstance(scales, dict) and scales:  # meta-train --inner-lr-mode per-layer
         lines.append("  inner lrs   per layer, multiplier min / median / max by module:")
