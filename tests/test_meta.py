@@ -386,7 +386,11 @@ def test_calibration_adapts_calibrate_tasks_validation_tasks(tmp_path):
     assert res.result.extra["adapt_lr"]["num_tasks"] == 3
     for option, value, message in (("--calibrate-tasks", "0", "--calibrate-tasks must be >= 1"),
                                    ("--lr-factors", "1,0", "--lr-factors must be comma-separated "
-                                                           "numbers > 0 (got '1,0')")):
+                                                           "numbers > 0 (got '1,0')"),
+                                   ("--calibrate-horizons", "5,0", "--calibrate-horizons must be "
+                                                                   "comma-separated numbers > 0"),
+                                   ("--calibrate-horizons", "2.5", "--calibrate-horizons must be "
+                                                                   "whole numbers of steps")):
         bad = run_cli("meta-train", "--name", "c0", *COMMON, "--meta-steps", "1", option, value,
                       home=tmp_path)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
