@@ -70,6 +70,38 @@ def clinc_pool(split: str = "train", domains=None, exclude=None, root: Path = CL
     return filter_pool(pool, domains=domains, exclude_domains=exclude)
 
 
+def meta_split(setup: str):
+    """``(ways, shots, sources, test_src)`` of a meta-learning benchmark split, with the meta-test
+    classes checked disjoint from every meta-train and validation class. ``clinc``: CLINC150's
+    train split minus banking and travel (15% of its intents for validation), meta-test 5-way
+    5-shot episodes (10 query per class) of the banking + travel *test* split. ``topic``: the
+    quickstart's split of the synthetic ``topic`` family, meta-train on 18 of its 24 topics (20%
+    of them for validation), meta-test 4-way 4-shot (8 query per class) on the 6 never seen."""
+    from metapeft import api
+    from metapeft.data.episodes import EpisodeSource
+
+    if setup == "clinc":
+        require(CLINC, "CLINC150")
+        sources = api.build_meta_sources(str(CLINC / "train.jsonl"),
+                                         exclude_domains=HELD_OUT_DOMAINS, ways=5, shots=5,
+                                         query=5, val_fraction=0.15, seed=0)
+        test_src = EpisodeSource(clinc_pool("test", domains=HELD_OUT_DOMAINS), ways=5, shots=5,
+                                 query=10, name="CLINC150 test split, banking + travel")
+        ways, shots = 5, 5
+    else:
+        from metapeft.data.synthetic import family_labels, generate_pool
+
+        held_out = family_labels("topic")[::4]
+        sources = api.build_meta_sources("synthetic", domains=["topic"], exclude_labels=held_out,
+                                         ways=4, shots=4, query=4, val_fraction=0.2)
+        test_src = EpisodeSource(generate_pool("topic", seed=1, per_label=40), held_out, ways=4,
+                                 shots=4, query=8, name="6 held-out synthetic topics")
+        ways, shots = 4, 4
+    assert not set(sources.spec["train_classes"]) & set(test_src.classes)
+    assert not set(sources.spec["val_classes"]) & set(test_src.classes)
+    return ways, shots, sources, test_src
+
+
 def write_json(path: str | None, obj) -> None:
     if path:
         from metapeft.artifacts import atomic_write_json

@@ -28,7 +28,7 @@ import argparse
 import tempfile
 import time
 
-from _common import CLINC, HELD_OUT_DOMAINS, STORIES, clinc_pool, fmt, mean_ci, write_json
+from _common import STORIES, fmt, meta_split, mean_ci, write_json
 
 import numpy as np
 
@@ -50,7 +50,6 @@ def main() -> None:
     from metapeft import api
     from metapeft.adapter_io import resolve_init
     from metapeft.adapters import get_adapter_class
-    from metapeft.data.episodes import EpisodeSource
     from metapeft.meta.stepsize import schedule_for_steps
     from metapeft.models import load_base_model
     from metapeft.train import encode_task, train
@@ -60,25 +59,8 @@ def main() -> None:
     args.model = args.model or ("tiny" if args.setup == "topic" else str(STORIES))
     base = load_base_model(args.model)
     cls = get_adapter_class("lora")
-    if args.setup == "clinc":
-        ways, shots = 5, 5
-        sources = api.build_meta_sources(str(CLINC / "train.jsonl"),
-                                         exclude_domains=HELD_OUT_DOMAINS, ways=5, shots=5,
-                                         query=5, val_fraction=0.15, seed=0)
-        test_src = EpisodeSource(clinc_pool("test", domains=HELD_OUT_DOMAINS), ways=5, shots=5,
-                                 query=10, name="CLINC150 test split, banking + travel")
-    else:
-        from metapeft.data.synthetic import family_labels, generate_pool
-
-        ways, shots = 4, 4
-        held_out = family_labels("topic")[::4]
-        sources = api.build_meta_sources("synthetic", domains=["topic"], exclude_labels=held_out,
-                                         ways=4, shots=4, query=4, val_fraction=0.2)
-        test_src = EpisodeSource(generate_pool("topic", seed=1, per_label=40), held_out, ways=4,
-                                 shots=4, query=8, name="6 held-out synthetic topics")
     # meta-test classes are disjoint from every class meta-training or the calibration saw
-    assert not set(sources.spec["train_classes"]) & set(test_src.classes)
-    assert not set(sources.spec["val_classes"]) & set(test_src.classes)
+    ways, shots, sources, test_src = meta_split(args.setup)
     adapter = cls.attach(base, {})
     with tempfile.TemporaryDirectory() as reg:
         t0 = time.perf_counter()

@@ -50,6 +50,13 @@ def test_meta_start_multitask_and_the_calibration_cache_guard(tmp_path):
     lines = [ln for ln in other.stderr.splitlines() if ln.strip()]
     assert other.returncode == 2 and "calibrated for other meta weights" in lines[-1], other.stderr
 
+    # the same weights, asked for a horizon the cached calibration did not choose for
+    hz = bench(*TINY, "--inits", "meta", "--meta-weights",
+               str(tmp_path / "R" / "weights" / "bench" / "v0001.safetensors"), *cal,
+               "--calibrate-horizons", "5", "--horizon", "5")
+    lines = [ln for ln in hz.stderr.splitlines() if ln.strip()]
+    assert hz.returncode == 2 and "no choice for horizon(s) 5" in lines[-1], hz.stderr
+
     # the same weights, validated on whole held-out domains: not the cached calibration's tasks
     same = bench(*TINY, "--inits", "meta", "--meta-weights",
                  str(tmp_path / "R" / "weights" / "bench" / "v0001.safetensors"),
