@@ -211,13 +211,13 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         from metapeft.compose import library_init
 
         params, library_start = library_init(init, route, adapter, data, task, seed=seed)
-    step_size = None  # the init's calibrated step size, when this run takes it
+    step_size = None  # the init's step size calibrated for this run length (stepsize horizons)
     if lr is None:  # a learned init brings the step size chosen for it on validation tasks
         calibrated = init_step_size(init, steps=steps) if optimizer == "adam" else None
         lr = (calibrated or {}).get("adapt_lr") or cls.default_lr
         if lr_decay is None and calibrated:  # and its schedule, when one was chosen
             lr_decay = calibrated["adapt_lr_decay"]
-        if calibrated:  # horizon: the calibrated run length whose choice this is (or None)
+        if calibrated and calibrated["horizon"]:  # the choice for runs of this length
             step_size = {"lr": lr, "lr_decay": lr_decay or 0.0,
                          "horizon": calibrated["horizon"], "source": "init calibration"}
     lr_decay = lr_decay or 0.0

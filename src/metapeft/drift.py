@@ -34,6 +34,7 @@ import numpy as np
 
 from metapeft.config import GATE
 from metapeft.errors import UserError
+from metapeft.metrics import mean_ci
 
 DEFAULT_TASKS = GATE["tasks"]
 DEFAULT_STEPS = GATE["steps"]
@@ -157,15 +158,6 @@ def adapt_and_score(c: Contender, enc, steps: int, seed: int = 0) -> tuple[np.nd
             logp.append(_log_softmax(np.array(s))[keep])
             gold.append(labels[keep])
     return np.concatenate(logp), np.concatenate(gold)
-
-
-def mean_ci(values) -> dict:
-    """``{"mean", "ci"}``: the mean and its 95% CI half-width (1.96·sd/√n; None for n < 2)."""
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-    if v.size == 0:
-        return {"mean": None, "ci": None}
-    half = float(1.96 * v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else None
-    return {"mean": float(v.mean()), "ci": half}
 
 
 @dataclass

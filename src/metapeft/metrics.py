@@ -107,3 +107,12 @@ def classification_metrics(gold, probabilities, labels: list[str],
         "ece_bins": bins,
         "reliability": table,
     }
+
+
+def mean_ci(values) -> dict:
+    """``{"mean", "ci"}``: the mean and its 95% CI half-width (1.96·sd/√n; None for n < 2)."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return {"mean": None, "ci": None}
+    half = float(1.96 * v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None
+    return {"mean": float(v.mean()), "ci": half}

@@ -78,8 +78,8 @@ class AdaptReport(_Wraps):
         ``--method auto``, ``budget`` for ``--budget-seconds``, ``switches`` for ``--switch``,
         ``composition``/``route`` for a library init, ``library`` for ``--keep`` and
         ``init_choice`` (the init sources ranked) for ``--init auto`` and ``--method auto``,
-        ``inner_lr_scales`` for an init with per-layer inner lrs, ``step_size`` for an init that
-        brought its calibrated lr (``{lr, lr_decay, horizon, source}``)."""
+        ``inner_lr_scales`` for an init with per-layer inner lrs, ``step_size`` when the init's
+        calibration chose the lr for this run's length (``{lr, lr_decay, horizon, source}``)."""
         rounded = {"accuracies": [round(a, 6) for a in self.accuracies],
                    "losses": [round(v, 6) for v in self.losses], "seconds": round(self.seconds, 3)}
         # no query set (--query 0): final_accuracy is null, never NaN (which is not JSON)

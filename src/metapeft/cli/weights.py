@@ -269,7 +269,7 @@ def weights_delete(spec: str = typer.Argument(..., help="NAME@VERSION, or NAME f
 
 
 def _pm(d: dict, pct: bool = True) -> str:
-    """``mean ± ci`` of a ``drift.mean_ci`` dict (points when ``pct``)."""
+    """``mean ± ci`` of a ``metrics.mean_ci`` dict (points when ``pct``)."""
     if d.get("mean") is None:
         return "-"
     if pct:

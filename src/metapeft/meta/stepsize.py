@@ -161,7 +161,7 @@ def _choose(table: dict, candidates: list, score, per_task):
     if len(ranked) > 1 and not table[ranked[1]].get("diverged"):
         # the choice's paired lead over the runner-up, task by task: a CI that spans 0 says the
         # validation tasks could not tell the two apart (more of them would)
-        from metapeft.drift import mean_ci
+        from metapeft.metrics import mean_ci
 
         lead = np.subtract(per_task(table[ranked[0]]), per_task(table[ranked[1]]))
         ci = mean_ci(lead)
