@@ -75,11 +75,10 @@ def main() -> None:
     for h in horizons:
         c = cal["horizons"][str(h)]
         chosen[f"{h}-step"] = (c["adapt_lr"], c["adapt_lr_decay"])
-    runs = {name: s for name, s in chosen.items()}
-    distinct = sorted(set(runs.values()))
+    distinct = sorted(set(chosen.values()))
     print(f"meta-trained in {meta_seconds:.0f} s (published step {rep.result.best_step}); "
           "calibrated schedules: " + ", ".join(f"{k} lr {lr:g} decay {d:g}"
-                                              for k, (lr, d) in runs.items()), flush=True)
+                                              for k, (lr, d) in chosen.items()), flush=True)
 
     curves = {s: [] for s in distinct}
     fresh = []
@@ -116,7 +115,7 @@ def main() -> None:
           f"meta-train {meta_seconds:.0f} s, eval {eval_seconds:.0f} s")
     print("| arm | lr, decay | " + " | ".join(f"acc@{m}" for m in marks) + " |")
     print("|---|---|" + "---|" * len(marks))
-    for name, s in runs.items():
+    for name, s in chosen.items():
         print(f"| meta, {name} choice | {s[0]:g}, {s[1]:g} | "
               + " | ".join(fmt(acc[s][:, col[m]]) for m in marks) + " |")
     print(f"| fresh LoRA | {cls.default_lr:g}, 0 | "
@@ -132,7 +131,7 @@ def main() -> None:
     write_json(args.json, {
         "args": vars(args), "marks": marks, "meta_seconds": round(meta_seconds, 1),
         "eval_seconds": round(eval_seconds, 1), "calibration": cal,
-        "schedules": {k: list(v) for k, v in runs.items()},
+        "schedules": {k: list(v) for k, v in chosen.items()},
         "accuracy": {f"{lr:g}/{d:g}": v.tolist() for (lr, d), v in acc.items()},
         "fresh": fresh_acc.tolist()})
 

@@ -64,21 +64,18 @@ def step_size_source(init: str | Path | None) -> str | Path | None:
     return None if text.startswith("library:") else init
 
 
-def init_adapt_lr(init: str | Path | None, registry: str | Path | None = None, *,
-                  steps: int | None = None) -> float | None:
+def init_adapt_lr(init: str | Path | None, registry: str | Path | None = None) -> float | None:
     """The Adam lr that ``adapt`` should use from ``init``: the one its meta-training run chose on
-    validation tasks (``meta.stepsize``), or None (no ``step_size_source``, or weights published
-    before it). ``steps``: the run's length, for a calibration with horizons (the choice made for
-    that many steps, ``stepsize.schedule_for_steps``)."""
-    chosen = init_step_size(init, registry, steps=steps)
+    validation tasks (``meta.stepsize``; the overall choice, see ``init_step_size`` for a run
+    length's), or None (no ``step_size_source``, or weights published before it)."""
+    chosen = init_step_size(init, registry)
     return None if chosen is None else chosen["adapt_lr"]
 
 
-def init_adapt_lr_decay(init: str | Path | None, registry: str | Path | None = None, *,
-                        steps: int | None = None) -> float:
+def init_adapt_lr_decay(init: str | Path | None, registry: str | Path | None = None) -> float:
     """The inverse-time lr decay that goes with ``init_adapt_lr`` (``train.lr_schedule``): the
     one its calibration chose, or 0 (a constant lr) when there is none."""
-    chosen = init_step_size(init, registry, steps=steps)
+    chosen = init_step_size(init, registry)
     return 0.0 if chosen is None else chosen["adapt_lr_decay"]
 
 
