@@ -83,10 +83,11 @@ def main() -> None:
         print(f"task {i + 1}/{args.tasks} {fam}: "
               + " ".join(f"{s} {a:.2f}" for s, a in acc.items()), flush=True)
 
-    prior = rank(rows[0]["features"], offered, [], method)["chosen"]
+    prior = rank(rows[0]["features"], offered, [], method, steps=args.steps)["chosen"]
     for r in rows:  # leave-one-out: the task's own runs are not evidence for it
         others = [x for x in records if x.task != r["task"]]
-        r["learned"] = rank(r["features"], offered, others, method, domain=r["family"])["chosen"]
+        r["learned"] = rank(r["features"], offered, others, method, domain=r["family"],
+                            steps=args.steps)["chosen"]
     arms = {s: [r["accuracy"][s] for r in rows] for s in sources}
     arms["learned choice"] = [r["accuracy"][r["learned"]] for r in rows]
     arms[f"prior choice ({prior})"] = [r["accuracy"][prior] for r in rows]

@@ -106,7 +106,7 @@ def _query(kind_index: int, dim: int) -> list[float]:
 
 
 def test_ranking_learns_which_source_wins_for_which_kind_of_task():
-    from metapeft.init_sources import PRIOR_GAIN, rank
+    from metapeft.init_sources import prior_gain, rank
 
     recs, dim = _records({"news": {"fresh": 0.40, "compose": 0.50, "route": 0.85},
                           "faq": {"fresh": 0.75, "compose": 0.45, "route": 0.40}})
@@ -118,10 +118,10 @@ def test_ranking_learns_which_source_wins_for_which_kind_of_task():
     assert a["chosen"] == "route" and a["ranking"][0]["confidence"] > 0.9
     assert b["chosen"] == "fresh" and b["ranking"][0]["confidence"] > 0.9
     assert abs(sum(r["confidence"] for r in a["ranking"]) - 1) < 1e-6
-    # shrunk toward the prior: route's gain on "faq" is estimated between the prior's +0.10 and
-    # the observed -0.35
+    # shrunk toward the prior: route's gain on "faq" is estimated between the prior's (for a
+    # run of unknown length, about 0) and the observed -0.35
     route_b = next(r for r in b["ranking"] if r["source"] == "route")
-    assert -0.35 < route_b["expected_gain"] < PRIOR_GAIN["route"]
+    assert -0.35 < route_b["expected_gain"] < prior_gain()["route"]
     # only what is offered is ranked: a source that won in the past but is not available now
     # is never recommended
     only = rank(_query(0, dim), _offer("fresh", "compose"), recs, "lora", domain="news")
@@ -132,12 +132,12 @@ def test_ranking_learns_which_source_wins_for_which_kind_of_task():
 
 
 def test_no_evidence_means_the_prior_and_little_evidence_moves_it_a_little():
-    from metapeft.init_sources import PRIOR_GAIN, rank
+    from metapeft.init_sources import prior_gain, rank
 
     offered = _offer("fresh", "meta", "compose", "generate", "route")
-    prior = rank(_query(0, len(FEATURE_NAMES)), offered, [], "lora")
-    assert prior["source"] == "priors" and "prior" in prior["reason"]
-    order = sorted(PRIOR_GAIN, key=lambda s: -PRIOR_GAIN[s])
+    prior = rank(_query(0, len(FEATURE_NAMES)), offered, [], "lora", steps=1)
+    assert prior["source"] == "priors" and "prior for a 1-step run" in prior["reason"]
+    order = sorted(prior_gain(1), key=lambda s: -prior_gain(1)[s])
     assert [r["source"] for r in prior["ranking"]] == order == [
         "meta", "route", "generate", "compose", "fresh"]
     assert max(r["confidence"] for r in prior["ranking"]) < 0.7  # the prior is not certain
@@ -145,14 +145,66 @@ def test_no_evidence_means_the_prior_and_little_evidence_moves_it_a_little():
         "confidence"] == 1.0  # the only source available
     # one past task where compose beat route by 0.3: compose moves up, but only part of the way
     recs, dim = _records({"x": {"compose": 0.8, "route": 0.5}}, tasks_per_kind=1)
-    one = rank(_query(0, dim), offered, recs, "lora", domain="x")
+    one = rank(_query(0, dim), offered, recs, "lora", domain="x", steps=1)
     g = {r["source"]: r["expected_gain"] for r in one["ranking"]}
     assert one["evidence_tasks"] == 1
-    assert PRIOR_GAIN["compose"] - PRIOR_GAIN["route"] < g["compose"] - g["route"] < 0.3
+    assert prior_gain(1)["compose"] - prior_gain(1)["route"] < g["compose"] - g["route"] < 0.3
     many, _ = _records({"x": {"compose": 0.8, "route": 0.5}}, tasks_per_kind=10)
     g10 = {r["source"]: r["expected_gain"]
-           for r in rank(_query(0, dim), offered, many, "lora", domain="x")["ranking"]}
+           for r in rank(_query(0, dim), offered, many, "lora", domain="x",
+                         steps=1)["ranking"]}
     assert g10["compose"] - g10["route"] > g["compose"] - g["route"]  # more evidence, more trust
+
+
+def test_the_prior_depends_on_the_run_length():
+    """The measured side-by-side table (SmolLM2, 87 tasks): the learned starts lead at steps
+    0-1 and are level with fresh LoRA by step 10, so the prior's order changes with the length."""
+    from metapeft.init_sources import PRIOR_GAIN_AT, prior_gain, rank
+
+    assert prior_gain(0) == PRIOR_GAIN_AT[0] and prior_gain(5) == PRIOR_GAIN_AT[5]
+    assert prior_gain(None) == prior_gain(10) == prior_gain(200) == PRIOR_GAIN_AT[10]
+    mid = prior_gain(3)  # halfway between the step-1 and step-5 gains
+    for s in PRIOR_GAIN_AT[1]:
+        assert abs(mid[s] - (PRIOR_GAIN_AT[1][s] + PRIOR_GAIN_AT[5][s]) / 2) < 1e-6
+    offered = _offer("fresh", "compose", "generate", "route")  # no meta-init published
+    order = {n: [r["source"] for r in rank([0.0] * len(FEATURE_NAMES), offered, [], "lora",
+                                           steps=n)["ranking"]] for n in (0, 1, 10)}
+    assert order[0][0] == "compose" and order[1][0] == "route"
+    assert order[10][0] == "fresh"  # by step 10 no library start was ahead of fresh LoRA
+    short = rank([0.0] * len(FEATURE_NAMES), offered, [], "lora", steps=1)["ranking"]
+    long = rank([0.0] * len(FEATURE_NAMES), offered, [], "lora", steps=10)["ranking"]
+    assert short[0]["confidence"] > long[0]["confidence"]  # 15 points apart vs 1
+
+
+def test_evidence_is_read_at_the_planned_step_of_each_curve():
+    """Past runs with curves: route led at step 1 and fell behind by step 20. Asked for a
+    1-step run the ranking reads the curves at step 1, for a 20-step run at step 20."""
+    from metapeft.init_sources import accuracy_at, rank
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for t in range(8):
+        f = [float(v) for v in rng.normal(0, 0.3, len(FEATURE_NAMES))]
+        for src, curve in {"fresh": [0.3, 0.4, 0.8, 0.9], "route": [0.6, 0.7, 0.75, 0.7]}.items():
+            c = [float(np.clip(a + rng.normal(0, 0.02), 0, 1)) for a in curve]
+            recs.append(ExperienceRecord(
+                task=f"t{t}", domain="d", method="lora", features=f, source="sweep",
+                final_accuracy=c[-1],
+                run={"init": None, "init_source": src, "curve": c, "eval_steps": [0, 1, 5, 20]}))
+    r = recs[1]
+    assert accuracy_at(r, 1) == r.run["curve"][1] and accuracy_at(r, 3) == r.run["curve"][1]
+    assert accuracy_at(r, 50) == accuracy_at(r, None) == r.final_accuracy
+    late = ExperienceRecord(task="x", domain="d", method="lora", features=[0.0], source="s",
+                            final_accuracy=0.5, run={"curve": [0.5], "eval_steps": [5]})
+    assert np.isnan(accuracy_at(late, 1))  # nothing measured by step 1
+    offered = _offer("fresh", "route")
+    q = [0.0] * len(FEATURE_NAMES)
+    one, twenty = (rank(q, offered, recs, "lora", domain="d", steps=n) for n in (1, 20))
+    assert one["chosen"] == "route" and twenty["chosen"] == "fresh"
+    assert one["steps"] == 1 and "1-step run" in one["reason"]
+    gain = {n: next(r["expected_gain"] for r in res["ranking"] if r["source"] == "route")
+            for n, res in ((1, one), (20, twenty))}
+    assert gain[1] > 0.15 and gain[20] < -0.1
 
 
 def test_records_carry_their_init_source_and_old_records_are_read(home, tmp_path, tiny):
@@ -181,16 +233,18 @@ def test_select_and_adapt_auto_end_to_end(home, task_dir, tmp_path, tiny):
     assert c["method"] == "lora" and c["chosen"] == "fresh"
     assert [x["source"] for x in c["ranking"]] == ["fresh"]
     assert {x["source"] for x in c["unavailable"]} == {"meta", "compose", "generate", "route"}
-    # one LoRA in the library: the prior ranks route over compose over fresh
+    # one LoRA in the library: for the recommended 20-step run the prior ranks fresh first
+    # (by step 10 no library start was ahead of fresh LoRA), for a 1-step run route
     _fill_library(tmp_path, tiny)
     r = cli("select", task_dir, "--json")
     c = json.loads(r.stdout)["init_sources"]
-    assert c["source"] == "priors" and c["chosen"] == "route"
-    assert [x["source"] for x in c["ranking"]] == ["route", "compose", "fresh"]
+    assert c["source"] == "priors" and c["chosen"] == "fresh" and c["steps"] == 20
+    assert [x["source"] for x in c["ranking"]] == ["fresh", "route", "compose"]
     assert set(c["ranking"][0]) == {"source", "init", "expected_gain", "uncertainty",
                                     "confidence", "runs"}
     h = cli("select", task_dir)
-    assert h.exit_code == 0 and "recommended init source: route" in h.stdout
+    assert h.exit_code == 0 and "recommended init source: fresh" in h.stdout
+    assert "init sources for lora, 20 steps (priors)" in h.stdout
     # what is not available, one reason per line, inside 80 columns when piped
     lines = h.stdout.splitlines()
     at = lines.index("not available:")
@@ -202,6 +256,7 @@ def test_select_and_adapt_auto_end_to_end(home, task_dir, tmp_path, tiny):
     assert r.exit_code == 0, r.stderr
     obj = json.loads(r.stdout)
     assert obj["init_choice"]["chosen"] == "route" and "route" in obj
+    assert obj["init_choice"]["steps"] == 1
     assert ExperienceStore().load()[-1].run["init_source"] == "route"
     # experience in which compose wins clearly on tasks like this one turns the choice
     from metapeft.select.features import feature_vector

@@ -170,7 +170,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
 
         decision, features = decide(task, load_base_model(model, dequantize=dequantize),
                                     init=None if init == AUTO_INIT else init, route=route,
-                                    config=config)
+                                    config=config,  # --steps when given, as apply_decision reads it
+                                    steps=None if steps == RUN_OPTIONS["steps"][1] else steps)
         method, init, route = decision["method"], decision["init"], decision.pop("route")
         init_choice = decision.pop("init_choice")
         config, run = apply_decision(decision, config, run)
@@ -183,7 +184,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     cls = get_adapter_class(method)
     if init == AUTO_INIT:  # the top init source available for this method (init_sources)
         init, route, config, init_choice, features = auto_init(
-            task, load_base_model(model, dequantize=dequantize), method, config, route, features)
+            task, load_base_model(model, dequantize=dequantize), method, config, route, features,
+            steps)
     if cls.training_free and init is not None:
         raise UserError(f"{method} is training-free: it starts from no init (drop --init)",
                         field="init")
@@ -303,11 +305,12 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     return report
 
 
-def auto_init(task, base, method: str, config, route: str | None, features: dict | None):
+def auto_init(task, base, method: str, config, route: str | None, features: dict | None,
+              steps: int | None = None):
     """``--init auto``: (init, route, adapter options, the init-source ranking, the task's
-    features) from the top init source available for ``method`` on ``base``
-    (``init_sources.recommend``); a meta-init brings its own adapter options, under
-    ``config``'s."""
+    features) from the top init source available for ``method`` on ``base`` for a run of
+    ``steps`` steps (``init_sources.recommend``); a meta-init brings its own adapter options,
+    under ``config``'s."""
     from metapeft.init_sources import recommend
     from metapeft.select.features import task_domain, task_features
 
@@ -317,7 +320,8 @@ def auto_init(task, base, method: str, config, route: str | None, features: dict
     if features is None:
         features = task_features(task, base)
     options = config if isinstance(config, dict) or config is None else config.to_dict()
-    choice = recommend(features, method, base, config=options, domain=task_domain(task))
+    choice = recommend(features, method, base, config=options, domain=task_domain(task),
+                       steps=steps)
     best = choice["ranking"][0]
     options = {**(best["init_options"] or {}), **(options or {})}
     return best["init"], best["route"], options, choice, features

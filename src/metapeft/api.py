@@ -706,7 +706,8 @@ def select(task, *, model: str = DEFAULT_MODEL, dequantize: str = "auto", top: i
     res = answer(feats, selector_dir=selector, store=store, top=top, k=k)
     best = res["ranking"][0]
     inits = recommend(feats, best["method"], load_base_model(model, dequantize=dequantize),
-                      config=best["hyperparameters"], experience=store, domain=task_domain(t))
+                      config=best["hyperparameters"], experience=store, domain=task_domain(t),
+                      steps=best["hyperparameters"].get("steps"))  # the length it recommends
     return SelectReport(task=t.name, **res, init_sources=inits)
 
 

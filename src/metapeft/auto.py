@@ -20,13 +20,14 @@ from metapeft.init_sources import find_init  # noqa: F401  (its home before init
 
 def decide(task, base, *, selector: str | Path | None = None,
            experience: str | Path | None = None, registry: str | Path | None = None,
-           init: str | None = None, route: str | None = None, config: dict | None = None
-           ) -> tuple[dict, dict]:
+           init: str | None = None, route: str | None = None, config: dict | None = None,
+           steps: int | None = None) -> tuple[dict, dict]:
     """(the decision, the task's features) for ``task`` on ``base``: the top-ranked method with
     its confidence, the alternatives, its recommended hyperparameters and where they come from,
     the init and why: ``init``/``route`` when given, else the top init source available for
     that method (``init_sources.recommend``, with the adapter options ``config`` and the
-    recommended ones); ``init_choice`` is that ranking (None when the init was given)."""
+    recommended ones) and a run of ``steps`` steps (None: the recommended steps);
+    ``init_choice`` is that ranking (None when the init was given)."""
     from metapeft.adapters import get_adapter_class
     from metapeft.experience import ExperienceStore
     from metapeft.init_sources import describe_missing, recommend
@@ -48,8 +49,9 @@ def decide(task, base, *, selector: str | Path | None = None,
         known = get_adapter_class(method).Config.defaults()
         options = {**{k: v for k, v in top["hyperparameters"].items() if k in known},
                    **(config if isinstance(config, dict) else {})}
+        planned = steps if steps is not None else top["hyperparameters"].get("steps")
         choice = recommend(features, method, base, config=options, registry=registry,
-                           experience=store, domain=task_domain(task))
+                           experience=store, domain=task_domain(task), steps=planned)
         best = choice["ranking"][0]
         init, route, init_options = best["init"], best["route"], best["init_options"]
         init_source = best["source"]

@@ -20,26 +20,33 @@ this LoRA (``library.candidates``: composable, same base model and structure); g
 generator for this base model and structure exists (``generate.latest_generator``). A
 training-free method has fresh only. Each source not offered comes with its one-line reason.
 
-**Ranking** (``rank``). A run's final accuracy is modelled as task effect + source gain + noise.
-The evidence is the ``k`` (10) past tasks nearest to this one (the "kind of task": the
-same domain when any past task has it, as the embedder learned that domains matter most, then
-the Euclidean distance of the selector's normalised features, ``select.embedder.normalise``)
-among those that ran the method from two or more init sources. The gains get a Gaussian prior,
-mean ``PRIOR_GAIN``, sd ``PRIOR_SD``; the task effects a flat one; the noise sd is estimated
-from the residuals (``NOISE_SD`` while there are fewer than 5 residual degrees of freedom). The
-posterior mean of each gain minus fresh's is the ``expected_gain``, its sd the
-``uncertainty``, and the ``confidence`` is P(best) among the available sources over ``DRAWS``
-posterior draws. With no evidence the posterior is the prior: the ranking is the prior's order
-and the confidence stays moderate. At the default noise sd the prior weighs as much as
-``(NOISE_SD/PRIOR_SD)**2`` = 4 runs: one past task that compared two sources moves their gap a
-fifth of the way to what it saw, ten tasks about 70% (further when their residuals show less
-noise).
+**Ranking** (``rank``), for a run of a given length (``steps``: ``adapt --steps``, or the
+recommended steps for ``select`` and ``adapt --method auto``), because which source wins depends
+on it: the learned starts lead by 9-25 points at step 0 and are level with fresh LoRA by step
+10 on SmolLM2. A run's accuracy *after that many steps* is modelled as task effect + source
+gain + noise. A past run's accuracy there is read from its recorded curve (``accuracy_at``: the
+last step measured at or before it; a run that ended earlier keeps its last figure; with no
+length given, its final accuracy). The evidence is the ``k`` (10) past tasks nearest to this
+one (the "kind of task": the same domain when any past task has it, as the embedder learned
+that domains matter most, then the Euclidean distance of the selector's normalised features,
+``select.embedder.normalise``) among those that ran the method from two or more init sources.
+The gains get a Gaussian prior, mean ``prior_gain(steps)``, sd ``PRIOR_SD``; the task effects a
+flat one; the noise sd is estimated from the residuals (``NOISE_SD`` while there are fewer
+than 5 residual degrees of freedom). The posterior mean of each gain minus fresh's is the
+``expected_gain``, its sd the ``uncertainty``, and the ``confidence`` is P(best) among the
+available sources over ``DRAWS`` posterior draws. With no evidence the posterior is the prior:
+the ranking is the prior's order and the confidence stays moderate. At the default noise sd
+the prior weighs as much as ``(NOISE_SD/PRIOR_SD)**2`` = 4 runs: one past task that compared
+two sources moves their gap a fifth of the way to what it saw, ten tasks about 70% (further
+when their residuals show less noise).
 
-``PRIOR_GAIN`` (accuracy over fresh, after 10 steps on stories260K): compose +0.054, generate
-+0.090, route +0.100 (README "The adapter library": 42 held-out CLINC150 tasks, paired);
-meta +0.133 (../shared/DESIGN.md: a Reptile init against a fresh LoRA on 100 held-out
-CLINC150 tasks, a separate run). The meta-init and the library sources were never measured
-side by side, hence the wide ``PRIOR_SD``.
+``PRIOR_GAIN_AT`` (accuracy over fresh LoRA after 0, 1, 5 and 10 steps) is the one run that
+measured all five sources side by side: 87 held-out CLINC150 banking/travel tasks on
+SmolLM2-135M (README "The adapter library", "On SmolLM2-135M"; the meta-init is the Reptile
+init at a constant lr). ``prior_gain`` interpolates linearly between those steps and keeps the
+step-10 gains past it. (Before that run the prior was stories260K's library table at step 10
+for compose/generate/route and a separate Reptile run for meta, a single set of gains for every
+run length.)
 """
 
 from __future__ import annotations
@@ -52,14 +59,45 @@ import numpy as np
 from metapeft.errors import UserError
 from metapeft.experience import INIT_SOURCES, init_source_of
 
-PRIOR_GAIN: dict[str, float] = {"fresh": 0.0, "meta": 0.133, "compose": 0.054,
-                                "generate": 0.090, "route": 0.100}
+PRIOR_GAIN_AT: dict[int, dict[str, float]] = {  # step -> accuracy over fresh (see above)
+    0: {"fresh": 0.0, "meta": 0.248, "compose": 0.154, "generate": 0.092, "route": 0.141},
+    1: {"fresh": 0.0, "meta": 0.192, "compose": 0.050, "generate": 0.123, "route": 0.154},
+    5: {"fresh": 0.0, "meta": 0.018, "compose": 0.007, "generate": 0.010, "route": 0.006},
+    10: {"fresh": 0.0, "meta": 0.005, "compose": -0.009, "generate": -0.004, "route": -0.001},
+}
 PRIOR_SD = 0.05
 NOISE_SD = 0.10
 K = 10
 DRAWS = 4000
 LIBRARY_INITS = {"compose": "library:compose", "generate": "library:generate"}
 AUTO = "auto"
+
+
+def prior_gain(steps: int | None = None) -> dict[str, float]:
+    """The prior's gain of each source over fresh for a run of ``steps`` steps: linear between
+    the measured steps of ``PRIOR_GAIN_AT``, its last ones past them (and for None, a run of
+    unknown length)."""
+    marks = sorted(PRIOR_GAIN_AT)
+    if steps is None or steps >= marks[-1]:
+        return dict(PRIOR_GAIN_AT[marks[-1]])
+    steps = max(int(steps), marks[0])
+    hi = next(m for m in marks if m >= steps)
+    lo = max(m for m in marks if m <= steps)
+    t = 0.0 if hi == lo else (steps - lo) / (hi - lo)
+    return {s: round((1 - t) * PRIOR_GAIN_AT[lo][s] + t * PRIOR_GAIN_AT[hi][s], 6)
+            for s in INIT_SOURCES}
+
+
+def accuracy_at(record, steps: int | None) -> float:
+    """A past run's query accuracy after ``steps`` steps: its recorded curve at the last step
+    measured at or before ``steps`` (a run that ended earlier keeps its last figure); its final
+    accuracy when ``steps`` is None or it kept no curve; NaN when its curve starts later."""
+    run = record.run or {}
+    curve, at = run.get("curve"), run.get("eval_steps")
+    if steps is None or not curve or not at or len(curve) != len(at):
+        return float(record.final_accuracy)
+    before = [a for s, a in sorted(zip(at, curve)) if s <= steps]
+    return float(before[-1]) if before else math.nan
 
 
 def parse_sources(text: str | list[str] | None) -> list[str]:
@@ -185,18 +223,22 @@ def _generator(adapter, registry) -> tuple[str, bool]:
 
 
 # ------------------------------------------------------------------------------- the evidence
-def _task_runs(records, method: str) -> dict[str, dict]:
+def _task_runs(records, method: str, steps: int | None = None) -> dict[str, dict]:
     """Past tasks of ``method`` with an init source recorded: key -> {name, domain, features,
-    runs: [(source, accuracy)]}; only tasks with two or more sources carry evidence."""
+    runs: [(source, accuracy after ``steps`` steps)]}; only tasks with two or more sources carry
+    evidence."""
     tasks: dict[str, dict] = {}
     for r in records:
         src = init_source_of(r)
-        if r.method != method or src is None or not math.isfinite(r.final_accuracy):
+        if r.method != method or src is None:
+            continue
+        acc = accuracy_at(r, steps)
+        if not math.isfinite(acc):
             continue
         key = f"{r.task}|{r.domain}|" + ",".join(f"{v:.4g}" for v in r.features)
         t = tasks.setdefault(key, {"name": r.task, "domain": r.domain,
                                    "features": np.asarray(r.features, np.float64), "runs": []})
-        t["runs"].append((src, float(r.final_accuracy)))
+        t["runs"].append((src, acc))
     return {k: t for k, t in tasks.items() if len({s for s, _ in t["runs"]}) >= 2}
 
 
@@ -219,9 +261,10 @@ def _neighbours(tasks: list[dict], features, domain: str | None, k: int
     return [(tasks[i], float(d[i])) for i in order]
 
 
-def posterior(tasks: list[dict]) -> tuple[np.ndarray, np.ndarray, float]:
-    """(mean (S,), covariance (S, S), noise sd) of the source gains, in ``INIT_SOURCES`` order,
-    under the module docstring's model."""
+def posterior(tasks: list[dict], steps: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(mean (S,), covariance (S, S), noise sd) of the source gains for a run of ``steps``
+    steps, in ``INIT_SOURCES`` order, under the module docstring's model."""
     S, T = len(INIT_SOURCES), len(tasks)
     idx = {s: j for j, s in enumerate(INIT_SOURCES)}
     rows, y = [], []
@@ -233,7 +276,8 @@ def posterior(tasks: list[dict]) -> tuple[np.ndarray, np.ndarray, float]:
             y.append(acc)
     X = np.asarray(rows).reshape(len(rows), T + S)
     y = np.asarray(y, np.float64)
-    mu = np.array([0.0] * T + [PRIOR_GAIN[s] for s in INIT_SOURCES])
+    prior = prior_gain(steps)
+    mu = np.array([0.0] * T + [prior[s] for s in INIT_SOURCES])
     prior_prec = np.array([1e-4] * T + [1.0 / PRIOR_SD ** 2] * S)
     sigma = NOISE_SD
     for _ in range(2):  # fit, then refit with the noise the residuals show
@@ -249,16 +293,17 @@ def posterior(tasks: list[dict]) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def rank(features, offered: list[dict], records, method: str, *, domain: str | None = None,
-         k: int = K, seed: int = 0) -> dict:
-    """The offered sources ranked for a task (``features``: its feature dict or vector) from
-    the experience ``records`` of ``method``: rows {source, init, expected_gain, uncertainty,
-    confidence, runs}, best first, plus where the answer came from and why."""
+         steps: int | None = None, k: int = K, seed: int = 0) -> dict:
+    """The offered sources ranked for a task (``features``: its feature dict or vector) and a
+    run of ``steps`` steps (None: of unknown length) from the experience ``records`` of
+    ``method``: rows {source, init, expected_gain, uncertainty, confidence, runs}, best first,
+    plus where the answer came from and why."""
     if not offered:
         raise UserError("no init source is available", field="init")
-    evidence = list(_task_runs(records, method).values())
+    evidence = list(_task_runs(records, method, steps).values())
     near = _neighbours(evidence, features, domain, k)
     tasks = [t for t, _ in near]
-    mean, cov, sigma = posterior(tasks)
+    mean, cov, sigma = posterior(tasks, steps)
     j = [INIT_SOURCES.index(o["source"]) for o in offered]
     f = INIT_SOURCES.index("fresh")
     rng = np.random.default_rng(seed)
@@ -276,18 +321,21 @@ def rank(features, offered: list[dict], records, method: str, *, domain: str | N
     ranking.sort(key=lambda r: (-r["expected_gain"], -r["confidence"]))
     best = ranking[0]
     src = "experience" if tasks else "priors"
+    run = f"a {steps}-step run" if steps is not None else "a run"
     if len(ranking) == 1:
         reason = f"{best['source']} is the only init source available"
     elif tasks:
         reason = (f"{best['source']} is expected to gain {best['expected_gain']:+.1%} over fresh "
-                  f"(P(best) {best['confidence']:.0%}) from {len(tasks)} similar past "
+                  f"in {run} (P(best) {best['confidence']:.0%}) from {len(tasks)} similar past "
                   f"{method} task(s) that tried several init sources "
                   f"({sum(runs.values())} runs), shrunk toward the prior")
     else:
-        reason = (f"no past {method} task tried several init sources: ranked by the prior "
-                  f"({' > '.join(sorted(PRIOR_GAIN, key=lambda s: -PRIOR_GAIN[s]))}), "
+        prior = prior_gain(steps)
+        reason = (f"no past {method} task tried several init sources: ranked by the prior for "
+                  f"{run} ({' > '.join(sorted(prior, key=lambda s: -prior[s]))}), "
                   "learned once `metapeft sweep --init-sources all` has run")
-    return {"method": method, "chosen": best["source"], "ranking": ranking, "source": src,
+    return {"method": method, "chosen": best["source"], "steps": steps, "ranking": ranking,
+            "source": src,
             "evidence_tasks": len(tasks), "noise_sd": round(sigma, 4),
             "similar_tasks": [{"task": t["name"], "domain": t["domain"],
                                "distance": round(d, 4)} for t, d in near],
@@ -295,14 +343,14 @@ def rank(features, offered: list[dict], records, method: str, *, domain: str | N
 
 
 def recommend(features, method: str, base, *, config: dict | None = None, registry=None,
-              experience=None, domain: str | None = None) -> dict:
-    """``rank`` over what ``available`` offers, with the unavailable sources and their
-    reasons (``unavailable``)."""
+              experience=None, domain: str | None = None, steps: int | None = None) -> dict:
+    """``rank`` over what ``available`` offers for a run of ``steps`` steps, with the
+    unavailable sources and their reasons (``unavailable``)."""
     from metapeft.experience import ExperienceStore
 
     offered, missing = available(method, base, config=config, registry=registry)
     store = experience if isinstance(experience, ExperienceStore) else ExperienceStore(experience)
-    out = rank(features, offered, store.load(), method, domain=domain)
+    out = rank(features, offered, store.load(), method, domain=domain, steps=steps)
     out["unavailable"] = missing
     if missing:
         out["reason"] += "; not available: " + ", ".join(m["source"] for m in missing)
@@ -328,7 +376,8 @@ def public_json(choice: dict | None) -> dict | None:
     ``adapt --json``'s ``init_choice``)."""
     if choice is None:
         return None
-    return {"method": choice["method"], "chosen": choice["chosen"], "source": choice["source"],
+    return {"method": choice["method"], "chosen": choice["chosen"],
+            "steps": choice.get("steps"), "source": choice["source"],
             "reason": choice["reason"], "evidence_tasks": choice["evidence_tasks"],
             "ranking": [{k: r[k] for k in ("source", "init", "expected_gain", "uncertainty",
                                            "confidence", "runs")} for r in choice["ranking"]],

@@ -300,7 +300,8 @@ def _print_selection(rep) -> None:
 
 def print_init_sources(c: dict) -> None:
     """The init sources ranked for the recommended method, and those not available."""
-    _table(f"init sources for {c['method']} ({c['source']})",
+    steps = f", {c['steps']} steps" if c.get("steps") is not None else ""
+    _table(f"init sources for {c['method']}{steps} ({c['source']})",
            (("rank", "right"), "source", "init", ("gain vs fresh", "right"),
             ("confidence", "right"), ("runs", "right")),
            [(str(i), r["source"], str(r["init"] or ("--route arrow" if r["source"] == "route"
