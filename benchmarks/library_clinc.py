@@ -23,7 +23,12 @@ examples per class), every arm adapted with Adam at LoRA's default lr, query acc
 * generate-e2e (``--e2e-steps N``): the same generator (same seed, same reconstruction stage)
   then fine-tuned end to end for N steps on the query loss of its LoRAs over 5-way 5-shot
   episodes of the meta-train domains (``library train-generator --e2e-steps``, ``--e2e-inner-steps
-  K`` support steps first); ``generate`` is then the reconstruction-only version.
+  K`` support steps first); ``generate`` is then the reconstruction-only version. With
+  ``--e2e-anchor FILE`` (a meta-init whose header carries its calibrated step size) it is a
+  residual on that init instead (``library train-generator --anchor``: no reconstruction, every
+  task starts at the init until the e2e steps train the residual, adapted at the init's step
+  size); ``--e2e-algorithm reptile`` trains it with Reptile's direction (needs
+  ``--e2e-inner-steps`` ≥ 1).
 
 ``--arms`` runs a subset of the arms, ``--marks`` sets the evaluated steps (default 0,1,5,10).
 
@@ -121,8 +126,9 @@ def train_e2e(args, registry: str) -> dict:
 
     gen = train_generator(
         get_adapter_class("lora").attach(load_base_model(args.model), {}), registry=registry,
-        seed=args.seed, e2e=E2E(steps=args.e2e_steps, inner_steps=args.e2e_inner_steps,
-                                lr=args.e2e_lr, data=str(CLINC / "train.jsonl"),
+        seed=args.seed, anchor=args.e2e_anchor,
+        e2e=E2E(steps=args.e2e_steps, inner_steps=args.e2e_inner_steps, lr=args.e2e_lr,
+                algorithm=args.e2e_algorithm, data=str(CLINC / "train.jsonl"),
                                 exclude_domains=HELD_OUT_DOMAINS, ways=5, shots=5, query=10))
     s = gen["training"]["e2e"]
     print(f"  e2e generator v{gen['version']}: {s['tasks']} episodes of {s['classes']} "
@@ -205,7 +211,8 @@ def table(results: list[dict], arms: list[str]) -> list[str]:
     if "multitask" in arms:
         pairs += [("compose", "multitask"), ("generate", "multitask"),
                   ("compose-meta", "multitask")]
-    pairs += [("generate-e2e", "generate"), ("generate-e2e", "fresh")]
+    pairs += [("generate-e2e", "generate"), ("generate-e2e", "fresh"),
+              ("generate-e2e", "meta"), ("generate-e2e", "multitask")]
     for a, b in pairs:
         if a not in arms or b not in arms:
             continue
@@ -256,7 +263,9 @@ def summary(results: list[dict], info: dict, arms: list[str], args, load: str) -
               f"{info.get('warm_compositions', 0)} warm-start compositions, "
               f"+{info.get('generator_seconds', '?')} s to train the generator"
               + (f", +{info['e2e_seconds']:.0f} s for its {args.e2e_steps} end-to-end steps "
-                 f"({info['e2e']['tasks']} episodes, {args.e2e_inner_steps} inner steps)"
+                 f"({info['e2e']['tasks']} episodes, {args.e2e_inner_steps} inner steps, "
+                 f"{info['e2e'].get('algorithm', 'fomaml')}"
+                 + (f", a residual on {args.e2e_anchor}" if args.e2e_anchor else "") + ")"
                  if info.get("e2e") else "") + "); "
               + (f"composition search ({composed}) {fmt(search, pct=False)} s per task; "
                  if composed else "")
@@ -278,8 +287,8 @@ def merge(args) -> None:
     STEPS = tuple(runs[0]["args"]["steps"])
     results = sorted({r["i"]: r for run in runs for r in run["results"]}.values(),
                      key=lambda r: r["i"])
-    for k in ("task_seed", "model", "e2e_steps", "e2e_inner_steps"):
-        setattr(args, k, runs[0]["args"][k])
+    for k in ("task_seed", "model", "e2e_steps", "e2e_inner_steps", "e2e_anchor"):
+        setattr(args, k, runs[0]["args"].get(k))
     args.pair_with = args.pair_with or runs[0]["args"].get("pair_with")
     arms = pair_with(results, args.pair_with, runs[0]["args"]["arm_list"])
     load = runs[0].get("load", "?")
@@ -314,6 +323,9 @@ def main() -> None:
     ap.add_argument("--e2e-steps", type=int, default=0, help="also an end-to-end generator")
     ap.add_argument("--e2e-inner-steps", type=int, default=0)
     ap.add_argument("--e2e-lr", type=float, default=1e-4)
+    ap.add_argument("--e2e-algorithm", default="fomaml", help="fomaml | maml | reptile")
+    ap.add_argument("--e2e-anchor", help="a meta-init file: the e2e generator is a residual on "
+                    "it (library train-generator --anchor)")
     ap.add_argument("--arms", help="comma-separated subset of fresh,compose,generate,route,"
                     "meta,generate-e2e (default: all that apply)")
     ap.add_argument("--marks", default="0,1,5,10", help="steps at which to evaluate")

@@ -195,3 +195,100 @@ def test_e2e_gradient_is_the_query_loss_gradient_through_the_generator(lib, tiny
         for key in want:
             np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]),
                                        atol=1e-4 * norm, rtol=1e-3, err_msg=key)
+
+
+def _calibrated_init(reg, tmp_path, tiny):
+    """A LoRA trained on one synthetic task, saved as a meta-weights-like file whose header
+    carries a calibrated step size (as `meta-train` publishes it)."""
+    from metapeft import api
+    from metapeft.artifacts import load_safetensors, save_safetensors
+    from metapeft.data.synthetic import generate_task
+
+    api.adapt(generate_task(41, family="topic", **EPISODE), model="tiny", steps=5, target=None,
+              out=tmp_path / "init")
+    arrays, meta = load_safetensors(tmp_path / "init" / "adapters.safetensors")
+    path = tmp_path / "init.safetensors"
+    save_safetensors(path, arrays, {**meta, "adapt_lr": "0.002", "adapt_lr_decay": "3"})
+    return path
+
+
+def test_anchored_generator_starts_at_its_init_and_moves_toward_the_adapted_lora(
+        lib, tiny, tmp_path, monkeypatch):
+    """A residual generator on a meta-init (issue 19): with its heads at zero it is that init
+    for every task; a few Reptile e2e steps move the generated LoRAs toward where the support
+    steps take the init on unseen episodes (a sign error would move them away); `adapt` uses
+    the init's calibrated step size."""
+    import mlx.core as mx
+
+    from metapeft import api
+    from metapeft.adapters import get_adapter_class
+    from metapeft.artifacts import json_field, read_metadata
+    from metapeft.data.episodes import EpisodeSource
+    from metapeft.data.synthetic import generate_task
+    from metapeft.data.tasks import read_rows
+    from metapeft.generate import (E2E, _keymap, generate_init, generated, latest_generator,
+                                   load_anchor, load_generator, train_generator, zero_heads)
+    from metapeft.meta.learner import MetaConfig, inner_adapt
+    from metapeft.train import encode_task
+
+    reg, pool = lib
+    init = _calibrated_init(reg, tmp_path, tiny)
+    adapter = get_adapter_class("lora").attach(tiny, {})
+    res = train_generator(adapter, registry=reg, anchor=str(init), e2e=E2E(
+        steps=6, inner_steps=3, algorithm="reptile", lr=3e-3, data=str(pool), val_episodes=0,
+        **EPISODE))
+    assert res["anchor"] == str(init)
+    path, meta = latest_generator(adapter, reg, res["version"])
+    header = read_metadata(path)
+    t = json_field(header, "training")
+    assert t["reconstruction_steps"] == 0 and t["e2e"]["order"] == "reptile"
+    assert t["e2e"]["inner_lr"] == pytest.approx(2e-3)  # the anchor's first step
+    assert float(header["adapt_lr"]) == pytest.approx(2e-3) and header["adapt_lr_decay"] == "3"
+    anchor = load_anchor(path)
+    # zero heads: every task's LoRA is the anchor exactly
+    net = load_generator(path, meta)
+    zero_heads(net)
+    emb = mx.random.normal((3, net.inp.weight.shape[1]))
+    out = generated(net, emb, list(meta["scales"]),
+                    _keymap(adapter, net.layers, net.type_names), anchor)
+    for k, v in out.items():
+        assert mx.array_equal(v, mx.broadcast_to(anchor[k], v.shape)).item(), k
+    # trained: on unseen episodes the residual points where Reptile's support steps go
+    source = EpisodeSource(read_rows(pool), **EPISODE)
+    inner = MetaConfig(algorithm="reptile", inner_steps=3, inner_lr=2e-3, inner_optimizer="adam")
+    cosines = []
+    for s in range(90_000, 90_006):
+        task = source.sample(s)
+        theta, _ = generate_init(adapter, task, reg, version=res["version"])
+        data = encode_task(task, tiny.tokenizer)
+        theta0 = adapter.unflat(anchor)
+        phi = inner_adapt(adapter, theta0, data.prepared(adapter, "support"), inner)
+        d_gen = adapter.flat(theta)
+        d_phi = adapter.flat(phi)
+        dot = sum(((d_gen[k] - anchor[k]) * (d_phi[k] - anchor[k])).sum().item() for k in anchor)
+        n1 = sum(((d_gen[k] - anchor[k]) ** 2).sum().item() for k in anchor) ** 0.5
+        n2 = sum(((d_phi[k] - anchor[k]) ** 2).sum().item() for k in anchor) ** 0.5
+        cosines.append(dot / (n1 * n2))
+    assert np.mean(cosines) > 0.05 and min(cosines) > 0, cosines  # a sign error: < 0
+    # adapt from it: the anchor's calibrated lr and decay, and the report names the anchor
+    monkeypatch.setenv("METAPEFT_HOME", str(reg))
+    rep = api.adapt(generate_task(5, family="topic", **EPISODE), model="tiny", steps=1,
+                    target=None, init=f"library:generate@{res['version']}")
+    assert rep.extra["generation"]["anchor"] == str(init)
+    assert rep.extra["lr"] == pytest.approx(2e-3) and rep.extra["lr_decay"] == pytest.approx(3)
+
+
+def test_anchored_generator_bad_input_is_one_line(lib, tiny, tmp_path):
+    reg, pool = lib
+    init = _calibrated_init(reg, tmp_path, tiny)
+    gen = ("library", "train-generator", "--data", str(pool))
+    _one_line(in_process(*gen, "--anchor", str(init), "--epochs", "5", "--e2e-steps", "1",
+                         home=reg), "--epochs")
+    _one_line(in_process("library", "train-generator", "--anchor", str(init), home=reg),
+              "--e2e-steps")
+    _one_line(in_process(*gen, "--e2e-steps", "1", "--e2e-algorithm", "reptile", home=reg),
+              "--inner-steps")
+    _one_line(in_process(*gen, "--e2e-steps", "1", "--e2e-algorithm", "sgd", home=reg),
+              "--e2e-algorithm")
+    _one_line(in_process(*gen, "--e2e-steps", "1", "--inner-steps", "1", "--anchor",
+                         "library:generate", home=reg), "--anchor")

@@ -216,6 +216,15 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     step_size = None  # the init's step size calibrated for this run length (stepsize horizons)
     if lr is None:  # a learned init brings the step size chosen for it on validation tasks
         calibrated = init_step_size(init, steps=steps) if optimizer == "adam" else None
+        if (optimizer == "adam" and library_start is not None
+                and library_start[1].get("anchor")):  # a generator anchored at a meta-init
+            from metapeft.adapter_io import stored_step_size
+            from metapeft.artifacts import read_metadata
+
+            calibrated = stored_step_size(read_metadata(library_start[1]["generator"]), steps)
+            if calibrated:  # the report says which step size the anchor brought
+                library_start[1]["step_size"] = {"lr": calibrated["adapt_lr"],
+                                                 "lr_decay": calibrated["adapt_lr_decay"]}
         lr = (calibrated or {}).get("adapt_lr") or cls.default_lr
         if lr_decay is None and calibrated:  # and its schedule, when one was chosen
             lr_decay = calibrated["adapt_lr_decay"]

@@ -26,7 +26,18 @@ k > 0 it is first-order MAML's (the query gradient at the adapted φᵢ, the inn
 differentiated) unless ``second_order``, which differentiates through the k inner steps
 (exact, costs about k extra backward passes). The inner loop is the meta-learner's (Adam, no
 bias correction, as mlx's and ``adapt``'s) at the adapter's default learning rate, the one
-``adapt`` uses.
+``adapt`` uses. ``algorithm="reptile"`` (k ≥ 1) uses Reptile's direction instead: gᵢ = θᵢ − φᵢ,
+so G learns to put each task's θ where its k support steps would have taken it, the rule the
+meta-init itself is trained with (``meta.learner.task_contribution``'s Reptile contribution).
+
+Anchored at an init (``anchor``, ``library train-generator --anchor INIT``; after task-conditioned
+meta-learning, e.g. Vuorio et al.'s MMAML, 2019): θ = θ_INIT + G(e), a residual on the meta-init
+rather than a LoRA from nothing. G's output heads start at zero, so before the end-to-end stage
+every task starts exactly at INIT; there is no reconstruction stage (the library LoRAs were not
+trained from INIT, so a residual target does not exist). The file keeps INIT's tensors
+(``anchor.*``) and its calibrated step size (``adapt_lr``, ``adapt_lr_decay``,
+``adapt_lr_calibration``), which ``adapt --init library:generate`` then uses, as it does for
+``library:compose:K+INIT``. The inner loop runs at that step size's first step.
 
 Stored as versioned safetensors, ``<registry>/library/generators/vNNNN.safetensors``: the
 network's weights, and in the header the base model fingerprint, the LoRA structure, the module
@@ -47,6 +58,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from metapeft.adapter_io import stored_step_size
 from metapeft.errors import UserError
 
 FORMAT = "metapeft-lora-generator"
@@ -102,6 +114,10 @@ def generators_dir(registry=None) -> Path:
     return library_dir(registry) / "generators"
 
 
+E2E_ALGORITHMS = ("fomaml", "maml", "reptile")
+ANCHOR_PREFIX = "anchor."  # an anchored generator's file: INIT's tensors beside the network's
+
+
 @dataclass
 class E2E:
     """End-to-end fine-tuning of the generator (stage 2, see the module doc); ``steps`` 0: off."""
@@ -109,6 +125,7 @@ class E2E:
     steps: int = 0
     inner_steps: int = 0  # k support steps before the query loss (0: the query loss at G's θ)
     second_order: bool = False  # k > 0: differentiate through the inner steps (else first order)
+    algorithm: str = "fomaml"  # fomaml | maml (= second_order) | reptile (gᵢ = θᵢ − φᵢ, k ≥ 1)
     lr: float = 1e-4  # the generator's Adam
     meta_batch: int = 4  # episodes per step
     inner_lr: float | None = None  # None: the adapter's default lr (what `adapt` uses)
@@ -138,6 +155,17 @@ class E2E:
                             field="meta_batch")
         if self.lr <= 0 or (self.inner_lr is not None and self.inner_lr <= 0):
             raise UserError("learning rates must be positive", field="e2e_lr")
+        if self.algorithm not in E2E_ALGORITHMS:
+            raise UserError(f"unknown --e2e-algorithm {self.algorithm!r}; choose from "
+                            f"{', '.join(E2E_ALGORITHMS)}", field="e2e_algorithm")
+        if self.algorithm == "reptile" and self.steps and self.inner_steps < 1:
+            raise UserError("--e2e-algorithm reptile needs --inner-steps >= 1 (its direction is "
+                            "where the support steps go)", field="inner_steps")
+
+    @property
+    def meta_algorithm(self) -> str:
+        """The meta-learner's algorithm for ``task_contribution``."""
+        return "maml" if self.second_order or self.algorithm == "maml" else self.algorithm
 
     def source(self):
         """The episode source over the filtered pool (one-line errors for bad filters)."""
@@ -163,9 +191,10 @@ def _keymap(adapter, layers: list[int], names: list[str]) -> dict[str, list[str]
 
 
 def generated(net: Generator, emb: mx.array, scales: list[float],
-              keymap: dict[str, list[str]]) -> dict[str, mx.array]:
+              keymap: dict[str, list[str]], anchor: dict | None = None) -> dict[str, mx.array]:
     """The flat LoRA tensors the generator gives N task embeddings, each (N, ...) and
-    differentiable in the network's parameters."""
+    differentiable in the network's parameters; with ``anchor`` (flat tensors) the residual is
+    added to it."""
     r, out = net.rank, {}
     for i, t in enumerate(net.type_names):
         y = net(emb, i) * scales[i]  # (N, L, (in + out)·r)
@@ -173,35 +202,50 @@ def generated(net: Generator, emb: mx.array, scales: list[float],
         for j, key in enumerate(keymap[t]):
             out[f"{key}.lora_a"] = y[:, j, :n_in * r].reshape(-1, n_in, r)
             out[f"{key}.lora_b"] = y[:, j, n_in * r:].reshape(-1, r, n_out)
+    if anchor is not None:
+        out = {k: v + anchor[k].astype(mx.float32) for k, v in out.items()}
     return out
 
 
-def _task_thetas(net: Generator, adapter, emb: mx.array, scales: list[float], keymap
-                 ) -> list[dict]:
+def zero_heads(net: Generator) -> None:
+    """Output heads at zero: the residual G(e) is 0 for every task until it is trained."""
+    for head in net.heads:
+        head.weight = mx.zeros_like(head.weight)
+        head.bias = mx.zeros_like(head.bias)
+
+
+def _task_thetas(net: Generator, adapter, emb: mx.array, scales: list[float], keymap,
+                 anchor: dict | None = None) -> list[dict]:
     """The adapter parameter tree the generator gives each of the N task embeddings (evaluated,
     so no gradient flows back into the generator from them)."""
     want = adapter.flat(adapter.init_params(0))
-    theta = generated(net, emb, scales, keymap)
+    theta = generated(net, emb, scales, keymap, anchor)
     mx.eval(theta)
     return [adapter.unflat({k: theta[k][j].astype(want[k].dtype) for k in want})
             for j in range(emb.shape[0])]
 
 
 def e2e_gradients(net: Generator, adapter, scales: list[float], keymap, inner, emb: mx.array,
-                  episodes: list) -> tuple[list[float], list[float], dict]:
+                  episodes: list, anchor: dict | None = None
+                  ) -> tuple[list[float], list[float], dict]:
     """(query losses, query accuracies, the generator's gradient) for one meta-batch: task i's
     θᵢ = G(emb[i]), gᵢ = ∂L_query/∂θᵢ from ``meta.learner.task_contribution`` (``inner``: a
     MetaConfig, fomaml or maml, any number of inner steps), and the gradient of
     mean_i L_query(θᵢ(G)) through G as the vector-Jacobian product at (gᵢ): the gradient of the
-    surrogate Σᵢ⟨θᵢ(G), gᵢ⟩ / n, gᵢ held constant. ``episodes``: (support, query) Batches."""
+    surrogate Σᵢ⟨θᵢ(G), gᵢ⟩ / n, gᵢ held constant. ``episodes``: (support, query) Batches.
+    Reptile (``inner.algorithm``): gᵢ = θᵢ − φᵢ, the negated Reptile contribution, so a descent
+    step on G moves each θᵢ toward its adapted φᵢ."""
     from mlx.utils import tree_map
 
     from metapeft.meta.learner import task_contribution
 
     want = adapter.flat(adapter.init_params(0))
     losses, hits, cots = [], [], []
-    for th, (support, query) in zip(_task_thetas(net, adapter, emb, scales, keymap), episodes):
+    for th, (support, query) in zip(_task_thetas(net, adapter, emb, scales, keymap, anchor),
+                                    episodes):
         loss, acc, g = task_contribution(adapter, inner, th, support, query)
+        if inner.algorithm == "reptile":  # the contribution is φ − θ, the way θ should move
+            g = tree_map(lambda c: -c, g)
         g = adapter.flat(tree_map(mx.stop_gradient, g))
         mx.eval(loss, acc, g)
         losses.append(loss.item())
@@ -210,7 +254,7 @@ def e2e_gradients(net: Generator, adapter, scales: list[float], keymap, inner, e
     cot = {k: mx.stack([g[k].astype(mx.float32) for g in cots]) for k in want}
 
     def surrogate(model):
-        out = generated(model, emb, scales, keymap)
+        out = generated(model, emb, scales, keymap)  # the anchor is a constant: no gradient
         return sum((out[k] * cot[k]).sum() for k in cot) / len(episodes)
 
     _, grads = nn.value_and_grad(net, surrogate)(net)
@@ -228,13 +272,15 @@ def _episodes(adapter, source, seeds) -> tuple[mx.array, list, list]:
     return emb, [(e.support, e.query) for e in eps], tasks
 
 
-def mean_query_loss(net: Generator, adapter, scales, keymap, inner, emb, episodes) -> float:
+def mean_query_loss(net: Generator, adapter, scales, keymap, inner, emb, episodes,
+                    anchor: dict | None = None) -> float:
     """The mean query loss of the generated LoRAs after ``inner.inner_steps`` support steps."""
     from metapeft.meta.learner import inner_adapt
     from metapeft.train import batch_loss
 
     out = []
-    for th, (support, query) in zip(_task_thetas(net, adapter, emb, scales, keymap), episodes):
+    for th, (support, query) in zip(_task_thetas(net, adapter, emb, scales, keymap, anchor),
+                                    episodes):
         loss = batch_loss(adapter, inner_adapt(adapter, th, support, inner), query)
         mx.eval(loss)
         out.append(loss.item())
@@ -242,21 +288,22 @@ def mean_query_loss(net: Generator, adapter, scales, keymap, inner, emb, episode
 
 
 def finetune_e2e(net: Generator, adapter, scales: list[float], keymap, cfg: E2E, *,
-                 seed: int = 0, source=None, on_step=None) -> dict:
+                 seed: int = 0, source=None, on_step=None, anchor: dict | None = None,
+                 inner_lr: float | None = None) -> dict:
     """Stage 2 (module doc): ``cfg.steps`` Adam steps of the generator on the mean query loss of
     its θ (after ``cfg.inner_steps`` support steps) over fresh meta-train episodes. Returns the
     settings, the query-loss curve (before each step) and ``validation``: the mean query loss
     on ``cfg.val_episodes`` fixed episodes of the pool that training never draws, before and
-    after."""
+    after. ``anchor``: the flat tensors G's residual is added to; ``inner_lr``: the inner lr
+    when ``cfg`` has none (an anchor's calibrated lr), else the adapter's default."""
     import mlx.optimizers as optim
 
     from metapeft.meta.learner import MetaConfig
 
     t0 = time.perf_counter()
     source = source if source is not None else cfg.source()
-    inner = MetaConfig(algorithm="maml" if cfg.second_order else "fomaml",
-                       inner_steps=cfg.inner_steps,
-                       inner_lr=cfg.inner_lr or type(adapter).default_lr,
+    inner = MetaConfig(algorithm=cfg.meta_algorithm, inner_steps=cfg.inner_steps,
+                       inner_lr=cfg.inner_lr or inner_lr or type(adapter).default_lr,
                        inner_optimizer="adam")  # k = 0 is allowed here: no validate()
     opt = optim.Adam(learning_rate=cfg.lr)
     curve, accs, classes, tasks = [], [], set(), 0
@@ -264,7 +311,7 @@ def finetune_e2e(net: Generator, adapter, scales: list[float], keymap, cfg: E2E,
     # pool's classes), scored before and after
     val = _episodes(adapter, source, [2_000_003 + seed * 100_003 + j
                                       for j in range(cfg.val_episodes)])[:2]
-    val_before = mean_query_loss(net, adapter, scales, keymap, inner, *val) \
+    val_before = mean_query_loss(net, adapter, scales, keymap, inner, *val, anchor) \
         if cfg.val_episodes else None
 
     for step in range(cfg.steps):  # episode seeds apart from `library build`'s seed + i
@@ -272,7 +319,8 @@ def finetune_e2e(net: Generator, adapter, scales: list[float], keymap, cfg: E2E,
             1_000_003 + seed * 100_003 + step * cfg.meta_batch + j
             for j in range(cfg.meta_batch)])
         classes.update(label for t in drawn for label in t.labels)
-        losses, hits, grads = e2e_gradients(net, adapter, scales, keymap, inner, emb, eps)
+        losses, hits, grads = e2e_gradients(net, adapter, scales, keymap, inner, emb, eps,
+                                            anchor)
         opt.update(net, grads)
         mx.eval(net.parameters(), opt.state)
         tasks += len(eps)
@@ -280,9 +328,11 @@ def finetune_e2e(net: Generator, adapter, scales: list[float], keymap, cfg: E2E,
         accs.append(float(np.mean(hits)))
         if on_step is not None:
             on_step("e2e", step + 1, curve[-1], accs[-1])
-    order = ("exact (k = 0)" if cfg.inner_steps == 0 else
-             "second" if cfg.second_order else "first")
+    order = ("exact (k = 0)" if cfg.inner_steps == 0 else "reptile"
+             if inner.algorithm == "reptile" else
+             "second" if inner.algorithm == "maml" else "first")
     return {"steps": cfg.steps, "inner_steps": cfg.inner_steps, "order": order,
+            "algorithm": inner.algorithm,
             "inner_lr": inner.inner_lr, "inner_optimizer": inner.inner_optimizer,
             "lr": cfg.lr, "meta_batch": cfg.meta_batch, "tasks": tasks,
             "classes": len(classes), "data": cfg.data, "domains": cfg.domains,
@@ -295,18 +345,20 @@ def finetune_e2e(net: Generator, adapter, scales: list[float], keymap, cfg: E2E,
             "validation": None if val_before is None else {
                 "episodes": cfg.val_episodes, "query_loss_before": round(val_before, 5),
                 "query_loss_after": round(mean_query_loss(net, adapter, scales, keymap,
-                                                          inner, *val), 5)},
+                                                          inner, *val, anchor), 5)},
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def train_generator(adapter, *, registry=None, epochs: int = 400, lr: float = 1e-3,
+def train_generator(adapter, *, registry=None, epochs: int | None = None, lr: float = 1e-3,
                     seed: int = 0, hidden: int = HIDDEN, e2e: E2E | None = None,
-                    on_step=None) -> dict:
+                    anchor: str | None = None, on_step=None) -> dict:
     """Train a generator on the library entries that fit ``adapter`` (a plain LoRA on the base
-    model) and have a content embedding (``epochs`` reconstruction steps), then, with ``e2e``,
-    fine-tune it end to end on the support/query loss; save it as the next version. Returns
-    its summary. ``on_step(phase, step, loss, acc)`` after every step (phase "reconstruction"
-    or "e2e"; acc None in reconstruction)."""
+    model) and have a content embedding (``epochs`` reconstruction steps, default 400), then,
+    with ``e2e``, fine-tune it end to end on the support/query loss; save it as the next
+    version. With ``anchor`` (a registry name, NAME@V or file, as ``adapt --init`` takes) the
+    generator is a residual on that init, trained end to end only (module doc). Returns its
+    summary. ``on_step(phase, step, loss, acc)`` after every step (phase "reconstruction" or
+    "e2e"; acc None in reconstruction)."""
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
@@ -315,10 +367,18 @@ def train_generator(adapter, *, registry=None, epochs: int = 400, lr: float = 1e
     from metapeft.library import candidates
 
     t0 = time.perf_counter()
-    if epochs < 0:
-        raise UserError(f"--epochs must be >= 0, got {epochs}", field="epochs")
     e2e = e2e or E2E()
     e2e.validate()
+    if anchor is not None and epochs:
+        raise UserError("an anchored generator has no reconstruction stage (the library LoRAs "
+                        "were not trained from the anchor); drop --epochs", field="epochs")
+    if anchor is not None and not e2e.steps:
+        raise UserError("an anchored generator starts as the anchor itself; give --e2e-steps N "
+                        "(and --data) to train it", field="e2e_steps")
+    epochs = (0 if anchor is not None else 400) if epochs is None else epochs
+    if epochs < 0:
+        raise UserError(f"--epochs must be >= 0, got {epochs}", field="epochs")
+    anchor_flat, anchor_meta = _anchor(adapter, anchor, registry) if anchor is not None else (None, {})
     usable, _ = candidates(adapter, registry)
     usable = [(e, a) for e, a in usable if e.embedding is not None]
     if len(usable) < 2:
@@ -351,6 +411,8 @@ def train_generator(adapter, *, registry=None, epochs: int = 400, lr: float = 1e
         scales.append(s)
     mx.random.seed(seed)
     net = Generator(emb.shape[1], layers, types, rank, hidden)
+    if anchor_flat is not None:
+        zero_heads(net)
     opt = optim.Adam(learning_rate=lr)
 
     def loss_fn(model):
@@ -371,8 +433,10 @@ def train_generator(adapter, *, registry=None, epochs: int = 400, lr: float = 1e
     rec_seconds = round(time.perf_counter() - t0, 3)
     stage2 = None
     if e2e.steps:
+        step = stored_step_size(anchor_meta) if anchor_flat is not None else None
         stage2 = finetune_e2e(net, adapter, scales, _keymap(adapter, layers, names), e2e,
-                              seed=seed, source=source, on_step=on_step)
+                              seed=seed, source=source, on_step=on_step, anchor=anchor_flat,
+                              inner_lr=None if step is None else step["adapt_lr"])
     base = adapter.base
     meta = {"format": FORMAT, "base_model": base.model_id, "base_model_hash": base.fingerprint,
             "config": adapter.config.to_dict(), "rank": rank, "layers": layers,
@@ -384,15 +448,43 @@ def train_generator(adapter, *, registry=None, epochs: int = 400, lr: float = 1e
                          "e2e_steps": e2e.steps, "inner_steps": e2e.inner_steps if
                          e2e.steps else None, "e2e": stage2},
             "seconds": round(time.perf_counter() - t0, 3), "metapeft_version": __version__}
+    tensors = dict(tree_flatten(net.parameters()))
+    if anchor_flat is not None:  # INIT's tensors and calibrated step size travel with G
+        meta["anchor"] = anchor_meta["describe"]
+        meta.update({k: anchor_meta[k] for k in STEP_SIZE_KEYS if k in anchor_meta})
+        tensors.update({ANCHOR_PREFIX + k: v for k, v in anchor_flat.items()})
     d = generators_dir(registry)
     d.mkdir(parents=True, exist_ok=True)
     with file_lock(d / ".lock"):
         version = 1 + max([int(p.stem[1:]) for p in d.glob("v*.safetensors")] or [0])
         meta["version"] = version
-        path = save_safetensors(d / f"v{version:04d}.safetensors",
-                                dict(tree_flatten(net.parameters())), meta)
+        path = save_safetensors(d / f"v{version:04d}.safetensors", tensors, meta)
     return {**{k: meta[k] for k in ("version", "entries", "final_loss", "loss_curve",
-                                     "training", "seconds", "base_model")}, "path": str(path)}
+                                     "training", "seconds", "base_model")}, "path": str(path),
+            "anchor": meta.get("anchor")}
+
+
+STEP_SIZE_KEYS = ("adapt_lr", "adapt_lr_decay", "adapt_lr_calibration")
+
+
+def _anchor(adapter, init: str, registry=None) -> tuple[dict, dict]:
+    """(flat float32 tensors, header) of the anchor init, checked against ``adapter``; the
+    header gains ``describe`` (NAME@VERSION or the path, as resolved now)."""
+    from metapeft.adapter_io import describe_init, init_path, resolve_init
+    from metapeft.artifacts import read_metadata
+
+    if str(init).startswith("library:"):
+        raise UserError("--anchor takes a meta-init (a registry name, NAME@V or a file), not a "
+                        "library init", field="anchor")
+    try:
+        params = resolve_init(init, adapter, registry)
+        meta = dict(read_metadata(init_path(init, registry)))
+    except UserError as err:  # the same error, named for the option it came from
+        raise UserError(err.message, path=err.path, field="anchor") from None
+    meta["describe"] = describe_init(init, registry)
+    flat = {k: v.astype(mx.float32) for k, v in adapter.flat(params).items()}
+    mx.eval(flat)
+    return flat, meta
 
 
 def latest_generator(adapter, registry=None, version: int | None = None) -> tuple[Path, dict]:
@@ -433,8 +525,19 @@ def load_generator(path, meta: dict) -> Generator:
     types = {t: tuple(v) for t, v in meta["types"].items()}
     net = Generator(int(meta["dim"]), list(meta["layers"]), types, int(meta["rank"]),
                     int(meta["hidden"]))
-    net.update(tree_unflatten(list(arrays.items())))
+    net.update(tree_unflatten([(k, v) for k, v in arrays.items()
+                               if not k.startswith(ANCHOR_PREFIX)]))
     return net
+
+
+def load_anchor(path) -> dict | None:
+    """An anchored generator's INIT tensors (flat, float32), or None for a plain generator."""
+    from metapeft.artifacts import load_safetensors
+
+    arrays, _ = load_safetensors(path)
+    out = {k[len(ANCHOR_PREFIX):]: v.astype(mx.float32) for k, v in arrays.items()
+           if k.startswith(ANCHOR_PREFIX)}
+    return out or None
 
 
 def generate_init(adapter, task, registry=None, version: int | None = None
@@ -447,12 +550,13 @@ def generate_init(adapter, task, registry=None, version: int | None = None
     net = load_generator(path, meta)
     e = mx.array(np.asarray([task_embedding(adapter.base, task)], np.float32))
     want = adapter.flat(adapter.init_params(0))
+    anchor = load_anchor(path)
     try:
         out = generated(net, e, list(meta["scales"]),
-                        _keymap(adapter, net.layers, net.type_names))
+                        _keymap(adapter, net.layers, net.type_names), anchor)
     except UserError as err:
         raise UserError(err.message, path=str(path), field="parameters") from None
-    if set(out) != set(want):
+    if set(out) != set(want) or (anchor is not None and set(anchor) != set(want)):
         raise UserError("the generator's modules do not match this adapter's", path=str(path),
                         field="parameters")
     params = adapter.unflat({k: out[k][0].astype(want[k].dtype) for k in want})
@@ -462,4 +566,5 @@ def generate_init(adapter, task, registry=None, version: int | None = None
                     "final_loss": meta.get("final_loss"),
                     "e2e_steps": training.get("e2e_steps", 0),
                     "inner_steps": training.get("inner_steps"),
+                    **({"anchor": meta.get("anchor")} if anchor is not None else {}),
                     "seconds": round(time.perf_counter() - t0, 3)}

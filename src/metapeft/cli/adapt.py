@@ -103,8 +103,14 @@ def _print_library(extra: dict) -> None:
     c, r, kept = extra.get("composition"), extra.get("route"), extra.get("library")
     g = extra.get("generation")
     if g:
+        size = g.get("step_size")
+        anchor = "" if not g.get("anchor") else (
+            f", a residual on {g['anchor']}" + ("" if not size else
+                                                f" at its lr {size['lr']:g}"
+                                                + (f" (decay {size['lr_decay']:g})"
+                                                   if size["lr_decay"] else "")))
         out_console.print(f"generated init: generator v{g['version']} trained on "
-                          f"{g['entries']} library LoRAs", highlight=False)
+                          f"{g['entries']} library LoRAs{anchor}", highlight=False)
     if c:
         mix = ", ".join(f"{m['id']} {m['weight']:+.2f}" for m in c["members"])
         out_console.print(f"composed init: {mix} (support loss {c['support_loss']:.3f}; "

@@ -131,8 +131,18 @@ def library_build(
 
 
 def library_train_generator(
-    epochs: int = typer.Option(400, "--epochs", help="Reconstruction: Adam steps over the "
-                               "whole library (0: none)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Reconstruction: Adam steps "
+                                         "over the whole library (0: none; default 400, none "
+                                         "with --anchor)."),
+    anchor: Optional[str] = typer.Option(None, "--anchor", help="Generate a residual on this "
+                                         "meta-init (NAME, NAME@V or a file): every task starts "
+                                         "at INIT until the end-to-end stage trains the "
+                                         "residual; adapt then uses INIT's calibrated step "
+                                         "size."),
+    e2e_algorithm: str = typer.Option("fomaml", "--e2e-algorithm", help="The end-to-end "
+                                      "stage's meta-gradient: fomaml (the query gradient), "
+                                      "maml (= --second-order) or reptile (toward the adapted "
+                                      "LoRA; needs --inner-steps >= 1)."),
     seed: int = typer.Option(0, "--seed"),
     e2e_steps: int = typer.Option(0, "--e2e-steps", help="Then fine-tune the generator end to "
                                   "end: N Adam steps on the query loss of its LoRAs on "
@@ -171,6 +181,7 @@ def library_train_generator(
         from metapeft.models import load_base_model
 
         e2e = E2E(steps=e2e_steps, inner_steps=inner_steps, second_order=second_order,
+                  algorithm=e2e_algorithm,
                   lr=e2e_lr, meta_batch=meta_batch, data=None if data is None else str(data),
                   domains=csv_list(domains), exclude_domains=csv_list(exclude_domains),
                   ways=ways, shots=shots, query=query, val_episodes=val_episodes)
@@ -178,16 +189,17 @@ def library_train_generator(
         base = load_base_model(model_options["model"], dequantize=model_options["dequantize"])
         adapter = get_adapter_class(DEFAULT_METHOD).attach(base, parse_sets(set_, config) or {})
         console = err_console if as_json else out_console
-        with LazyBar(epochs + e2e_steps, "generator", console) as bar:
+        recon = (0 if anchor else 400) if epochs is None else max(epochs, 0)
+        with LazyBar(recon + e2e_steps, "generator", console) as bar:
             def on_step(phase, step, loss, acc):
-                done = step + (epochs if phase == "e2e" else 0)
-                if done % 10 == 0 or done == epochs + e2e_steps or phase == "e2e":
+                done = step + (recon if phase == "e2e" else 0)
+                if done % 10 == 0 or done == recon + e2e_steps or phase == "e2e":
                     bar.update(completed=done, loss=f"{loss:.4g}",
                                acc="-" if acc is None else f"{acc:.1%}",
                                description=f"generator: {phase}")
 
             res = train_generator(adapter, registry=registry, epochs=epochs, seed=seed,
-                                  e2e=e2e, on_step=on_step)
+                                  e2e=e2e, anchor=anchor, on_step=on_step)
         if as_json:
             print_json(res)
         else:
@@ -200,8 +212,10 @@ def library_train_generator(
                    f", on {stage2['validation']['episodes']} held-out episodes "
                    f"{stage2['validation']['query_loss_before']:.4g} -> "
                    f"{stage2['validation']['query_loss_after']:.4g}"))
+            head = (f"anchored at {res['anchor']}" if res.get("anchor") else
+                    f"reconstruction loss {res['final_loss']:.4g}")
             out_console.print(f"generator v{res['version']} on {len(res['entries'])} library "
-                              f"LoRAs: reconstruction loss {res['final_loss']:.4g}{tail}, "
+                              f"LoRAs: {head}{tail}, "
                               f"{res['seconds']:.1f} s -> {res['path']}", highlight=False)
 
 
