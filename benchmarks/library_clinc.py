@@ -128,7 +128,8 @@ def train_e2e(args, registry: str) -> dict:
         get_adapter_class("lora").attach(load_base_model(args.model), {}), registry=registry,
         seed=args.seed, anchor=args.e2e_anchor,
         e2e=E2E(steps=args.e2e_steps, inner_steps=args.e2e_inner_steps, lr=args.e2e_lr,
-                algorithm=args.e2e_algorithm, data=str(CLINC / "train.jsonl"),
+                algorithm=args.e2e_algorithm, val_episodes=args.e2e_val_episodes,
+                data=str(CLINC / "train.jsonl"),
                                 exclude_domains=HELD_OUT_DOMAINS, ways=5, shots=5, query=10))
     s = gen["training"]["e2e"]
     print(f"  e2e generator v{gen['version']}: {s['tasks']} episodes of {s['classes']} "
@@ -324,6 +325,8 @@ def main() -> None:
     ap.add_argument("--e2e-inner-steps", type=int, default=0)
     ap.add_argument("--e2e-lr", type=float, default=1e-4)
     ap.add_argument("--e2e-algorithm", default="fomaml", help="fomaml | maml | reptile")
+    ap.add_argument("--e2e-val-episodes", type=int, default=8, help="fixed meta-train "
+                    "episodes scored before and after the e2e stage")
     ap.add_argument("--e2e-anchor", help="a meta-init file: the e2e generator is a residual on "
                     "it (library train-generator --anchor)")
     ap.add_argument("--arms", help="comma-separated subset of fresh,compose,generate,route,"
