@@ -290,5 +290,7 @@ def test_anchored_generator_bad_input_is_one_line(lib, tiny, tmp_path):
               "--inner-steps")
     _one_line(in_process(*gen, "--e2e-steps", "1", "--e2e-algorithm", "sgd", home=reg),
               "--e2e-algorithm")
+    _one_line(in_process(*gen, "--e2e-steps", "1", "--inner-steps", "1", "--e2e-algorithm",
+                         "reptile", "--second-order", home=reg), "--second-order")
     _one_line(in_process(*gen, "--e2e-steps", "1", "--inner-steps", "1", "--anchor",
                          "library:generate", home=reg), "--anchor")

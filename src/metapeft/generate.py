@@ -158,6 +158,9 @@ class E2E:
         if self.algorithm not in E2E_ALGORITHMS:
             raise UserError(f"unknown --e2e-algorithm {self.algorithm!r}; choose from "
                             f"{', '.join(E2E_ALGORITHMS)}", field="e2e_algorithm")
+        if self.algorithm == "reptile" and self.second_order:
+            raise UserError("--second-order is MAML's; Reptile is first order by construction",
+                            field="second_order")
         if self.algorithm == "reptile" and self.steps and self.inner_steps < 1:
             raise UserError("--e2e-algorithm reptile needs --inner-steps >= 1 (its direction is "
                             "where the support steps go)", field="inner_steps")
@@ -378,7 +381,8 @@ def train_generator(adapter, *, registry=None, epochs: int | None = None, lr: fl
     epochs = (0 if anchor is not None else 400) if epochs is None else epochs
     if epochs < 0:
         raise UserError(f"--epochs must be >= 0, got {epochs}", field="epochs")
-    anchor_flat, anchor_meta = _anchor(adapter, anchor, registry) if anchor is not None else (None, {})
+    anchor_flat, anchor_meta = (None, {}) if anchor is None else _anchor(adapter, anchor,
+                                                                         registry)
     usable, _ = candidates(adapter, registry)
     usable = [(e, a) for e, a in usable if e.embedding is not None]
     if len(usable) < 2:
