@@ -129,8 +129,8 @@ def train_e2e(args, registry: str) -> dict:
         seed=args.seed, anchor=args.e2e_anchor,
         e2e=E2E(steps=args.e2e_steps, inner_steps=args.e2e_inner_steps, lr=args.e2e_lr,
                 algorithm=args.e2e_algorithm, val_episodes=args.e2e_val_episodes,
-                data=str(CLINC / "train.jsonl"),
-                                exclude_domains=HELD_OUT_DOMAINS, ways=5, shots=5, query=10))
+                data=str(CLINC / "train.jsonl"), exclude_domains=HELD_OUT_DOMAINS, ways=5,
+                shots=5, query=10))
     s = gen["training"]["e2e"]
     print(f"  e2e generator v{gen['version']}: {s['tasks']} episodes of {s['classes']} "
           f"meta-train classes, query loss {s['query_loss_first']:.3f} -> "

@@ -294,3 +294,43 @@ def test_anchored_generator_bad_input_is_one_line(lib, tiny, tmp_path):
                          "reptile", "--second-order", home=reg), "--second-order")
     _one_line(in_process(*gen, "--e2e-steps", "1", "--inner-steps", "1", "--anchor",
                          "library:generate", home=reg), "--anchor")
+
+
+def test_generator_input_is_centred_so_tasks_differ(lib, tiny):
+    """Task embeddings are mean-pooled LM states that share one large direction; G centres them
+    on its library's mean and scales them to unit RMS, so its first layer sees tasks that
+    differ by O(1) rather than by a few percent; the statistics travel in the file, and a file
+    without them (written before) loads as the identity."""
+    import mlx.core as mx
+
+    from metapeft import library
+    from metapeft.adapters import get_adapter_class
+    from metapeft.artifacts import load_safetensors, save_safetensors
+    from metapeft.generate import Generator, latest_generator, load_generator, train_generator
+
+    reg, _ = lib
+    adapter = get_adapter_class("lora").attach(tiny, {})
+    res = train_generator(adapter, registry=reg, epochs=2)
+    path, meta = latest_generator(adapter, reg, res["version"])
+    net = load_generator(path, meta)
+    emb = np.stack([e.embedding for e in library.entries(reg)]).astype(np.float32)
+    assert np.allclose(np.asarray(net.inp_center), emb.mean(axis=0), atol=1e-6)
+    x = (mx.array(emb) - net.inp_center) / net.inp_scale
+    assert float(mx.sqrt((x ** 2).mean()).item()) == pytest.approx(1.0, rel=1e-4)
+    # the raw embeddings are nearly parallel; what G's first layer sees is not
+    cos = lambda a: (a @ a.T / np.outer(*[np.linalg.norm(a, axis=1)] * 2))[0, 1:]
+    assert cos(emb).min() > 0.8, cos(emb)
+    assert cos(np.asarray(x)).max() < 0.5, cos(np.asarray(x))
+    # not trained: the statistics are frozen (no gradient, so no optimiser moves them)
+    from mlx.utils import tree_flatten
+    assert not {k for k, _ in tree_flatten(net.trainable_parameters())} & {"inp_center",
+                                                                          "inp_scale"}
+    # a file from before the statistics existed loads as the identity
+    arrays, header = load_safetensors(path)
+    old = path.with_name("old.safetensors")
+    save_safetensors(old, {k: v for k, v in arrays.items() if not k.startswith("inp_")},
+                     header)
+    legacy = load_generator(old, meta)
+    assert mx.array_equal(legacy.inp_center, mx.zeros_like(net.inp_center)).item()
+    assert legacy.inp_scale.item() == 1.0
+    assert isinstance(legacy, Generator)
