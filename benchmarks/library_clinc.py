@@ -282,21 +282,33 @@ def summary(results: list[dict], info: dict, arms: list[str], args, load: str) -
 
 
 def merge(args) -> None:
-    """The table of several shards' ``--json`` runs together (``--merge A,B``)."""
+    """The table of several ``--json`` runs together (``--merge A,B``): shards of one run, or
+    runs of other arms on the same tasks (each task's arms are joined; a task is kept when it
+    has every arm)."""
     runs = [json.loads(Path(p).read_text()) for p in args.merge.split(",")]
+    for k in ("task_seed", "model"):
+        if len({str(run["args"].get(k)) for run in runs}) > 1:
+            raise SystemExit(f"--merge: the runs differ in {k}; they are not the same tasks")
     global STEPS
     STEPS = tuple(runs[0]["args"]["steps"])
-    results = sorted({r["i"]: r for run in runs for r in run["results"]}.values(),
+    arm_list, by_task = [], {}
+    for run in runs:
+        arm_list += [a for a in run["args"]["arm_list"] if a not in arm_list]
+        for r in run["results"]:
+            by_task.setdefault(r["i"], {}).update(r)
+    results = sorted((r for r in by_task.values() if all(a in r for a in arm_list)),
                      key=lambda r: r["i"])
+    main_run = next((run for run in runs if run["info"].get("e2e")), runs[0])  # its e2e figures
     for k in ("task_seed", "model", "e2e_steps", "e2e_inner_steps", "e2e_anchor"):
-        setattr(args, k, runs[0]["args"].get(k))
+        setattr(args, k, main_run["args"].get(k))
     args.pair_with = args.pair_with or runs[0]["args"].get("pair_with")
-    arms = pair_with(results, args.pair_with, runs[0]["args"]["arm_list"])
+    arms = pair_with(results, args.pair_with, arm_list)
     load = runs[0].get("load", "?")
-    lines = summary(results, runs[0]["info"], arms, args, load)
+    lines = summary(results, main_run["info"], arms, args, load)
     print("\n".join(lines))
-    write_json(args.json, {"info": runs[0]["info"], "results": results, "table": lines,
-                           "args": vars(args), "merged": args.merge.split(",")})
+    write_json(args.json, {"info": main_run["info"], "results": results, "table": lines,
+                           "args": {**vars(args), "arm_list": arm_list},
+                           "merged": args.merge.split(",")})
 
 
 def main() -> None:
