@@ -41,6 +41,12 @@ tasks i ≡ I (mod N) (every shard after the build: ``--registry`` the built lib
 ``--resume`` keeps the tasks already in ``--json`` (written after every task), and ``--merge
 A.json,B.json`` prints the table of shards' runs together.
 
+``--library-domains banking,travel`` builds the library from the test domains' *train* split
+instead: past tasks that share the test tasks' classes but none of their texts, the library a
+user who adapts task after task in one domain accumulates. ``--data DIR --held-out DOMAINS`` runs
+the same on another corpus in CLINC150's layout (benchmarks/wordnet_tasks.py's: ``--held-out
+verb``).
+
 Compositions found on the held-out tasks are not kept between tasks (each task sees the store as
 the build left it), so the tasks stay independent. Paired differences are per task.
 
@@ -67,7 +73,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (CLINC, HELD_OUT_DOMAINS, SMOL, STORIES, clinc_pool, fmt, mean_ci,
+from _common import (CLINC, HELD_OUT_DOMAINS, SMOL, STORIES, bad_input, clinc_pool, fmt, mean_ci,
                      require, write_json)
 
 STEPS = (0, 1, 5, 10)
@@ -77,14 +83,15 @@ BUILD_INFO = "library_clinc_build.json"  # in the registry: what building the li
 def build_library(args, registry: str) -> dict:
     from metapeft import api, library
 
-    domains = [d for d in json.loads((CLINC / "domains.json").read_text())
-               if d not in HELD_OUT_DOMAINS]
+    all_domains = corpus_domains(Path(args.data))
+    domains = library_domains(args, all_domains)
     t0 = time.perf_counter()
     rows = []
     for j, d in enumerate(domains):
-        res = api.library_build(CLINC / "train.jsonl", model=args.model, tasks=args.per_domain,
-                            steps=args.build_steps, ways=5, shots=args.build_shots, query=10,
-                            seed=1000 * (j + 1), domains=[d], registry=registry)
+        res = api.library_build(Path(args.data) / "train.jsonl", model=args.model,
+                                tasks=args.per_domain, steps=args.build_steps, ways=5,
+                                shots=args.build_shots, query=10, seed=1000 * (j + 1),
+                                domains=[d], registry=registry)
         rows += res.tasks
         print(f"  {d}: {res.added} adapters, mean score "
               f"{sum(r['final_accuracy'] for r in res.tasks) / len(res.tasks):.1%}", flush=True)
@@ -93,8 +100,9 @@ def build_library(args, registry: str) -> dict:
     from metapeft.adapt import adapt
     from metapeft.data.episodes import EpisodeSource
 
-    source = EpisodeSource(clinc_pool("train", exclude=HELD_OUT_DOMAINS), ways=5, shots=5,
-                           query=10, name="clinc-train")
+    pool = (clinc_pool("train", domains=domains) if args.library_domains
+            else clinc_pool("train", exclude=args.held_out_list, root=args.data))
+    source = EpisodeSource(pool, ways=5, shots=5, query=10, name="clinc-train")
     t1 = time.perf_counter()
     for i in range(args.warm_tasks):
         os.environ["METAPEFT_HOME"] = registry
@@ -115,6 +123,26 @@ def build_library(args, registry: str) -> dict:
     return {**info, **train_e2e(args, registry)}
 
 
+def corpus_domains(data: Path) -> list[str]:
+    """A corpus's domains: its ``domains.json`` (CLINC150's order), else those of its train rows."""
+    if (data / "domains.json").exists():
+        return json.loads((data / "domains.json").read_text())
+    return sorted({r.extra.get("domain") for r in clinc_pool("train", root=data)} - {None})
+
+
+def library_domains(args, all_domains: list[str]) -> list[str]:
+    """The domains whose *train* split the library is built from: the 8 meta-train domains, or
+    ``--library-domains`` (e.g. banking,travel: past tasks of the test domains, on other rows)."""
+    if not args.library_domains:
+        return [d for d in all_domains if d not in args.held_out_list]
+    domains = args.library_domains.split(",")
+    unknown = [d for d in domains if d not in all_domains]
+    if unknown:
+        bad_input(f"--library-domains: unknown domain {unknown[0]!r} "
+                         f"({Path(args.data).name} has {', '.join(all_domains)})")
+    return domains
+
+
 def train_e2e(args, registry: str) -> dict:
     """The end-to-end generator (same seed and reconstruction, then ``--e2e-steps``) on 5-way
     5-shot episodes of the meta-train domains; {} without ``--e2e-steps``."""
@@ -129,8 +157,8 @@ def train_e2e(args, registry: str) -> dict:
         seed=args.seed, anchor=args.e2e_anchor,
         e2e=E2E(steps=args.e2e_steps, inner_steps=args.e2e_inner_steps, lr=args.e2e_lr,
                 algorithm=args.e2e_algorithm, val_episodes=args.e2e_val_episodes,
-                data=str(CLINC / "train.jsonl"), exclude_domains=HELD_OUT_DOMAINS, ways=5,
-                shots=5, query=10))
+                data=str(Path(args.data) / "train.jsonl"), exclude_domains=args.held_out_list,
+                ways=5, shots=5, query=10))
     s = gen["training"]["e2e"]
     print(f"  e2e generator v{gen['version']}: {s['tasks']} episodes of {s['classes']} "
           f"meta-train classes, query loss {s['query_loss_first']:.3f} -> "
@@ -226,6 +254,7 @@ def table(results: list[dict], arms: list[str]) -> list[str]:
 
 
 PAIRABLE = ("fresh", "meta", "multitask")  # arms a meta_clinc.py run holds per task
+DEFAULTS = {"data": str(CLINC), "held_out": ",".join(HELD_OUT_DOMAINS)}  # of runs before --data
 
 
 def pair_with(results: list[dict], path: str | None, arms: list[str]) -> list[str]:
@@ -236,7 +265,7 @@ def pair_with(results: list[dict], path: str | None, arms: list[str]) -> list[st
     records = {r["i"]: r for r in json.loads(Path(path).read_text())["records"]}
     missing = [r["i"] for r in results if r["i"] not in records]
     if missing:
-        raise SystemExit(f"{path}: no record for tasks {missing[:5]} (run it with --tasks >= "
+        bad_input(f"{path}: no record for tasks {missing[:5]} (run it with --tasks >= "
                          f"{max(missing) + 1})")
     added = [a for a in PAIRABLE if a not in arms and all(
         a in records[r["i"]]["acc"] for r in results)]
@@ -255,11 +284,15 @@ def summary(results: list[dict], info: dict, arms: list[str], args, load: str) -
     first = ran[0]  # a run's seconds per step (evaluations included)
     step_s = [r[first]["seconds"] / max(STEPS) for r in results]
     paired = [a for a in arms if a not in ran]
-    lines += ["", f"{len(results)} held-out tasks ({', '.join(HELD_OUT_DOMAINS)}, 5-way 5-shot, "
+    lines += ["", f"{len(results)} held-out tasks ({args.held_out}, 5-way 5-shot, "
               f"10 query per class; episode seeds {args.task_seed} + i), model "
               f"{Path(args.model).name}; library: "
-              f"{info['adapters']} LoRAs from {len(info.get('domains', [])) or '?'} meta-train "
-              f"domains, {info['disk_bytes'] / 2**20:.2f} MiB, built in "
+              + (f"{info['adapters']} LoRAs from the train split of "
+                 f"{', '.join(info.get('domains', ['?']))} (other texts than the test tasks'), "
+                 if args.library_domains else
+                 f"{info['adapters']} LoRAs from {len(info.get('domains', [])) or '?'} meta-train "
+                 "domains, ")
+              + f"{info['disk_bytes'] / 2**20:.2f} MiB, built in "
               f"{info.get('build_seconds', '?')} s (+{info.get('warm_seconds', 0)} s for "
               f"{info.get('warm_compositions', 0)} warm-start compositions, "
               f"+{info.get('generator_seconds', '?')} s to train the generator"
@@ -286,9 +319,9 @@ def merge(args) -> None:
     runs of other arms on the same tasks (each task's arms are joined; a task is kept when it
     has every arm)."""
     runs = [json.loads(Path(p).read_text()) for p in args.merge.split(",")]
-    for k in ("task_seed", "model"):
-        if len({str(run["args"].get(k)) for run in runs}) > 1:
-            raise SystemExit(f"--merge: the runs differ in {k}; they are not the same tasks")
+    for k in ("task_seed", "model", "data", "held_out"):  # absent (older runs): CLINC150's
+        if len({str(run["args"].get(k, DEFAULTS.get(k))) for run in runs}) > 1:
+            bad_input(f"--merge: the runs differ in {k}; they are not the same tasks")
     global STEPS
     STEPS = tuple(runs[0]["args"]["steps"])
     arm_list, by_task = [], {}
@@ -299,8 +332,9 @@ def merge(args) -> None:
     results = sorted((r for r in by_task.values() if all(a in r for a in arm_list)),
                      key=lambda r: r["i"])
     main_run = next((run for run in runs if run["info"].get("e2e")), runs[0])  # its e2e figures
-    for k in ("task_seed", "model", "e2e_steps", "e2e_inner_steps", "e2e_anchor"):
-        setattr(args, k, main_run["args"].get(k))
+    for k in ("task_seed", "model", "e2e_steps", "e2e_inner_steps", "e2e_anchor", "data",
+              "held_out", "library_domains"):
+        setattr(args, k, main_run["args"].get(k, DEFAULTS.get(k)))
     args.pair_with = args.pair_with or runs[0]["args"].get("pair_with")
     arms = pair_with(results, args.pair_with, arm_list)
     load = runs[0].get("load", "?")
@@ -325,6 +359,13 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the tasks already in --json")
     ap.add_argument("--merge", help="A.json,B.json: print the table of shards' runs together")
     ap.add_argument("--per-domain", type=int, default=4, help="library adapters per domain")
+    ap.add_argument("--data", default=str(CLINC), help="a corpus in CLINC150's layout "
+                    "(train.jsonl, test.jsonl), e.g. benchmarks/wordnet_tasks.py's")
+    ap.add_argument("--held-out", default=",".join(HELD_OUT_DOMAINS),
+                    help="the test domains (default banking,travel)")
+    ap.add_argument("--library-domains", help="build the library from these domains' train "
+                    "split (default: the 8 meta-train domains; banking,travel: the test domains' "
+                    "train rows, so past tasks share the test tasks' classes, not their texts)")
     ap.add_argument("--build-steps", type=int, default=30)
     ap.add_argument("--build-shots", type=int, default=10)
     ap.add_argument("--warm-tasks", type=int, default=8)
@@ -356,7 +397,8 @@ def main() -> None:
     if args.smol:
         args.model = str(SMOL)
     require(Path(args.model), "the model")
-    require(CLINC, "CLINC150")
+    args.data = str(require(Path(args.data), "the task data"))
+    args.held_out_list = args.held_out.split(",")
     import metapeft  # noqa: F401
     from metapeft import library
     from metapeft.data.episodes import EpisodeSource
@@ -386,8 +428,8 @@ def main() -> None:
     args.arm_list = every if not args.arms else [a for a in every if a in args.arms.split(",")]
     store = library.library_dir(registry) / library.COMPOSITIONS
     saved = store.read_text() if store.exists() else None
-    test = EpisodeSource(clinc_pool("test", domains=HELD_OUT_DOMAINS), ways=5, shots=5,
-                         query=10, name="clinc-test-held-out")
+    test = EpisodeSource(clinc_pool("test", domains=args.held_out_list, root=args.data), ways=5,
+                         shots=5, query=10, name="clinc-test-held-out")
     shard, num_shards = (int(x) for x in args.shard.split("/"))
     mine = [i for i in range(args.tasks) if i % num_shards == shard]
     results = []
