@@ -81,7 +81,7 @@ BUILD_INFO = "library_clinc_build.json"  # in the registry: what building the li
 
 
 def build_library(args, registry: str) -> dict:
-    from metapeft import api, library
+    from metapeft import api
 
     all_domains = corpus_domains(Path(args.data))
     domains = library_domains(args, all_domains)
@@ -95,12 +95,20 @@ def build_library(args, registry: str) -> dict:
         rows += res.tasks
         print(f"  {d}: {res.added} adapters, mean score "
               f"{sum(r['final_accuracy'] for r in res.tasks) / len(res.tasks):.1%}", flush=True)
-    build_s = time.perf_counter() - t0
-    # past compositions on meta-train-domain tasks: what the search on a new task warm-starts from
+    info = {"domains": domains, "adapters": len(rows),
+            "build_seconds": round(time.perf_counter() - t0, 1),
+            "mean_library_score": sum(r["final_accuracy"] for r in rows) / len(rows)}
+    return {**info, **finish_library(args, registry, domains)}
+
+
+def finish_library(args, registry: str, domains: list[str]) -> dict:
+    """After the entries: ``--warm-tasks`` past compositions on more episodes of the library's
+    domains (what the search on a new task warm-starts from), the generator, and the e2e one."""
+    from metapeft import library
     from metapeft.adapt import adapt
     from metapeft.data.episodes import EpisodeSource
 
-    pool = (clinc_pool("train", domains=domains) if args.library_domains
+    pool = (clinc_pool("train", domains=domains, root=args.data) if args.library_domains
             else clinc_pool("train", exclude=args.held_out_list, root=args.data))
     source = EpisodeSource(pool, ways=5, shots=5, query=10, name="clinc-train")
     t1 = time.perf_counter()
@@ -115,11 +123,9 @@ def build_library(args, registry: str) -> dict:
 
     gen = train_generator(get_adapter_class("lora").attach(load_base_model(args.model), {}),
                           registry=registry, seed=args.seed)
-    info = {"domains": domains, "adapters": len(rows), "build_seconds": round(build_s, 1),
-            "warm_compositions": args.warm_tasks, "warm_seconds": round(warm_s, 1),
+    info = {"warm_compositions": args.warm_tasks, "warm_seconds": round(warm_s, 1),
             "generator_seconds": gen["seconds"], "generator_loss": gen["final_loss"],
-            "generator_version": gen["version"], "disk_bytes": library.disk_bytes(registry),
-            "mean_library_score": sum(r["final_accuracy"] for r in rows) / len(rows)}
+            "generator_version": gen["version"], "disk_bytes": library.disk_bytes(registry)}
     return {**info, **train_e2e(args, registry)}
 
 
