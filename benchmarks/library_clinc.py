@@ -329,7 +329,9 @@ def merge(args) -> None:
         if len({str(run["args"].get(k, DEFAULTS.get(k))) for run in runs}) > 1:
             bad_input(f"--merge: the runs differ in {k}; they are not the same tasks")
     global STEPS
-    STEPS = tuple(runs[0]["args"]["steps"])
+    # merged files written before this kept no "steps": take them from a run that has them
+    STEPS = tuple(next(run["args"]["steps"] for run in runs if "steps" in run["args"]))
+    args.steps = list(STEPS)  # so that a merged file can be merged again
     arm_list, by_task = [], {}
     for run in runs:
         arm_list += [a for a in run["args"]["arm_list"] if a not in arm_list]
@@ -337,7 +339,9 @@ def merge(args) -> None:
             by_task.setdefault(r["i"], {}).update(r)
     results = sorted((r for r in by_task.values() if all(a in r for a in arm_list)),
                      key=lambda r: r["i"])
-    main_run = next((run for run in runs if run["info"].get("e2e")), runs[0])  # its e2e figures
+    # the run whose library figures to print: one with e2e figures, else the fullest build record
+    main_run = next((run for run in runs if run["info"].get("e2e")),
+                    max(runs, key=lambda run: len(run["info"])))
     for k in ("task_seed", "model", "e2e_steps", "e2e_inner_steps", "e2e_anchor", "data",
               "held_out", "library_domains"):
         setattr(args, k, main_run["args"].get(k, DEFAULTS.get(k)))
