@@ -83,8 +83,7 @@ BUILD_INFO = "library_clinc_build.json"  # in the registry: what building the li
 def build_library(args, registry: str) -> dict:
     from metapeft import api
 
-    all_domains = corpus_domains(Path(args.data))
-    domains = library_domains(args, all_domains)
+    domains = library_domains(args)
     t0 = time.perf_counter()
     rows = []
     for j, d in enumerate(domains):
@@ -108,9 +107,8 @@ def finish_library(args, registry: str, domains: list[str]) -> dict:
     from metapeft.adapt import adapt
     from metapeft.data.episodes import EpisodeSource
 
-    pool = (clinc_pool("train", domains=domains, root=args.data) if args.library_domains
-            else clinc_pool("train", exclude=args.held_out_list, root=args.data))
-    source = EpisodeSource(pool, ways=5, shots=5, query=10, name="clinc-train")
+    source = EpisodeSource(clinc_pool("train", domains=domains, root=args.data), ways=5, shots=5,
+                           query=10, name="clinc-train")
     t1 = time.perf_counter()
     for i in range(args.warm_tasks):
         os.environ["METAPEFT_HOME"] = registry
@@ -136,17 +134,21 @@ def corpus_domains(data: Path) -> list[str]:
     return sorted({r.extra.get("domain") for r in clinc_pool("train", root=data)} - {None})
 
 
-def library_domains(args, all_domains: list[str]) -> list[str]:
+def check_domains(flag: str, domains: list[str], args) -> list[str]:
+    """``domains`` if the corpus has them all; else one line naming the first unknown, exit 2."""
+    unknown = [d for d in domains if d not in args.all_domains]
+    if unknown:
+        bad_input(f"{flag}: unknown domain {unknown[0]!r} "
+                  f"({Path(args.data).name} has {', '.join(args.all_domains)})")
+    return domains
+
+
+def library_domains(args) -> list[str]:
     """The domains whose *train* split the library is built from: the 8 meta-train domains, or
     ``--library-domains`` (e.g. banking,travel: past tasks of the test domains, on other rows)."""
     if not args.library_domains:
-        return [d for d in all_domains if d not in args.held_out_list]
-    domains = args.library_domains.split(",")
-    unknown = [d for d in domains if d not in all_domains]
-    if unknown:
-        bad_input(f"--library-domains: unknown domain {unknown[0]!r} "
-                         f"({Path(args.data).name} has {', '.join(all_domains)})")
-    return domains
+        return [d for d in args.all_domains if d not in args.held_out_list]
+    return check_domains("--library-domains", args.library_domains.split(","), args)
 
 
 def train_e2e(args, registry: str) -> dict:
@@ -272,7 +274,7 @@ def pair_with(results: list[dict], path: str | None, arms: list[str]) -> list[st
     missing = [r["i"] for r in results if r["i"] not in records]
     if missing:
         bad_input(f"{path}: no record for tasks {missing[:5]} (run it with --tasks >= "
-                         f"{max(missing) + 1})")
+                  f"{max(missing) + 1})")
     added = [a for a in PAIRABLE if a not in arms and all(
         a in records[r["i"]]["acc"] for r in results)]
     for r in results:
@@ -342,9 +344,11 @@ def merge(args) -> None:
     # the run whose library figures to print: one with e2e figures, else the fullest build record
     main_run = next((run for run in runs if run["info"].get("e2e")),
                     max(runs, key=lambda run: len(run["info"])))
-    for k in ("task_seed", "model", "e2e_steps", "e2e_inner_steps", "e2e_anchor", "data",
-              "held_out", "library_domains"):
-        setattr(args, k, main_run["args"].get(k, DEFAULTS.get(k)))
+    # the merged record's args are that run's (build, marks, tasks), not this command's defaults;
+    # keys it lacks (runs before --data) keep the defaults, which are CLINC150's
+    for k, v in main_run["args"].items():
+        if k not in ("merge", "json", "pair_with", "shard", "steps", "arm_list"):
+            setattr(args, k, v)
     args.pair_with = args.pair_with or runs[0]["args"].get("pair_with")
     arms = pair_with(results, args.pair_with, arm_list)
     load = runs[0].get("load", "?")
@@ -408,7 +412,8 @@ def main() -> None:
         args.model = str(SMOL)
     require(Path(args.model), "the model")
     args.data = str(require(Path(args.data), "the task data"))
-    args.held_out_list = args.held_out.split(",")
+    args.all_domains = corpus_domains(Path(args.data))
+    args.held_out_list = check_domains("--held-out", args.held_out.split(","), args)
     import metapeft  # noqa: F401
     from metapeft import library
     from metapeft.data.episodes import EpisodeSource

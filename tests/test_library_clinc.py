@@ -33,6 +33,10 @@ def test_unknown_library_domain_is_one_line_before_any_training(tmp_path):
     assert len(lines) == 1 and "unknown domain 'bankng'" in lines[0] and "travel" in lines[0]
     assert not list((tmp_path / "LIB").rglob("*.safetensors"))  # nothing was built
 
+    p = bench("--tasks", "0", "--registry", str(tmp_path / "LIB"), "--held-out", "bankin")
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "--held-out: unknown domain 'bankin'" in lines[0]
+
 
 def run_record(path: Path, **args) -> str:
     """A minimal ``--json`` record of one task's run, as the benchmark writes it."""
