@@ -35,7 +35,8 @@ def test_unknown_library_domain_is_one_line_before_any_training(tmp_path):
 
     p = bench("--tasks", "0", "--registry", str(tmp_path / "LIB"), "--held-out", "bankin")
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert p.returncode == 2 and len(lines) == 1 and "--held-out: unknown domain 'bankin'" in lines[0]
+    assert p.returncode == 2 and len(lines) == 1
+    assert "--held-out: unknown domain 'bankin'" in lines[0]
 
 
 def run_record(path: Path, **args) -> str:
