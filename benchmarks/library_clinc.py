@@ -32,6 +32,13 @@ examples per class), every arm adapted with Adam at LoRA's default lr, query acc
 
 ``--arms`` runs a subset of the arms, ``--marks`` sets the evaluated steps (default 0,1,5,10).
 
+``--calibrate N`` first chooses the step size of the compose arms (``library calibrate``:
+``compose.calibrate_step_size``) on N episodes (seeds 70000 + i) of the library's domains in
+``--calibrate-split`` (default val: on CLINC150 neither the test split nor the library's rows),
+and keeps it in the library, so that every shard's ``adapt`` trains the mixtures at it; each
+compose row records the ``step_size`` it ran at. (``metapeft library calibrate --processes 2``
+does the same on two cores, into a ``--registry`` the shards then reuse.)
+
 Sharding and pairing with the meta-init table: ``--task-seed 30000`` samples the same test tasks
 as ``meta_clinc.py`` (task i is episode seed 30000 + i there); ``--pair-with RUN.json`` (a
 ``meta_clinc.py --json`` run on the same tasks) then adds its ``fresh``, ``meta`` and
@@ -189,6 +196,37 @@ def versions(registry: str) -> dict:
     return out
 
 
+def trial_line(row: dict) -> str:
+    """One calibration candidate's accuracies at its marks and their mean."""
+    if row.get("diverged"):
+        return "diverged"
+    steps = " ".join(f"@{k} {v:.1%}" for k, v in row.items() if k.isdigit())
+    return f"{steps}, mean {row['mean']:.1%}"
+
+
+def calibrate(args, registry: str) -> None:
+    """``--calibrate N``: the step size of each compose arm, chosen on N episodes of the
+    library's domains in ``--calibrate-split`` (``api.library_calibrate``; seeds 70000 + i)."""
+    from metapeft import api
+
+    arms = args.arms.split(",") if args.arms else ["compose", "compose-meta"]
+    specs = ([f"library:compose:{args.k}"] if "compose" in arms else []) + (
+        [f"library:compose:{args.k}+{args.meta_init}"]
+        if args.meta_init and "compose-meta" in arms else [])
+    pool = Path(args.data) / f"{args.calibrate_split}.jsonl"
+    factors, decays = args.calibrate_grid
+    for spec in specs:
+        rec = api.library_calibrate(
+            pool, init=spec, model=args.model, tasks=args.calibrate, seed=70_000,
+            domains=library_domains(args), registry=registry,
+            factors=factors, decays=decays,
+            on_task=lambda i, rep: print(f"  calibration task {i}: weights {rep['weights']}",
+                                         flush=True),
+            on_trial=lambda key, row: print(f"  x{key}: {trial_line(row)}", flush=True))
+        print(f"  {rec['key']}: lr {rec['adapt_lr']:g} decay {rec['adapt_lr_decay']:g} "
+              f"({rec['seconds']:.0f} s)", flush=True)
+
+
 def run_task(args, task, registry: str, store: Path, saved: str | None) -> dict:
     from metapeft.adapt import adapt
 
@@ -218,7 +256,7 @@ def run_task(args, task, registry: str, store: Path, saved: str | None) -> dict:
             row.update(search_seconds=c["search_seconds"], weights=c["weights"],
                        members=[m["id"] for m in c["members"]], warm=c["warm_points"],
                        loss=c["support_loss"], uniform=c["objective_uniform"],
-                       objective=c["objective"])
+                       objective=c["objective"], step_size=c.get("step_size"))
         if name == "route":
             rt = r.extra["route"]
             row.update(merged0=row["acc"][0], routed0=rt["routed_accuracy"],
@@ -399,6 +437,12 @@ def main() -> None:
     ap.add_argument("--arms", help="comma-separated subset of fresh,compose,generate,route,"
                     "meta,generate-e2e (default: all that apply)")
     ap.add_argument("--marks", default="0,1,5,10", help="steps at which to evaluate")
+    ap.add_argument("--calibrate", type=int, default=0, help="first choose the step size of the "
+                    "compose arms on N past episodes of the library's domains (--calibrate-split"
+                    ", never test) and keep it in the library: adapt then trains at it")
+    ap.add_argument("--calibrate-split", default="val", help="the split those episodes come from")
+    ap.add_argument("--calibrate-factors", default=None, help="lr factors (default compose's)")
+    ap.add_argument("--calibrate-decays", default=None, help="lr decays (default compose's)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.merge:
@@ -414,6 +458,19 @@ def main() -> None:
     args.data = str(require(Path(args.data), "the task data"))
     args.all_domains = corpus_domains(Path(args.data))
     args.held_out_list = check_domains("--held-out", args.held_out.split(","), args)
+    if args.calibrate:  # before anything is built: the split and the grids
+        from metapeft.cli._common import parse_numbers
+        from metapeft.errors import UserError
+
+        if not (Path(args.data) / f"{args.calibrate_split}.jsonl").exists():
+            bad_input(f"--calibrate-split: {Path(args.data).name} has no "
+                      f"{args.calibrate_split}.jsonl")
+        try:
+            args.calibrate_grid = (
+                parse_numbers(args.calibrate_factors, "calibrate_factors", positive=True),
+                parse_numbers(args.calibrate_decays, "calibrate_decays", positive=False))
+        except UserError as e:
+            bad_input(e.one_line())
     import metapeft  # noqa: F401
     from metapeft import library
     from metapeft.data.episodes import EpisodeSource
@@ -434,6 +491,11 @@ def main() -> None:
     else:
         info = build_library(args, registry)
         write_json(str(built), info)
+    if args.calibrate:
+        calibrate(args, registry)
+    info["step_sizes"] = [{k: r.get(k) for k in ("key", "adapt_lr", "adapt_lr_decay", "num_tasks",
+                                                 "seconds", "search_seconds", "table")}
+                          for r in library.step_sizes(registry)]
     print(json.dumps(info), flush=True)
     args.gen_version = info.get("generator_version")
     args.e2e_version = info.get("e2e_version") if args.e2e_steps else None

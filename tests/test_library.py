@@ -346,3 +346,68 @@ def test_generate_without_a_generator_is_one_line(home, tmp_path, tiny):
     assert "train-generator" in r.stderr
     r = in_process("library", "train-generator", home=home)  # the entry has no task embedding
     assert r.returncode == 2 and "at least 2" in r.stderr
+
+
+def test_library_calibrate_keeps_a_step_size_that_adapt_uses(home, tmp_path, tiny):
+    """``library calibrate`` composes each past task as adapt would, tries every candidate
+    from there, keeps the best mean over the marks for that spec, and ``adapt`` with the same
+    spec trains at it (another spec keeps the method's default); the warm-start store is left
+    as it was."""
+    from metapeft import library
+    from metapeft.data.synthetic import generate_pool
+
+    _adapt(_task(21), tmp_path / "a")
+    _adapt(_task(22), tmp_path / "b")
+    for d in ("a", "b"):
+        library.add(tmp_path / d, base=tiny)
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n"
+                            for e in generate_pool("topic", 5, per_label=12)))
+    r = run("library", "calibrate", "--data", str(pool), "--init", "library:compose:2",
+            "--tasks", "2", "--ways", "3", "--shots", "2", "--query", "3", "--lr-factors",
+            "3,0.01", "--lr-decays", "0", "--marks", "1,2", "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["key"] == "compose:2" and rec["num_tasks"] == 2 and rec["marks"] == [1, 2]
+    assert set(rec["table"]) == {"3.0", "0.01"}
+    best = max(rec["table"], key=lambda k: (rec["table"][k]["mean"], -abs(np.log(float(k)))))
+    assert rec["adapt_lr"] == pytest.approx(1e-3 * float(best))  # LoRA's default lr × factor
+    assert library.compositions() == []  # calibration searches are not recorded
+    assert [s["key"] for s in library.step_sizes()] == ["compose:2"]
+    # split over 2 processes (ring backend): the same curves, the same choice, one record
+    two = run("library", "calibrate", "--data", str(pool), "--init", "library:compose:2",
+              "--tasks", "2", "--ways", "3", "--shots", "2", "--query", "3", "--lr-factors",
+              "3,0.01", "--lr-decays", "0", "--marks", "1,2", "--json", "--processes", "2",
+              home=home)
+    assert two.returncode == 0, two.stderr
+    rec2 = json.loads(two.stdout)
+    assert rec2["table"] == rec["table"] and rec2["adapt_lr"] == rec["adapt_lr"]
+    assert len(library.step_sizes()) == 1  # the same spec's record replaced, not added
+    t = str(_task_dir(tmp_path))
+    out = json.loads(run("adapt", t, "--init", "library:compose:2", "--steps", "1", "--json",
+                         home=home).stdout)
+    size = out["composition"]["step_size"]
+    assert size["source"] == "library calibration" and size["tasks"] == 2
+    assert size["lr"] == pytest.approx(rec["adapt_lr"]) and size["lr_decay"] == 0
+    other = json.loads(run("adapt", t, "--init", "library:compose:1", "--steps", "1", "--json",
+                           home=home).stdout)
+    assert "step_size" not in other["composition"]
+    bad = run("library", "calibrate", "--data", str(pool), "--init", "library:generate",
+              home=home)
+    assert bad.returncode == 2 and "library:compose" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_calibration_with_one_start_per_task_is_the_shared_start_repeated(tiny):
+    from metapeft.adapters import get_adapter_class
+    from metapeft.meta.stepsize import calibrate_adapt_lr
+
+    adapter = get_adapter_class("lora").attach(tiny, {})
+    params = adapter.init_params(0)
+    tasks = [_task(30), _task(31)]
+    shared = calibrate_adapt_lr(adapter, params, tasks, 1e-3, factors=(1.0, 0.1), marks=(1,))
+    listed = calibrate_adapt_lr(adapter, [params, params], tasks, 1e-3, factors=(1.0, 0.1),
+                                marks=(1,))
+    assert shared["table"] == listed["table"]
+    with pytest.raises(ValueError, match="starts for 2 tasks"):
+        calibrate_adapt_lr(adapter, [params], tasks, 1e-3)

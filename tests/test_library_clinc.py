@@ -73,3 +73,16 @@ def test_merge_treats_a_run_from_before_data_as_clinc150(tmp_path):
     assert merged["results"] == [{"i": 0, "meta": {"acc": [0.5, 0.6], "seconds": 1},
                                   "compose-meta": row}]
     assert "compose-meta − meta | +20.0" in p.stdout  # the paired row: 0.7 - 0.5
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "stories260K").exists()
+                    or not (SHARED / "data" / "clinc150").exists(),
+                    reason="needs ../shared (stories260K and CLINC150)")
+def test_calibration_input_is_checked_before_any_training(tmp_path):
+    for args, message in ((["--calibrate-split", "dev"], "clinc150 has no dev.jsonl"),
+                          (["--calibrate-factors", "1,x"], "--calibrate-factors must be")):
+        p = bench("--tasks", "0", "--registry", str(tmp_path / "LIB"), "--calibrate", "2", *args)
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 2 and len(lines) == 1, p.stderr
+        assert message in lines[0]
+    assert not list((tmp_path / "LIB").rglob("*.safetensors"))  # nothing was built

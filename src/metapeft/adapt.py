@@ -225,6 +225,16 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
             if calibrated:  # the report says which step size the anchor brought
                 library_start[1]["step_size"] = {"lr": calibrated["adapt_lr"],
                                                  "lr_decay": calibrated["adapt_lr_decay"]}
+        if (optimizer == "adam" and library_start is not None
+                and library_start[0] == "composition"):  # a step size kept for this spec
+            from metapeft.compose import calibrated_step_size
+
+            kept = calibrated_step_size(init, adapter, steps)
+            if kept:  # chosen for composed starts, ahead of INIT's own (compose module doc)
+                calibrated = kept
+                library_start[1]["step_size"] = {
+                    "lr": kept["adapt_lr"], "lr_decay": kept["adapt_lr_decay"],
+                    "source": "library calibration", "tasks": kept["num_tasks"]}
         lr = (calibrated or {}).get("adapt_lr") or cls.default_lr
         if lr_decay is None and calibrated:  # and its schedule, when one was chosen
             lr_decay = calibrated["adapt_lr_decay"]

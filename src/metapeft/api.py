@@ -1035,3 +1035,34 @@ def library_build(data, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
     return BuildResult(added=added, entries=len(entries(registry)),
                        seconds=round(time.perf_counter() - t0, 3),
                        disk_bytes=disk_bytes(registry), tasks=rows, evicted=evicted)
+
+
+def library_calibrate(data, *, init: str = "library:compose", model: str = DEFAULT_MODEL,
+                      dequantize: str = "auto", tasks: int = 8, ways: int = 5, shots: int = 5,
+                      query: int = 10, seed: int = 0, domains=None, exclude_domains=None,
+                      config: dict | None = None, factors=None, decays=None, marks=None,
+                      horizons=(), registry=None, on_task=None, on_trial=None,
+                      group=None) -> dict:
+    """Choose the step size ``adapt --init INIT`` (a ``library:compose...`` spec) trains at, on
+    ``tasks`` past episodes of a labelled pool (seeded ``seed + i``; never the test split), and
+    keep it in the library (``compose.calibrate_step_size``; ``group``: split over the ranks of
+    ``meta.distributed``). Returns the kept record."""
+    from metapeft.adapters import get_adapter_class
+    from metapeft.compose import CAL_DECAYS, CAL_FACTORS, calibrate_step_size
+    from metapeft.data.episodes import EpisodeSource
+    from metapeft.data.pools import filter_pool
+    from metapeft.data.tasks import read_rows
+    from metapeft.models import load_base_model
+
+    if tasks < 1:
+        raise UserError(f"--tasks must be >= 1, got {tasks}", field="tasks")
+    pool = filter_pool(read_rows(Path(data)), domains=domains, exclude_domains=exclude_domains)
+    source = EpisodeSource(pool, ways=ways, shots=shots, query=query, name=str(data))
+    episodes = [source.sample(seed + i) for i in range(tasks)]
+    adapter = get_adapter_class("lora").attach(load_base_model(model, dequantize=dequantize),
+                                               config or {})
+    return calibrate_step_size(init, adapter, episodes, registry=registry, seed=seed,
+                               factors=CAL_FACTORS if factors is None else factors,
+                               decays=CAL_DECAYS if decays is None else decays, marks=marks,
+                               horizons=horizons, on_task=on_task, on_trial=on_trial,
+                               group=group)

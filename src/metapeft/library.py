@@ -28,7 +28,10 @@ other entry can be compared with are evicted worst score first only when no pair
 
 Compositions found by ``library:compose`` are kept in ``library/compositions.json`` (task,
 embedding, the weight of every member by entry id, the support loss) to warm-start the next
-search on a similar task. Writers hold ``library/.lock``; every file is replaced atomically.
+search on a similar task. The step sizes calibrated for composed starts
+(``compose.calibrate_step_size``, ``metapeft library calibrate``) are kept in
+``library/step_sizes.json``, one record per composition spec, base model and LoRA config. Writers
+hold ``library/.lock``; every file is replaced atomically.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from metapeft.errors import UserError
 
 LIBRARY_DIR = "library"
 COMPOSITIONS = "compositions.json"
+STEP_SIZES = "step_sizes.json"
 def library_dir(registry=None) -> Path:
     from metapeft.registry import registry_root
 
@@ -383,6 +387,40 @@ def record_composition(record: dict, registry=None, keep: int = 500) -> None:
     d.mkdir(parents=True, exist_ok=True)
     with file_lock(d / ".lock"):
         atomic_write_json(d / COMPOSITIONS, (compositions(registry) + [record])[-keep:])
+
+
+# ------------------------------------------------------------------------------- step sizes
+def step_sizes(registry=None) -> list[dict]:
+    """The calibrated step sizes for composed starts (``compose.calibrate_step_size``)."""
+    p = library_dir(registry) / STEP_SIZES
+    try:
+        data = json.loads(p.read_text()) if p.exists() else []
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+
+
+def _same_setting(a: dict, b: dict) -> bool:
+    return all(a.get(f) == b.get(f) for f in ("key", "base_model_hash", "config"))
+
+
+def record_step_size(record: dict, registry=None) -> None:
+    """Keep ``record`` under the lock, replacing an older one for the same spec, base model and
+    config (``key``, ``base_model_hash``, ``config``)."""
+    from metapeft.artifacts import atomic_write_json, file_lock
+
+    d = library_dir(registry)
+    d.mkdir(parents=True, exist_ok=True)
+    with file_lock(d / ".lock"):
+        kept = [r for r in step_sizes(registry) if not _same_setting(r, record)]
+        atomic_write_json(d / STEP_SIZES, kept + [record])
+
+
+def find_step_size(key: str, base_model_hash: str, config: dict, registry=None) -> dict | None:
+    """The step-size record for this composition spec, base model and LoRA config, or None."""
+    probe = {"key": key, "base_model_hash": base_model_hash, "config": config}
+    found = [r for r in step_sizes(registry) if _same_setting(r, probe)]
+    return found[-1] if found else None
 
 
 def disk_bytes(registry=None) -> int:

@@ -115,6 +115,12 @@ def _print_library(extra: dict) -> None:
         mix = ", ".join(f"{m['id']} {m['weight']:+.2f}" for m in c["members"])
         out_console.print(f"composed init: {mix} (support loss {c['support_loss']:.3f}; "
                           f"{c['trials']} trials, {c['search_seconds']:.1f} s)", highlight=False)
+        size = c.get("step_size")
+        if size:
+            out_console.print(f"step size: lr {size['lr']:g}"
+                              + (f", decay {size['lr_decay']:g}" if size["lr_decay"] else "")
+                              + f" (library calibration on {size['tasks']} tasks)",
+                              highlight=False)
     if r:
         acc = r["routed_accuracy"]
         out_console.print(f"arrow routing over {len(r['experts'])} library LoRAs (top "

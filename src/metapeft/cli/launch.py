@@ -84,7 +84,9 @@ def ring_command(processes: int, command: list[str]) -> list[str]:
 
 
 def _command_args(argv: list[str], command: str, flag: str = "--processes") -> list[str]:
-    """The arguments after ``command`` in ``argv``, without ``flag N``."""
+    """The arguments after ``command`` (its last word: ``library calibrate``) in ``argv``,
+    without ``flag N``."""
+    command = command.split()[-1]
     if command not in argv:
         raise UserError(f"{flag} re-runs the command line, and this one has no "
                         f"'{command}' in it; run mlx.launch yourself", field=flag.lstrip("-"))
@@ -133,7 +135,7 @@ def relaunch(processes: int, command: str = "meta-train", *, checkpoint: Path | 
         raise UserError(f"{flag} needs MLX's ring backend, which this MLX does not have",
                         field=field)
     args = _command_args(sys.argv if argv is None else argv, command, flag)
-    cmd = [sys.executable, "-m", "metapeft.cli", command, *args]
+    cmd = [sys.executable, "-m", "metapeft.cli", *command.split(), *args]
     with tempfile.TemporaryDirectory(prefix="metapeft-ranks-") as status:
         exits = run_local_ring(processes, cmd, {STATUS_ENV: status}, Path(status))
         outcome = {}

@@ -1,4 +1,4 @@
-"""``metapeft library add | list | remove | build | train-generator``: the adapter library
+"""``metapeft library add | list | remove | build | calibrate | train-generator``: the adapter library
 (``metapeft.library``) that ``adapt --init library:compose``, ``--init library:generate`` and
 ``adapt --route arrow`` start new tasks from."""
 
@@ -11,7 +11,7 @@ import typer
 
 from metapeft.cli._common import (CONFIG_OPT, JSON_OPT, METHOD_OPT, REGISTRY_OPT, SET_OPT,
                                   LazyBar, compact_table, csv_list, err_console, out_console,
-                                  parse_sets, print_json, short_time, user_errors,
+                                  parse_numbers, parse_sets, print_json, short_time, user_errors,
                                   with_model_options)
 
 MAX_SIZE_OPT = typer.Option(None, "--max-size", help="Keep at most N entries: evict the "
@@ -130,6 +130,110 @@ def library_build(
                               f"{_size(res.disk_bytes)}, {res.seconds:.1f} s", highlight=False)
 
 
+def library_calibrate(
+    data: Path = typer.Option(..., "--data", help="A labelled JSONL/CSV pool of past tasks "
+                              "(never the test split)."),
+    init: str = typer.Option("library:compose", "--init", help="The composition spec to "
+                             "calibrate, as adapt takes it: library:compose[:K][+INIT]."),
+    tasks: int = typer.Option(8, "--tasks", help="Episodes to compose and train from."),
+    ways: int = typer.Option(5, "--ways"), shots: int = typer.Option(5, "--shots"),
+    query: int = typer.Option(10, "--query", help="Query examples per class (the score)."),
+    domains: Optional[list[str]] = typer.Option(None, "--domains", help="Only these domains."),
+    exclude_domains: Optional[list[str]] = typer.Option(None, "--exclude-domains",
+                                                        help="Leave these domains out."),
+    lr_factors: Optional[str] = typer.Option(None, "--lr-factors", help="Factors of the base "
+                                             "lr (INIT's calibrated lr, else LoRA's) to try, "
+                                             "comma-separated (default 1,0.3,0.1,0.03)."),
+    lr_decays: Optional[str] = typer.Option(None, "--lr-decays", help="Inverse-time decays to "
+                                            "try with every factor (default 0,3)."),
+    marks: Optional[str] = typer.Option(None, "--marks", help="Steps whose mean accuracy "
+                                        "chooses (default 1,2,5,10)."),
+    horizons: Optional[str] = typer.Option(None, "--horizons", help="Run lengths that get a "
+                                           "step size of their own (adapt --steps N takes N's)."),
+    seed: int = typer.Option(0, "--seed", help="Episode i uses seed + i."),
+    processes: int = typer.Option(1, "--processes", help="Split the tasks over N processes on "
+                                  "this machine (MLX's ring backend), as meta-train does."),
+    config: Optional[Path] = CONFIG_OPT,
+    set_: Optional[list[str]] = SET_OPT,
+    registry: Optional[Path] = REGISTRY_OPT,
+    as_json: bool = JSON_OPT,
+    model_options: dict = None,
+):
+    """Choose the step size adapt trains a composed init at, on past tasks, and keep it in
+    the library (adapt --init with the same spec then uses it)."""
+    with user_errors():
+        from metapeft import api
+        from metapeft.compose import CAL_DECAYS, CAL_FACTORS, parse_spec
+
+        parse_spec(init)  # a bad spec fails before the model loads
+        factors = parse_numbers(lr_factors, "lr_factors", positive=True) or CAL_FACTORS
+        decays = parse_numbers(lr_decays, "lr_decays", positive=False) or CAL_DECAYS
+        mark_steps = parse_numbers(marks, "marks", positive=True)
+        if processes != 1:
+            from metapeft.cli.launch import relaunch
+
+            code = relaunch(processes, "library calibrate",
+                            kept=lambda: "nothing was kept (the step size is written at the end)")
+            if code:
+                raise typer.Exit(code)
+            return
+        from metapeft.cli.launch import rank_outcome
+        from metapeft.meta.distributed import world
+
+        group = world()
+        console = err_console if as_json else out_console
+        if group.rank():  # the other ranks print nothing
+            import os
+
+            from rich.console import Console
+
+            console = Console(file=open(os.devnull, "w"), quiet=True)  # noqa: SIM115
+        mine = len(range(group.rank(), tasks, group.size()))
+        with rank_outcome(group.rank()), \
+                LazyBar(mine + len(factors) * len(decays), "library calibrate", console) as bar:
+            done = [0]
+
+            def tick(label: str, **fields) -> None:
+                done[0] += 1
+                bar.update(completed=done[0], description=f"library calibrate: {label}",
+                           **fields)
+
+            rec = api.library_calibrate(
+                data, init=init, **model_options, tasks=tasks, ways=ways, shots=shots,
+                query=query, seed=seed, domains=csv_list(domains),
+                exclude_domains=csv_list(exclude_domains), config=parse_sets(set_, config),
+                factors=factors, decays=decays,
+                marks=None if mark_steps is None else tuple(int(m) for m in mark_steps),
+                horizons=tuple(int(h) for h in parse_numbers(horizons, "horizons",
+                                                             positive=True) or ()),
+                registry=registry, group=group,
+                on_task=lambda i, rep: tick(f"composed task {i + 1}",
+                                            loss=f"{rep['support_loss']:.3f}"),
+                on_trial=lambda key, row: tick(
+                    f"lr x{key}", acc="diverged" if row.get("mean") in (None, float("-inf"))
+                    else f"{row['mean']:.1%}"))
+        if group.rank():
+            return
+        if as_json:
+            print_json(rec)
+            return
+        from metapeft.meta.stepsize import describe_lead
+
+        t = compact_table(f"{rec['key']}: step sizes on {rec['num_tasks']} tasks "
+                          f"(base lr {rec['base_lr']:g}, {rec['base_lr_source']})",
+                          ["candidate", *[f"step {m}" for m in rec["marks"]], "mean"])
+        for key, row in rec["table"].items():
+            t.add_row(key, *[("-" if row.get(str(m)) is None else f"{row[str(m)]:.1%}")
+                             for m in rec["marks"]],
+                      "diverged" if row.get("mean") is None else f"{row['mean']:.1%}")
+        out_console.print(t)
+        lead = describe_lead(rec)
+        out_console.print(f"kept: lr {rec['adapt_lr']:g}"
+                          + (f", decay {rec['adapt_lr_decay']:g}" if rec["adapt_lr_decay"]
+                             else "") + ("" if lead is None else f", {lead}")
+                          + f"; {rec['seconds']:.0f} s", highlight=False)
+
+
 def library_train_generator(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Reconstruction: Adam steps "
                                          "over the whole library (0: none; default 400, none "
@@ -226,5 +330,6 @@ def register(app: typer.Typer) -> None:
     group.command("list")(library_list)
     group.command("remove")(library_remove)
     group.command("build")(with_model_options(library_build))
+    group.command("calibrate")(with_model_options(library_calibrate))
     group.command("train-generator")(with_model_options(library_train_generator))
     app.add_typer(group, name="library")

@@ -73,6 +73,8 @@ def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
                        on_trial=None, group=None, lr_scales: dict | None = None,
                        decays=DEFAULT_DECAYS, horizons=()) -> dict:
     """Choose the test-time lr for ``params`` on validation ``tasks`` (``Task`` objects).
+    ``params`` is one tree for every task, or a list with each task's own start (an init built
+    per task: ``compose.calibrate_step_size``'s library compositions).
     ``lr_scales``: the per-leaf multipliers the init carries (per-layer inner lrs), applied as
     ``adapt`` applies them, so the lr is chosen for the steps ``adapt`` will take.
 
@@ -90,6 +92,9 @@ def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
 
     if not tasks:
         raise ValueError("calibrate_adapt_lr needs at least one validation task")
+    starts = params if isinstance(params, list) else [params] * len(tasks)
+    if len(starts) != len(tasks):
+        raise ValueError(f"calibrate_adapt_lr: {len(starts)} starts for {len(tasks)} tasks")
     marks = sorted({int(m) for m in marks})
     horizons = sorted({int(h) for h in horizons})
     if any(h < 1 for h in horizons):
@@ -104,7 +109,7 @@ def calibrate_adapt_lr(adapter, params: dict, tasks, base_lr: float, *,
         slots = {}  # (task i, step j) -> accuracy at slot i*k + j; slot n*k counts divergences
         try:
             for i in dist.mine(n, group):
-                r = train(adapter, params, encoded[i], steps=read[-1], lr=base_lr * f,
+                r = train(adapter, starts[i], encoded[i], steps=read[-1], lr=base_lr * f,
                           optimizer=optimizer, eval_at=set(read), lr_scales=lr_scales,
                           lr_decay=d)
                 slots.update({i * k + j: a for j, a in enumerate(r.accuracies)})
