@@ -383,6 +383,10 @@ def test_library_calibrate_keeps_a_step_size_that_adapt_uses(home, tmp_path, tin
     rec2 = json.loads(two.stdout)
     assert rec2["table"] == rec["table"] and rec2["adapt_lr"] == rec["adapt_lr"]
     assert len(library.step_sizes()) == 1  # the same spec's record replaced, not added
+    quiet = _adapt(_task(23), tmp_path / "q", steps=1, init="library:compose:2",
+                   record_composition=False)
+    assert quiet.extra["composition"]["step_size"]["lr"] == pytest.approx(rec["adapt_lr"])
+    assert library.compositions() == []  # an evaluation's search leaves the store as it was
     t = str(_task_dir(tmp_path))
     out = json.loads(run("adapt", t, "--init", "library:compose:2", "--steps", "1", "--json",
                          home=home).stdout)

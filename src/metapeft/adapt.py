@@ -90,7 +90,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
           on_decision: Callable[[dict], None] | None = None, switch: str = "off",
           switch_window: int = 3, switch_tolerance: float = 0.01,
           on_switch: Callable[[dict], None] | None = None,
-          inner_lr_scales: bool = True, lr_decay: float | None = None) -> AdaptReport:
+          inner_lr_scales: bool = True, lr_decay: float | None = None,
+          record_composition: bool = True) -> AdaptReport:
     """Train one adapter on a task's support set; query accuracy at step 0 and after every step.
     ``stop_at_target``: end the run at the first step whose query accuracy reaches ``target``
     (that step is ``steps_to_target``; the curve stops there).
@@ -112,6 +113,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     ``extra["composition"]``), ``route="arrow"`` from Arrow's per-token routing over them
     (``metapeft.route``; ``extra["route"]`` has the routed step-0 accuracy), and ``keep``
     adds the trained adapter to the library (bounded by ``max_size``; ``extra["library"]``).
+    ``record_composition=False`` leaves the library's store of past compositions as it was (an
+    evaluation whose tasks must stay independent, or several processes on one library).
 
     ``switch="auto"``: when the query curve plateaus (no gain above ``switch_tolerance`` over
     ``switch_window`` steps), freeze what was trained and train the next method of the selector's
@@ -212,7 +215,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     if is_library_init(init) or route is not None:
         from metapeft.compose import library_init
 
-        params, library_start = library_init(init, route, adapter, data, task, seed=seed)
+        params, library_start = library_init(init, route, adapter, data, task, seed=seed,
+                                             record=record_composition)
     step_size = None  # the init's step size calibrated for this run length (stepsize horizons)
     if lr is None:  # a learned init brings the step size chosen for it on validation tasks
         calibrated = init_step_size(init, steps=steps) if optimizer == "adam" else None

@@ -178,11 +178,12 @@ def _warm_points(query: dict, ids: list[str], registry=None, nearest: int = 3) -
     return [x for _, x in scored[:nearest]]
 
 
-def library_init(init, route, adapter, data, task, *, seed: int = 0, registry=None
-                 ) -> tuple[dict, tuple[str, dict]]:
+def library_init(init, route, adapter, data, task, *, seed: int = 0, registry=None,
+                 record: bool = True) -> tuple[dict, tuple[str, dict]]:
     """(init params, (report key, report)) for ``adapt``: ``route="arrow"`` (``metapeft.route``),
     ``init="library:generate[@V]"`` (``metapeft.generate``; V: a generator version, default the
-    newest) or ``init="library:compose..."``."""
+    newest) or ``init="library:compose..."`` (``record``: keep its weights for the next
+    search)."""
     if route is not None:
         from metapeft.route import arrow_init
 
@@ -197,7 +198,8 @@ def library_init(init, route, adapter, data, task, *, seed: int = 0, registry=No
                             field="init")
         params, report = generate_init(adapter, task, registry, int(version) if at else None)
         return params, ("generation", report)
-    params, report = compose_init(init, adapter, data, task, registry=registry, seed=seed)
+    params, report = compose_init(init, adapter, data, task, registry=registry, seed=seed,
+                                  record=record)
     return params, ("composition", report)
 
 
