@@ -24,7 +24,10 @@ split) is composed as ``adapt`` would compose it, trained from there at every ca
 (factor × the base lr, decay), and the candidate with the best mean query accuracy over the
 marks wins. The record is kept in the library (``library.record_step_size``), and ``adapt``
 uses it for that spec, base model and LoRA config when no ``lr`` is given
-(``calibrated_step_size``), ahead of INIT's own.
+(``calibrated_step_size``), ahead of INIT's own. Measured (README, "With a step size
+calibrated for composed starts"): on 8 past CLINC150 tasks ×0.3 won, and on the test tasks it
+turned the step-1 loss into a gain (+14.7 points against INIT's step), though the mixture still
+trails INIT itself after any step.
 
 ``adapt --route arrow`` lives in ``metapeft.route``; both take their members from
 ``library.candidates`` (which entries qualify, with one-line refusals when none does).
@@ -233,6 +236,7 @@ def calibrate_step_size(init: str, adapter, tasks, *, registry=None, seed: int =
 
     from metapeft import library
     from metapeft.adapter_io import init_step_size
+    from metapeft.meta import distributed as dist
     from metapeft.meta.stepsize import DEFAULT_MARKS, calibrate_adapt_lr
     from metapeft.train import encode_task
 
@@ -247,8 +251,6 @@ def calibrate_step_size(init: str, adapter, tasks, *, registry=None, seed: int =
     inherited = init_step_size(extra, registry) if extra is not None else None
     base_lr = (inherited or {}).get("adapt_lr") or type(adapter).default_lr
     t0 = time.perf_counter()
-    from metapeft.meta import distributed as dist
-
     starts, search_s = [None] * len(tasks), 0.0  # a rank composes only the tasks it trains
     for n, i in enumerate(dist.mine(len(tasks), group)):
         data = encode_task(tasks[i], adapter.base.tokenizer)

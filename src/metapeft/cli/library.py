@@ -1,6 +1,6 @@
-"""``metapeft library add | list | remove | build | calibrate | train-generator``: the adapter library
-(``metapeft.library``) that ``adapt --init library:compose``, ``--init library:generate`` and
-``adapt --route arrow`` start new tasks from."""
+"""``metapeft library add | list | remove | build | calibrate | train-generator``: the adapter
+library (``metapeft.library``) that ``adapt --init library:compose``, ``--init
+library:generate`` and ``adapt --route arrow`` start new tasks from."""
 
 from __future__ import annotations
 
@@ -210,8 +210,8 @@ def library_calibrate(
                 on_task=lambda i, rep: tick(f"composed task {i + 1}",
                                             loss=f"{rep['support_loss']:.3f}"),
                 on_trial=lambda key, row: tick(
-                    f"lr x{key}", acc="diverged" if row.get("mean") in (None, float("-inf"))
-                    else f"{row['mean']:.1%}"))
+                    f"lr x{key}", loss="-",
+                    acc="diverged" if row.get("diverged") else f"{row['mean']:.1%}"))
         if group.rank():
             return
         if as_json:
