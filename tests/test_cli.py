@@ -140,7 +140,7 @@ def test_every_command_that_loads_a_model_takes_dequantize():
             assert "--dequantize" in opts, path
     assert with_model == {"adapt", "meta-train", "profile", "select", "sweep", "tune",
                           "predict", "evaluate", "serve", "weights check", "library add",
-                          "library build", "library train-generator"}
+                          "library build", "library calibrate", "library train-generator"}
 
 
 def test_dequantize_flag(task_dir):

@@ -1059,8 +1059,9 @@ def library_calibrate(data, *, init: str = "library:compose", model: str = DEFAU
     pool = filter_pool(read_rows(Path(data)), domains=domains, exclude_domains=exclude_domains)
     source = EpisodeSource(pool, ways=ways, shots=shots, query=query, name=str(data))
     episodes = [source.sample(seed + i) for i in range(tasks)]
-    adapter = get_adapter_class("lora").attach(load_base_model(model, dequantize=dequantize),
-                                               config or {})
+    # the library composes plain LoRA only (the adapter protocol's compose_refusal)
+    adapter = get_adapter_class(DEFAULT_METHOD).attach(
+        load_base_model(model, dequantize=dequantize), config or {})
     return calibrate_step_size(init, adapter, episodes, registry=registry, seed=seed,
                                factors=CAL_FACTORS if factors is None else factors,
                                decays=CAL_DECAYS if decays is None else decays, marks=marks,
