@@ -211,10 +211,8 @@ def calibrate(args, registry: str) -> None:
     library's domains in ``--calibrate-split`` (``api.library_calibrate``; seeds 70000 + i)."""
     from metapeft import api
 
-    arms = args.arms.split(",") if args.arms else ["compose", "compose-meta"]
-    specs = ([f"library:compose:{args.k}"] if "compose" in arms else []) + (
-        [f"library:compose:{args.k}+{args.meta_init}"]
-        if args.meta_init and "compose-meta" in arms else [])
+    specs = ([f"library:compose:{args.k}"] if "compose" in args.arm_list else []) + (
+        [f"library:compose:{args.k}+{args.meta_init}"] if "compose-meta" in args.arm_list else [])
     pool = Path(args.data) / f"{args.calibrate_split}.jsonl"
     factors, decays = args.calibrate_grid
     for spec in specs:
@@ -491,18 +489,18 @@ def main() -> None:
     else:
         info = build_library(args, registry)
         write_json(str(built), info)
-    if args.calibrate:
-        calibrate(args, registry)
-    info["step_sizes"] = [{k: r.get(k) for k in ("key", "adapt_lr", "adapt_lr_decay", "num_tasks",
-                                                 "seconds", "search_seconds", "table")}
-                          for r in library.step_sizes(registry)]
-    print(json.dumps(info), flush=True)
     args.gen_version = info.get("generator_version")
     args.e2e_version = info.get("e2e_version") if args.e2e_steps else None
     every = ["fresh", "compose", "generate", "route"] \
         + (["meta", "compose-meta"] if args.meta_init else []) \
         + (["generate-e2e"] if args.e2e_version else [])
     args.arm_list = every if not args.arms else [a for a in every if a in args.arms.split(",")]
+    if args.calibrate:
+        calibrate(args, registry)
+    info["step_sizes"] = [{k: r.get(k) for k in ("key", "adapt_lr", "adapt_lr_decay", "num_tasks",
+                                                 "seconds", "search_seconds", "table")}
+                          for r in library.step_sizes(registry)]
+    print(json.dumps(info), flush=True)
     test = EpisodeSource(clinc_pool("test", domains=args.held_out_list, root=args.data), ways=5,
                          shots=5, query=10, name="clinc-test-held-out")
     shard, num_shards = (int(x) for x in args.shard.split("/"))

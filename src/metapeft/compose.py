@@ -275,8 +275,7 @@ def calibrate_step_size(init: str, adapter, tasks, *, registry=None, seed: int =
     return record
 
 
-def calibrated_step_size(init: str, adapter, steps: int | None = None, registry=None
-                         ) -> dict | None:
+def calibrated_step_size(init: str, adapter, steps: int, registry=None) -> dict | None:
     """``{"adapt_lr", "adapt_lr_decay", "horizon", "num_tasks", "created"}`` kept for ``init``'s
     spec, this base model and LoRA config (``calibrate_step_size``), for a run of ``steps``
     (``meta.stepsize.schedule_for_steps``); None when none was kept."""
@@ -292,9 +291,7 @@ def calibrated_step_size(init: str, adapter, steps: int | None = None, registry=
     if rec is None:
         return None
     try:
-        chosen = (schedule_for_steps(rec, steps) if steps is not None else
-                  {"adapt_lr": rec["adapt_lr"], "adapt_lr_decay": rec.get("adapt_lr_decay") or 0.0,
-                   "horizon": None})
+        chosen = schedule_for_steps(rec, steps)
     except (KeyError, TypeError, ValueError):  # a malformed record: as if none was kept
         return None
     return {**chosen, "num_tasks": rec.get("num_tasks"), "created": rec.get("created")}

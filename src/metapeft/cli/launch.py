@@ -253,6 +253,13 @@ def _report(outcome: dict, processes: int, checkpoint: Path | None, exits=(),
     return 1
 
 
+def silent_console():
+    """The console of a rank other than 0: it prints nothing (rank 0 speaks for the run)."""
+    from rich.console import Console
+
+    return Console(file=open(os.devnull, "w"), quiet=True)  # noqa: SIM115
+
+
 @contextlib.contextmanager
 def rank_outcome(rank: int):
     """Under ``--processes``: leave this rank's outcome for the launching process, which prints

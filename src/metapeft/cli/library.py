@@ -177,17 +177,11 @@ def library_calibrate(
             if code:
                 raise typer.Exit(code)
             return
-        from metapeft.cli.launch import rank_outcome
+        from metapeft.cli.launch import rank_outcome, silent_console
         from metapeft.meta.distributed import world
 
-        group = world()
-        console = err_console if as_json else out_console
-        if group.rank():  # the other ranks print nothing
-            import os
-
-            from rich.console import Console
-
-            console = Console(file=open(os.devnull, "w"), quiet=True)  # noqa: SIM115
+        group = world()  # one process unless --processes or mlx.launch started this one
+        console = silent_console() if group.rank() else err_console if as_json else out_console
         mine = len(range(group.rank(), tasks, group.size()))
         with rank_outcome(group.rank()), \
                 LazyBar(mine + len(factors) * len(decays), "library calibrate", console) as bar:

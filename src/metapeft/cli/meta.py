@@ -171,16 +171,12 @@ def meta_train(
 
         since_dt = _since(since, days)
 
-        from rich.console import Console
-
-        from metapeft.cli.launch import rank_outcome
+        from metapeft.cli.launch import rank_outcome, silent_console
         from metapeft.meta.distributed import world
 
         rank = world().rank()  # 0 unless under mlx.launch: the other ranks print nothing
         if rank:
-            import os
-
-            console = out = Console(file=open(os.devnull, "w"), quiet=True)  # noqa: SIM115
+            console = out = silent_console()
         else:
             console, out = (err_console if as_json else out_console), out_console
 

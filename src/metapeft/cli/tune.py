@@ -128,11 +128,9 @@ def tune(
         rank = world().rank()  # 0 unless under mlx.launch: the other ranks print nothing
         console = err_console if as_json else out_console
         if rank:
-            import os
+            from metapeft.cli.launch import silent_console
 
-            from rich.console import Console
-
-            console = Console(file=open(os.devnull, "w"), quiet=True)  # noqa: SIM115
+            console = silent_console()
         console.print("[dim]loading the optimiser and the model…[/dim]")
         live = Live(console=getattr(console, "real", console), refresh_per_second=2,
                     transient=False)
