@@ -20,6 +20,9 @@ examples per class), every arm adapted with Adam at LoRA's default lr, query acc
 * meta (``--meta-init NAME@V`` or a file): a registry init, at its calibrated lr;
 * compose-meta (with ``--meta-init``): ``library:compose:K+INIT``, the meta-init as one more
   member (the search also starts from it alone), adapted at the meta-init's calibrated lr;
+* merge-meta (with ``--meta-init``): ``library:merge:K+INIT``, the K members' updates merged
+  exactly (Σ wᵢ·ΔWᵢ) into a frozen copy of the model and the meta-init's own factors trained
+  on top, at its calibrated lr (the search starts from w = 0, the meta-init alone);
 * generate-e2e (``--e2e-steps N``): the same generator (same seed, same reconstruction stage)
   then fine-tuned end to end for N steps on the query loss of its LoRAs over 5-way 5-shot
   episodes of the meta-train domains (``library train-generator --e2e-steps``, ``--e2e-inner-steps
@@ -238,6 +241,7 @@ def run_task(args, task) -> dict:
     if args.meta_init:
         arms.append(("meta", {"init": args.meta_init}))
         arms.append(("compose-meta", {"init": f"library:compose:{args.k}+{args.meta_init}"}))
+        arms.append(("merge-meta", {"init": f"library:merge:{args.k}+{args.meta_init}"}))
     if args.e2e_version:
         arms.append(("generate-e2e", {"init": f"library:generate@{args.e2e_version}"}))
     for name, kw in arms:
@@ -249,11 +253,12 @@ def run_task(args, task) -> dict:
         r = adapt(task, model=args.model, method="lora", steps=max(STEPS), target=None,
                   eval_at=set(STEPS), seed=args.seed, record_composition=False, **kw)
         row = {"acc": list(r.accuracies), "seconds": time.perf_counter() - t0}
-        if name.startswith("compose"):
+        if name.startswith(("compose", "merge")):
             c = r.extra["composition"]
             row.update(search_seconds=c["search_seconds"], weights=c["weights"],
                        members=[m["id"] for m in c["members"]], warm=c["warm_points"],
-                       loss=c["support_loss"], uniform=c["objective_uniform"],
+                       loss=c["support_loss"], uniform=c.get("objective_uniform"),
+                       objective_init=c.get("objective_init"),
                        objective=c["objective"], step_size=c.get("step_size"))
         if name == "route":
             rt = r.extra["route"]
@@ -280,7 +285,8 @@ def table(results: list[dict], arms: list[str]) -> list[str]:
              ("compose", "route"), ("compose", "generate")]
     if "meta" in arms:
         pairs += [("compose", "meta"), ("generate", "meta"), ("route", "meta"),
-                  ("compose-meta", "meta"), ("compose-meta", "compose")]
+                  ("compose-meta", "meta"), ("compose-meta", "compose"),
+                  ("merge-meta", "meta"), ("merge-meta", "compose-meta")]
     if "multitask" in arms:
         pairs += [("compose", "multitask"), ("generate", "multitask"),
                   ("compose-meta", "multitask")]
@@ -323,7 +329,7 @@ def pair_with(results: list[dict], path: str | None, arms: list[str]) -> list[st
 def summary(results: list[dict], info: dict, arms: list[str], args, load: str) -> list[str]:
     lines = table(results, arms)
     ran = [a for a in arms if "from" not in results[0][a]]
-    composed = next((a for a in ("compose", "compose-meta") if a in ran), None)
+    composed = next((a for a in ("compose", "compose-meta", "merge-meta") if a in ran), None)
     search = [r[composed]["search_seconds"] for r in results] if composed else [0]
     first = ran[0]  # a run's seconds per step (evaluations included)
     step_s = [r[first]["seconds"] / max(STEPS) for r in results]
@@ -492,7 +498,7 @@ def main() -> None:
     args.gen_version = info.get("generator_version")
     args.e2e_version = info.get("e2e_version") if args.e2e_steps else None
     every = ["fresh", "compose", "generate", "route"] \
-        + (["meta", "compose-meta"] if args.meta_init else []) \
+        + (["meta", "compose-meta", "merge-meta"] if args.meta_init else []) \
         + (["generate-e2e"] if args.e2e_version else [])
     args.arm_list = every if not args.arms else [a for a in every if a in args.arms.split(",")]
     if args.calibrate:

@@ -415,3 +415,109 @@ def test_calibration_with_one_start_per_task_is_the_shared_start_repeated(tiny):
     assert shared["table"] == listed["table"]
     with pytest.raises(ValueError, match="starts for 2 tasks"):
         calibrate_adapt_lr(adapter, [params], tasks, 1e-3)
+
+
+def test_side_by_side_computes_the_exact_sum_of_updates(home, tmp_path, tiny):
+    """``LoRA.widened(n)`` over ``side_by_side`` scores as the base model with Σ wᵢ·ΔWᵢ added:
+    one member at weight 1 scores as that LoRA, and two members as the model with both fused in
+    (no cross terms, unlike LoraHub's separately summed A and B)."""
+    from metapeft.adapter_io import load_adapter
+    from metapeft.adapters.stacked import _fused_model
+
+    _adapt(_task(30), tmp_path / "a", steps=4, lr=3e-3)
+    _adapt(_task(31), tmp_path / "b", steps=4, lr=3e-3, seed=1)
+    adapter, pa = load_adapter(tmp_path / "a")
+    _, pb = load_adapter(tmp_path / "b")
+    fa, fb = adapter.flat(pa), adapter.flat(pb)
+    task = _task(32)
+    one = adapter.widened(1)
+    np.testing.assert_allclose(np.asarray(_scores(one, one.unflat(type(adapter).side_by_side(
+        [fa], [1.0])), task)), np.asarray(_scores(adapter, pa, task)), rtol=1e-5, atol=1e-5)
+    two = adapter.widened(2)
+    w = [0.7, -1.3]
+    wide = _scores(two, two.unflat(type(adapter).side_by_side([fa, fb], w)), task)
+    # the same sum fused into plain linear layers, one member at a time
+    import copy
+
+    from metapeft.train import encode_task
+
+    base = _fused_model(one, one.unflat(type(adapter).side_by_side([fa], [w[0]])))
+    q = encode_task(task, tiny.tokenizer).prepared(adapter, "query")
+    under = copy.copy(tiny)
+    under.model = base
+    second = type(adapter).attach(under, adapter.config)
+    fused = mx.concatenate([second.scores(second.unflat(type(adapter).side_by_side(
+        [fb], [w[1]])), b).reshape(-1) for b in q])
+    np.testing.assert_allclose(np.asarray(wide), np.asarray(fused), rtol=1e-4, atol=1e-4)
+    # LoraHub's separate sums are a different point whenever both weights are nonzero
+    from metapeft.compose import compose_params
+
+    lorahub = _scores(adapter, compose_params(adapter, [fa, fb], w), task)
+    assert float(mx.abs(lorahub - wide).max()) > 1e-3
+
+
+def test_merge_keeps_init_trainable_under_the_merged_members(home, tmp_path, tiny):
+    """``library:merge+INIT``: the search starts from INIT alone (w = 0, its objective INIT's
+    support loss), the result is a stack whose trained stage starts at INIT's own factors, and
+    it scores at step 0 as the widened LoRA did at the weights found. On the top block only:
+    the stack then reads the base model's frozen-trunk cache (its merged blocks are above it)."""
+    from metapeft import library
+    from metapeft.adapter_io import load_adapter
+    from metapeft.adapters import get_adapter_class
+    from metapeft.compose import L1, library_init, support_loss
+    from metapeft.train import encode_task
+
+    top1 = {"num_layers": 1}
+    _adapt(_task(33), tmp_path / "a", steps=6, lr=3e-3, config=top1)
+    _adapt(_task(34), tmp_path / "b", steps=6, lr=3e-3, seed=1, config=top1)
+    _adapt(_task(35), tmp_path / "init", steps=3, config=top1)
+    for d in ("a", "b"):
+        library.add(tmp_path / d, base=tiny)
+    adapter = get_adapter_class("lora").attach(tiny, top1)
+    assert adapter.frozen_blocks > 0
+    task = _task(36)
+    data = encode_task(task, tiny.tokenizer)
+    stack, params, (key, rep) = library_init(f"library:merge:2+{tmp_path / 'init'}", None,
+                                             adapter, data, task)
+    assert key == "composition" and rep["kind"] == "merge" and len(rep["weights"]) == 2
+    assert stack.method == "stack" and stack.stage_methods == ["lora", "lora"]
+    assert stack.frozen_blocks == adapter.frozen_blocks
+    assert data.prepared(stack, "support") is data.prepared(adapter, "support")
+    _, init_params = load_adapter(tmp_path / "init")
+    for k, v in adapter.flat(init_params).items():  # INIT's factors, untouched
+        np.testing.assert_array_equal(np.asarray(stack.new.flat(params)[k]), np.asarray(v))
+    alone = support_loss(adapter, init_params, data.prepared(adapter, "support"))
+    assert rep["objective_init"] == pytest.approx(alone, rel=1e-5)
+    assert rep["objective"] <= rep["objective_init"] + 1e-9
+    assert rep["support_loss"] == pytest.approx(
+        support_loss(stack, params, data.prepared(stack, "support")), rel=1e-4, abs=1e-4)
+    assert rep["objective"] == pytest.approx(
+        rep["support_loss"] + L1 * sum(abs(w) for w in rep["weights"]), rel=1e-4, abs=1e-4)
+    [rec] = library.compositions()
+    assert rec["kind"] == "merge"
+
+
+def test_adapt_merge_saves_a_stack_and_trains_at_init_step_size(home, tmp_path, tiny):
+    from metapeft import library
+    from metapeft.adapter_io import load_adapter
+    from metapeft.artifacts import load_safetensors, save_safetensors
+
+    _adapt(_task(37), tmp_path / "a", steps=6, lr=3e-3)
+    library.add(tmp_path / "a", base=tiny)
+    _adapt(_task(38), tmp_path / "i", steps=3)
+    arrays, meta = load_safetensors(tmp_path / "i" / "adapters.safetensors")
+    init = tmp_path / "init.safetensors"
+    save_safetensors(init, arrays, {**meta, "adapt_lr": "0.0042", "adapt_lr_decay": "0.5"})
+    rep = _adapt(_task(39), tmp_path / "m", steps=2, init=f"library:merge:1+{init}",
+                 record_composition=False)
+    j = rep.to_json()
+    assert rep.extra["lr"] == pytest.approx(0.0042) and j["composition"]["kind"] == "merge"
+    assert library.compositions() == []
+    stack, params = load_adapter(tmp_path / "m")
+    assert stack.method == "stack"
+    r = run("adapt", str(_task_dir(tmp_path)), "--init", "library:merge:x", "--steps", "1",
+            home=home)
+    assert r.returncode == 2 and "library:merge:K needs an integer K" in r.stderr, r.stderr
+    r = run("library", "calibrate", "--data", str(tmp_path / "none.jsonl"), "--init",
+            "library:merge", home=home)
+    assert r.returncode == 2

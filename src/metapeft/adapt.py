@@ -215,8 +215,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     if is_library_init(init) or route is not None:
         from metapeft.compose import library_init
 
-        params, library_start = library_init(init, route, adapter, data, task, seed=seed,
-                                             record=record_composition)
+        adapter, params, library_start = library_init(
+            init, route, adapter, data, task, seed=seed, record=record_composition)
     step_size = None  # the init's step size calibrated for this run length (stepsize horizons)
     if lr is None:  # a learned init brings the step size chosen for it on validation tasks
         calibrated = init_step_size(init, steps=steps) if optimizer == "adam" else None

@@ -54,12 +54,13 @@ def resolve_init(init: str | Path | None, adapter, registry: str | Path | None =
 
 def step_size_source(init: str | Path | None) -> str | Path | None:
     """The init whose calibrated step size ``adapt`` uses from ``init``: ``init`` itself, INIT
-    for ``library:compose[:K]+INIT`` (the mixture is anchored at INIT), else None (a fresh init,
-    or a library init without an anchor init). ``compose.parse_spec`` splits the same "+"."""
+    for ``library:compose[:K]+INIT`` (the mixture is anchored at INIT) and ``library:merge[:K]
+    +INIT`` (INIT is what trains), else None (a fresh init, or a library init without an anchor
+    init). ``compose.parse_spec`` splits the same "+"."""
     if init is None:
         return None
     text = str(init)
-    if text.startswith("library:compose"):
+    if text.startswith(("library:compose", "library:merge")):
         return text.partition("+")[2] or None
     return None if text.startswith("library:") else init
 
@@ -162,7 +163,10 @@ def inner_lr_summary(scales: dict[str, float]) -> dict:
 def init_lr_scales(init: str | Path | None, registry: str | Path | None = None
                    ) -> dict[str, float] | None:
     """The per-leaf inner-lr multipliers stored with ``init`` (meta-train --inner-lr-mode
-    per-layer), which ``adapt`` applies to the optimizer's update; None when it has none."""
+    per-layer), which ``adapt`` applies to the optimizer's update; None when it has none.
+    ``library:merge...+INIT`` trains INIT's own factors: INIT's multipliers."""
+    if init is not None and str(init).startswith("library:merge"):
+        init = str(init).partition("+")[2] or None
     if init is None or str(init).startswith("library:"):
         return None
     from metapeft.artifacts import read_metadata

@@ -44,6 +44,7 @@ import numpy as np
 from metapeft.errors import UserError
 
 PREFIX = "library:"
+KINDS = ("compose", "merge")
 DEFAULT_K = 5
 L1 = 0.05
 BOUND = 1.5
@@ -57,20 +58,27 @@ def is_library_init(init) -> bool:
     return init is not None and str(init).startswith(PREFIX)
 
 
-def parse_spec(init: str) -> tuple[int, str | None]:
-    """(K, extra init or None) from ``library:compose[:K][+INIT]``."""
-    body = str(init)[len(PREFIX):]
-    body, _, extra = body.partition("+")
-    kind, _, k = body.partition(":")
-    if kind != "compose":
+def spec_kind(init: str) -> str:
+    """``compose`` or ``merge``: how ``library:KIND[:K][+INIT]`` puts its members together."""
+    kind = str(init)[len(PREFIX):].partition("+")[0].partition(":")[0]
+    if kind not in KINDS:
         raise UserError(f"unknown library init {init!r}; use library:compose[:K][+INIT], "
-                        "library:generate[@V] (or --route arrow)", field="init")
+                        "library:merge[:K][+INIT], library:generate[@V] (or --route arrow)",
+                        field="init")
+    return kind
+
+
+def parse_spec(init: str) -> tuple[int, str | None]:
+    """(K, extra init or None) from ``library:compose[:K][+INIT]`` or ``library:merge...``."""
+    kind = spec_kind(init)
+    body, _, extra = str(init)[len(PREFIX):].partition("+")
+    k = body.partition(":")[2]
     try:
         k_val = DEFAULT_K if not k else int(k)
     except ValueError:
-        raise UserError(f"library:compose:K needs an integer K, got {k!r}", field="init") from None
+        raise UserError(f"library:{kind}:K needs an integer K, got {k!r}", field="init") from None
     if k_val < 1:
-        raise UserError(f"library:compose:K needs K >= 1, got {k_val}", field="init")
+        raise UserError(f"library:{kind}:K needs K >= 1, got {k_val}", field="init")
     return k_val, extra or None
 
 
@@ -94,26 +102,70 @@ def support_loss(adapter, params: dict, support) -> float:
     return float(loss.item())
 
 
-def compose_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
-                 trials: int | None = None, record: bool = True) -> tuple[dict, dict]:
-    """(init params, report) for ``library:compose[:K][+INIT]`` (see the module doc)."""
+def _members(init: str, adapter, task, registry=None):
+    """(K, the task's profile, the K nearest usable library members' flat trees, their report
+    rows, INIT's flat tree and report row or None, the skipped entries) for ``init``."""
     from metapeft import library
-    from metapeft.tune.gp import minimize
 
-    t0 = time.perf_counter()
     k, extra = parse_spec(init)
     usable, skipped = library.candidates(adapter, registry)
     query = library.profile(adapter.base, task)
     ranked = sorted(usable, key=lambda ea: -library.similarity(query, ea[0]))[:k]
     members = [arrays for _, arrays in ranked]
-    info_members = [{"id": e.id, "task": e.task, "score": e.to_json()["score"],
-                     "similarity": round(library.similarity(query, e), 4)} for e, _ in ranked]
+    info = [{"id": e.id, "task": e.task, "score": e.to_json()["score"],
+             "similarity": round(library.similarity(query, e), 4)} for e, _ in ranked]
+    anchor = anchor_info = None
     if extra is not None:
         from metapeft.adapter_io import describe_init, resolve_init
 
-        members.append(adapter.flat(resolve_init(extra, adapter, registry)))
-        info_members.append({"id": describe_init(extra, registry), "task": None,
-                             "score": None, "similarity": None, "init": True})
+        anchor = adapter.flat(resolve_init(extra, adapter, registry))
+        anchor_info = {"id": describe_init(extra, registry), "task": None, "score": None,
+                       "similarity": None, "init": True}
+    return k, query, members, info, anchor, anchor_info, skipped
+
+
+def _search(objective, n: int, x0: list, query: dict, ids: list, kind: str, *, registry=None,
+            seed: int = 0, trials: int | None = None):
+    """(skopt's result, the warm points used): ``objective`` over w ∈ [-BOUND, BOUND]^n from
+    ``x0`` and the weights of the nearest past tasks of this ``kind``."""
+    from metapeft.tune.gp import minimize
+
+    warm = _warm_points(query, ids, registry, kind=kind)
+    x0 = x0 + [w for w in warm if w not in x0]
+    trials = max(20, 4 * n) if trials is None else trials
+    if trials < 1:
+        raise UserError(f"composition trials must be >= 1, got {trials}", field="trials")
+    res = minimize(objective, [(-BOUND, BOUND)] * n, trials=trials, x0=x0, seed=seed,
+                   n_initial=max(len(x0), min(n + 2, trials)))
+    return res, warm
+
+
+def _record(kind: str, task, query: dict, ids: list, weights: list, report: dict, adapter,
+            registry=None) -> None:
+    """Keep the weights found for the next task's warm start (never at the result's cost)."""
+    from metapeft import library
+
+    try:
+        library.record_composition({
+            "task": task.name, "kind": kind, "embedding": query.get("embedding"),
+            "label_embedding": query.get("label_embedding"),
+            "weights": {i: w for i, w in zip(ids, weights) if not str(i).count("@")},
+            "objective": report["objective"], "base_model_hash": adapter.base.fingerprint},
+            registry)
+    except OSError as e:
+        report["record_error"] = str(e)
+
+
+def compose_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
+                 trials: int | None = None, record: bool = True) -> tuple[dict, dict]:
+    """(init params, report) for ``library:compose[:K][+INIT]`` (see the module doc)."""
+    t0 = time.perf_counter()
+    if spec_kind(init) != "compose":
+        raise UserError(f"compose_init takes library:compose..., got {init!r}", field="init")
+    k, query, members, info_members, anchor, anchor_info, skipped = _members(
+        init, adapter, task, registry)
+    if anchor is not None:
+        members, info_members = members + [anchor], info_members + [anchor_info]
     n = len(members)
     support = data.prepared(adapter, "support")
 
@@ -123,50 +175,98 @@ def compose_init(init: str, adapter, data, task, *, registry=None, seed: int = 0
 
     ids = [m["id"] for m in info_members]
     x0 = [[1.0] + [0.0] * (n - 1), [1.0 / n] * n]
-    if extra is not None:  # the init alone: the search can keep it when no mixture helps
+    if anchor is not None:  # the init alone: the search can keep it when no mixture helps
         x0.append([0.0] * (n - 1) + [1.0])
-    warm = _warm_points(query, ids, registry)
-    x0 += [w for w in warm if w not in x0]
-    trials = max(20, 4 * n) if trials is None else trials
-    if trials < 1:
-        raise UserError(f"composition trials must be >= 1, got {trials}", field="trials")
-    res = minimize(objective, [(-BOUND, BOUND)] * n, trials=trials, x0=x0, seed=seed,
-                   n_initial=max(len(x0), min(n + 2, trials)))
+    res, warm = _search(objective, n, x0, query, ids, "compose", registry=registry, seed=seed,
+                        trials=trials)
     weights = [round(float(v), 6) for v in res["x"]]
     params = compose_params(adapter, members, weights)
     uniform = res["ys"][1] if len(res["ys"]) > 1 else None
     for m, w in zip(info_members, weights):
         m["weight"] = w
-    report = {"members": info_members, "weights": weights, "k": k, "trials": len(res["ys"]),
+    report = {"kind": "compose", "members": info_members, "weights": weights, "k": k,
+              "trials": len(res["ys"]),
               "objective": round(res["y"], 6), "objective_uniform": uniform,
               "objective_nearest": res["ys"][0], "l1": L1,
-              **({"objective_init": res["ys"][2]} if extra is not None and len(res["ys"]) > 2
+              **({"objective_init": res["ys"][2]} if anchor is not None and len(res["ys"]) > 2
                  else {}),
               "support_loss": round(support_loss(adapter, params, support), 6),
               "warm_points": len(warm), "skipped": skipped,
               "search_seconds": round(res["seconds"], 3),
               "seconds": round(time.perf_counter() - t0, 3)}
     if record:
-        try:
-            library.record_composition({
-                "task": task.name, "embedding": query.get("embedding"),
-                "label_embedding": query.get("label_embedding"),
-                "weights": {i: w for i, w in zip(ids, weights) if not str(i).count("@")},
-                "objective": report["objective"], "base_model_hash": adapter.base.fingerprint},
-                registry)
-        except OSError as e:  # the search result is never lost to the store
-            report["record_error"] = str(e)
+        _record("compose", task, query, ids, weights, report, adapter, registry)
     return params, report
 
 
-def _warm_points(query: dict, ids: list[str], registry=None, nearest: int = 3) -> list:
-    """Weights that worked for the ``nearest`` most similar past tasks, on this task's members
-    (by entry id; members they did not use at 0), skipping those that share no member."""
+def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
+               trials: int | None = None, record: bool = True) -> tuple[object, dict, dict]:
+    """(the adapter to train, its init params, report) for ``library:merge[:K][+INIT]``: the K
+    nearest library LoRAs, weighted, merged exactly (Σ wᵢ·ΔWᵢ, no cross terms) into a frozen
+    copy of the model, and under the trained stage INIT's own factors (fresh LoRA without
+    ``+INIT``), which therefore train as INIT trains: at INIT's step size. The weights minimise
+    the support loss of the whole (INIT + the merged members) + L1·Σ|wᵢ|, evaluated on one
+    LoRA of (K+1)× the rank holding every member side by side (``LoRA.widened``); w = 0 is
+    INIT alone. The result is a stack (``adapters.stacked``): the merged members its frozen
+    stage, the trained LoRA its new one, saved as one file."""
+    from metapeft.adapters.stacked import Stacked
+
+    t0 = time.perf_counter()
+    k, query, members, info_members, anchor, anchor_info, skipped = _members(
+        init, adapter, task, registry)
+    n = len(members)
+    lead = [] if anchor is None else [anchor]  # at weight 1, never searched
+    wide = adapter.widened(n + len(lead))
+    support = data.prepared(wide, "support")  # the same frozen trunk as the adapter's
+
+    def whole(w) -> dict:
+        return wide.unflat(type(adapter).side_by_side(lead + members, [1.0] * len(lead)
+                                                       + list(w)))
+
+    def objective(w) -> float:
+        loss = support_loss(wide, whole(w), support)
+        return loss + L1 * float(np.abs(w).sum()) if math.isfinite(loss) else math.inf
+
+    ids = [m["id"] for m in info_members]
+    x0 = [[1.0] + [0.0] * (n - 1), [1.0 / n] * n]
+    if anchor is not None:  # INIT alone: the search can keep it when no member helps
+        x0.insert(0, [0.0] * n)
+    res, warm = _search(objective, n, x0, query, ids, "merge", registry=registry, seed=seed,
+                        trials=trials)
+    weights = [round(float(v), 6) for v in res["x"]]
+    frozen = adapter.widened(n)
+    frozen_params = frozen.unflat(type(adapter).side_by_side(members, weights))
+    stack = Stacked(frozen, frozen_params, type(adapter), adapter.config)
+    params = (stack.new.init_params(seed) if anchor is None else stack.new.unflat(anchor))
+    for m, w in zip(info_members, weights):
+        m["weight"] = w
+    if anchor_info is not None:
+        info_members.append({**anchor_info, "weight": 1.0, "trained": True})
+    report = {"kind": "merge", "members": info_members, "weights": weights, "k": k,
+              "trials": len(res["ys"]), "objective": round(res["y"], 6),
+              "objective_nearest": res["ys"][1 if anchor is not None else 0], "l1": L1,
+              **({"objective_init": res["ys"][0]} if anchor is not None else {}),
+              "support_loss": round(support_loss(wide, whole(weights), support), 6),
+              "warm_points": len(warm), "skipped": skipped,
+              "search_seconds": round(res["seconds"], 3),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    if record:
+        _record("merge", task, query, ids, weights, report, adapter, registry)
+    return stack, params, report
+
+
+def _warm_points(query: dict, ids: list[str], registry=None, nearest: int = 3,
+                 kind: str = "compose") -> list:
+    """Weights that worked for the ``nearest`` most similar past tasks of this ``kind`` (records
+    from before kinds are compositions), on this task's members (by entry id; members they did
+    not use at 0), skipping those that share no member."""
     from metapeft import library
 
     scored = []
     for c in library.compositions(registry):
         w = c.get("weights") or {}
+        if c.get("kind", "compose") != kind:
+            continue
         if not isinstance(w, dict) or not any(i in w for i in ids):
             continue
         probe = library.Entry(id="", path=library.library_dir(registry), method="", config={},
@@ -182,16 +282,17 @@ def _warm_points(query: dict, ids: list[str], registry=None, nearest: int = 3) -
 
 
 def library_init(init, route, adapter, data, task, *, seed: int = 0, registry=None,
-                 record: bool = True) -> tuple[dict, tuple[str, dict]]:
-    """(init params, (report key, report)) for ``adapt``: ``route="arrow"`` (``metapeft.route``),
-    ``init="library:generate[@V]"`` (``metapeft.generate``; V: a generator version, default the
-    newest) or ``init="library:compose..."`` (``record``: keep its weights for the next
-    search)."""
+                 record: bool = True) -> tuple[object, dict, tuple[str, dict]]:
+    """(the adapter to train, its init params, (report key, report)) for ``adapt``:
+    ``route="arrow"`` (``metapeft.route``), ``init="library:generate[@V]"``
+    (``metapeft.generate``; V: a generator version, default the newest),
+    ``init="library:compose..."`` or ``init="library:merge..."`` (``record``: keep its weights
+    for the next search). Only a merge trains another adapter than ``adapter`` (a stack)."""
     if route is not None:
         from metapeft.route import arrow_init
 
         params, report = arrow_init(adapter, data, task, registry=registry)
-        return params, ("route", report)
+        return adapter, params, ("route", report)
     kind, at, version = str(init).partition("@")
     if kind == f"{PREFIX}generate":
         from metapeft.generate import generate_init
@@ -200,24 +301,29 @@ def library_init(init, route, adapter, data, task, *, seed: int = 0, registry=No
             raise UserError(f"library:generate@V needs a version number, got {version!r}",
                             field="init")
         params, report = generate_init(adapter, task, registry, int(version) if at else None)
-        return params, ("generation", report)
+        return adapter, params, ("generation", report)
+    if spec_kind(init) == "merge":
+        trained, params, report = merge_init(init, adapter, data, task, registry=registry,
+                                             seed=seed, record=record)
+        return trained, params, ("composition", report)
     params, report = compose_init(init, adapter, data, task, registry=registry, seed=seed,
                                   record=record)
-    return params, ("composition", report)
+    return adapter, params, ("composition", report)
 
 
 def step_size_key(init: str, registry=None) -> str:
-    """The composition spec a step-size record belongs to: ``compose:K`` or ``compose:K+INIT``
-    with INIT as resolved now (``NAME@V``, or a file's absolute path)."""
+    """The composition spec a step-size record belongs to: ``KIND:K`` or ``KIND:K+INIT`` (KIND
+    compose or merge) with INIT as resolved now (``NAME@V``, or a file's absolute path)."""
     from pathlib import Path
 
     from metapeft.adapter_io import describe_init
 
+    kind = spec_kind(init)
     k, extra = parse_spec(init)
     if extra is None:
-        return f"compose:{k}"
+        return f"{kind}:{k}"
     name = str(Path(extra).resolve()) if Path(extra).exists() else describe_init(extra, registry)
-    return f"compose:{k}+{name}"
+    return f"{kind}:{k}+{name}"
 
 
 def calibrate_step_size(init: str, adapter, tasks, *, registry=None, seed: int = 0,
@@ -245,7 +351,9 @@ def calibrate_step_size(init: str, adapter, tasks, *, registry=None, seed: int =
         raise UserError("library calibrate needs at least one task", field="tasks")
     if not is_library_init(init) or not str(init)[len(PREFIX):].startswith("compose"):
         raise UserError(f"library calibrate takes a library:compose[:K][+INIT] init, got "
-                        f"{init!r}", field="init")
+                        f"{init!r}" + (" (a merge trains INIT itself, at INIT's step size)"
+                                       if str(init).startswith(f"{PREFIX}merge") else ""),
+                        field="init")
     _, extra = parse_spec(init)
     key = step_size_key(init, registry)
     inherited = init_step_size(extra, registry) if extra is not None else None

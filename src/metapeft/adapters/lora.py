@@ -97,6 +97,34 @@ class LoRA(Adapter):
         self.model.update(params)
         return score_candidates(self.model, batch, start=self.frozen_blocks)
 
+    def widened(self, times: int) -> "LoRA":
+        """This LoRA (targets, depth and scale) at ``times`` × the rank, attached to the same base:
+        room for ``times`` LoRAs side by side (``side_by_side``), whose summed update it then
+        computes exactly. The scale alpha/r (or alpha/√r) is kept by growing alpha with r."""
+        c = self.config
+        grow = math.sqrt(times) if c.use_rslora else times
+        return type(self).attach(self.base, {**c.to_dict(), "rank": c.rank * times,
+                                             "alpha": c.alpha * grow})
+
+    @staticmethod
+    def side_by_side(flats: list[dict], weights) -> dict:
+        """One flat tree (for ``widened(len(flats))``) whose update is Σ wᵢ·sBᵢAᵢ exactly: each
+        module's As (in, r) side by side, each times its weight, over its Bs (r, out) stacked,
+        since x·[w₁a₁ … wₙaₙ]·[b₁; …; bₙ] = Σ wᵢ·(x·aᵢ)·bᵢ. (Summing A and B separately, as
+        LoraHub does, adds the cross terms aᵢ·bⱼ.)"""
+        out = {}
+        for key in flats[0]:
+            leaf = key.rsplit(".", 1)[-1]
+            if leaf == "lora_a":
+                out[key] = mx.concatenate([float(w) * f[key].astype(mx.float32)
+                                           for w, f in zip(weights, flats)], axis=1)
+            elif leaf == "lora_b":
+                out[key] = mx.concatenate([f[key].astype(mx.float32) for f in flats], axis=0)
+            else:
+                raise UserError(f"'{key}' cannot be put side by side (plain LoRA only)",
+                                field="method")
+        return out
+
     @classmethod
     def compose_refusal(cls, config: dict) -> str | None:
         if config.get("use_dora"):

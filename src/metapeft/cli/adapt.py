@@ -112,7 +112,12 @@ def _print_library(extra: dict) -> None:
         out_console.print(f"generated init: generator v{g['version']} trained on "
                           f"{g['entries']} library LoRAs{anchor}", highlight=False)
     if c:
-        mix = ", ".join(f"{m['id']} {m['weight']:+.2f}" for m in c["members"])
+        mix = ", ".join(f"{m['id']} {m['weight']:+.2f}" for m in c["members"]
+                        if not m.get("trained"))
+        if c.get("kind") == "merge":  # the members are frozen; INIT (or fresh LoRA) trains
+            trained = [m["id"] for m in c["members"] if m.get("trained")]
+            mix += (f" merged into the frozen model, {trained[0] if trained else 'a fresh LoRA'}"
+                    " trained on top")
         out_console.print(f"composed init: {mix} (support loss {c['support_loss']:.3f}; "
                           f"{c['trials']} trials, {c['search_seconds']:.1f} s)", highlight=False)
         size = c.get("step_size")
@@ -146,7 +151,10 @@ def adapt(
     init: Optional[str] = typer.Option(None, help="Initial adapter: a safetensors file, an "
                                                   "adapter dir, registry NAME[@VERSION], or "
                                                   "library:compose[:K][+INIT] (a weighted mix "
-                                                  "of the K nearest library LoRAs) or "
+                                                  "of the K nearest library LoRAs), "
+                                                  "library:merge[:K][+INIT] (their updates "
+                                                  "merged into the frozen model, INIT "
+                                                  "trained on top) or "
                                                   "library:generate; or auto: the init "
                                                   "source that wins on similar tasks "
                                                   "(`select` ranks them)."),
