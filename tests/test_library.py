@@ -290,6 +290,10 @@ def test_composition_anchored_at_an_init_adapts_at_its_step_size(tmp_path):
     assert init_adapt_lr_decay(f"library:compose+{plain}") == 0.0
     assert init_adapt_lr("library:compose:3") is None
     assert init_adapt_lr_decay("library:generate") == 0.0
+    # a merge trains INIT's own factors: INIT's step size
+    assert init_adapt_lr(f"library:merge:3+{cal}") == pytest.approx(5e-4)
+    assert init_adapt_lr_decay(f"library:merge+{cal}") == pytest.approx(1.0)
+    assert init_adapt_lr("library:merge:2") is None
 
 
 def test_library_build_cli(home, tmp_path):

@@ -130,6 +130,8 @@ def test_multipliers_are_published_loaded_and_applied(tiny, tmp_path):
     assert scales.keys() == want.keys()
     assert all(abs(scales[k] - want[k]) < 1e-5 for k in want)
     assert any(abs(v - 1) > 0.05 for v in scales.values())  # learned, not left at 1
+    assert init_lr_scales("library:merge:2+ls", root) == scales  # a merge trains INIT itself
+    assert init_lr_scales("library:compose:2+ls", root) is None  # a mixture is not INIT
     assert meta["inner_lr_mode"] == "per-layer"
     shown = reg.show("ls", root)
     assert shown["num_tensors"] == len(names)  # the multipliers are not parameters

@@ -29,6 +29,16 @@ calibrated for composed starts"): on 8 past CLINC150 tasks ×0.3 won, and on the
 turned the step-1 loss into a gain (+14.7 points against INIT's step), though the mixture still
 trails INIT itself after any step.
 
+``adapt --init library:merge[:K][+INIT]`` (``merge_init``) keeps INIT trainable instead of
+mixing it: the K members' updates are merged exactly, ΔW = Σ wᵢ·sBᵢAᵢ (no cross terms BᵢAⱼ),
+into a frozen copy of the model, and INIT's own factors (fresh LoRA without ``+INIT``) train on
+top, at INIT's step size, since INIT is what trains. Why: INIT's calibrated step is good from
+INIT's factors; a LoraHub mixture replaces those factors, and no step size chosen for the
+mixtures made it train as well as INIT (above). The weights are searched as compose's are, from
+w = 0 (INIT alone), on one LoRA of (K+1)× the rank that holds INIT and the members side by
+side (``LoRA.widened``, ``LoRA.side_by_side``); the result is a stack (``adapters.stacked``),
+saved as one file.
+
 ``adapt --route arrow`` lives in ``metapeft.route``; both take their members from
 ``library.candidates`` (which entries qualify, with one-line refusals when none does).
 """
