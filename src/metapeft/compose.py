@@ -37,7 +37,10 @@ INIT's factors; a LoraHub mixture replaces those factors, and no step size chose
 mixtures made it train as well as INIT (above). The weights are searched as compose's are, from
 w = 0 (INIT alone), on one LoRA of (K+1)× the rank that holds INIT and the members side by
 side (``LoRA.widened``, ``LoRA.side_by_side``); the result is a stack (``adapters.stacked``),
-saved as one file.
+saved as one file. Measured (README, "Merging the library under the meta-init"; SmolLM2,
+in-domain libraries, paired with INIT): CLINC150 +6.2 points at step 0, −2.4 at step 1, level
+from step 5; WordNet level at every step. The step-1 loss sits on the tasks whose search chose
+large weights (Σ|wᵢ| > 2).
 
 ``adapt --route arrow`` lives in ``metapeft.route``; both take their members from
 ``library.candidates`` (which entries qualify, with one-line refusals when none does).
