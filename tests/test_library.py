@@ -519,6 +519,8 @@ def test_adapt_merge_saves_a_stack_and_trains_at_init_step_size(home, tmp_path, 
     assert library.compositions() == []
     stack, params = load_adapter(tmp_path / "m")
     assert stack.method == "stack"
+    kept = library.add(tmp_path / "m", base=tiny).entry  # listed, skipped with its reason
+    assert not kept.composable and kept.reason == "stack has no LoRA A/B pair to mix"
     r = run("adapt", str(_task_dir(tmp_path)), "--init", "library:merge:x", "--steps", "1",
             home=home)
     assert r.returncode == 2 and "library:merge:K needs an integer K" in r.stderr, r.stderr

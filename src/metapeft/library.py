@@ -59,9 +59,10 @@ def composable_reason(method: str, config: dict) -> str | None:
     """None when an adapter of ``method`` with ``config`` can be composed, else why not (the
     adapter protocol's ``compose_refusal``)."""
     from metapeft.adapters import get_adapter_class
+    from metapeft.adapters.stacked import STACK_METHOD, Stacked
 
-    try:
-        cls = get_adapter_class(method)
+    try:  # a stack (adapt --switch, library:merge) is no user-chosen method, yet a known one
+        cls = Stacked if method == STACK_METHOD else get_adapter_class(method)
     except UserError:
         return f"unknown method {method!r}"
     return cls.compose_refusal(config)
