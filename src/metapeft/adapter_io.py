@@ -166,7 +166,7 @@ def init_lr_scales(init: str | Path | None, registry: str | Path | None = None
     per-layer), which ``adapt`` applies to the optimizer's update; None when it has none.
     ``library:merge...+INIT`` trains INIT's own factors: INIT's multipliers."""
     if init is not None and str(init).startswith("library:merge"):
-        init = str(init).partition("+")[2] or None
+        init = step_size_source(init)  # its INIT, or None
     if init is None or str(init).startswith("library:"):
         return None
     from metapeft.artifacts import read_metadata

@@ -127,7 +127,7 @@ class Stacked(Adapter):
             self.new = new_cls.attach(under, new_config)
             self.outer = None
             self.frozen_blocks = self.new.frozen_blocks
-            if getattr(frozen, "frozen_blocks", 0) >= self.frozen_blocks:
+            if frozen.frozen_blocks >= self.frozen_blocks:
                 # the frozen stage changed no block below the new stage's: the same trunk as
                 # the base model's, so the cache of the base model's inputs applies as it is
                 self.trunk_key = frozen.base.fingerprint
