@@ -527,3 +527,60 @@ def test_adapt_merge_saves_a_stack_and_trains_at_init_step_size(home, tmp_path, 
     r = run("library", "calibrate", "--data", str(tmp_path / "none.jsonl"), "--init",
             "library:merge", home=home)
     assert r.returncode == 2
+
+
+def test_merge_bound_is_calibrated_kept_and_used(home, tmp_path, tiny):
+    """``library calibrate --init library:merge...`` merges each past task at every candidate
+    bound, trains INIT from there, keeps the best mean over the marks, and ``adapt`` with the
+    spec searches within it; at bound 0 the merge is INIT alone, curve for curve; the search
+    never leaves the box; and the options that do not apply are one-line refusals."""
+    from metapeft import library
+
+    _adapt(_task(41), tmp_path / "a", steps=6, lr=3e-3)
+    _adapt(_task(42), tmp_path / "b", steps=6, lr=3e-3, seed=1)
+    _adapt(_task(43), tmp_path / "init", steps=3)
+    for d in ("a", "b"):
+        library.add(tmp_path / d, base=tiny)
+    spec = f"library:merge:2+{tmp_path / 'init'}"
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n"
+                            for e in generate_pool_rows()))
+    r = run("library", "calibrate", "--data", str(pool), "--init", spec, "--tasks", "2",
+            "--ways", "3", "--shots", "2", "--query", "3", "--bounds", "1.5,0", "--marks",
+            "0,1", "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["key"].startswith("merge:2+") and rec["num_tasks"] == 2 and rec["marks"] == [0, 1]
+    assert set(rec["table"]) == {"1.5", "0"}
+    best = max(rec["table"], key=lambda k: (rec["table"][k]["mean"], -float(k)))
+    assert rec["merge_bound"] == float(best)
+    assert [b["key"] for b in library.merge_bounds()] == [rec["key"]]
+    assert library.compositions() == [] and library.step_sizes() == []
+    task = _task(44)
+    used = _adapt(task, tmp_path / "u", steps=1, init=spec, record_composition=False)
+    c = used.extra["composition"]
+    assert c["bound"] == rec["merge_bound"] and c["bound_source"] == "calibrated on 2 tasks"
+    boxed = _adapt(task, tmp_path / "x", steps=1, init=spec, record_composition=False,
+                   merge_bound=0.3)
+    c = boxed.extra["composition"]
+    assert c["bound_source"] == "given" and max(abs(w) for w in c["weights"]) <= 0.3 + 1e-9
+    zero = _adapt(task, tmp_path / "z", steps=2, init=spec, record_composition=False,
+                  merge_bound=0)
+    alone = _adapt(task, tmp_path / "i", steps=2, init=str(tmp_path / "init"))
+    assert zero.extra["composition"]["weights"] == [0.0, 0.0]
+    assert zero.accuracies == alone.accuracies and zero.losses == pytest.approx(alone.losses)
+    t = str(_task_dir(tmp_path))
+    bad = run("adapt", t, "--init", "library:compose:2", "--merge-bound", "0.5", home=home)
+    assert bad.returncode == 2 and "--merge-bound applies to --init library:merge" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    for extra in (["--init", spec, "--lr-factors", "1"],
+                  ["--init", "library:compose:2", "--bounds", "0.5"],
+                  ["--init", spec, "--bounds", "-1"]):
+        bad = run("library", "calibrate", "--data", str(pool), *extra, home=home)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def generate_pool_rows():
+    from metapeft.data.synthetic import generate_pool
+
+    return generate_pool("topic", 5, per_label=12)

@@ -1009,6 +1009,14 @@ def library_build(data, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
 
     if tasks < 1:
         raise UserError(f"--tasks must be >= 1, got {tasks}", field="tasks")
+    merge = str(init).startswith("library:") and spec_kind(init) == "merge"
+    if merge and (factors or decays or horizons):
+        raise UserError("a merge trains INIT at INIT's step size: library calibrate chooses its "
+                        "weight bound (--bounds), not --lr-factors, --lr-decays or --horizons",
+                        field="init")
+    if not merge and bounds:
+        raise UserError("--bounds calibrates a library:merge spec, not " + str(init),
+                        field="bounds")
     pool = filter_pool(read_rows(Path(data)), domains=domains, exclude_domains=exclude_domains)
     source = EpisodeSource(pool, ways=ways, shots=shots, query=query, name=str(data))
     base = load_base_model(model, dequantize=dequantize)
@@ -1041,14 +1049,17 @@ def library_calibrate(data, *, init: str = "library:compose", model: str = DEFAU
                       dequantize: str = "auto", tasks: int = 8, ways: int = 5, shots: int = 5,
                       query: int = 10, seed: int = 0, domains=None, exclude_domains=None,
                       config: dict | None = None, factors=None, decays=None, marks=None,
-                      horizons=(), registry=None, on_task=None, on_trial=None,
+                      horizons=(), bounds=None, registry=None, on_task=None, on_trial=None,
                       group=None) -> dict:
-    """Choose the step size ``adapt --init INIT`` (a ``library:compose...`` spec) trains at, on
-    ``tasks`` past episodes of a labelled pool (seeded ``seed + i``; never the test split), and
-    keep it in the library (``compose.calibrate_step_size``; ``group``: split over the ranks of
-    ``meta.distributed``). Returns the kept record."""
+    """Choose the step size ``adapt --init INIT`` (a ``library:compose...`` spec) trains at, or
+    the weight bound a ``library:merge...`` spec searches within (``bounds``: the candidates,
+    default ``compose.MERGE_BOUNDS``), on ``tasks`` past episodes of a labelled pool (seeded
+    ``seed + i``; never the test split), and keep it in the library
+    (``compose.calibrate_step_size``, ``compose.calibrate_merge_bound``; ``group``: split over
+    the ranks of ``meta.distributed``). Returns the kept record."""
     from metapeft.adapters import get_adapter_class
-    from metapeft.compose import CAL_DECAYS, CAL_FACTORS, calibrate_step_size
+    from metapeft.compose import (CAL_DECAYS, CAL_FACTORS, MERGE_BOUNDS, MERGE_MARKS,
+                                  calibrate_merge_bound, calibrate_step_size, spec_kind)
     from metapeft.data.episodes import EpisodeSource
     from metapeft.data.pools import filter_pool
     from metapeft.data.tasks import read_rows
@@ -1056,12 +1067,25 @@ def library_calibrate(data, *, init: str = "library:compose", model: str = DEFAU
 
     if tasks < 1:
         raise UserError(f"--tasks must be >= 1, got {tasks}", field="tasks")
+    merge = str(init).startswith("library:") and spec_kind(init) == "merge"
+    if merge and (factors or decays or horizons):
+        raise UserError("a merge trains INIT at INIT's step size: library calibrate chooses its "
+                        "weight bound (--bounds), not --lr-factors, --lr-decays or --horizons",
+                        field="init")
+    if not merge and bounds:
+        raise UserError("--bounds calibrates a library:merge spec, not " + str(init),
+                        field="bounds")
     pool = filter_pool(read_rows(Path(data)), domains=domains, exclude_domains=exclude_domains)
     source = EpisodeSource(pool, ways=ways, shots=shots, query=query, name=str(data))
     episodes = [source.sample(seed + i) for i in range(tasks)]
     # the library composes plain LoRA only (the adapter protocol's compose_refusal)
     adapter = get_adapter_class(DEFAULT_METHOD).attach(
         load_base_model(model, dequantize=dequantize), config or {})
+    if merge:
+        return calibrate_merge_bound(init, adapter, episodes, registry=registry, seed=seed,
+                                     bounds=bounds or MERGE_BOUNDS,
+                                     marks=MERGE_MARKS if marks is None else marks,
+                                     on_task=on_task, on_trial=on_trial, group=group)
     return calibrate_step_size(init, adapter, episodes, registry=registry, seed=seed,
                                factors=CAL_FACTORS if factors is None else factors,
                                decays=CAL_DECAYS if decays is None else decays, marks=marks,

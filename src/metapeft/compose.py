@@ -138,17 +138,19 @@ def _members(init: str, adapter, task, registry=None):
 
 
 def _search(objective, n: int, x0: list, query: dict, ids: list, kind: str, *, registry=None,
-            seed: int = 0, trials: int | None = None):
-    """(skopt's result, the warm points used): ``objective`` over w ∈ [-BOUND, BOUND]^n from
-    ``x0`` and the weights of the nearest past tasks of this ``kind``."""
+            seed: int = 0, trials: int | None = None, bound: float = BOUND):
+    """(skopt's result, the warm points used): ``objective`` over w ∈ [-bound, bound]^n from
+    ``x0`` and the weights of the nearest past tasks of this ``kind`` (clipped to the box)."""
     from metapeft.tune.gp import minimize
 
-    warm = _warm_points(query, ids, registry, kind=kind)
+    warm = [[min(max(v, -bound), bound) for v in w]
+            for w in _warm_points(query, ids, registry, kind=kind)]
+    x0 = [[min(max(v, -bound), bound) for v in w] for w in x0]
     x0 = x0 + [w for w in warm if w not in x0]
     trials = max(20, 4 * n) if trials is None else trials
     if trials < 1:
         raise UserError(f"composition trials must be >= 1, got {trials}", field="trials")
-    res = minimize(objective, [(-BOUND, BOUND)] * n, trials=trials, x0=x0, seed=seed,
+    res = minimize(objective, [(-bound, bound)] * n, trials=trials, x0=x0, seed=seed,
                    n_initial=max(len(x0), min(n + 2, trials)))
     return res, warm
 
@@ -213,7 +215,8 @@ def compose_init(init: str, adapter, data, task, *, registry=None, seed: int = 0
 
 
 def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
-               trials: int | None = None, record: bool = True) -> tuple[object, dict, dict]:
+               trials: int | None = None, record: bool = True,
+               bound: float | None = None) -> tuple[object, dict, dict]:
     """(the adapter to train, its init params, report) for ``library:merge[:K][+INIT]``: the K
     nearest library LoRAs, weighted, merged exactly (Σ wᵢ·ΔWᵢ, no cross terms) into a frozen
     copy of the model, and under the trained stage INIT's own factors (fresh LoRA without
@@ -221,13 +224,35 @@ def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
     the support loss of the whole (INIT + the merged members) + L1·Σ|wᵢ|, evaluated on one
     LoRA of (K+1)× the rank holding every member side by side (``LoRA.widened``); w = 0 is
     INIT alone. The result is a stack (``adapters.stacked``): the merged members its frozen
-    stage, the trained LoRA its new one, saved as one file."""
+    stage, the trained LoRA its new one, saved as one file. ``bound``: each |wᵢ| ≤ bound; None:
+    the bound calibrated for this spec (``calibrate_merge_bound``), else ``BOUND``. At bound 0
+    nothing is merged: the start is INIT alone (the adapter itself, no stack; no search)."""
     from metapeft.adapters.stacked import Stacked
 
     t0 = time.perf_counter()
+    bound_source = "given"
+    if bound is None:
+        kept = calibrated_merge_bound(init, adapter, registry)
+        bound, bound_source = ((BOUND, "default") if kept is None else
+                               (kept["merge_bound"], f"calibrated on {kept['num_tasks']} tasks"))
+    bound = float(bound)
+    if not (math.isfinite(bound) and bound >= 0):
+        raise UserError(f"the merge bound must be a number >= 0, got {bound!r}", field="bound")
     k, query, members, info_members, anchor, anchor_info, skipped = _members(
         init, adapter, task, registry)
     n = len(members)
+    if bound == 0:  # nothing merged: INIT alone (fresh without +INIT), trained as adapt would
+        params = adapter.init_params(seed) if anchor is None else adapter.unflat(anchor)
+        for m in info_members:
+            m["weight"] = 0.0
+        if anchor_info is not None:
+            info_members.append({**anchor_info, "weight": 1.0, "trained": True})
+        loss = round(support_loss(adapter, params, data.prepared(adapter, "support")), 6)
+        return adapter, params, {
+            "kind": "merge", "members": info_members, "weights": [0.0] * n, "k": k,
+            "bound": 0.0, "bound_source": bound_source, "trials": 0, "objective": loss,
+            "support_loss": loss, "warm_points": 0, "skipped": skipped, "search_seconds": 0.0,
+            "seconds": round(time.perf_counter() - t0, 3)}
     lead = [] if anchor is None else [anchor]  # at weight 1, never searched
     wide = adapter.widened(n + len(lead))
     support = data.prepared(wide, "support")  # the same frozen trunk as the adapter's
@@ -245,7 +270,7 @@ def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
     if anchor is not None:  # INIT alone: the search can keep it when no member helps
         x0.insert(0, [0.0] * n)
     res, warm = _search(objective, n, x0, query, ids, "merge", registry=registry, seed=seed,
-                        trials=trials)
+                        trials=trials, bound=bound)
     weights = [round(float(v), 6) for v in res["x"]]
     frozen = adapter.widened(n)
     frozen_params = frozen.unflat(type(adapter).side_by_side(members, weights))
@@ -256,6 +281,7 @@ def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
     if anchor_info is not None:
         info_members.append({**anchor_info, "weight": 1.0, "trained": True})
     report = {"kind": "merge", "members": info_members, "weights": weights, "k": k,
+              "bound": bound, "bound_source": bound_source,
               "trials": len(res["ys"]), "objective": round(res["y"], 6),
               "objective_nearest": res["ys"][1 if anchor is not None else 0], "l1": L1,
               **({"objective_init": res["ys"][0]} if anchor is not None else {}),
@@ -295,12 +321,14 @@ def _warm_points(query: dict, ids: list[str], registry=None, nearest: int = 3,
 
 
 def library_init(init, route, adapter, data, task, *, seed: int = 0, registry=None,
-                 record: bool = True) -> tuple[object, dict, tuple[str, dict]]:
+                 record: bool = True, merge_bound: float | None = None
+                 ) -> tuple[object, dict, tuple[str, dict]]:
     """(the adapter to train, its init params, (report key, report)) for ``adapt``:
     ``route="arrow"`` (``metapeft.route``), ``init="library:generate[@V]"``
     (``metapeft.generate``; V: a generator version, default the newest),
     ``init="library:compose..."`` or ``init="library:merge..."`` (``record``: keep its weights
-    for the next search). Only a merge trains another adapter than ``adapter`` (a stack)."""
+    for the next search; ``merge_bound``: a merge's weight bound, None for the calibrated one).
+    Only a merge trains another adapter than ``adapter`` (a stack)."""
     if route is not None:
         from metapeft.route import arrow_init
 
@@ -317,7 +345,7 @@ def library_init(init, route, adapter, data, task, *, seed: int = 0, registry=No
         return adapter, params, ("generation", report)
     if spec_kind(init) == "merge":
         trained, params, report = merge_init(init, adapter, data, task, registry=registry,
-                                             seed=seed, record=record)
+                                             seed=seed, record=record, bound=merge_bound)
         return trained, params, ("composition", report)
     params, report = compose_init(init, adapter, data, task, registry=registry, seed=seed,
                                   record=record)
@@ -416,3 +444,124 @@ def calibrated_step_size(init: str, adapter, steps: int, registry=None) -> dict 
     except (KeyError, TypeError, ValueError):  # a malformed record: as if none was kept
         return None
     return {**chosen, "num_tasks": rec.get("num_tasks"), "created": rec.get("created")}
+
+
+# candidate bounds on a merge's weights (``calibrate_merge_bound``): the search's box down to 0
+# (INIT alone), since the step-1 loss measured on SmolLM2 sat on the tasks whose search chose
+# large weights (Σ|wᵢ| > 2 at the box ±1.5)
+MERGE_BOUNDS = (1.5, 0.6, 0.3, 0.0)
+MERGE_MARKS = (0, 1, 2, 5)
+
+
+def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int = 0,
+                          bounds=MERGE_BOUNDS, marks=MERGE_MARKS, on_task=None, on_trial=None,
+                          group=None) -> dict:
+    """Choose and keep the bound on a merge's weights (|wᵢ| ≤ bound) that ``adapt --init
+    library:merge...`` searches within, on ``tasks`` (past tasks: never the test split). Each
+    task is merged at every candidate bound as ``adapt`` merges it (not recorded), trained at the
+    step size ``adapt`` uses (INIT's calibrated one, with its per-layer lrs) to the last mark,
+    and the bound with the best mean query accuracy over ``marks`` wins (ties: the smaller
+    bound). ``on_task(i, {bound: report})`` after each task's merges; ``on_trial(key, row)``
+    after the curves are in. ``group``: each rank merges and trains its share of the tasks and
+    rank 0 keeps the record (every rank returns it)."""
+    import datetime
+
+    from metapeft import library
+    from metapeft.adapter_io import init_lr_scales, init_step_size
+    from metapeft.meta import distributed as dist
+    from metapeft.metrics import mean_ci
+    from metapeft.train import encode_task, train
+
+    tasks = list(tasks)
+    if not tasks:
+        raise UserError("library calibrate needs at least one task", field="tasks")
+    if not is_library_init(init) or spec_kind(init) != "merge":
+        raise UserError(f"calibrate_merge_bound takes a library:merge[:K][+INIT] init, got "
+                        f"{init!r}", field="init")
+    bounds = sorted({float(b) for b in bounds}, reverse=True)
+    if not bounds or any(not (math.isfinite(b) and b >= 0) for b in bounds):
+        raise UserError(f"merge bounds must be numbers >= 0, got {bounds}", field="bounds")
+    marks = sorted({int(m) for m in marks})
+    if not marks or marks[0] < 0:
+        raise UserError(f"calibration marks must be steps >= 0, got {marks}", field="marks")
+    key = step_size_key(init, registry)
+    steps = marks[-1]
+    chosen = init_step_size(init, steps=steps)  # as adapt takes it (INIT's; LoRA's default)
+    lr = (chosen or {}).get("adapt_lr") or type(adapter).default_lr
+    lr_decay = (chosen or {}).get("adapt_lr_decay") or 0.0
+    lr_scales = init_lr_scales(init)
+    t0 = time.perf_counter()
+    n, k, nb = len(tasks), len(marks), len(bounds)
+    slots, search_s = {}, 0.0  # slot (b·n + i)·k + j: bound b, task i, mark j; then b's failure
+    for count, i in enumerate(dist.mine(n, group)):
+        data = encode_task(tasks[i], adapter.base.tokenizer)
+        reports = {}
+        for b, bound in enumerate(bounds):
+            trained, params, rep = merge_init(init, adapter, data, tasks[i], registry=registry,
+                                              seed=seed, record=False, bound=bound)
+            search_s += rep["search_seconds"]
+            reports[bound] = rep
+            try:
+                r = train(trained, params, data, steps=steps, lr=lr, eval_at=set(marks),
+                          lr_scales=lr_scales, lr_decay=lr_decay)
+                slots.update({(b * n + i) * k + j: a for j, a in enumerate(r.accuracies)})
+            except FloatingPointError:  # diverged from this merge: never the bound to use
+                slots[nb * n * k + b] = 1.0
+        if on_task is not None:
+            on_task(count, reports)
+    gathered = dist.gather_slots(slots, nb * n * k + nb, group)
+    search_s = sum(dist.gather_json(search_s, group))
+    curves = np.asarray(gathered[:nb * n * k], dtype=float).reshape(nb, n, k)
+    table = {}
+    for b, bound in enumerate(bounds):
+        if gathered[nb * n * k + b] > 0:
+            table[bound] = {"mean": None, "diverged": True}
+        else:
+            table[bound] = {"mean": round(float(curves[b].mean()), 6),
+                            **{str(m): round(float(a), 6)
+                               for m, a in zip(marks, curves[b].mean(axis=0))},
+                            "tasks": [round(float(a), 6) for a in curves[b].mean(axis=1)]}
+        if on_trial is not None:
+            on_trial(f"{bound:g}", table[bound])
+    ranked = sorted((b for b in bounds if not table[b].get("diverged")),
+                    key=lambda b: (table[b]["mean"], -b), reverse=True)
+    if not ranked:
+        raise FloatingPointError("INIT's step diverged from every candidate merge")
+    margin = None
+    if len(ranked) > 1:  # the choice's paired lead over the runner-up, task by task
+        ci = mean_ci(np.subtract(table[ranked[0]]["tasks"], table[ranked[1]]["tasks"]))
+        margin = {"over": f"{ranked[1]:g}", "mean": round(ci["mean"], 6),
+                  "ci95": None if ci["ci"] is None else round(ci["ci"], 6)}
+    record = {"key": key, "init": str(init), "merge_bound": ranked[0], "margin": margin,
+              "marks": marks, "num_tasks": n, "adapt_lr": lr, "adapt_lr_decay": lr_decay,
+              "table": {f"{b:g}": row for b, row in table.items()},
+              "base_model": adapter.base.model_id, "base_model_hash": adapter.base.fingerprint,
+              "config": adapter.config.to_dict(), "tasks": [t.name for t in tasks],
+              "search_seconds": round(search_s, 3),
+              "seconds": round(time.perf_counter() - t0, 3),
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                  timespec="seconds")}
+    if dist.is_root(group):
+        library.record_merge_bound(record, registry)
+    return record
+
+
+def calibrated_merge_bound(init: str, adapter, registry=None) -> dict | None:
+    """``{"merge_bound", "num_tasks", "created"}`` kept for ``init``'s merge spec, this base
+    model and LoRA config (``calibrate_merge_bound``); None when none was kept."""
+    from metapeft import library
+
+    try:
+        key = step_size_key(init, registry)
+    except (UserError, OSError):
+        return None
+    rec = library.find_merge_bound(key, adapter.base.fingerprint, adapter.config.to_dict(),
+                                   registry)
+    try:
+        bound = float(rec["merge_bound"])
+    except (KeyError, TypeError, ValueError):  # none kept, or a malformed record
+        return None
+    if not (math.isfinite(bound) and bound >= 0):
+        return None
+    return {"merge_bound": bound, "num_tasks": rec.get("num_tasks"),
+            "created": rec.get("created")}

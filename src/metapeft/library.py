@@ -30,8 +30,9 @@ Compositions found by ``library:compose`` are kept in ``library/compositions.jso
 embedding, the weight of every member by entry id, the support loss) to warm-start the next
 search on a similar task. The step sizes calibrated for composed starts
 (``compose.calibrate_step_size``, ``metapeft library calibrate``) are kept in
-``library/step_sizes.json``, one record per composition spec, base model and LoRA config. Writers
-hold ``library/.lock``; every file is replaced atomically.
+``library/step_sizes.json``, and the weight bounds calibrated for merges
+(``compose.calibrate_merge_bound``) in ``library/merge_bounds.json``, each one record per spec,
+base model and LoRA config. Writers hold ``library/.lock``; every file is replaced atomically.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from metapeft.errors import UserError
 LIBRARY_DIR = "library"
 COMPOSITIONS = "compositions.json"
 STEP_SIZES = "step_sizes.json"
+MERGE_BOUNDS = "merge_bounds.json"
 def library_dir(registry=None) -> Path:
     from metapeft.registry import registry_root
 
@@ -391,9 +393,8 @@ def record_composition(record: dict, registry=None, keep: int = 500) -> None:
 
 
 # ------------------------------------------------------------------------------- step sizes
-def step_sizes(registry=None) -> list[dict]:
-    """The calibrated step sizes for composed starts (``compose.calibrate_step_size``)."""
-    p = library_dir(registry) / STEP_SIZES
+def _calibrations(name: str, registry=None) -> list[dict]:
+    p = library_dir(registry) / name
     try:
         data = json.loads(p.read_text()) if p.exists() else []
     except (OSError, json.JSONDecodeError):
@@ -405,23 +406,56 @@ def _same_setting(a: dict, b: dict) -> bool:
     return all(a.get(f) == b.get(f) for f in ("key", "base_model_hash", "config"))
 
 
-def record_step_size(record: dict, registry=None) -> None:
-    """Keep ``record`` under the lock, replacing an older one for the same spec, base model and
-    config (``key``, ``base_model_hash``, ``config``)."""
+def _record_calibration(name: str, record: dict, registry=None) -> None:
+    """Keep ``record`` in ``name`` under the lock, replacing an older one for the same spec,
+    base model and config (``key``, ``base_model_hash``, ``config``)."""
     from metapeft.artifacts import atomic_write_json, file_lock
 
     d = library_dir(registry)
     d.mkdir(parents=True, exist_ok=True)
     with file_lock(d / ".lock"):
-        kept = [r for r in step_sizes(registry) if not _same_setting(r, record)]
-        atomic_write_json(d / STEP_SIZES, kept + [record])
+        kept = [r for r in _calibrations(name, registry) if not _same_setting(r, record)]
+        atomic_write_json(d / name, kept + [record])
+
+
+def _find_calibration(name: str, key: str, base_model_hash: str, config: dict,
+                      registry=None) -> dict | None:
+    probe = {"key": key, "base_model_hash": base_model_hash, "config": config}
+    found = [r for r in _calibrations(name, registry) if _same_setting(r, probe)]
+    return found[-1] if found else None
+
+
+def step_sizes(registry=None) -> list[dict]:
+    """The calibrated step sizes for composed starts (``compose.calibrate_step_size``)."""
+    return _calibrations(STEP_SIZES, registry)
+
+
+def record_step_size(record: dict, registry=None) -> None:
+    """Keep a step-size record, replacing an older one for the same spec, base model and
+    config."""
+    _record_calibration(STEP_SIZES, record, registry)
 
 
 def find_step_size(key: str, base_model_hash: str, config: dict, registry=None) -> dict | None:
     """The step-size record for this composition spec, base model and LoRA config, or None."""
-    probe = {"key": key, "base_model_hash": base_model_hash, "config": config}
-    found = [r for r in step_sizes(registry) if _same_setting(r, probe)]
-    return found[-1] if found else None
+    return _find_calibration(STEP_SIZES, key, base_model_hash, config, registry)
+
+
+def merge_bounds(registry=None) -> list[dict]:
+    """The weight bounds calibrated for merges (``compose.calibrate_merge_bound``)."""
+    return _calibrations(MERGE_BOUNDS, registry)
+
+
+def record_merge_bound(record: dict, registry=None) -> None:
+    """Keep a merge-bound record, replacing an older one for the same spec, base model and
+    config."""
+    _record_calibration(MERGE_BOUNDS, record, registry)
+
+
+def find_merge_bound(key: str, base_model_hash: str, config: dict, registry=None
+                     ) -> dict | None:
+    """The merge-bound record for this merge spec, base model and LoRA config, or None."""
+    return _find_calibration(MERGE_BOUNDS, key, base_model_hash, config, registry)
 
 
 def disk_bytes(registry=None) -> int:

@@ -116,7 +116,9 @@ def _print_library(extra: dict) -> None:
                         if not m.get("trained"))
         if c.get("kind") == "merge":  # the members are frozen; INIT (or fresh LoRA) trains
             trained = [m["id"] for m in c["members"] if m.get("trained")]
-            mix += (f" merged into the frozen model, {trained[0] if trained else 'a fresh LoRA'}"
+            mix = mix or "nothing"
+            mix += (f" merged into the frozen model (|w| <= {c['bound']:g}, "
+                    f"{c['bound_source']}), {trained[0] if trained else 'a fresh LoRA'}"
                     " trained on top")
         out_console.print(f"composed init: {mix} (support loss {c['support_loss']:.3f}; "
                           f"{c['trials']} trials, {c['search_seconds']:.1f} s)", highlight=False)
@@ -158,6 +160,11 @@ def adapt(
                                                   "library:generate; or auto: the init "
                                                   "source that wins on similar tasks "
                                                   "(`select` ranks them)."),
+    merge_bound: Optional[float] = typer.Option(None, "--merge-bound", min=0.0, help="With "
+                                                "--init library:merge: bound each member's "
+                                                "weight to [-B, B] (default: the bound "
+                                                "`library calibrate` kept, else 1.5; 0: INIT "
+                                                "alone)."),
     route: Optional[str] = typer.Option(None, "--route", help="arrow: route each token over "
                                         "the library's LoRAs (training-free step 0), then "
                                         "train their merged mixture."),
@@ -242,7 +249,8 @@ def adapt(
                                budget_seconds=budget_seconds, switch=switch.value, route=route,
                                keep=keep, max_size=max_size,
                                switch_window=switch_window, switch_tolerance=switch_tolerance,
-                               on_switch=on_switch, inner_lr_scales=inner_lr_scales)
+                               on_switch=on_switch, inner_lr_scales=inner_lr_scales,
+                               merge_bound=merge_bound)
         if as_json:
             print_json(report.to_json())
         else:

@@ -134,7 +134,8 @@ def library_calibrate(
     data: Path = typer.Option(..., "--data", help="A labelled JSONL/CSV pool of past tasks "
                               "(never the test split)."),
     init: str = typer.Option("library:compose", "--init", help="The composition spec to "
-                             "calibrate, as adapt takes it: library:compose[:K][+INIT]."),
+                             "calibrate, as adapt takes it: library:compose[:K][+INIT] (its "
+                             "step size) or library:merge[:K][+INIT] (its weight bound)."),
     tasks: int = typer.Option(8, "--tasks", help="Episodes to compose and train from."),
     ways: int = typer.Option(5, "--ways"), shots: int = typer.Option(5, "--shots"),
     query: int = typer.Option(10, "--query", help="Query examples per class (the score)."),
@@ -146,8 +147,11 @@ def library_calibrate(
                                              "comma-separated (default 1,0.3,0.1,0.03)."),
     lr_decays: Optional[str] = typer.Option(None, "--lr-decays", help="Inverse-time decays to "
                                             "try with every factor (default 0,3)."),
+    bounds: Optional[str] = typer.Option(None, "--bounds", help="A merge's weight bounds to "
+                                         "try, comma-separated (default 1.5,0.6,0.3,0; 0 is "
+                                         "INIT alone)."),
     marks: Optional[str] = typer.Option(None, "--marks", help="Steps whose mean accuracy "
-                                        "chooses (default 1,2,5,10)."),
+                                        "chooses (default 1,2,5,10; a merge's 0,1,2,5)."),
     horizons: Optional[str] = typer.Option(None, "--horizons", help="Run lengths that get a "
                                            "step size of their own (adapt --steps N takes N's)."),
     seed: int = typer.Option(0, "--seed", help="Episode i uses seed + i."),
@@ -159,16 +163,20 @@ def library_calibrate(
     as_json: bool = JSON_OPT,
     model_options: dict = None,
 ):
-    """Choose the step size adapt trains a composed init at, on past tasks, and keep it in
-    the library (adapt --init with the same spec then uses it)."""
+    """Choose the step size adapt trains a composed init at (or a merge's weight bound), on
+    past tasks, and keep it in the library (adapt --init with the same spec then uses it)."""
     with user_errors():
         from metapeft import api
-        from metapeft.compose import CAL_DECAYS, CAL_FACTORS, parse_spec
+        from metapeft.compose import CAL_DECAYS, CAL_FACTORS, MERGE_BOUNDS, parse_spec, spec_kind
 
         parse_spec(init)  # a bad spec fails before the model loads
-        factors = parse_numbers(lr_factors, "lr_factors", positive=True) or CAL_FACTORS
-        decays = parse_numbers(lr_decays, "lr_decays", positive=False) or CAL_DECAYS
-        mark_steps = parse_numbers(marks, "marks", positive=True)
+        merge = spec_kind(init) == "merge"
+        factors = parse_numbers(lr_factors, "lr_factors", positive=True)
+        decays = parse_numbers(lr_decays, "lr_decays", positive=False)
+        bound_list = parse_numbers(bounds, "bounds", positive=False)
+        mark_steps = parse_numbers(marks, "marks", positive=not merge)
+        candidates = (len(bound_list or MERGE_BOUNDS) if merge
+                      else len(factors or CAL_FACTORS) * len(decays or CAL_DECAYS))
         if processes != 1:
             from metapeft.cli.launch import relaunch
 
@@ -184,7 +192,7 @@ def library_calibrate(
         console = silent_console() if group.rank() else err_console if as_json else out_console
         mine = len(range(group.rank(), tasks, group.size()))
         with rank_outcome(group.rank()), \
-                LazyBar(mine + len(factors) * len(decays), "library calibrate", console) as bar:
+                LazyBar(mine + candidates, "library calibrate", console) as bar:
             done = [0]
 
             def tick(label: str, **fields) -> None:
@@ -196,15 +204,15 @@ def library_calibrate(
                 data, init=init, **model_options, tasks=tasks, ways=ways, shots=shots,
                 query=query, seed=seed, domains=csv_list(domains),
                 exclude_domains=csv_list(exclude_domains), config=parse_sets(set_, config),
-                factors=factors, decays=decays,
+                factors=factors, decays=decays, bounds=bound_list,
                 marks=None if mark_steps is None else tuple(int(m) for m in mark_steps),
                 horizons=tuple(int(h) for h in parse_numbers(horizons, "horizons",
                                                              positive=True) or ()),
                 registry=registry, group=group,
-                on_task=lambda i, rep: tick(f"composed task {i + 1}",
-                                            loss=f"{rep['support_loss']:.3f}"),
+                on_task=lambda i, rep: tick(f"{'merged' if merge else 'composed'} task {i + 1}",
+                                            loss=f"{_support_loss(rep, merge):.3f}"),
                 on_trial=lambda key, row: tick(
-                    f"lr x{key}", loss="-",
+                    f"bound {key}" if merge else f"lr x{key}", loss="-",
                     acc="diverged" if row.get("diverged") else f"{row['mean']:.1%}"))
         if group.rank():
             return
@@ -213,6 +221,9 @@ def library_calibrate(
             return
         from metapeft.meta.stepsize import describe_lead
 
+        if merge:
+            _print_merge_bounds(rec)
+            return
         t = compact_table(f"{rec['key']}: step sizes on {rec['num_tasks']} tasks "
                           f"(base lr {rec['base_lr']:g}, {rec['base_lr_source']})",
                           ["candidate", *[f"step {m}" for m in rec["marks"]], "mean"])
@@ -226,6 +237,32 @@ def library_calibrate(
                           + (f", decay {rec['adapt_lr_decay']:g}" if rec["adapt_lr_decay"]
                              else "") + ("" if lead is None else f", {lead}")
                           + f"; {rec['seconds']:.0f} s", highlight=False)
+
+
+def _support_loss(report: dict, merge: bool) -> float:
+    """A calibration task's support loss: its composition's, or a merge's best over the bounds
+    (``report`` then maps each bound to its merge's report)."""
+    return (min(r["support_loss"] for r in report.values()) if merge
+            else report["support_loss"])
+
+
+def _print_merge_bounds(rec: dict) -> None:
+    """``library calibrate``'s table for a merge: each bound's accuracy at the marks."""
+    t = compact_table(f"{rec['key']}: weight bounds on {rec['num_tasks']} tasks "
+                      f"(lr {rec['adapt_lr']:g})", ["bound", *[f"step {m}" for m in rec["marks"]],
+                                                    "mean"])
+    for key, row in rec["table"].items():
+        t.add_row(key + (" (INIT alone)" if float(key) == 0 else ""),
+                  *[("-" if row.get(str(m)) is None else f"{row[str(m)]:.1%}")
+                    for m in rec["marks"]],
+                  "diverged" if row.get("mean") is None else f"{row['mean']:.1%}")
+    out_console.print(t)
+    m = rec.get("margin")
+    lead = "" if not m else (f", {m['mean'] * 100:+.1f}" + ("" if m["ci95"] is None else
+                                                           f" ± {m['ci95'] * 100:.1f}")
+                             + f" points over bound {m['over']}")
+    out_console.print(f"kept: bound {rec['merge_bound']:g}{lead}; {rec['seconds']:.0f} s",
+                      highlight=False)
 
 
 def library_train_generator(
