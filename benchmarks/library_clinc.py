@@ -39,7 +39,10 @@ examples per class), every arm adapted with Adam at LoRA's default lr, query acc
 ``compose.calibrate_step_size``) on N episodes (seeds 70000 + i) of the library's domains in
 ``--calibrate-split`` (default val: on CLINC150 neither the test split nor the library's rows),
 and keeps it in the library, so that every shard's ``adapt`` trains the mixtures at it; each
-compose row records the ``step_size`` it ran at. (``metapeft library calibrate --processes 2``
+compose row records the ``step_size`` it ran at; for the merge-meta arm it chooses the merge's
+weight bound instead (``compose.calibrate_merge_bound``), unless ``--merge-bound B`` gives it
+(a bound chosen elsewhere: on CLINC150's validation tasks, then used unchanged on WordNet).
+Each merge row records the ``bound`` it ran at. (``metapeft library calibrate --processes 2``
 does the same on two cores, into a ``--registry`` the shards then reuse.)
 
 Sharding and pairing with the meta-init table: ``--task-seed 30000`` samples the same test tasks
@@ -218,6 +221,15 @@ def calibrate(args, registry: str) -> None:
         [f"library:compose:{args.k}+{args.meta_init}"] if "compose-meta" in args.arm_list else [])
     pool = Path(args.data) / f"{args.calibrate_split}.jsonl"
     factors, decays = args.calibrate_grid
+    if "merge-meta" in args.arm_list and args.merge_bound is None:  # its weight bound
+        rec = api.library_calibrate(
+            pool, init=f"library:merge:{args.k}+{args.meta_init}", model=args.model,
+            tasks=args.calibrate, seed=70_000, domains=library_domains(args), registry=registry,
+            on_task=lambda i, reps: print(f"  calibration task {i}: " + "; ".join(
+                f"bound {b:g} weights {r['weights']}" for b, r in reps.items()), flush=True),
+            on_trial=lambda key, row: print(f"  bound {key}: {trial_line(row)}", flush=True))
+        print(f"  {rec['key']}: bound {rec['merge_bound']:g} ({rec['seconds']:.0f} s)",
+              flush=True)
     for spec in specs:
         rec = api.library_calibrate(
             pool, init=spec, model=args.model, tasks=args.calibrate, seed=70_000,
@@ -241,7 +253,8 @@ def run_task(args, task) -> dict:
     if args.meta_init:
         arms.append(("meta", {"init": args.meta_init}))
         arms.append(("compose-meta", {"init": f"library:compose:{args.k}+{args.meta_init}"}))
-        arms.append(("merge-meta", {"init": f"library:merge:{args.k}+{args.meta_init}"}))
+        arms.append(("merge-meta", {"init": f"library:merge:{args.k}+{args.meta_init}",
+                                    "merge_bound": args.merge_bound}))
     if args.e2e_version:
         arms.append(("generate-e2e", {"init": f"library:generate@{args.e2e_version}"}))
     for name, kw in arms:
@@ -259,7 +272,9 @@ def run_task(args, task) -> dict:
                        members=[m["id"] for m in c["members"]], warm=c["warm_points"],
                        loss=c["support_loss"], uniform=c.get("objective_uniform"),
                        objective_init=c.get("objective_init"),
-                       objective=c["objective"], step_size=c.get("step_size"))
+                       objective=c["objective"], step_size=c.get("step_size"),
+                       **({"bound": c["bound"], "bound_source": c["bound_source"]}
+                          if "bound" in c else {}))
         if name == "route":
             rt = r.extra["route"]
             row.update(merged0=row["acc"][0], routed0=rt["routed_accuracy"],
@@ -442,8 +457,11 @@ def main() -> None:
                     "meta,generate-e2e (default: all that apply)")
     ap.add_argument("--marks", default="0,1,5,10", help="steps at which to evaluate")
     ap.add_argument("--calibrate", type=int, default=0, help="first choose the step size of the "
-                    "compose arms on N past episodes of the library's domains (--calibrate-split"
-                    ", never test) and keep it in the library: adapt then trains at it")
+                    "compose arms (the merge arm's weight bound) on N past episodes of the "
+                    "library's domains (--calibrate-split, never test) and keep it in the "
+                    "library: adapt then uses it")
+    ap.add_argument("--merge-bound", type=float, default=None, help="the merge-meta arm's "
+                    "weight bound (default: the one calibrated in the library, else 1.5)")
     ap.add_argument("--calibrate-split", default="val", help="the split those episodes come from")
     ap.add_argument("--calibrate-factors", default=None, help="lr factors (default compose's)")
     ap.add_argument("--calibrate-decays", default=None, help="lr decays (default compose's)")
@@ -506,6 +524,10 @@ def main() -> None:
     info["step_sizes"] = [{k: r.get(k) for k in ("key", "adapt_lr", "adapt_lr_decay", "num_tasks",
                                                  "seconds", "search_seconds", "table")}
                           for r in library.step_sizes(registry)]
+    info["merge_bounds"] = [{k: r.get(k) for k in ("key", "merge_bound", "margin", "num_tasks",
+                                                   "marks", "tasks", "seconds", "search_seconds",
+                                                   "table")}
+                            for r in library.merge_bounds(registry)]
     print(json.dumps(info), flush=True)
     test = EpisodeSource(clinc_pool("test", domains=args.held_out_list, root=args.data), ways=5,
                          shots=5, query=10, name="clinc-test-held-out")

@@ -1009,14 +1009,6 @@ def library_build(data, *, model: str = DEFAULT_MODEL, dequantize: str = "auto",
 
     if tasks < 1:
         raise UserError(f"--tasks must be >= 1, got {tasks}", field="tasks")
-    merge = str(init).startswith("library:") and spec_kind(init) == "merge"
-    if merge and (factors or decays or horizons):
-        raise UserError("a merge trains INIT at INIT's step size: library calibrate chooses its "
-                        "weight bound (--bounds), not --lr-factors, --lr-decays or --horizons",
-                        field="init")
-    if not merge and bounds:
-        raise UserError("--bounds calibrates a library:merge spec, not " + str(init),
-                        field="bounds")
     pool = filter_pool(read_rows(Path(data)), domains=domains, exclude_domains=exclude_domains)
     source = EpisodeSource(pool, ways=ways, shots=shots, query=query, name=str(data))
     base = load_base_model(model, dequantize=dequantize)

@@ -40,7 +40,11 @@ side (``LoRA.widened``, ``LoRA.side_by_side``); the result is a stack (``adapter
 saved as one file. Measured (README, "Merging the library under the meta-init"; SmolLM2,
 in-domain libraries, paired with INIT): CLINC150 +6.2 points at step 0, −2.4 at step 1, level
 from step 5; WordNet level at every step. The step-1 loss sits on the tasks whose search chose
-large weights (Σ|wᵢ| > 2).
+large weights (Σ|wᵢ| > 2). Hence the weights' box: |wᵢ| ≤ bound, chosen per spec, base model
+and LoRA config on past tasks by ``calibrate_merge_bound`` (``metapeft library calibrate --init
+library:merge...``: each candidate in ``MERGE_BOUNDS``, 0 being INIT alone, by the mean query
+accuracy at steps 0, 1, 2 and 5 from the merge at INIT's step), kept in the library
+(``library.record_merge_bound``) and used by ``adapt`` unless ``--merge-bound`` gives one.
 
 ``adapt --route arrow`` lives in ``metapeft.route``; both take their members from
 ``library.candidates`` (which entries qualify, with one-line refusals when none does).
@@ -379,8 +383,6 @@ def calibrate_step_size(init: str, adapter, tasks, *, registry=None, seed: int =
     ``group`` (``meta.distributed``, ``library calibrate --processes N``): each rank composes
     and trains its share of the tasks, the curves are gathered exactly, and rank 0 keeps the
     record (every rank returns it)."""
-    import datetime
-
     from metapeft import library
     from metapeft.adapter_io import init_step_size
     from metapeft.meta import distributed as dist
@@ -412,16 +414,24 @@ def calibrate_step_size(init: str, adapter, tasks, *, registry=None, seed: int =
     cal = calibrate_adapt_lr(adapter, starts, tasks, base_lr, factors=factors, decays=decays,
                              marks=DEFAULT_MARKS if marks is None else marks,
                              horizons=horizons, on_trial=on_trial, group=group)
-    record = {**cal, "key": key, "init": str(init), "base_model": adapter.base.model_id,
-              "base_model_hash": adapter.base.fingerprint, "config": adapter.config.to_dict(),
+    record = {**cal, "key": key, "init": str(init),
               "base_lr_source": "INIT's calibration" if inherited else "the method's default",
-              "tasks": [t.name for t in tasks], "search_seconds": round(search_s, 3),
-              "seconds": round(time.perf_counter() - t0, 3),
-              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                  timespec="seconds")}
+              **_calibration_fields(adapter, tasks, search_s, t0)}
     if dist.is_root(group):
         library.record_step_size(record, registry)
     return record
+
+
+def _calibration_fields(adapter, tasks, search_s: float, t0: float) -> dict:
+    """What every kept calibration record says about its setting (the base model and LoRA
+    config it is found by), its tasks and its cost."""
+    import datetime
+
+    return {"base_model": adapter.base.model_id, "base_model_hash": adapter.base.fingerprint,
+            "config": adapter.config.to_dict(), "tasks": [t.name for t in tasks],
+            "search_seconds": round(search_s, 3), "seconds": round(time.perf_counter() - t0, 3),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds")}
 
 
 def calibrated_step_size(init: str, adapter, steps: int, registry=None) -> dict | None:
@@ -464,8 +474,6 @@ def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int
     bound). ``on_task(i, {bound: report})`` after each task's merges; ``on_trial(key, row)``
     after the curves are in. ``group``: each rank merges and trains its share of the tasks and
     rank 0 keeps the record (every rank returns it)."""
-    import datetime
-
     from metapeft import library
     from metapeft.adapter_io import init_lr_scales, init_step_size
     from metapeft.meta import distributed as dist
@@ -535,12 +543,7 @@ def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int
     record = {"key": key, "init": str(init), "merge_bound": ranked[0], "margin": margin,
               "marks": marks, "num_tasks": n, "adapt_lr": lr, "adapt_lr_decay": lr_decay,
               "table": {f"{b:g}": row for b, row in table.items()},
-              "base_model": adapter.base.model_id, "base_model_hash": adapter.base.fingerprint,
-              "config": adapter.config.to_dict(), "tasks": [t.name for t in tasks],
-              "search_seconds": round(search_s, 3),
-              "seconds": round(time.perf_counter() - t0, 3),
-              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                  timespec="seconds")}
+              **_calibration_fields(adapter, tasks, search_s, t0)}
     if dist.is_root(group):
         library.record_merge_bound(record, registry)
     return record
