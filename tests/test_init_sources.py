@@ -54,21 +54,24 @@ def test_availability_filters_the_sources(home, tmp_path, tiny):
     offered, missing = available("lora", tiny)  # nothing published, empty library
     assert [o["source"] for o in offered] == ["fresh"]
     why = {m["source"]: m["reason"] for m in missing}
-    assert set(why) == {"meta", "compose", "generate", "route"}
+    assert set(why) == {"meta", "compose", "merge", "generate", "route"}
     assert "meta-weights" in why["meta"] and "library is empty" in why["compose"]
+    assert why["merge"].startswith("a merge trains a meta-init: no lora meta-weights")
     assert "generator" in why["generate"]
     # a training-free method starts from nothing but itself
     offered, missing = available("prototype", tiny)
     assert [o["source"] for o in offered] == ["fresh"]
-    assert all("training-free" in m["reason"] for m in missing) and len(missing) == 4
+    assert all("training-free" in m["reason"] for m in missing) and len(missing) == 5
     # one library LoRA and one published meta-init: meta, compose and route are offered,
     # generate still is not (no generator)
     _publish_meta_init(_fill_library(tmp_path, tiny))
     offered, missing = available("lora", tiny)
-    assert [o["source"] for o in offered] == ["fresh", "meta", "compose", "route"]
+    assert [o["source"] for o in offered] == ["fresh", "meta", "compose", "merge", "route"]
     assert [m["source"] for m in missing] == ["generate"]
     meta = next(o for o in offered if o["source"] == "meta")
     assert meta["init"] == "mine@1" and meta["init_options"]["rank"] == 8
+    merge = next(o for o in offered if o["source"] == "merge")  # the library under mine@1
+    assert merge["init"] == "library:merge+mine@1" and merge["init_options"]["rank"] == 8
     assert next(o for o in offered if o["source"] == "route")["route"] == "arrow"
     # a LoRA of another structure fits no library entry (run options are ignored)
     offered, missing = available("lora", tiny, config={"rank": 2, "lr": 0.1, "steps": 3})
@@ -134,12 +137,12 @@ def test_ranking_learns_which_source_wins_for_which_kind_of_task():
 def test_no_evidence_means_the_prior_and_little_evidence_moves_it_a_little():
     from metapeft.init_sources import prior_gain, rank
 
-    offered = _offer("fresh", "meta", "compose", "generate", "route")
+    offered = _offer("fresh", "meta", "compose", "merge", "generate", "route")
     prior = rank(_query(0, len(FEATURE_NAMES)), offered, [], "lora", steps=1)
     assert prior["source"] == "priors" and "prior for a 1-step run" in prior["reason"]
     order = sorted(prior_gain(1), key=lambda s: -prior_gain(1)[s])
-    assert [r["source"] for r in prior["ranking"]] == order == [
-        "meta", "route", "generate", "compose", "fresh"]
+    assert [r["source"] for r in prior["ranking"]] == order
+    assert [s for s in order if s != "merge"] == ["meta", "route", "generate", "compose", "fresh"]
     assert max(r["confidence"] for r in prior["ranking"]) < 0.7  # the prior is not certain
     assert rank([0.0] * len(FEATURE_NAMES), _offer("fresh"), [], "lora")["ranking"][0][
         "confidence"] == 1.0  # the only source available
@@ -214,10 +217,11 @@ def test_records_carry_their_init_source_and_old_records_are_read(home, tmp_path
 
     _fill_library(tmp_path, tiny)
     task = generate_task(3, family="topic", ways=3, shots=3, query=3)
-    for kw in ({}, {"init": "library:compose:1"}, {"route": "arrow"}):
+    for kw in ({}, {"init": "library:compose:1"}, {"init": "library:merge:1"},
+               {"route": "arrow"}):
         api.adapt(task, model="tiny", steps=1, target=None, record_experience=True, **kw)
     recs = ExperienceStore().load()
-    assert [r.run["init_source"] for r in recs] == ["fresh", "compose", "route"]
+    assert [r.run["init_source"] for r in recs] == ["fresh", "compose", "merge", "route"]
     old = ExperienceRecord(task="t", method="lora", features=[0.0] * len(FEATURE_NAMES),
                            final_accuracy=0.5, run={"init": "mine@2"})
     assert init_source_of(old) == "meta"
@@ -232,7 +236,8 @@ def test_select_and_adapt_auto_end_to_end(home, task_dir, tmp_path, tiny):
     c = json.loads(r.stdout)["init_sources"]
     assert c["method"] == "lora" and c["chosen"] == "fresh"
     assert [x["source"] for x in c["ranking"]] == ["fresh"]
-    assert {x["source"] for x in c["unavailable"]} == {"meta", "compose", "generate", "route"}
+    assert {x["source"] for x in c["unavailable"]} == {"meta", "compose", "merge", "generate",
+                                                        "route"}
     # one LoRA in the library: for the recommended 20-step run the prior ranks fresh first
     # (by step 10 no library start was ahead of fresh LoRA), for a 1-step run route
     _fill_library(tmp_path, tiny)
@@ -249,7 +254,7 @@ def test_select_and_adapt_auto_end_to_end(home, task_dir, tmp_path, tiny):
     lines = h.stdout.splitlines()
     at = lines.index("not available:")
     missing = [x for x in lines[at + 1:] if x.startswith("  ")]
-    assert {x[2:].split(":")[0] for x in missing if x[2] != " "} == {"meta", "generate"}
+    assert {x[2:].split(":")[0] for x in missing if x[2] != " "} == {"meta", "merge", "generate"}
     assert max(map(len, missing)) <= 80
     # adapt --init auto starts from it and says so; the run is recorded as a routed one
     r = cli("adapt", task_dir, "--init", "auto", "--steps", "1", "--json")

@@ -105,7 +105,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     ``budget_seconds`` limits the whole run, profiling included: no optimizer step starts that
     the last one's time says would end past it (``extra["budget"]`` reports it).
     ``init="auto"`` (and ``method="auto"`` without an init): start from the init source that
-    ``init_sources.recommend`` ranks first for this task (fresh, meta, compose, generate or
+    ``init_sources.recommend`` ranks first for this task (fresh, meta, compose, merge, generate or
     route); ``extra["init_choice"]`` is that ranking.
 
     The adapter library (``metapeft.library``): ``init="library:compose[:K][+INIT]"`` starts from

@@ -16,8 +16,8 @@ registry root being ``$METAPEFT_HOME`` or the user data dir, see ``registry.regi
 ``run`` says what the run was (``run_details``): the query ``curve`` at the ``eval_steps`` it was
 measured at, the ``target`` (null: the run had none), the ``init`` (``NAME@VERSION``, a path, or
 null for a fresh init), the ``init_source`` (one of ``INIT_SOURCES``: fresh, meta, compose,
-generate, route; ``init_source_of`` derives it for records written before it was kept), the base
-``model``, the task's ``project`` (null when unknown) and, for ``adapt --method auto``, the
+merge, generate, route; ``init_source_of`` derives it for records written before it was kept),
+the base ``model``, the task's ``project`` (null when unknown) and, for ``adapt --method auto``, the
 ``decision`` it took. Records written before metapeft recorded it
 have no ``run``; ``experience stats`` leaves them out of the statistics that need it and says
 how many.
@@ -45,7 +45,7 @@ METRICS: tuple[str, ...] = ("final_accuracy", "steps_to_target", "seconds", "pea
                             "trainable_parameters")
 SOURCES: tuple[str, ...] = ("adapt", "meta-train", "tune", "sweep", "import")
 # where a run's starting adapter came from (``run.init_source``; ``metapeft.init_sources``)
-INIT_SOURCES: tuple[str, ...] = ("fresh", "meta", "compose", "generate", "route")
+INIT_SOURCES: tuple[str, ...] = ("fresh", "meta", "compose", "merge", "generate", "route")
 
 
 @dataclass
@@ -345,13 +345,13 @@ def task_project(task) -> str | None:
 
 def init_source(init: str | None, routed: bool = False) -> str:
     """The ``INIT_SOURCES`` kind of an init as ``adapt`` names it (``describe_init``): route for
-    a routed run, fresh for none, compose/generate for ``library:...``, meta for a registry
-    version or a file."""
+    a routed run, fresh for none, compose/merge/generate for ``library:...``, meta for a
+    registry version or a file."""
     if routed:
         return "route"
     if init is None:
         return "fresh"
-    for kind in ("compose", "generate"):
+    for kind in ("compose", "merge", "generate"):
         if str(init).startswith(f"library:{kind}"):
             return kind
     return "meta"

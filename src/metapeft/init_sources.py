@@ -11,12 +11,15 @@ The sources (``experience.INIT_SOURCES``; every experience record says which one
               the registry (``find_init``); a record whose init was another registry version or
               file counts here too
 ``compose``   ``--init library:compose`` (``metapeft.compose``)
+``merge``     ``--init library:merge+META``: the library merged under the meta-init, which trains
+              (``compose.merge_init``; META as for ``meta``)
 ``generate``  ``--init library:generate`` (``metapeft.generate``)
 ``route``     ``--route arrow`` (``metapeft.route``)
 
 **Availability** (``available``): fresh always; meta when ``find_init`` finds weights for the
 method and this base model; compose and route when the adapter library holds an entry that fits
-this LoRA (``library.candidates``: composable, same base model and structure); generate when a
+this LoRA (``library.candidates``: composable, same base model and structure); merge when both
+meta and an entry that fits the meta-init's LoRA are there; generate when a
 generator for this base model and structure exists (``generate.latest_generator``). A
 training-free method has fresh only. Each source not offered comes with its one-line reason.
 
@@ -46,7 +49,10 @@ SmolLM2-135M (README "The adapter library", "On SmolLM2-135M"; the meta-init is 
 init at a constant lr). ``prior_gain`` interpolates linearly between those steps and keeps the
 step-10 gains past it. (Before that run the prior was stories260K's library table at step 10
 for compose/generate/route and a separate Reptile run for meta, a single set of gains for every
-run length.)
+run length.) ``merge`` was not in that run: its gain is meta's plus ``MERGE_OVER_META_AT``, the
+paired merge − meta-init that README "Merging the library under the meta-init" measured on
+held-out CLINC150 tasks of the same split (a library of the test domains' past tasks, another
+Reptile init), so it says how a merge moves a meta-init's curve, not a second meta-init's gain.
 """
 
 from __future__ import annotations
@@ -65,6 +71,10 @@ PRIOR_GAIN_AT: dict[int, dict[str, float]] = {  # step -> accuracy over fresh (s
     5: {"fresh": 0.0, "meta": 0.018, "compose": 0.007, "generate": 0.010, "route": 0.006},
     10: {"fresh": 0.0, "meta": 0.005, "compose": -0.009, "generate": -0.004, "route": -0.001},
 }
+# merge: meta's gain plus the paired merge − meta-init measured in another run (see above)
+MERGE_OVER_META_AT = {0: 0.062, 1: -0.024, 5: -0.001, 10: -0.008}
+for _step, _gain in MERGE_OVER_META_AT.items():
+    PRIOR_GAIN_AT[_step]["merge"] = round(PRIOR_GAIN_AT[_step]["meta"] + _gain, 6)
 PRIOR_SD = 0.05
 NOISE_SD = 0.10
 K = 10
@@ -188,6 +198,19 @@ def available(method: str, base, *, config: dict | None = None, registry=None
                             "init_options": None, "why": lib_why})
         else:
             missing.append({"source": source, "reason": lib_why})
+    # a merge trains the meta-init's own factors under the merged members: both must exist, and
+    # the library must fit the adapter the meta-init brings (its options under config's)
+    if spec is None:
+        missing.append({"source": "merge", "reason": f"a merge trains a meta-init: {why}"})
+    else:
+        meta_adapter = cls.attach(base, {**(options or {}), **{
+            k: v for k, v in (config or {}).items() if k in known}})
+        merge_why, merge_fits = _library_fit(meta_adapter, registry)
+        if merge_fits:
+            offered.append({"source": "merge", "init": f"library:merge+{spec}", "route": None,
+                            "init_options": options, "why": f"{merge_why}, under {spec}"})
+        else:
+            missing.append({"source": "merge", "reason": merge_why})
     gen_why, has_generator = _generator(adapter, registry)
     if not has_generator:
         missing.append({"source": "generate", "reason": gen_why})

@@ -4,7 +4,7 @@
     metapeft experience list | show ID | stats [--since 30d] [--by method] | import FILE |
         export --format jsonl --out FILE
     metapeft sweep --data POOL|synthetic --methods all --tasks N [--model M] [--steps S] [--seed]
-        [--init-sources all|fresh,meta,compose,generate,route]
+        [--init-sources all|fresh,meta,compose,merge,generate,route]
     metapeft train-selector [--experience FILE] [--out DIR]
     metapeft select TASK [--model M] [--top K] [--json]
 """
@@ -123,7 +123,7 @@ def exp_stats(
     since: Optional[str] = typer.Option(None, "--since", help="Only records created within "
                                         "this long (30d, 12h, 2w, 90m) or since an ISO date."),
     by: str = typer.Option("method", "--by", help="Group by method, domain, project, init or "
-                                   "init_source (fresh, meta, compose, generate, route)."),
+                                   "init_source (fresh, meta, compose, merge, generate, route)."),
     experience: Optional[Path] = EXPERIENCE_OPT,
     as_json: bool = JSON_OPT,
 ):
@@ -190,8 +190,9 @@ def sweep(
     init: Optional[list[str]] = typer.Option(None, help="METHOD=META_WEIGHTS: also run METHOD "
                                                         "from a meta-learned init."),
     init_sources: Optional[str] = typer.Option(None, "--init-sources", help="'all' or a comma "
-                                               "list of fresh, meta, compose, generate, route: "
-                                               "run each method from each of these init "
+                                               "list of fresh, meta, compose, merge, "
+                                               "generate, route: run each method from each "
+                                               "of these init "
                                                "sources that is available for it (teaches "
                                                "`select` which init wins)."),
     experience: Optional[Path] = EXPERIENCE_OPT,
@@ -343,7 +344,7 @@ def select(
     task_options: dict = None,
 ):
     """Rank the PEFT methods for a task, with confidence and recommended hyperparameters, and
-    the init sources available for the top method (fresh, meta, compose, generate, route)."""
+    the init sources available for the top method (fresh, meta, compose, merge, generate, route)."""
     with user_errors():
         from metapeft import api
 
