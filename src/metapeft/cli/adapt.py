@@ -116,10 +116,11 @@ def _print_library(extra: dict) -> None:
                         if not m.get("trained"))
         if c.get("kind") == "merge":  # the members are frozen; INIT (or fresh LoRA) trains
             trained = [m["id"] for m in c["members"] if m.get("trained")]
-            mix = mix or "nothing"
-            mix += (f" merged into the frozen model (|w| <= {c['bound']:g}, "
-                    f"{c['bound_source']}), {trained[0] if trained else 'a fresh LoRA'}"
-                    " trained on top")
+            trained = trained[0] if trained else "a fresh LoRA"
+            mix = (f"nothing merged (bound 0, {c['bound_source']}), {trained} trained alone"
+                   if c["bound"] == 0 else
+                   f"{mix} merged into the frozen model (|w| <= {c['bound']:g}, "
+                   f"{c['bound_source']}), {trained} trained on top")
         out_console.print(f"composed init: {mix} (support loss {c['support_loss']:.3f}; "
                           f"{c['trials']} trials, {c['search_seconds']:.1f} s)", highlight=False)
         size = c.get("step_size")
