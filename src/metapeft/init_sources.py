@@ -50,9 +50,10 @@ init at a constant lr). ``prior_gain`` interpolates linearly between those steps
 step-10 gains past it. (Before that run the prior was stories260K's library table at step 10
 for compose/generate/route and a separate Reptile run for meta, a single set of gains for every
 run length.) ``merge`` was not in that run: its gain is meta's plus ``MERGE_OVER_META_AT``, the
-paired merge − meta-init that README "Merging the library under the meta-init" measured on
-held-out CLINC150 tasks of the same split (a library of the test domains' past tasks, another
-Reptile init), so it says how a merge moves a meta-init's curve, not a second meta-init's gain.
+paired merge − meta-init that README "A calibrated bound for the merge's weights" measured on
+46 held-out CLINC150 tasks of the same split (a library of the test domains' past tasks, another
+Reptile init, the bound calibrated on validation tasks), so it says how a merge moves a
+meta-init's curve, not a second meta-init's gain.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ PRIOR_GAIN_AT: dict[int, dict[str, float]] = {  # step -> accuracy over fresh (s
     10: {"fresh": 0.0, "meta": 0.005, "compose": -0.009, "generate": -0.004, "route": -0.001},
 }
 # merge: meta's gain plus the paired merge − meta-init measured in another run (see above)
-MERGE_OVER_META_AT = {0: 0.062, 1: -0.024, 5: -0.001, 10: -0.008}
+MERGE_OVER_META_AT = {0: 0.073, 1: -0.009, 5: -0.001, 10: -0.003}
 for _step, _gain in MERGE_OVER_META_AT.items():
     PRIOR_GAIN_AT[_step]["merge"] = round(PRIOR_GAIN_AT[_step]["meta"] + _gain, 6)
 PRIOR_SD = 0.05
