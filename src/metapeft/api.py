@@ -742,8 +742,8 @@ def sweep(data: str = "synthetic", *, methods="all", tasks: int = 10,
     sampled tasks (1 to ``max_shots`` shots, 2 to ``max_ways`` ways), and also from meta-weights
     ``inits[method]``; append one record per run to the experience store. ``init_sources``
     (``"all"`` or a comma list of fresh, meta, compose, merge, generate, route): run each
-    method from each of those init sources available for it instead (``sweep.plan_runs``), which teaches
-    ``select`` which source wins for which kind of task.
+    method from each of those init sources available for it instead (``sweep.plan_runs``),
+    which teaches ``select`` which source wins for which kind of task.
 
     ``on_start(num_tasks, num_runs)`` is called once the tasks are drawn, ``on_run(task_index,
     method, accuracy or None)`` after each run."""

@@ -147,9 +147,11 @@ def _search(objective, n: int, x0: list, query: dict, ids: list, kind: str, *, r
     ``x0`` and the weights of the nearest past tasks of this ``kind`` (clipped to the box)."""
     from metapeft.tune.gp import minimize
 
-    warm = [[min(max(v, -bound), bound) for v in w]
-            for w in _warm_points(query, ids, registry, kind=kind)]
-    x0 = [[min(max(v, -bound), bound) for v in w] for w in x0]
+    def in_box(points: list) -> list:
+        return [[min(max(v, -bound), bound) for v in w] for w in points]
+
+    warm = in_box(_warm_points(query, ids, registry, kind=kind))
+    x0 = in_box(x0)
     x0 = x0 + [w for w in warm if w not in x0]
     trials = max(20, 4 * n) if trials is None else trials
     if trials < 1:
@@ -219,8 +221,8 @@ def compose_init(init: str, adapter, data, task, *, registry=None, seed: int = 0
 
 
 def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
-               trials: int | None = None, record: bool = True,
-               bound: float | None = None) -> tuple[object, dict, dict]:
+               trials: int | None = None, record: bool = True, bound: float | None = None,
+               picked: tuple | None = None) -> tuple[object, dict, dict]:
     """(the adapter to train, its init params, report) for ``library:merge[:K][+INIT]``: the K
     nearest library LoRAs, weighted, merged exactly (Σ wᵢ·ΔWᵢ, no cross terms) into a frozen
     copy of the model, and under the trained stage INIT's own factors (fresh LoRA without
@@ -230,7 +232,9 @@ def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
     INIT alone. The result is a stack (``adapters.stacked``): the merged members its frozen
     stage, the trained LoRA its new one, saved as one file. ``bound``: each |wᵢ| ≤ bound; None:
     the bound calibrated for this spec (``calibrate_merge_bound``), else ``BOUND``. At bound 0
-    nothing is merged: the start is INIT alone (the adapter itself, no stack; no search)."""
+    nothing is merged: the start is INIT alone (the adapter itself, no stack; no search).
+    ``picked``: ``_members``' result for this task, when a caller merges it several times (the
+    library read and the task's profile then happen once)."""
     from metapeft.adapters.stacked import Stacked
 
     t0 = time.perf_counter()
@@ -242,8 +246,9 @@ def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
     bound = float(bound)
     if not (math.isfinite(bound) and bound >= 0):
         raise UserError(f"the merge bound must be a number >= 0, got {bound!r}", field="bound")
-    k, query, members, info_members, anchor, anchor_info, skipped = _members(
-        init, adapter, task, registry)
+    k, query, members, info_members, anchor, anchor_info, skipped = (
+        picked or _members(init, adapter, task, registry))
+    info_members = [dict(m) for m in info_members]  # this merge's weights go into its own rows
     n = len(members)
     if bound == 0:  # nothing merged: INIT alone (fresh without +INIT), trained as adapt would
         params = adapter.init_params(seed) if anchor is None else adapter.unflat(anchor)
@@ -477,7 +482,7 @@ def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int
     from metapeft import library
     from metapeft.adapter_io import init_lr_scales, init_step_size
     from metapeft.meta import distributed as dist
-    from metapeft.metrics import mean_ci
+    from metapeft.meta.stepsize import paired_margin
     from metapeft.train import encode_task, train
 
     tasks = list(tasks)
@@ -503,10 +508,11 @@ def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int
     slots, search_s = {}, 0.0  # slot (b·n + i)·k + j: bound b, task i, mark j; then b's failure
     for count, i in enumerate(dist.mine(n, group)):
         data = encode_task(tasks[i], adapter.base.tokenizer)
-        reports = {}
+        picked, reports = _members(init, adapter, tasks[i], registry), {}
         for b, bound in enumerate(bounds):
             trained, params, rep = merge_init(init, adapter, data, tasks[i], registry=registry,
-                                              seed=seed, record=False, bound=bound)
+                                              seed=seed, record=False, bound=bound,
+                                              picked=picked)
             search_s += rep["search_seconds"]
             reports[bound] = rep
             try:
@@ -535,11 +541,8 @@ def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int
                     key=lambda b: (table[b]["mean"], -b), reverse=True)
     if not ranked:
         raise FloatingPointError("INIT's step diverged from every candidate merge")
-    margin = None
-    if len(ranked) > 1:  # the choice's paired lead over the runner-up, task by task
-        ci = mean_ci(np.subtract(table[ranked[0]]["tasks"], table[ranked[1]]["tasks"]))
-        margin = {"over": f"{ranked[1]:g}", "mean": round(ci["mean"], 6),
-                  "ci95": None if ci["ci"] is None else round(ci["ci"], 6)}
+    margin = None if len(ranked) < 2 else paired_margin(
+        table[ranked[0]]["tasks"], table[ranked[1]]["tasks"], f"{ranked[1]:g}")
     record = {"key": key, "init": str(init), "merge_bound": ranked[0], "margin": margin,
               "marks": marks, "num_tasks": n, "adapt_lr": lr, "adapt_lr_decay": lr_decay,
               "table": {f"{b:g}": row for b, row in table.items()},

@@ -164,15 +164,20 @@ def _choose(table: dict, candidates: list, score, per_task):
         return None, None, None
     margin = None
     if len(ranked) > 1 and not table[ranked[1]].get("diverged"):
-        # the choice's paired lead over the runner-up, task by task: a CI that spans 0 says the
-        # validation tasks could not tell the two apart (more of them would)
-        from metapeft.metrics import mean_ci
-
-        lead = np.subtract(per_task(table[ranked[0]]), per_task(table[ranked[1]]))
-        ci = mean_ci(lead)
-        margin = {"over": candidate_key(*ranked[1]), "mean": round(ci["mean"], 6),
-                  "ci95": None if ci["ci"] is None else round(ci["ci"], 6)}
+        margin = paired_margin(per_task(table[ranked[0]]), per_task(table[ranked[1]]),
+                               candidate_key(*ranked[1]))
     return ranked[0][0], ranked[0][1], margin
+
+
+def paired_margin(chosen: list[float], runner_up: list[float], over: str) -> dict:
+    """A calibration choice's paired lead over the runner-up ``over``, task by task:
+    ``{"over", "mean", "ci95"}`` (``ci95`` None for one task). A CI that spans 0 says the
+    validation tasks could not tell the two apart (more of them would)."""
+    from metapeft.metrics import mean_ci
+
+    ci = mean_ci(np.subtract(chosen, runner_up))
+    return {"over": over, "mean": round(ci["mean"], 6),
+            "ci95": None if ci["ci"] is None else round(ci["ci"], 6)}
 
 
 def schedule_for_steps(cal: dict, steps: int) -> dict:
