@@ -225,11 +225,12 @@ def calibrate(args, registry: str) -> None:
         rec = api.library_calibrate(
             pool, init=f"library:merge:{args.k}+{args.meta_init}", model=args.model,
             tasks=args.calibrate, seed=70_000, domains=library_domains(args), registry=registry,
+            factors=factors,
             on_task=lambda i, reps: print(f"  calibration task {i}: " + "; ".join(
                 f"bound {b:g} weights {r['weights']}" for b, r in reps.items()), flush=True),
             on_trial=lambda key, row: print(f"  bound {key}: {trial_line(row)}", flush=True))
-        print(f"  {rec['key']}: bound {rec['merge_bound']:g} ({rec['seconds']:.0f} s)",
-              flush=True)
+        print(f"  {rec['key']}: bound {rec['merge_bound']:g}, lr x{rec['merge_lr_factor']:g} "
+              f"({rec['seconds']:.0f} s)", flush=True)
     for spec in specs:
         rec = api.library_calibrate(
             pool, init=spec, model=args.model, tasks=args.calibrate, seed=70_000,
@@ -273,7 +274,8 @@ def run_task(args, task) -> dict:
                        loss=c["support_loss"], uniform=c.get("objective_uniform"),
                        objective_init=c.get("objective_init"),
                        objective=c["objective"], step_size=c.get("step_size"),
-                       **({"bound": c["bound"], "bound_source": c["bound_source"]}
+                       **({"bound": c["bound"], "bound_source": c["bound_source"],
+                           "lr_factor": c.get("lr_factor", 1.0)}
                           if "bound" in c else {}))
         if name == "route":
             rt = r.extra["route"]
@@ -463,7 +465,8 @@ def main() -> None:
     ap.add_argument("--merge-bound", type=float, default=None, help="the merge-meta arm's "
                     "weight bound (default: the one calibrated in the library, else 1.5)")
     ap.add_argument("--calibrate-split", default="val", help="the split those episodes come from")
-    ap.add_argument("--calibrate-factors", default=None, help="lr factors (default compose's)")
+    ap.add_argument("--calibrate-factors", default=None, help="lr factors (default compose's; "
+                    "for the merge-meta arm, factors on INIT's lr for the merged start, default 1)")
     ap.add_argument("--calibrate-decays", default=None, help="lr decays (default compose's)")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -524,7 +527,8 @@ def main() -> None:
     info["step_sizes"] = [{k: r.get(k) for k in ("key", "adapt_lr", "adapt_lr_decay", "num_tasks",
                                                  "seconds", "search_seconds", "table")}
                           for r in library.step_sizes(registry)]
-    info["merge_bounds"] = [{k: r.get(k) for k in ("key", "merge_bound", "margin", "num_tasks",
+    info["merge_bounds"] = [{k: r.get(k) for k in ("key", "merge_bound", "merge_lr_factor",
+                                                   "margin", "num_tasks",
                                                    "marks", "tasks", "seconds", "search_seconds",
                                                    "table")}
                             for r in library.merge_bounds(registry)]

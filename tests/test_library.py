@@ -2,6 +2,7 @@
 skopt GP, Arrow routing, and the one-line refusals. Tiny model only (a few seconds)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -546,20 +547,31 @@ def test_merge_bound_is_calibrated_kept_and_used(home, tmp_path, tiny):
     pool.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n"
                             for e in generate_pool_rows()))
     r = run("library", "calibrate", "--data", str(pool), "--init", spec, "--tasks", "2",
-            "--ways", "3", "--shots", "2", "--query", "3", "--bounds", "1.5,0", "--marks",
-            "0,1", "--json", home=home)
+            "--ways", "3", "--shots", "2", "--query", "3", "--bounds", "1.5,0", "--lr-factors",
+            "1,0.5", "--marks", "0,1", "--json", home=home)
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     assert rec["key"].startswith("merge:2+") and rec["num_tasks"] == 2 and rec["marks"] == [0, 1]
-    assert set(rec["table"]) == {"1.5", "0"}
-    best = max(rec["table"], key=lambda k: (rec["table"][k]["mean"], -float(k)))
-    assert rec["merge_bound"] == float(best)
+    assert set(rec["table"]) == {"1.5", "1.5 x0.5", "0"}  # INIT alone at its own lr only
+    # the rule: best mean, then the smaller bound, then the factor nearer 1
+    best = max(rec["table"].values(), key=lambda row: (row["mean"], -row["bound"],
+                                                       -abs(math.log(row["lr_factor"]))))
+    assert (rec["merge_bound"], rec["merge_lr_factor"]) == (best["bound"], best["lr_factor"])
     assert [b["key"] for b in library.merge_bounds()] == [rec["key"]]
     assert library.compositions() == [] and library.step_sizes() == []
     task = _task(44)
     used = _adapt(task, tmp_path / "u", steps=1, init=spec, record_composition=False)
     c = used.extra["composition"]
     assert c["bound"] == rec["merge_bound"] and c["bound_source"] == "calibrated on 2 tasks"
+    # a kept factor on INIT's lr trains the merged start at that fraction of INIT's lr
+    kept = library.merge_bounds()[0]
+    library.record_merge_bound({**kept, "merge_bound": 1.5, "merge_lr_factor": 0.5})
+    halved = _adapt(task, tmp_path / "h", steps=1, init=spec, record_composition=False)
+    at_init = _adapt(task, tmp_path / "f", steps=1, init=spec, record_composition=False,
+                     merge_bound=1.5)
+    assert halved.extra["composition"]["step_size"]["lr_factor"] == 0.5
+    assert "step_size" not in at_init.extra["composition"]  # a given bound: INIT's lr
+    assert halved.extra["lr"] == pytest.approx(0.5 * at_init.extra["lr"])
     boxed = _adapt(task, tmp_path / "x", steps=1, init=spec, record_composition=False,
                    merge_bound=0.3)
     c = boxed.extra["composition"]
@@ -573,7 +585,8 @@ def test_merge_bound_is_calibrated_kept_and_used(home, tmp_path, tiny):
     bad = run("adapt", t, "--init", "library:compose:2", "--merge-bound", "0.5", home=home)
     assert bad.returncode == 2 and "--merge-bound applies to --init library:merge" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
-    for extra in (["--init", spec, "--lr-factors", "1"],
+    for extra in (["--init", spec, "--lr-decays", "1"],
+                  ["--init", spec, "--lr-factors", "0"],
                   ["--init", "library:compose:2", "--bounds", "0.5"],
                   ["--init", spec, "--bounds", "-1"]):
         bad = run("library", "calibrate", "--data", str(pool), *extra, home=home)

@@ -1044,14 +1044,16 @@ def library_calibrate(data, *, init: str = "library:compose", model: str = DEFAU
                       horizons=(), bounds=None, registry=None, on_task=None, on_trial=None,
                       group=None) -> dict:
     """Choose the step size ``adapt --init INIT`` (a ``library:compose...`` spec) trains at, or
-    the weight bound a ``library:merge...`` spec searches within (``bounds``: the candidates,
-    default ``compose.MERGE_BOUNDS``), on ``tasks`` past episodes of a labelled pool (seeded
+    the weight bound a ``library:merge...`` spec searches within and the factor on INIT's lr
+    its start trains at (``bounds``, ``factors``: the candidates, default
+    ``compose.MERGE_BOUNDS`` and ``MERGE_LR_FACTORS``), on ``tasks`` past episodes of a labelled pool (seeded
     ``seed + i``; never the test split), and keep it in the library
     (``compose.calibrate_step_size``, ``compose.calibrate_merge_bound``; ``group``: split over
     the ranks of ``meta.distributed``). Returns the kept record."""
     from metapeft.adapters import get_adapter_class
-    from metapeft.compose import (CAL_DECAYS, CAL_FACTORS, MERGE_BOUNDS, MERGE_MARKS,
-                                  calibrate_merge_bound, calibrate_step_size, spec_kind)
+    from metapeft.compose import (CAL_DECAYS, CAL_FACTORS, MERGE_BOUNDS, MERGE_LR_FACTORS,
+                                  MERGE_MARKS, calibrate_merge_bound, calibrate_step_size,
+                                  spec_kind)
     from metapeft.data.episodes import EpisodeSource
     from metapeft.data.pools import filter_pool
     from metapeft.data.tasks import read_rows
@@ -1060,10 +1062,10 @@ def library_calibrate(data, *, init: str = "library:compose", model: str = DEFAU
     if tasks < 1:
         raise UserError(f"--tasks must be >= 1, got {tasks}", field="tasks")
     merge = str(init).startswith("library:") and spec_kind(init) == "merge"
-    if merge and (factors or decays or horizons):
+    if merge and (decays or horizons):
         raise UserError("a merge trains INIT at INIT's step size: library calibrate chooses its "
-                        "weight bound (--bounds), not --lr-factors, --lr-decays or --horizons",
-                        field="init")
+                        "weight bound (--bounds) and a factor on INIT's lr (--lr-factors), not "
+                        "--lr-decays or --horizons", field="init")
     if not merge and bounds:
         raise UserError("--bounds calibrates a library:merge spec, not " + str(init),
                         field="bounds")
@@ -1076,6 +1078,7 @@ def library_calibrate(data, *, init: str = "library:compose", model: str = DEFAU
     if merge:
         return calibrate_merge_bound(init, adapter, episodes, registry=registry, seed=seed,
                                      bounds=bounds or MERGE_BOUNDS,
+                                     factors=factors or MERGE_LR_FACTORS,
                                      marks=MERGE_MARKS if marks is None else marks,
                                      on_task=on_task, on_trial=on_trial, group=group)
     return calibrate_step_size(init, adapter, episodes, registry=registry, seed=seed,

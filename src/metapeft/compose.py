@@ -43,8 +43,9 @@ from step 5; WordNet level at every step. The step-1 loss sits on the tasks whos
 large weights (Σ|wᵢ| > 2). Hence the weights' box: |wᵢ| ≤ bound, chosen per spec, base model
 and LoRA config on past tasks by ``calibrate_merge_bound`` (``metapeft library calibrate --init
 library:merge...``: each candidate in ``MERGE_BOUNDS``, 0 being INIT alone, by the mean query
-accuracy at steps 0, 1, 2 and 5 from the merge at INIT's step), kept in the library
-(``library.record_merge_bound``) and used by ``adapt`` unless ``--merge-bound`` gives one.
+accuracy at steps 0, 1, 2 and 5 from the merge at INIT's step, and optionally at factors of
+INIT's lr, ``MERGE_LR_FACTORS``), kept in the library (``library.record_merge_bound``) and used
+by ``adapt`` unless ``--merge-bound`` gives one (at INIT's own lr).
 
 ``adapt --route arrow`` lives in ``metapeft.route``; both take their members from
 ``library.candidates`` (which entries qualify, with one-line refusals when none does).
@@ -226,7 +227,8 @@ def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
     """(the adapter to train, its init params, report) for ``library:merge[:K][+INIT]``: the K
     nearest library LoRAs, weighted, merged exactly (Σ wᵢ·ΔWᵢ, no cross terms) into a frozen
     copy of the model, and under the trained stage INIT's own factors (fresh LoRA without
-    ``+INIT``), which therefore train as INIT trains: at INIT's step size. The weights minimise
+    ``+INIT``), which therefore train as INIT trains: at INIT's step size (× the report's
+    ``lr_factor``, calibrated with the bound; 1 for a given bound). The weights minimise
     the support loss of the whole (INIT + the merged members) + L1·Σ|wᵢ|, evaluated on one
     LoRA of (K+1)× the rank holding every member side by side (``LoRA.widened``); w = 0 is
     INIT alone. The result is a stack (``adapters.stacked``): the merged members its frozen
@@ -238,11 +240,12 @@ def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
     from metapeft.adapters.stacked import Stacked
 
     t0 = time.perf_counter()
-    bound_source = "given"
+    bound_source, lr_factor = "given", 1.0
     if bound is None:
         kept = calibrated_merge_bound(init, adapter, registry)
         bound, bound_source = ((BOUND, "default") if kept is None else
                                (kept["merge_bound"], f"calibrated on {kept['num_tasks']} tasks"))
+        lr_factor = 1.0 if kept is None else kept["lr_factor"]  # chosen with that bound only
     bound = float(bound)
     if not (math.isfinite(bound) and bound >= 0):
         raise UserError(f"the merge bound must be a number >= 0, got {bound!r}", field="bound")
@@ -259,7 +262,8 @@ def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
         loss = round(support_loss(adapter, params, data.prepared(adapter, "support")), 6)
         return adapter, params, {
             "kind": "merge", "members": info_members, "weights": [0.0] * n, "k": k,
-            "bound": 0.0, "bound_source": bound_source, "trials": 0, "objective": loss,
+            "bound": 0.0, "bound_source": bound_source, "lr_factor": 1.0, "trials": 0,
+            "objective": loss,
             "support_loss": loss, "warm_points": 0, "skipped": skipped, "search_seconds": 0.0,
             "seconds": round(time.perf_counter() - t0, 3)}
     lead = [] if anchor is None else [anchor]  # at weight 1, never searched
@@ -290,7 +294,7 @@ def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
     if anchor_info is not None:
         info_members.append({**anchor_info, "weight": 1.0, "trained": True})
     report = {"kind": "merge", "members": info_members, "weights": weights, "k": k,
-              "bound": bound, "bound_source": bound_source,
+              "bound": bound, "bound_source": bound_source, "lr_factor": lr_factor,
               "trials": len(res["ys"]), "objective": round(res["y"], 6),
               "objective_nearest": res["ys"][1 if anchor is not None else 0], "l1": L1,
               **({"objective_init": res["ys"][0]} if anchor is not None else {}),
@@ -466,19 +470,29 @@ def calibrated_step_size(init: str, adapter, steps: int, registry=None) -> dict 
 # large weights (Σ|wᵢ| > 2 at the box ±1.5)
 MERGE_BOUNDS = (1.5, 0.6, 0.3, 0.0)
 MERGE_MARKS = (0, 1, 2, 5)
+# candidate factors on INIT's lr for a merged start (bound > 0): with Adam the first step's size
+# does not shrink with the gradient, and a merged start is already nearer the task's optimum
+MERGE_LR_FACTORS = (1.0,)
+
+
+def merge_candidate_key(bound: float, factor: float) -> str:
+    """A merge calibration table's row key: ``"0.6"`` at INIT's lr, ``"0.6 x0.5"`` at half."""
+    return f"{bound:g}" if factor == 1 else f"{bound:g} x{factor:g}"
 
 
 def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int = 0,
-                          bounds=MERGE_BOUNDS, marks=MERGE_MARKS, on_task=None, on_trial=None,
-                          group=None) -> dict:
+                          bounds=MERGE_BOUNDS, factors=MERGE_LR_FACTORS, marks=MERGE_MARKS,
+                          on_task=None, on_trial=None, group=None) -> dict:
     """Choose and keep the bound on a merge's weights (|wᵢ| ≤ bound) that ``adapt --init
-    library:merge...`` searches within, on ``tasks`` (past tasks: never the test split). Each
-    task is merged at every candidate bound as ``adapt`` merges it (not recorded), trained at the
-    step size ``adapt`` uses (INIT's calibrated one, with its per-layer lrs) to the last mark,
-    and the bound with the best mean query accuracy over ``marks`` wins (ties: the smaller
-    bound). ``on_task(i, {bound: report})`` after each task's merges; ``on_trial(key, row)``
-    after the curves are in. ``group``: each rank merges and trains its share of the tasks and
-    rank 0 keeps the record (every rank returns it)."""
+    library:merge...`` searches within, and the factor on INIT's lr it trains the merged start
+    at, on ``tasks`` (past tasks: never the test split). Each task is merged at every candidate
+    bound as ``adapt`` merges it (not recorded), trained at every factor × the step size
+    ``adapt`` uses (INIT's calibrated one, with its decay and per-layer lrs) to the last mark,
+    and the (bound, factor) with the best mean query accuracy over ``marks`` wins (ties: the
+    smaller bound, then the factor nearer INIT's own lr). Bound 0 is INIT alone, at factor 1
+    only: INIT's step size was chosen for it. ``on_task(i, {bound: report})`` after each task's
+    merges; ``on_trial(key, row)`` after the curves are in. ``group``: each rank merges and
+    trains its share of the tasks and rank 0 keeps the record (every rank returns it)."""
     from metapeft import library
     from metapeft.adapter_io import init_lr_scales, init_step_size
     from metapeft.meta import distributed as dist
@@ -494,6 +508,9 @@ def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int
     bounds = sorted({float(b) for b in bounds}, reverse=True)
     if not bounds or any(not (math.isfinite(b) and b >= 0) for b in bounds):
         raise UserError(f"merge bounds must be numbers >= 0, got {bounds}", field="bounds")
+    factors = sorted({float(f) for f in factors}, reverse=True)
+    if not factors or any(not (math.isfinite(f) and f > 0) for f in factors):
+        raise UserError(f"lr factors must be numbers > 0, got {factors}", field="lr_factors")
     marks = sorted({int(m) for m in marks})
     if not marks or marks[0] < 0:
         raise UserError(f"calibration marks must be steps >= 0, got {marks}", field="marks")
@@ -503,49 +520,56 @@ def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int
     lr = (chosen or {}).get("adapt_lr") or type(adapter).default_lr
     lr_decay = (chosen or {}).get("adapt_lr_decay") or 0.0
     lr_scales = init_lr_scales(init)
+    candidates = [(b, f) for b in bounds for f in (factors if b > 0 else (1.0,))]
     t0 = time.perf_counter()
-    n, k, nb = len(tasks), len(marks), len(bounds)
-    slots, search_s = {}, 0.0  # slot (b·n + i)·k + j: bound b, task i, mark j; then b's failure
+    n, k, nc = len(tasks), len(marks), len(candidates)
+    slots, search_s = {}, 0.0  # slot (c·n + i)·k + j: candidate c, task i, mark j; then c's failure
     for count, i in enumerate(dist.mine(n, group)):
         data = encode_task(tasks[i], adapter.base.tokenizer)
         picked, reports = _members(init, adapter, tasks[i], registry), {}
-        for b, bound in enumerate(bounds):
+        for bound in bounds:
             trained, params, rep = merge_init(init, adapter, data, tasks[i], registry=registry,
                                               seed=seed, record=False, bound=bound,
                                               picked=picked)
             search_s += rep["search_seconds"]
             reports[bound] = rep
-            try:
-                r = train(trained, params, data, steps=steps, lr=lr, eval_at=set(marks),
-                          lr_scales=lr_scales, lr_decay=lr_decay)
-                slots.update({(b * n + i) * k + j: a for j, a in enumerate(r.accuracies)})
-            except FloatingPointError:  # diverged from this merge: never the bound to use
-                slots[nb * n * k + b] = 1.0
+            for c, (b, factor) in enumerate(candidates):
+                if b != bound:
+                    continue
+                try:
+                    r = train(trained, params, data, steps=steps, lr=lr * factor,
+                              eval_at=set(marks), lr_scales=lr_scales, lr_decay=lr_decay)
+                    slots.update({(c * n + i) * k + j: a for j, a in enumerate(r.accuracies)})
+                except FloatingPointError:  # diverged from this merge: never the one to use
+                    slots[nc * n * k + c] = 1.0
         if on_task is not None:
             on_task(count, reports)
-    gathered = dist.gather_slots(slots, nb * n * k + nb, group)
+    gathered = dist.gather_slots(slots, nc * n * k + nc, group)
     search_s = sum(dist.gather_json(search_s, group))
-    curves = np.asarray(gathered[:nb * n * k], dtype=float).reshape(nb, n, k)
+    curves = np.asarray(gathered[:nc * n * k], dtype=float).reshape(nc, n, k)
     table = {}
-    for b, bound in enumerate(bounds):
-        if gathered[nb * n * k + b] > 0:
-            table[bound] = {"mean": None, "diverged": True}
+    for c, (bound, factor) in enumerate(candidates):
+        row = {"bound": bound, "lr_factor": factor}
+        if gathered[nc * n * k + c] > 0:
+            row.update(mean=None, diverged=True)
         else:
-            table[bound] = {"mean": round(float(curves[b].mean()), 6),
-                            **{str(m): round(float(a), 6)
-                               for m, a in zip(marks, curves[b].mean(axis=0))},
-                            "tasks": [round(float(a), 6) for a in curves[b].mean(axis=1)]}
+            row.update(mean=round(float(curves[c].mean()), 6),
+                       **{str(m): round(float(a), 6) for m, a in zip(marks, curves[c].mean(axis=0))},
+                       tasks=[round(float(a), 6) for a in curves[c].mean(axis=1)])
+        table[merge_candidate_key(bound, factor)] = row
         if on_trial is not None:
-            on_trial(f"{bound:g}", table[bound])
-    ranked = sorted((b for b in bounds if not table[b].get("diverged")),
-                    key=lambda b: (table[b]["mean"], -b), reverse=True)
+            on_trial(merge_candidate_key(bound, factor), row)
+    ranked = sorted((key_ for key_, row in table.items() if not row.get("diverged")),
+                    key=lambda key_: (table[key_]["mean"], -table[key_]["bound"],
+                                      -abs(math.log(table[key_]["lr_factor"]))), reverse=True)
     if not ranked:
         raise FloatingPointError("INIT's step diverged from every candidate merge")
     margin = None if len(ranked) < 2 else paired_margin(
-        table[ranked[0]]["tasks"], table[ranked[1]]["tasks"], f"{ranked[1]:g}")
-    record = {"key": key, "init": str(init), "merge_bound": ranked[0], "margin": margin,
-              "marks": marks, "num_tasks": n, "adapt_lr": lr, "adapt_lr_decay": lr_decay,
-              "table": {f"{b:g}": row for b, row in table.items()},
+        table[ranked[0]]["tasks"], table[ranked[1]]["tasks"], ranked[1])
+    best = table[ranked[0]]
+    record = {"key": key, "init": str(init), "merge_bound": best["bound"],
+              "merge_lr_factor": best["lr_factor"], "margin": margin, "marks": marks,
+              "num_tasks": n, "adapt_lr": lr, "adapt_lr_decay": lr_decay, "table": table,
               **_calibration_fields(adapter, tasks, search_s, t0)}
     if dist.is_root(group):
         library.record_merge_bound(record, registry)
@@ -553,7 +577,8 @@ def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int
 
 
 def calibrated_merge_bound(init: str, adapter, registry=None) -> dict | None:
-    """``{"merge_bound", "num_tasks", "created"}`` kept for ``init``'s merge spec, this base
+    """``{"merge_bound", "lr_factor", "num_tasks", "created"}`` kept for ``init``'s merge spec
+    (``lr_factor``: on INIT's lr for the merged start; 1 at bound 0), this base
     model and LoRA config (``calibrate_merge_bound``); None when none was kept."""
     from metapeft import library
 
@@ -567,7 +592,9 @@ def calibrated_merge_bound(init: str, adapter, registry=None) -> dict | None:
         bound = float(rec["merge_bound"])
     except (KeyError, TypeError, ValueError):  # none kept, or a malformed record
         return None
-    if not (math.isfinite(bound) and bound >= 0):
+    factor = rec.get("merge_lr_factor", 1.0)  # records before the factor trained at INIT's lr
+    if not (math.isfinite(bound) and bound >= 0 and isinstance(factor, (int, float))
+            and math.isfinite(factor) and factor > 0):
         return None
-    return {"merge_bound": bound, "num_tasks": rec.get("num_tasks"),
-            "created": rec.get("created")}
+    return {"merge_bound": bound, "lr_factor": float(factor) if bound > 0 else 1.0,
+            "num_tasks": rec.get("num_tasks"), "created": rec.get("created")}

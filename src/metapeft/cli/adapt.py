@@ -127,7 +127,9 @@ def _print_library(extra: dict) -> None:
         if size:
             out_console.print(f"step size: lr {size['lr']:g}"
                               + (f", decay {size['lr_decay']:g}" if size["lr_decay"] else "")
-                              + f" (library calibration on {size['tasks']} tasks)",
+                              + (f" (x{size['lr_factor']:g} INIT's, calibrated with the "
+                                 "bound)" if "lr_factor" in size else
+                                 f" (library calibration on {size['tasks']} tasks)"),
                               highlight=False)
     if r:
         acc = r["routed_accuracy"]

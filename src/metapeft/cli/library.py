@@ -144,7 +144,8 @@ def library_calibrate(
                                                         help="Leave these domains out."),
     lr_factors: Optional[str] = typer.Option(None, "--lr-factors", help="Factors of the base "
                                              "lr (INIT's calibrated lr, else LoRA's) to try, "
-                                             "comma-separated (default 1,0.3,0.1,0.03)."),
+                                             "comma-separated (default 1,0.3,0.1,0.03; a "
+                                             "merge's start: 1)."),
     lr_decays: Optional[str] = typer.Option(None, "--lr-decays", help="Inverse-time decays to "
                                             "try with every factor (default 0,3)."),
     bounds: Optional[str] = typer.Option(None, "--bounds", help="A merge's weight bounds to "
@@ -167,7 +168,8 @@ def library_calibrate(
     past tasks, and keep it in the library (adapt --init with the same spec then uses it)."""
     with user_errors():
         from metapeft import api
-        from metapeft.compose import CAL_DECAYS, CAL_FACTORS, MERGE_BOUNDS, parse_spec, spec_kind
+        from metapeft.compose import (CAL_DECAYS, CAL_FACTORS, MERGE_BOUNDS, MERGE_LR_FACTORS,
+                                      parse_spec, spec_kind)
 
         parse_spec(init)  # a bad spec fails before the model loads
         merge = spec_kind(init) == "merge"
@@ -175,7 +177,8 @@ def library_calibrate(
         decays = parse_numbers(lr_decays, "lr_decays", positive=False)
         bound_list = parse_numbers(bounds, "bounds", positive=False)
         mark_steps = parse_numbers(marks, "marks", positive=not merge)
-        candidates = (len(bound_list or MERGE_BOUNDS) if merge
+        candidates = (sum(len(factors or MERGE_LR_FACTORS) if b > 0 else 1
+                          for b in set(bound_list or MERGE_BOUNDS)) if merge
                       else len(factors or CAL_FACTORS) * len(decays or CAL_DECAYS))
         if processes != 1:
             from metapeft.cli.launch import relaunch
@@ -247,12 +250,13 @@ def _support_loss(report: dict, merge: bool) -> float:
 
 
 def _print_merge_bounds(rec: dict) -> None:
-    """``library calibrate``'s table for a merge: each bound's accuracy at the marks."""
+    """``library calibrate``'s table for a merge: each bound's (and lr factor's) accuracy at the
+    marks."""
     t = compact_table(f"{rec['key']}: weight bounds on {rec['num_tasks']} tasks "
-                      f"(lr {rec['adapt_lr']:g})", ["bound", *[f"step {m}" for m in rec["marks"]],
-                                                    "mean"])
+                      f"(INIT's lr {rec['adapt_lr']:g})",
+                      ["bound", *[f"step {m}" for m in rec["marks"]], "mean"])
     for key, row in rec["table"].items():
-        t.add_row(key + (" (INIT alone)" if float(key) == 0 else ""),
+        t.add_row(key.replace(" x", ", lr x") + (" (INIT alone)" if row["bound"] == 0 else ""),
                   *[("-" if row.get(str(m)) is None else f"{row[str(m)]:.1%}")
                     for m in rec["marks"]],
                   "diverged" if row.get("mean") is None else f"{row['mean']:.1%}")
@@ -260,9 +264,11 @@ def _print_merge_bounds(rec: dict) -> None:
     m = rec.get("margin")
     lead = "" if not m else (f", {m['mean'] * 100:+.1f}" + ("" if m["ci95"] is None else
                                                            f" ± {m['ci95'] * 100:.1f}")
-                             + f" points over bound {m['over']}")
-    out_console.print(f"kept: bound {rec['merge_bound']:g}{lead}; {rec['seconds']:.0f} s",
-                      highlight=False)
+                             + f" points over bound {m['over'].replace(' x', ', lr x')}")
+    factor = rec.get("merge_lr_factor", 1.0)
+    out_console.print(f"kept: bound {rec['merge_bound']:g}"
+                      + ("" if factor == 1 else f", lr x{factor:g}")
+                      + f"{lead}; {rec['seconds']:.0f} s", highlight=False)
 
 
 def library_train_generator(
