@@ -247,8 +247,9 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
                     "lr": kept["adapt_lr"], "lr_decay": kept["adapt_lr_decay"],
                     "source": "library calibration", "tasks": kept["num_tasks"]}
         lr = (calibrated or {}).get("adapt_lr") or cls.default_lr
+        # a merge's start trains at the factor on INIT's lr calibrated with its bound
         factor = 1.0 if library_start is None else library_start[1].get("lr_factor", 1.0)
-        if factor != 1 and optimizer == "adam":  # a merge's start trains at the factor calibrated with its bound
+        if factor != 1 and optimizer == "adam":
             lr *= factor
             library_start[1]["step_size"] = {
                 "lr": lr, "lr_decay": (calibrated or {}).get("adapt_lr_decay", 0.0),
