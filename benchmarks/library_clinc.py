@@ -221,7 +221,7 @@ def calibrate(args, registry: str) -> None:
         [f"library:compose:{args.k}+{args.meta_init}"] if "compose-meta" in args.arm_list else [])
     pool = Path(args.data) / f"{args.calibrate_split}.jsonl"
     factors, decays = args.calibrate_grid
-    if "merge-meta" in args.arm_list and args.merge_bound is None:  # its weight bound
+    if "merge-meta" in args.arm_list and args.merge_bound is None and args.merge_lr_factor is None:
         rec = api.library_calibrate(
             pool, init=f"library:merge:{args.k}+{args.meta_init}", model=args.model,
             tasks=args.calibrate, seed=70_000, domains=library_domains(args), registry=registry,
@@ -255,7 +255,8 @@ def run_task(args, task) -> dict:
         arms.append(("meta", {"init": args.meta_init}))
         arms.append(("compose-meta", {"init": f"library:compose:{args.k}+{args.meta_init}"}))
         arms.append(("merge-meta", {"init": f"library:merge:{args.k}+{args.meta_init}",
-                                    "merge_bound": args.merge_bound}))
+                                    "merge_bound": args.merge_bound,
+                                    "merge_lr_factor": args.merge_lr_factor}))
     if args.e2e_version:
         arms.append(("generate-e2e", {"init": f"library:generate@{args.e2e_version}"}))
     for name, kw in arms:
@@ -464,6 +465,8 @@ def main() -> None:
                     "library: adapt then uses it")
     ap.add_argument("--merge-bound", type=float, default=None, help="the merge-meta arm's "
                     "weight bound (default: the one calibrated in the library, else 1.5)")
+    ap.add_argument("--merge-lr-factor", type=float, default=None, help="the merge-meta arm's "
+                    "factor on INIT's lr (default: the one calibrated with the bound, else 1)")
     ap.add_argument("--calibrate-split", default="val", help="the split those episodes come from")
     ap.add_argument("--calibrate-factors", default=None, help="lr factors (default compose's; "
                     "for the merge-meta arm, factors on INIT's lr for the merged start, default 1)")

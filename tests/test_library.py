@@ -572,6 +572,9 @@ def test_merge_bound_is_calibrated_kept_and_used(home, tmp_path, tiny):
     assert halved.extra["composition"]["step_size"]["lr_factor"] == 0.5
     assert "step_size" not in at_init.extra["composition"]  # a given bound: INIT's lr
     assert halved.extra["lr"] == pytest.approx(0.5 * at_init.extra["lr"])
+    given = _adapt(task, tmp_path / "g", steps=1, init=spec, record_composition=False,
+                   merge_bound=1.5, merge_lr_factor=0.25)
+    assert given.extra["lr"] == pytest.approx(0.25 * at_init.extra["lr"])
     boxed = _adapt(task, tmp_path / "x", steps=1, init=spec, record_composition=False,
                    merge_bound=0.3)
     c = boxed.extra["composition"]
@@ -585,6 +588,11 @@ def test_merge_bound_is_calibrated_kept_and_used(home, tmp_path, tiny):
     bad = run("adapt", t, "--init", "library:compose:2", "--merge-bound", "0.5", home=home)
     assert bad.returncode == 2 and "--merge-bound applies to --init library:merge" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    for extra in (["--init", "library:compose:2", "--merge-lr-factor", "0.5"],
+                  ["--init", spec, "--merge-bound", "0", "--merge-lr-factor", "0.5"]):
+        bad = run("adapt", t, *extra, home=home)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert "--merge-lr-factor" in bad.stderr
     for extra in (["--init", spec, "--lr-decays", "1"],
                   ["--init", spec, "--lr-factors", "0"],
                   ["--init", "library:compose:2", "--bounds", "0.5"],

@@ -91,7 +91,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
           switch_window: int = 3, switch_tolerance: float = 0.01,
           on_switch: Callable[[dict], None] | None = None,
           inner_lr_scales: bool = True, lr_decay: float | None = None,
-          record_composition: bool = True, merge_bound: float | None = None) -> AdaptReport:
+          record_composition: bool = True, merge_bound: float | None = None,
+          merge_lr_factor: float | None = None) -> AdaptReport:
     """Train one adapter on a task's support set; query accuracy at step 0 and after every step.
     ``stop_at_target``: end the run at the first step whose query accuracy reaches ``target``
     (that step is ``steps_to_target``; the curve stops there).
@@ -117,7 +118,9 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
     evaluation whose tasks must stay independent, or several processes on one library).
     ``init="library:merge[:K][+INIT]"`` merges the members' updates under INIT's trained factors
     (``compose.merge_init``); ``merge_bound`` bounds their weights (|wᵢ| ≤ it; None: the bound
-    ``library calibrate`` kept for the spec, else ``compose.BOUND``).
+    ``library calibrate`` kept for the spec, else ``compose.BOUND``); ``merge_lr_factor`` is
+    the factor on INIT's lr the merged start trains at (None: the one kept with the calibrated
+    bound, else 1).
 
     ``switch="auto"``: when the query curve plateaus (no gain above ``switch_tolerance`` over
     ``switch_window`` steps), freeze what was trained and train the next method of the selector's
@@ -148,9 +151,10 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         raise UserError(f"target must be in [0, 1], got {target}", field="target")
     if stop_at_target and target is None:
         raise UserError("--stop-at-target needs a --target", field="target")
-    if merge_bound is not None and not str(init).startswith("library:merge"):
-        raise UserError(f"--merge-bound applies to --init library:merge[:K][+INIT], not to "
-                        f"--init {init}", field="merge_bound")
+    for name, value in (("merge_bound", merge_bound), ("merge_lr_factor", merge_lr_factor)):
+        if value is not None and not str(init).startswith("library:merge"):
+            raise UserError(f"--{name.replace('_', '-')} applies to --init "
+                            f"library:merge[:K][+INIT], not to --init {init}", field=name)
     config, run = split_run_options(config, lr=lr, steps=steps, optimizer=optimizer,
                                     objective=objective)
     lr, steps, optimizer, objective = run["lr"], run["steps"], run["optimizer"], run["objective"]
@@ -223,7 +227,7 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
 
         adapter, params, library_start = library_init(
             init, route, adapter, data, task, seed=seed, record=record_composition,
-            merge_bound=merge_bound)
+            merge_bound=merge_bound, merge_lr_factor=merge_lr_factor)
     step_size = None  # the init's step size calibrated for this run length (stepsize horizons)
     if lr is None:  # a learned init brings the step size chosen for it on validation tasks
         calibrated = init_step_size(init, steps=steps) if optimizer == "adam" else None

@@ -223,12 +223,14 @@ def compose_init(init: str, adapter, data, task, *, registry=None, seed: int = 0
 
 def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
                trials: int | None = None, record: bool = True, bound: float | None = None,
-               picked: tuple | None = None) -> tuple[object, dict, dict]:
+               lr_factor: float | None = None, picked: tuple | None = None
+               ) -> tuple[object, dict, dict]:
     """(the adapter to train, its init params, report) for ``library:merge[:K][+INIT]``: the K
     nearest library LoRAs, weighted, merged exactly (Σ wᵢ·ΔWᵢ, no cross terms) into a frozen
     copy of the model, and under the trained stage INIT's own factors (fresh LoRA without
-    ``+INIT``), which therefore train as INIT trains: at INIT's step size (× the report's
-    ``lr_factor``, calibrated with the bound; 1 for a given bound). The weights minimise
+    ``+INIT``), which therefore train as INIT trains: at INIT's step size × ``lr_factor`` (the
+    report's; None: the factor calibrated with the bound, 1 for a given bound). The weights
+    minimise
     the support loss of the whole (INIT + the merged members) + L1·Σ|wᵢ|, evaluated on one
     LoRA of (K+1)× the rank holding every member side by side (``LoRA.widened``); w = 0 is
     INIT alone. The result is a stack (``adapters.stacked``): the merged members its frozen
@@ -240,15 +242,22 @@ def merge_init(init: str, adapter, data, task, *, registry=None, seed: int = 0,
     from metapeft.adapters.stacked import Stacked
 
     t0 = time.perf_counter()
-    bound_source, lr_factor = "given", 1.0
+    bound_source, kept_factor = "given", 1.0
     if bound is None:
         kept = calibrated_merge_bound(init, adapter, registry)
         bound, bound_source = ((BOUND, "default") if kept is None else
                                (kept["merge_bound"], f"calibrated on {kept['num_tasks']} tasks"))
-        lr_factor = 1.0 if kept is None else kept["lr_factor"]  # chosen with that bound only
+        kept_factor = 1.0 if kept is None else kept["lr_factor"]  # chosen with that bound only
     bound = float(bound)
     if not (math.isfinite(bound) and bound >= 0):
         raise UserError(f"the merge bound must be a number >= 0, got {bound!r}", field="bound")
+    if lr_factor is not None and not (math.isfinite(lr_factor) and lr_factor > 0):
+        raise UserError(f"--merge-lr-factor must be a number > 0, got {lr_factor!r}",
+                        field="merge_lr_factor")
+    if lr_factor is not None and bound == 0 and lr_factor != 1:
+        raise UserError("--merge-lr-factor scales a merged start's lr; at bound 0 nothing is "
+                        "merged and INIT trains at its own lr", field="merge_lr_factor")
+    lr_factor = kept_factor if lr_factor is None else float(lr_factor)
     k, query, members, info_members, anchor, anchor_info, skipped = (
         picked or _members(init, adapter, task, registry))
     info_members = [dict(m) for m in info_members]  # this merge's weights go into its own rows
@@ -334,13 +343,15 @@ def _warm_points(query: dict, ids: list[str], registry=None, nearest: int = 3,
 
 
 def library_init(init, route, adapter, data, task, *, seed: int = 0, registry=None,
-                 record: bool = True, merge_bound: float | None = None
+                 record: bool = True, merge_bound: float | None = None,
+                 merge_lr_factor: float | None = None
                  ) -> tuple[object, dict, tuple[str, dict]]:
     """(the adapter to train, its init params, (report key, report)) for ``adapt``:
     ``route="arrow"`` (``metapeft.route``), ``init="library:generate[@V]"``
     (``metapeft.generate``; V: a generator version, default the newest),
     ``init="library:compose..."`` or ``init="library:merge..."`` (``record``: keep its weights
-    for the next search; ``merge_bound``: a merge's weight bound, None for the calibrated one).
+    for the next search; ``merge_bound``, ``merge_lr_factor``: a merge's weight bound and the
+    factor on INIT's lr its start trains at, None for the calibrated ones).
     Only a merge trains another adapter than ``adapter`` (a stack)."""
     if route is not None:
         from metapeft.route import arrow_init
@@ -358,7 +369,8 @@ def library_init(init, route, adapter, data, task, *, seed: int = 0, registry=No
         return adapter, params, ("generation", report)
     if spec_kind(init) == "merge":
         trained, params, report = merge_init(init, adapter, data, task, registry=registry,
-                                             seed=seed, record=record, bound=merge_bound)
+                                             seed=seed, record=record, bound=merge_bound,
+                                             lr_factor=merge_lr_factor)
         return trained, params, ("composition", report)
     params, report = compose_init(init, adapter, data, task, registry=registry, seed=seed,
                                   record=record)

@@ -168,6 +168,11 @@ def adapt(
                                                 "weight to [-B, B] (default: the bound "
                                                 "`library calibrate` kept, else 1.5; 0: INIT "
                                                 "alone)."),
+    merge_lr_factor: Optional[float] = typer.Option(None, "--merge-lr-factor", help="With "
+                                                    "--init library:merge: train the merged "
+                                                    "start at F x INIT's lr (default: the "
+                                                    "factor `library calibrate` kept with the "
+                                                    "bound, else 1)."),
     route: Optional[str] = typer.Option(None, "--route", help="arrow: route each token over "
                                         "the library's LoRAs (training-free step 0), then "
                                         "train their merged mixture."),
@@ -253,7 +258,7 @@ def adapt(
                                keep=keep, max_size=max_size,
                                switch_window=switch_window, switch_tolerance=switch_tolerance,
                                on_switch=on_switch, inner_lr_scales=inner_lr_scales,
-                               merge_bound=merge_bound)
+                               merge_bound=merge_bound, merge_lr_factor=merge_lr_factor)
         if as_json:
             print_json(report.to_json())
         else:
