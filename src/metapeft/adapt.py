@@ -256,7 +256,8 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         if factor != 1 and optimizer == "adam":
             lr *= factor
             library_start[1]["step_size"] = {
-                "lr": lr, "lr_decay": (calibrated or {}).get("adapt_lr_decay", 0.0),
+                "lr": lr, "lr_decay": (lr_decay if lr_decay is not None
+                                       else (calibrated or {}).get("adapt_lr_decay", 0.0)),
                 "lr_factor": factor, "source": "library calibration (with the bound)"}
         if lr_decay is None and calibrated:  # and its schedule, when one was chosen
             lr_decay = calibrated["adapt_lr_decay"]

@@ -489,6 +489,13 @@ MERGE_MARKS = (0, 1, 2, 5)
 MERGE_LR_FACTORS = (1.0,)
 
 
+def merge_candidates(bounds, factors) -> list[tuple[float, float]]:
+    """The (bound, lr factor) pairs a merge calibration tries, larger first: every bound > 0 at
+    every factor, and bound 0 (INIT alone) at INIT's own lr only."""
+    return [(b, f) for b in sorted({float(b) for b in bounds}, reverse=True)
+            for f in (sorted({float(f) for f in factors}, reverse=True) if b > 0 else (1.0,))]
+
+
 def merge_candidate_key(bound: float, factor: float) -> str:
     """A merge calibration table's row key: ``"0.6"`` at INIT's lr, ``"0.6 x0.5"`` at half."""
     return f"{bound:g}" if factor == 1 else f"{bound:g} x{factor:g}"
@@ -534,7 +541,7 @@ def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int
     lr = (chosen or {}).get("adapt_lr") or type(adapter).default_lr
     lr_decay = (chosen or {}).get("adapt_lr_decay") or 0.0
     lr_scales = init_lr_scales(init)
-    candidates = [(b, f) for b in bounds for f in (factors if b > 0 else (1.0,))]
+    candidates = merge_candidates(bounds, factors)
     t0 = time.perf_counter()
     n, k, nc = len(tasks), len(marks), len(candidates)
     slots, search_s = {}, 0.0  # slot (c·n + i)·k + j: candidate c, task i, mark j; then c's failure
@@ -547,9 +554,8 @@ def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int
                                               picked=picked)
             search_s += rep["search_seconds"]
             reports[bound] = rep
-            for c, (b, factor) in enumerate(candidates):
-                if b != bound:
-                    continue
+            for c in (c for c, (b, _) in enumerate(candidates) if b == bound):
+                factor = candidates[c][1]
                 try:
                     r = train(trained, params, data, steps=steps, lr=lr * factor,
                               eval_at=set(marks), lr_scales=lr_scales, lr_decay=lr_decay)
@@ -570,9 +576,10 @@ def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int
             row.update(mean=round(float(curves[c].mean()), 6),
                        **{str(m): round(float(a), 6) for m, a in zip(marks, curves[c].mean(axis=0))},
                        tasks=[round(float(a), 6) for a in curves[c].mean(axis=1)])
-        table[merge_candidate_key(bound, factor)] = row
+        key_ = merge_candidate_key(bound, factor)
+        table[key_] = row
         if on_trial is not None:
-            on_trial(merge_candidate_key(bound, factor), row)
+            on_trial(key_, row)
     ranked = sorted((key_ for key_, row in table.items() if not row.get("diverged")),
                     key=lambda key_: (table[key_]["mean"], -table[key_]["bound"],
                                       -abs(math.log(table[key_]["lr_factor"]))), reverse=True)

@@ -169,7 +169,7 @@ def library_calibrate(
     with user_errors():
         from metapeft import api
         from metapeft.compose import (CAL_DECAYS, CAL_FACTORS, MERGE_BOUNDS, MERGE_LR_FACTORS,
-                                      parse_spec, spec_kind)
+                                      merge_candidates, parse_spec, spec_kind)
 
         parse_spec(init)  # a bad spec fails before the model loads
         merge = spec_kind(init) == "merge"
@@ -177,8 +177,8 @@ def library_calibrate(
         decays = parse_numbers(lr_decays, "lr_decays", positive=False)
         bound_list = parse_numbers(bounds, "bounds", positive=False)
         mark_steps = parse_numbers(marks, "marks", positive=not merge)
-        candidates = (sum(len(factors or MERGE_LR_FACTORS) if b > 0 else 1
-                          for b in set(bound_list or MERGE_BOUNDS)) if merge
+        candidates = (len(merge_candidates(bound_list or MERGE_BOUNDS,
+                                           factors or MERGE_LR_FACTORS)) if merge
                       else len(factors or CAL_FACTORS) * len(decays or CAL_DECAYS))
         if processes != 1:
             from metapeft.cli.launch import relaunch
