@@ -43,7 +43,7 @@ def main() -> None:
     mx.eval(theta)
     results: dict = {"model": base.model_id, "meta_batch": args.meta_batch,
                      "inner_steps": args.inner_steps}
-    print(f"| algorithm | mode | meta-steps/s | speed-up vs sequential |\n|---|---|---|---|")
+    print("| algorithm | mode | meta-steps/s | speed-up vs sequential |\n|---|---|---|---|")
     for alg in args.algorithms.split(","):
         cfg = dict(algorithm=alg, inner_steps=args.inner_steps, inner_lr=1e-3,
                    inner_optimizer="sgd" if alg == "maml" else "adam")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from metapeft.adapters.lora import LoRA
-from metapeft.api import adapt, save_adapter
+from metapeft.api import adapt
 from metapeft.scoring import TaskEncoder
 from metapeft.train import batch_loss, encode_task
 

@@ -3,7 +3,6 @@ that both the train loop and the meta-learner's inner loop run, and option valid
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten

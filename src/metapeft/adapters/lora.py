@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from metapeft.adapters.base import (Adapter, AdapterConfig, check_num_layers,
                                     copy_and_check_targets)

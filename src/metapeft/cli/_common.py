@@ -19,7 +19,7 @@ from typing import Optional
 import typer
 
 from metapeft.adapters import DEFAULT_METHOD, METHODS
-from metapeft.console import err_console, out_console
+from metapeft.console import err_console, out_console  # noqa: F401 (re-exported to the commands)
 from metapeft.models import DEFAULT_MODEL, DEQUANTIZE
 
 METHOD_HELP = ", ".join(METHODS[:-1]) + " or " + METHODS[-1]

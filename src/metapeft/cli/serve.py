@@ -47,7 +47,7 @@ def serve(
             err_console.print(escape(f"serving {len(pool.names)} adapter(s) ("
                                      f"{', '.join(pool.names)}) on {pool.model_id} at "
                                      f"{server.url}") + " (POST /v1/classify, GET "
-                              f"/v1/adapters, GET /health); Ctrl-C stops", highlight=False,
+                              "/v1/adapters, GET /health); Ctrl-C stops", highlight=False,
                               soft_wrap=True)
             if not is_loopback(host):
                 err_console.print(f"[yellow]note:[/yellow] {escape(host)} is reachable from "
