@@ -10,7 +10,8 @@ paired by task index) and reports, per step:
   the query labels, so no real gate reaches it; it bounds what any rule that picks one of these
   starts per task could gain. Part of it is only picking noise: the **null oracle** is the same
   maximum after each arm's differences are shifted to a mean of 0 (arms level with INIT, with
-  the same per-task spread), so oracle − null oracle is the room that is not noise;
+  the same per-task spread). Oracle − null oracle is the room beyond the scatter; the rest a
+  rule reaches only by predicting the scatter's sign task by task;
 - one query example's worth in points (100 / query size), the resolution of a task's accuracy;
 - how well what is known before training (support only) predicts a task's step-1 difference:
   the Pearson correlation, on each half of the tasks (even, odd indices) separately, of the step-1
