@@ -44,7 +44,11 @@ def ci(x) -> str:
 
 def load(path: str) -> dict:
     p = Path(path)
-    return json.loads((p if p.exists() else RESULTS / p).read_text())
+    p = p if p.exists() else RESULTS / p
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path}: {e}") from None
 
 
 def arm_rows(path: str, arm: str) -> dict[int, dict]:
@@ -67,6 +71,8 @@ def main() -> None:
         path, _, rest = spec.partition(":")
         arm, _, name = rest.partition("=")
         arms[name or arm] = arm_rows(path, arm)
+        if not arms[name or arm]:
+            raise SystemExit(f"error: {path}: no records with the arm {arm!r} (--arms FILE:ARM=NAME)")
     tasks = sorted(set(init).intersection(*arms.values()))
     if len(tasks) < 4:
         raise SystemExit(f"only {len(tasks)} tasks in common; need at least 4")
