@@ -103,6 +103,7 @@ def main() -> None:
         d = a[:, step1] - base[:, step1]
         print(f"  {n}: {(d > 0).sum()} / {(d == 0).sum()} / {(d < 0).sum()}; "
               f"median |difference| {np.median(np.abs(d)):.1f} points")
+    # halves by position in the paired task list (even / odd task indices when they are 0..N-1)
     print("\nsupport-only features against the step-1 difference (Pearson r, even / odd tasks)")
     for n, rows in arms.items():
         d = accs[n][:, step1] - base[:, step1]
@@ -118,7 +119,9 @@ def main() -> None:
             out["gate_features"][n][f] = [round(x, 3) for x in r]
             print(f"  {n}, {f}: {r[0]:+.2f} / {r[1]:+.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        from metapeft.artifacts import atomic_write_json
+
+        atomic_write_json(args.json, out)
 
 
 if __name__ == "__main__":
