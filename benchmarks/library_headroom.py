@@ -27,28 +27,29 @@ paired by task index) and reports, per step:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
 from pathlib import Path
 
 import numpy as np
+from _common import bad_input, mean_ci, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "smol_library"
 
 
 def ci(x) -> str:
-    x = np.asarray(x, dtype=float)
-    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
-    return f"{x.mean():+.1f} ± {half:.1f}"
+    m, half = mean_ci(x)
+    return f"{m:+.1f} ± {half:.1f}"
 
 
+@functools.cache  # INIT's file is read for its rows and its marks, and may hold an arm too
 def load(path: str) -> dict:
     p = Path(path)
     p = p if p.exists() else RESULTS / p
     try:
         return json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {path}: {e}") from None
+        bad_input(f"error: {path}: {e}")
 
 
 def arm_rows(path: str, arm: str) -> dict[int, dict]:
@@ -72,10 +73,10 @@ def main() -> None:
         arm, _, name = rest.partition("=")
         arms[name or arm] = arm_rows(path, arm)
         if not arms[name or arm]:
-            raise SystemExit(f"error: {path}: no records with the arm {arm!r} (--arms FILE:ARM=NAME)")
+            bad_input(f"error: {path}: no records with the arm {arm!r} (--arms FILE:ARM=NAME)")
     tasks = sorted(set(init).intersection(*arms.values()))
     if len(tasks) < 4:
-        raise SystemExit(f"only {len(tasks)} tasks in common; need at least 4")
+        bad_input(f"error: only {len(tasks)} tasks in common; need at least 4")
     marks = load(args.init)["args"].get("steps") or list(range(len(init[tasks[0]])))
     base = np.array([init[i] for i in tasks]) * 100
     accs = {n: np.array([a[i]["acc"] for i in tasks]) * 100 for n, a in arms.items()}
@@ -118,10 +119,7 @@ def main() -> None:
             r = [float(np.corrcoef(v[h::2], d[h::2])[0, 1]) for h in (0, 1)]
             out["gate_features"][n][f] = [round(x, 3) for x in r]
             print(f"  {n}, {f}: {r[0]:+.2f} / {r[1]:+.2f}")
-    if args.json:
-        from metapeft.artifacts import atomic_write_json
-
-        atomic_write_json(args.json, out)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

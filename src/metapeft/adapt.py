@@ -253,14 +253,13 @@ def adapt(task, *, model: str = DEFAULT_MODEL, method: str = DEFAULT_METHOD, ste
         lr = (calibrated or {}).get("adapt_lr") or cls.default_lr
         # a merge's start trains at the factor on INIT's lr calibrated with its bound
         factor = 1.0 if library_start is None else library_start[1].get("lr_factor", 1.0)
+        if lr_decay is None and calibrated:  # and its schedule, when one was chosen
+            lr_decay = calibrated["adapt_lr_decay"]
         if factor != 1 and optimizer == "adam":
             lr *= factor
             library_start[1]["step_size"] = {
-                "lr": lr, "lr_decay": (lr_decay if lr_decay is not None
-                                       else (calibrated or {}).get("adapt_lr_decay", 0.0)),
-                "lr_factor": factor, "source": "library calibration (with the bound)"}
-        if lr_decay is None and calibrated:  # and its schedule, when one was chosen
-            lr_decay = calibrated["adapt_lr_decay"]
+                "lr": lr, "lr_decay": lr_decay or 0.0, "lr_factor": factor,
+                "source": "library calibration (with the bound)"}
         if calibrated and calibrated["horizon"]:  # the choice for runs of this length
             step_size = {"lr": lr, "lr_decay": lr_decay or 0.0,
                          "horizon": calibrated["horizon"], "source": "init calibration"}

@@ -554,8 +554,9 @@ def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int
                                               picked=picked)
             search_s += rep["search_seconds"]
             reports[bound] = rep
-            for c in (c for c, (b, _) in enumerate(candidates) if b == bound):
-                factor = candidates[c][1]
+            for c, (b, factor) in enumerate(candidates):
+                if b != bound:
+                    continue
                 try:
                     r = train(trained, params, data, steps=steps, lr=lr * factor,
                               eval_at=set(marks), lr_scales=lr_scales, lr_decay=lr_decay)
@@ -576,10 +577,10 @@ def calibrate_merge_bound(init: str, adapter, tasks, *, registry=None, seed: int
             row.update(mean=round(float(curves[c].mean()), 6),
                        **{str(m): round(float(a), 6) for m, a in zip(marks, curves[c].mean(axis=0))},
                        tasks=[round(float(a), 6) for a in curves[c].mean(axis=1)])
-        key_ = merge_candidate_key(bound, factor)
-        table[key_] = row
+        row_key = merge_candidate_key(bound, factor)
+        table[row_key] = row
         if on_trial is not None:
-            on_trial(key_, row)
+            on_trial(row_key, row)
     ranked = sorted((key_ for key_, row in table.items() if not row.get("diverged")),
                     key=lambda key_: (table[key_]["mean"], -table[key_]["bound"],
                                       -abs(math.log(table[key_]["lr_factor"]))), reverse=True)
