@@ -26,23 +26,10 @@ def in_rank() -> bool:
     return "MLX_RANK" in os.environ
 
 
-def without(argv: list[str], flag: str) -> list[str]:
-    """``argv`` less ``flag N`` / ``flag=N``."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == flag:
-            skip = True
-        elif not a.startswith(flag + "="):
-            out.append(a)
-    return out
-
-
 def launch(processes: int, extra: list[str] = (), flag: str = "--processes") -> int:
     """Run this script again as ``processes`` ranks (its arguments less ``flag N``, plus
     ``extra``) and wait for them; returns 0, or 1 after a line naming the rank that failed."""
-    from metapeft.cli.launch import run_local_ring
+    from metapeft.cli.launch import run_local_ring, without
 
     cmd = [sys.executable, os.path.abspath(sys.argv[0]), *without(sys.argv[1:], flag), *extra]
     with tempfile.TemporaryDirectory(prefix="metapeft-bench-ranks-") as d:

@@ -90,9 +90,13 @@ def _command_args(argv: list[str], command: str, flag: str = "--processes") -> l
     if command not in argv:
         raise UserError(f"{flag} re-runs the command line, and this one has no "
                         f"'{command}' in it; run mlx.launch yourself", field=flag.lstrip("-"))
-    rest, out = argv[argv.index(command) + 1:], []
-    skip = False
-    for a in rest:
+    return without(argv[argv.index(command) + 1:], flag)
+
+
+def without(argv: list[str], flag: str) -> list[str]:
+    """``argv`` less ``flag N`` / ``flag=N``."""
+    out, skip = [], False
+    for a in argv:
         if skip:
             skip = False
         elif a == flag:
